@@ -1,0 +1,224 @@
+"""Audio in: load/resample/validate, split into ≤ 30 s segments, and the Whisper log-mel front end.
+
+The log-mel reproduces transformers' `WhisperFeatureExtractor(feature_size=128)` (torch path) on the
+valid frames while computing only ~the valid frames instead of a 30 s window (DESIGN §1):
+the reference zero-pads every utterance to 30 s, takes a centred STFT, drops the last frame, applies
+log10, clamps to (global max − 8) and maps (x + 4) / 4. Frames past L + 1 (L = valid frames) are
+pure padding and sit below the max, so the max over frames 0…L+1 is the same; frames L and L+1 still
+hold the end of the signal and feed the encoder's boundary convolutions, so we return them too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import AudioError
+
+# Fewest samples that give one audio token: L = ceil(n / hop) valid frames must be ≥ 3.
+MIN_TOKEN_FRAMES = 3
+
+
+@dataclass(frozen=True)
+class MelConfig:
+    """The front end's constants, read from the artifacts (preprocessor values), never hard-coded."""
+
+    sampling_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 128
+    n_samples: int = 480000  # samples in one window (30 s)
+    nb_max_frames: int = 3000  # mel frames in one window
+
+    @property
+    def min_samples(self) -> int:
+        """Shortest input (samples) that yields at least one audio token."""
+        return self.hop_length * (MIN_TOKEN_FRAMES - 1) + 1
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MelConfig":
+        return cls(
+            sampling_rate=int(d["sampling_rate"]),
+            n_fft=int(d["n_fft"]),
+            hop_length=int(d["hop_length"]),
+            n_mels=int(d.get("feature_size", d.get("n_mels"))),
+            n_samples=int(d["n_samples"]),
+            nb_max_frames=int(d["nb_max_frames"]),
+        )
+
+
+@dataclass(frozen=True)
+class MelFrontEnd:
+    """Log-mel front end: config + the mel filter bank [n_fft//2+1, n_mels] stored in the artifacts."""
+
+    config: MelConfig
+    filters: torch.Tensor = field(repr=False)  # float32 [n_freq, n_mels]
+
+    def valid_frames(self, n_samples: int) -> int:
+        """Valid mel frames of an utterance of `n_samples` (the extractor's attention-mask sum)."""
+        return min(math.ceil(n_samples / self.config.hop_length), self.config.nb_max_frames)
+
+    def log_spectrogram(self, waveform: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Unclamped log10 mel frames 0…min(L+1, nb_max_frames−1) of one ≤ 30 s utterance, and L.
+
+        Returns (logspec [n_mels, T] float32, L). Exposed separately from the clamp because the clamp
+        depends on the global max (a streaming front end applies it at encode time).
+        """
+        cfg = self.config
+        wave = torch.as_tensor(waveform, dtype=torch.float32).reshape(-1)
+        n = int(wave.numel())
+        if n == 0:
+            raise AudioError("audio segment is empty: give at least one sample")
+        if n > cfg.n_samples:
+            raise AudioError(
+                f"audio segment has {n} samples, more than one {cfg.n_samples}-sample window; "
+                "split it with split_segments() first"
+            )
+        n_valid = self.valid_frames(n)
+        frames = min(n_valid + 2, cfg.nb_max_frames)
+        # Zero-pad as the extractor does. Near the 30 s cap the reference's own centred reflect padding
+        # at the window end reaches the last frames, so pad to exactly one window there.
+        needed = cfg.hop_length * (n_valid + 2) + cfg.n_fft // 2
+        padded_len = min(cfg.n_samples, max(n, needed))
+        padded = torch.nn.functional.pad(wave, (0, padded_len - n))
+        window = torch.hann_window(cfg.n_fft)
+        stft = torch.stft(padded, cfg.n_fft, cfg.hop_length, window=window, return_complex=True)
+        magnitudes = (stft[..., :frames].abs() ** 2).contiguous()
+        mel = self.filters.T @ magnitudes
+        return torch.clamp(mel, min=1e-10).log10(), n_valid
+
+    @staticmethod
+    def normalize(logspec: torch.Tensor, max_value: torch.Tensor | float | None = None) -> torch.Tensor:
+        """Whisper's clamp to (max − 8) and (x + 4) / 4; `max_value` defaults to the max of `logspec`."""
+        top = logspec.max() if max_value is None else torch.as_tensor(max_value, dtype=logspec.dtype)
+        return (torch.maximum(logspec, top - 8.0) + 4.0) / 4.0
+
+    def log_mel(self, waveform: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Encoder input for one utterance: (mel [n_mels, min(L+2, 3000)] float32, L valid frames)."""
+        logspec, n_valid = self.log_spectrogram(waveform)
+        return self.normalize(logspec), n_valid
+
+
+def num_audio_tokens(n_valid_frames: int) -> int:
+    """Audio tokens the encoder yields for L valid mel frames (conv stride 2, then pool 2)."""
+    return max(0, (((n_valid_frames - 1) // 2 + 1) - 2) // 2 + 1)
+
+
+def load_audio(path: str | Path, sampling_rate: int = 16000) -> np.ndarray:
+    """Read an audio file (wav/flac/ogg/mp3/… via soundfile, PyAV as fallback) as mono float32 at `sampling_rate`.
+
+    Raises AudioError (missing, unreadable, empty, non-finite) with the file name in the message.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"audio file not found: {p}")
+    if p.is_dir():
+        raise AudioError(f"audio path is a directory, not a file: {p}")
+    data, sr = _read_soundfile(p)
+    if data is None:
+        data, sr = _read_pyav(p)
+    return prepare_waveform(data, sr, sampling_rate, source=str(p))
+
+
+def _read_soundfile(p: Path) -> tuple[np.ndarray | None, int]:
+    import soundfile as sf
+
+    try:
+        data, sr = sf.read(str(p), dtype="float32", always_2d=True)
+    except Exception:  # noqa: BLE001 — any libsndfile failure means "try PyAV"
+        return None, 0
+    return data, int(sr)
+
+
+def _read_pyav(p: Path) -> tuple[np.ndarray, int]:
+    try:
+        import av
+    except ImportError as e:  # pragma: no cover - av is a dependency
+        raise AudioError(f"cannot read {p}: libsndfile does not know the format and PyAV is not installed") from e
+    try:
+        with av.open(str(p)) as container:
+            streams = [s for s in container.streams if s.type == "audio"]
+            if not streams:
+                raise AudioError(f"cannot read {p}: the file has no audio stream")
+            stream = streams[0]
+            chunks = []
+            sr = stream.codec_context.sample_rate or stream.rate
+            for frame in container.decode(stream):
+                arr = frame.to_ndarray()
+                fmt = frame.format
+                if fmt.is_planar:
+                    arr = arr.T  # [samples, channels]
+                else:
+                    arr = arr.reshape(-1, len(frame.layout.channels))
+                chunks.append(_pcm_to_float(arr))
+                sr = frame.sample_rate or sr
+    except AudioError:
+        raise
+    except Exception as e:  # noqa: BLE001 — FFmpeg raises many kinds; all mean unreadable
+        raise AudioError(f"cannot read {p}: not a supported audio file ({type(e).__name__}: {e})") from e
+    if not chunks:
+        raise AudioError(f"audio file {p} contains no samples")
+    return np.concatenate(chunks, axis=0), int(sr)
+
+
+def _pcm_to_float(arr: np.ndarray) -> np.ndarray:
+    """Integer PCM → float32 in [-1, 1); float input passes through as float32."""
+    if np.issubdtype(arr.dtype, np.floating):
+        return arr.astype(np.float32, copy=False)
+    if arr.dtype == np.uint8:
+        return (arr.astype(np.float32) - 128.0) / 128.0
+    if np.issubdtype(arr.dtype, np.signedinteger):
+        return (arr.astype(np.float64) / float(-np.iinfo(arr.dtype).min)).astype(np.float32)
+    raise AudioError(f"unsupported PCM sample type {arr.dtype}: give int8/16/32, uint8 or float samples")
+
+
+def prepare_waveform(
+    data: np.ndarray, sr: int, target_sr: int = 16000, *, source: str = "audio input"
+) -> np.ndarray:
+    """Validate PCM (any int/float dtype, [n] or [n, channels]) → mono float32 at `target_sr` (soxr)."""
+    arr = np.asarray(data)
+    if arr.dtype == object or arr.dtype.kind not in "iuf":
+        raise AudioError(f"{source}: samples must be numbers (int or float PCM), got dtype {arr.dtype}")
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise AudioError(f"{source}: expected samples shaped [n] or [n, channels], got shape {arr.shape}")
+    if arr.shape[1] > arr.shape[0] and arr.shape[1] > 16:
+        arr = arr.T  # [channels, n] given: a 2-channel array is never longer in channels than in time
+    if arr.size == 0 or arr.shape[0] == 0:
+        raise AudioError(f"{source}: audio is empty (0 samples)")
+    if not isinstance(sr, (int, np.integer)) or sr <= 0:
+        raise AudioError(f"{source}: sample rate must be a positive integer, got {sr!r}")
+    mono = _pcm_to_float(arr).mean(axis=1, dtype=np.float64).astype(np.float32)
+    if not np.isfinite(mono).all():
+        bad = int((~np.isfinite(mono)).sum())
+        raise AudioError(f"{source}: {bad} samples are NaN or infinite; clean the audio and retry")
+    if int(sr) != target_sr:
+        import soxr
+
+        mono = soxr.resample(mono, int(sr), target_sr, quality="HQ").astype(np.float32)
+    if mono.size == 0:
+        raise AudioError(f"{source}: audio is empty after resampling to {target_sr} Hz")
+    return mono
+
+
+def split_segments(waveform: np.ndarray, config: MelConfig, *, source: str = "audio input") -> list[np.ndarray]:
+    """Split audio longer than one window into ceil(n / window) equal segments (never truncated).
+
+    Equal lengths (rather than 30 s + remainder) mean no segment is ever too short to give an audio
+    token when the whole input is long enough. Input too short for one token raises AudioError.
+    """
+    n = int(waveform.shape[0])
+    if n < config.min_samples:
+        raise AudioError(
+            f"{source}: audio is {n} samples ({1000 * n / config.sampling_rate:.1f} ms); at least "
+            f"{config.min_samples} samples ({1000 * config.min_samples / config.sampling_rate:.1f} ms) are "
+            "needed for one audio token — give longer audio"
+        )
+    count = -(-n // config.n_samples)
+    bounds = np.linspace(0, n, count + 1).round().astype(int)
+    return [waveform[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

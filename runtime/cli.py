@@ -1,0 +1,182 @@
+"""`qwen-audio-edge` command line: export, run, demo.
+
+Errors we raise on purpose print one line (`error: …`) and exit 2; anything unexpected prints one
+line too (with `--debug` for the traceback). Heavy imports happen inside the commands so that
+`--help` and error paths stay fast; `export` and `demo` need the [export] extra (transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import OptionsError, QwenAudioEdgeError
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="decoder activation dtype (default fp32 on CPU, fp16 on CUDA)")
+    g.add_argument("--max-context", type=int, default=None,
+                   help="KV cache positions (default: the config's max_position_embeddings, capped to fit memory)")
+    g.add_argument("--encoder-backend", default="onnx", choices=["onnx", "torch"],
+                   help="ONNX Runtime (default) or the torch module (GPUs without onnxruntime-gpu)")
+    g.add_argument("--encoder-precision", default=None, choices=["fp32", "fp16"], help="which exported encoder to run")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+    g.add_argument("--no-verify", action="store_true", help="check file sizes only, skip sha256 of the artifacts")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation (defaults from the checkpoint's generation_config.json)")
+    g.add_argument("--prompt", default=None, help="text after the audio in the user turn")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--greedy", action="store_true", help="argmax decoding")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS/<|im_end|>")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-audio-edge", description="Edge inference runtime for Qwen2-Audio.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="HF checkpoint dir → artifacts dir (needs the [export] extra)")
+    e.add_argument("src", help="local Hugging Face Qwen2-Audio checkpoint directory")
+    e.add_argument("out", help="artifacts directory to create")
+    e.add_argument("--bits", type=int, default=16, help="decoder weights: 16 (fp16, default) or 32 (fp32)")
+    e.add_argument("--encoder-dtype", default="fp32", choices=["fp32", "fp16"],
+                   help="encoder ONNX the runtime uses by default (fp16 also keeps the verified fp32 file)")
+    e.add_argument("--force", action="store_true", help="replace an existing output directory")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("run", help="answer one user turn (audio and/or text) and stream the text")
+    r.add_argument("artifacts")
+    r.add_argument("--audio", default=None, help="audio file (wav/flac/ogg/mp3/…, any rate); > 30 s is split")
+    r.add_argument("--json", action="store_true", help="print one JSON object {text, token_ids, timings, …}")
+    _add_generation_args(r)
+    _add_runtime_args(r)
+
+    d = sub.add_parser("demo", help="build a tiny random checkpoint, export it, run a test signal (no weights needed)")
+    d.add_argument("--keep", default=None, help="keep the checkpoint + artifacts under this directory")
+    d.add_argument("--seconds", type=float, default=5.0, help="length of the generated test signal")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--max-new-tokens", type=int, default=32)
+    return parser
+
+
+def _runtime_options(a: argparse.Namespace):
+    from .pipeline import RuntimeOptions
+
+    dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
+    return RuntimeOptions(device=a.device, dtype=dtype, max_context=a.max_context, encoder_backend=a.encoder_backend,
+                          encoder_precision=a.encoder_precision, threads=a.threads, verify_hashes=not a.no_verify)
+
+
+def _sampling(pipeline, a: argparse.Namespace):
+    over = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                repetition_penalty=a.repetition_penalty, seed=a.seed, ignore_eos=a.ignore_eos)
+    if a.greedy:
+        over["greedy"] = True
+    elif a.temperature is not None:
+        over["greedy"] = False
+    return pipeline.default_sampling(**over)
+
+
+def _run_turn(pipeline, audio, a: argparse.Namespace) -> dict:
+    if audio is None and not a.prompt:
+        raise OptionsError("give --audio FILE and/or --prompt TEXT")
+    sampling = _sampling(pipeline, a)
+    stream = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    result = pipeline.run(audio, a.prompt, sampling=sampling, on_text=stream)
+    if a.json:
+        print(json.dumps(result.to_json(), ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        if result.finish_reason == "context_full":
+            print("warning: generation stopped because the KV cache is full (raise --max-context)", file=sys.stderr)
+    return result.to_json()
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    try:
+        from ..export.package import ExportOptions, export_checkpoint
+    except ImportError as e:
+        raise OptionsError(f"export needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'") from e
+    opts = ExportOptions(bits=a.bits, encoder_dtype=a.encoder_dtype, force=a.force, progress=not a.quiet)
+    manifest = export_checkpoint(a.src, a.out, opts)
+    v = manifest["encoder"]["verification"]
+    print(f"wrote {a.out} ({len(manifest['files'])} files) in {manifest['export_seconds']} s; encoder vs transformers: "
+          f"max abs err {v['fp32_max_abs_err_vs_transformers']:.2e} on {v['audio_tokens']} tokens", file=sys.stderr)
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+
+    pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
+    _run_turn(pipeline, a.audio, a)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    try:
+        from ..export.fixtures import build_tiny_checkpoint, speech_like_signal
+        from ..export.package import ExportOptions, export_checkpoint
+    except ImportError as e:
+        raise OptionsError(f"demo needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'") from e
+    import soundfile as sf
+
+    from .pipeline import Pipeline, RuntimeOptions
+
+    with tempfile.TemporaryDirectory(prefix="qae-demo-") as tmp:
+        root = Path(a.keep) if a.keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        print(f"[demo] building a tiny random Qwen2-Audio checkpoint in {root / 'checkpoint'}", file=sys.stderr)
+        build_tiny_checkpoint(root / "checkpoint", "mha")
+        print("[demo] exporting it (encoder → ONNX, verified against transformers)", file=sys.stderr)
+        export_checkpoint(root / "checkpoint", root / "artifacts", ExportOptions(force=True, progress=False))
+        wav = root / "signal.wav"
+        sf.write(str(wav), speech_like_signal(a.seconds), 16000)
+        print(f"[demo] running {wav.name} ({a.seconds} s) through the runtime (random weights: the text is noise)", file=sys.stderr)
+        pipeline = Pipeline.from_artifacts(root / "artifacts", RuntimeOptions())
+        run_args = argparse.Namespace(prompt="What does the person say?", json=a.json, max_new_tokens=a.max_new_tokens,
+                                      greedy=True, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+                                      seed=None, ignore_eos=True)
+        out = _run_turn(pipeline, str(wav), run_args)
+        if not a.json:
+            t = out["timings"]
+            print("[demo] timings: " + ", ".join(f"{k}={v}" for k, v in t.items()), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    handlers = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo}
+    try:
+        return handlers[a.command](a)
+    except QwenAudioEdgeError as e:
+        if a.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 — one line for users, traceback with --debug
+        if a.debug:
+            raise
+        print(f"error: internal error {type(e).__name__}: {e} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Our Qwen2 decoder: ModelArgs from config.json, RMSNorm, RoPE, QKV bias, MHA/GQA, SiLU MLP, static KV cache.
+
+Parameter names are those of a text-only `Qwen2ForCausalLM` checkpoint (`model.layers.N.…`,
+`lm_head.weight`), so the artifacts' `decoder/` folder is a standard checkpoint and weights load
+with no renaming. The KV cache is preallocated once for `max_context` positions and written by
+position, so decode never reallocates and a conversation can keep its cache across turns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ArtifactsError, LimitError
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Decoder hyper-parameters, read from a Qwen2 config.json (every value; nothing assumed)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ModelArgs":
+        """Parse a Qwen2 text config (transformers 4.x `rope_theta` or 5.x `rope_parameters` form)."""
+        try:
+            act = cfg.get("hidden_act", "silu")
+            if act != "silu":
+                raise ArtifactsError(f"decoder hidden_act {act!r} is not supported (Qwen2 uses silu)")
+            if cfg.get("use_sliding_window"):
+                raise ArtifactsError("decoder config enables sliding-window attention, which this runtime does not implement")
+            rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+            rope_type = rope.get("rope_type", rope.get("type", "default"))
+            if rope_type not in ("default", None):
+                raise ArtifactsError(f"decoder RoPE type {rope_type!r} is not supported (only default RoPE)")
+            theta = rope.get("rope_theta", cfg.get("rope_theta"))
+            if theta is None:
+                raise ArtifactsError("decoder config has no rope_theta")
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            kv = cfg.get("num_key_value_heads")
+            args = cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(kv) if kv is not None else heads,
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                rope_theta=float(theta),
+                rms_norm_eps=float(cfg["rms_norm_eps"]),
+                max_position_embeddings=int(cfg["max_position_embeddings"]),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except KeyError as e:
+            raise ArtifactsError(f"decoder config is missing {e.args[0]!r}") from e
+        if args.num_attention_heads % args.num_key_value_heads:
+            raise ArtifactsError("num_attention_heads must be a multiple of num_key_value_heads")
+        return args
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """KV cache bytes one position costs (all layers, K and V)."""
+        elt = torch.finfo(dtype).bits // 8
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elt
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in fp32, cast back, then scale (the reference's order of operations)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, a.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache", layer: int, start: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        keys, values = cache.update(layer, start, k, v)
+        end = start + s
+        if s == 1:
+            mask = None  # one query attends to every cached position
+        else:
+            mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(a)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, layer, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVCache:
+    """Static, preallocated K/V for every layer: [layers, 1, kv_heads, max_context, head_dim]."""
+
+    def __init__(self, args: ModelArgs, max_context: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (args.num_hidden_layers, 1, args.num_key_value_heads, max_context, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_context = max_context
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Qwen2Decoder(nn.Module):
+    """The decoder. `forward(embeds, start)` runs positions start…start+S−1 through the cache."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.model.layers = nn.ModuleList([DecoderLayer(args) for _ in range(args.num_hidden_layers)])
+        self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def rope_tables(self, max_context: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [max_context, head_dim] computed in fp32 (as the reference), cast to the activation dtype."""
+        a = self.args
+        inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64, device=device).float() / a.head_dim))
+        pos = torch.arange(max_context, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def setup_cache(self, max_context: int) -> KVCache:
+        """Allocate the KV cache and RoPE tables for `max_context` positions in the weights' dtype/device."""
+        p = self.model.norm.weight
+        self._rope = self.rope_tables(max_context, p.device, p.dtype)
+        return KVCache(self.args, max_context, p.dtype, p.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def forward(self, embeds: torch.Tensor, start: int, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
+        """embeds [1, S, hidden] at positions start… → logits [1, S, vocab] (or [1, 1, vocab] for the last)."""
+        s = embeds.shape[1]
+        if start + s > cache.max_context:
+            raise LimitError(
+                f"sequence of {start + s} positions exceeds the KV cache ({cache.max_context}); raise --max-context"
+            )
+        assert self._rope is not None, "call setup_cache() first"
+        cos = self._rope[0][start : start + s][None, None]
+        sin = self._rope[1][start : start + s][None, None]
+        x = embeds
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i, start)
+        if not all_logits:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))
+
+
+def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str) -> Qwen2Decoder:
+    """Load a text-only Qwen2 checkpoint folder (config.json + safetensors, sharded or not) by mmap.
+
+    The module is built on the meta device and each tensor is assigned as it is read, so peak memory is
+    the weights once (in the target dtype), never a random init plus a copy.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    d = Path(decoder_dir)
+    cfg = json.loads((d / "config.json").read_text())
+    if "quantization_config" in cfg:
+        raise ArtifactsError(f"{d}: quantized decoders are not supported by this runtime version")
+    args = ModelArgs.from_config(cfg)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise ArtifactsError(f"{d}: no *.safetensors weight files")
+    with torch.device("meta"):
+        model = Qwen2Decoder(args)
+    expected = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if key not in expected:
+                    raise ArtifactsError(f"{f.name}: unexpected tensor {key!r} for this decoder config")
+                state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
+    if args.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ArtifactsError(f"{d}: decoder weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
+    for name, t in state.items():
+        shape = model.state_dict()[name].shape
+        if t.shape != shape:
+            raise ArtifactsError(f"{d}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(shape)}")
+    model.load_state_dict(state, assign=True)
+    return model.eval()

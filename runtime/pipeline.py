@@ -1,0 +1,278 @@
+"""`Pipeline.from_artifacts(dir)`: the one public entry point of the lean runtime.
+
+audio → audio.py (load, segment, log-mel) → encoder.py (ONNX Runtime or torch) → decoder.py (static KV
+cache) → generate.py (sampling, stop, text streaming). A `Conversation` keeps the KV cache across turns:
+a new turn prefills only the ids not yet in the cache, so turn N costs its own tokens, not the history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import Artifacts, load_manifest
+from .audio import MelConfig, MelFrontEnd, load_audio, num_audio_tokens, prepare_waveform, split_segments
+from .decoder import KVCache, Qwen2Decoder, load_decoder
+from .encoder import EncoderConfig, OnnxEncoder, TorchEncoder, load_encoder_module
+from .errors import AudioError, LimitError, OptionsError
+from .generate import GenerationStats, IncrementalDetokenizer, SamplingOptions, generate
+from .prompt import PromptFormat, user_message
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run: device, activation dtype, context size, encoder backend and threads."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    max_context: int | None = None  # None: the config's max_position_embeddings, capped to fit memory
+    encoder_backend: str = "onnx"  # onnx | torch
+    encoder_precision: str | None = None  # fp32 | fp16 (which exported encoder); None: the export's default
+    threads: int | None = None
+    verify_hashes: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise OptionsError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.encoder_backend not in ("onnx", "torch"):
+            raise OptionsError(f"encoder backend must be onnx or torch, got {self.encoder_backend!r}")
+        if self.max_context is not None and self.max_context < 2:
+            raise OptionsError(f"max_context must be ≥ 2, got {self.max_context}")
+        if self.threads is not None and self.threads < 1:
+            raise OptionsError(f"threads must be ≥ 1, got {self.threads}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise OptionsError(f"device {self.device!r} requested but torch sees no CUDA GPU; use --device cpu")
+
+
+@dataclass
+class TurnResult:
+    """What one turn produced: the text, the new token ids, why it stopped, and stage timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason, "timings": self.timings}
+
+
+def _available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 << 30
+
+
+class Pipeline:
+    """Loaded model + tokenizer + front end. Build with `Pipeline.from_artifacts(dir)`."""
+
+    def __init__(self, artifacts: Artifacts, options: RuntimeOptions):
+        t0 = time.perf_counter()
+        self.artifacts = artifacts
+        self.options = options
+        self.device = torch.device(options.device)
+        self.dtype = DTYPES[options.dtype]
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        m = artifacts.manifest
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        self.mel = MelFrontEnd(
+            MelConfig.from_dict(m["preprocessor"]),
+            load_file(str(artifacts.path(m["files_role"]["mel_filters"])))["mel_filters"].float(),
+        )
+        tokenizer = Tokenizer.from_file(str(artifacts.path(m["files_role"]["tokenizer"])))
+        template_rel = m["files_role"].get("chat_template")
+        template = artifacts.path(template_rel).read_text() if template_rel else None
+        self.prompt = PromptFormat(tokenizer, template, artifacts.audio_token_id)
+        self.generation_config = m.get("generation_config") or {}
+        self.stop_ids = self._stop_ids()
+        self.encoder = self._load_encoder()
+        self.decoder: Qwen2Decoder = load_decoder(artifacts.path(m["files_role"]["decoder_dir"]), self.dtype, self.device)
+        self.max_context = self._resolve_max_context()
+        self.cache: KVCache = self.decoder.setup_cache(self.max_context)
+        self._owner: object | None = None
+        self.load_s = time.perf_counter() - t0
+
+    @classmethod
+    def from_artifacts(cls, path: str | Path, options: RuntimeOptions | None = None, **kwargs) -> "Pipeline":
+        """Verify the manifest (format version, files, sha256) and load everything onto `options.device`."""
+        options = options or RuntimeOptions(**kwargs)
+        return cls(load_manifest(path, verify_hashes=options.verify_hashes), options)
+
+    # --- loading helpers -------------------------------------------------------------------------
+    def _stop_ids(self) -> list[int]:
+        eos = self.generation_config.get("eos_token_id")
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            tid = self.prompt.token_id(tok)
+            if tid is not None:
+                ids.add(tid)
+        return sorted(ids)
+
+    def _load_encoder(self):
+        m = self.artifacts.manifest
+        enc = m["encoder"]
+        precision = self.options.encoder_precision or enc["default"]
+        if precision not in enc["onnx"]:
+            raise OptionsError(f"no {precision} encoder in these artifacts (have {sorted(enc['onnx'])})")
+        if self.options.encoder_backend == "onnx":
+            return OnnxEncoder(self.artifacts.path(enc["onnx"][precision]), threads=self.options.threads, device=self.options.device)
+        from safetensors.torch import load_file
+
+        cfg = EncoderConfig.from_dict(self.artifacts.audio_config, self.artifacts.text_config["hidden_size"])
+        state = load_file(str(self.artifacts.path(enc["weights"])))
+        dtype = torch.float32 if self.device.type == "cpu" else (torch.float16 if precision == "fp16" else torch.float32)
+        return TorchEncoder(load_encoder_module(cfg, state, dtype), self.device)
+
+    def _resolve_max_context(self) -> int:
+        args = self.decoder.args
+        per_token = args.kv_bytes_per_token(self.dtype)
+        budget = _available_memory_bytes(self.device) // 2
+        fits = max(2, budget // per_token)
+        limit = args.max_position_embeddings
+        want = self.options.max_context
+        if want is None:
+            return int(min(limit, fits))
+        if want > limit:
+            raise LimitError(f"--max-context {want} exceeds the model's max_position_embeddings ({limit})")
+        if want > fits:
+            raise LimitError(
+                f"--max-context {want} needs {want * per_token / 2**30:.2f} GiB of KV cache but only about "
+                f"{budget / 2**30:.2f} GiB can be spared on {self.device}; lower --max-context"
+            )
+        return want
+
+    # --- audio -----------------------------------------------------------------------------------
+    def load_waveform(self, audio, sampling_rate: int | None = None) -> np.ndarray:
+        """A path, or PCM samples (+ sampling_rate, default the model's), → mono float32 at 16 kHz."""
+        sr = self.mel.config.sampling_rate
+        if isinstance(audio, (str, Path)):
+            return load_audio(audio, sr)
+        if isinstance(audio, (np.ndarray, list, torch.Tensor)):
+            data = audio.cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+            return prepare_waveform(data, sampling_rate or sr, sr)
+        raise AudioError(f"audio must be a file path or an array of samples, got {type(audio).__name__}")
+
+    def chat(self) -> "Conversation":
+        """Start a conversation; it owns the KV cache until another conversation starts."""
+        return Conversation(self)
+
+    def run(self, audio=None, prompt: str | None = None, *, sampling: SamplingOptions | None = None,
+            sampling_rate: int | None = None, on_text: Callable[[str], None] | None = None) -> TurnResult:
+        """One user turn (audio and/or text) in a fresh conversation."""
+        return self.chat().send(audio, prompt, sampling=sampling, sampling_rate=sampling_rate, on_text=on_text)
+
+    def default_sampling(self, **overrides) -> SamplingOptions:
+        return SamplingOptions.from_generation_config(self.generation_config, **overrides)
+
+
+class Conversation:
+    """A multi-turn chat whose KV cache is kept between turns (text-only turns included)."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.p = pipeline
+        pipeline._owner = self
+        self.messages: list[dict] = []
+        self.ids: list[int] = []  # every id of the conversation, as fed or generated
+        self.cached = 0  # ids[:cached] are in the KV cache
+        self.failed = False
+
+    def _check_usable(self) -> None:
+        if self.p._owner is not self:
+            raise OptionsError("this conversation's KV cache was taken by a newer conversation; start a new chat()")
+        if self.failed:
+            raise OptionsError("an earlier turn of this conversation failed mid-generation; start a new chat()")
+
+    def send(self, audio=None, text: str | None = None, *, sampling: SamplingOptions | None = None,
+             sampling_rate: int | None = None, on_text: Callable[[str], None] | None = None) -> TurnResult:
+        """Add a user turn, generate the answer (streamed through `on_text`), keep the cache."""
+        self._check_usable()
+        p = self.p
+        opts = sampling or p.default_sampling()
+        if audio is None and not text:
+            raise OptionsError("a turn needs audio, text, or both")
+        t0 = time.perf_counter()
+        timings: dict = {"load_s": round(p.load_s, 4)}
+        segments: list[np.ndarray] = []
+        if audio is not None:
+            wave = p.load_waveform(audio, sampling_rate)
+            segments = split_segments(wave, p.mel.config)
+            timings["audio_s"] = round(len(wave) / p.mel.config.sampling_rate, 3)
+        counts = [num_audio_tokens(p.mel.valid_frames(len(s))) for s in segments]
+        message = user_message(len(segments), text)
+        if not self.messages:
+            turn_text = p.prompt.render([message], add_generation_prompt=True)
+        else:
+            turn_text = p.prompt.continuation(self.messages, message, self.ids[-1] if self.ids else None)
+        new_ids = p.prompt.expand_audio(p.prompt.encode(turn_text), counts)
+        pending = self.ids[self.cached :] + new_ids
+        if self.cached + len(pending) >= p.max_context:
+            raise LimitError(
+                f"the prompt needs {self.cached + len(pending)} positions (conversation {self.cached}, this turn "
+                f"{len(pending)}, of which {sum(counts)} audio tokens) but the context holds {p.max_context}; "
+                "raise --max-context, shorten the audio, or start a new conversation"
+            )
+        # Audio → embeddings.
+        t = time.perf_counter()
+        mels = [p.mel.log_mel(s) for s in segments]
+        timings["mel_ms"] = round(1000 * (time.perf_counter() - t), 3)
+        t = time.perf_counter()
+        audio_embeds = [p.encoder(mel, n_valid) for mel, n_valid in mels]
+        timings["encoder_ms"] = round(1000 * (time.perf_counter() - t), 3)
+        for emb, want in zip(audio_embeds, counts):
+            assert emb.shape[0] == want, (emb.shape, want)
+        with torch.inference_mode():
+            ids_t = torch.tensor([pending], dtype=torch.long, device=p.device)
+            embeds = p.decoder.embed(ids_t)
+            if audio_embeds:
+                mask = ids_t[0] == p.prompt.audio_token_id
+                # Only this turn's new ids hold audio slots (earlier audio ids are already cached).
+                mask[: len(pending) - len(new_ids)] = False
+                embeds[0, mask] = torch.cat(audio_embeds).to(p.device, embeds.dtype)
+        stats = GenerationStats()
+        detok = IncrementalDetokenizer(p.prompt.tokenizer)
+        pieces: list[str] = []
+        history = self.ids + new_ids
+        start = self.cached
+        self.ids = history  # the prompt is in the cache once prefill ran; generated ids are appended by generate()
+        self.failed = True  # until the turn completes: a half-written cache must not be reused
+        for token in generate(p.decoder, p.cache, embeds, start, history, opts, p.stop_ids, stats):
+            piece = detok.push(token)
+            if piece:
+                pieces.append(piece)
+                if on_text:
+                    on_text(piece)
+        self.failed = False
+        tail = detok.flush()
+        if tail:
+            pieces.append(tail)
+            if on_text:
+                on_text(tail)
+        self.cached = len(self.ids) - 1  # the last generated id is fed at the start of the next turn
+        text_out = "".join(pieces)
+        self.messages += [message, {"role": "assistant", "content": text_out}]
+        timings.update(
+            prefill_ms=round(1000 * stats.prefill_s, 3),
+            prefill_tokens=stats.prefill_tokens,
+            audio_tokens=sum(counts),
+            ttft_ms=round(1000 * ((stats.first_token_s or time.perf_counter()) - t0), 3),
+            decode_tokens=stats.decode_tokens,
+            decode_tok_s=round(stats.decode_tokens / stats.decode_s, 3) if stats.decode_s > 0 and stats.decode_tokens else None,
+            total_ms=round(1000 * (time.perf_counter() - t0), 3),
+        )
+        return TurnResult(text=text_out, token_ids=list(stats.token_ids), finish_reason=stats.finish_reason, timings=timings)

@@ -1,0 +1,111 @@
+"""Prompt building: the checkpoint's chat template rendered as transformers does, tokenized, audio expanded.
+
+Rendering uses jinja2's ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks (transformers'
+settings). Each `<|AUDIO|>` placeholder is then expanded to one id per audio embedding, which is what
+`Qwen2AudioProcessor` does to the text before tokenizing; `<|AUDIO|>` is a special token, so expanding
+ids after tokenizing gives the same ids. A base checkpoint without a template uses the raw form
+`<|audio_bos|><|AUDIO|><|audio_eos|>{text}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from .errors import ArtifactsError
+
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_BOS = "<|audio_bos|>"
+AUDIO_EOS = "<|audio_eos|>"
+_SENTINEL = "\u0000QAE-ASSISTANT-TURN\u0000"
+
+
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+def user_message(n_audio: int, text: str | None) -> dict:
+    """One user turn: the audio slots first, then the text (the processor's documented message form)."""
+    content: list[dict] = [{"type": "audio", "audio": f"audio-{i + 1}"} for i in range(n_audio)]
+    if text:
+        content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """Tokenizer + template + the special ids the runtime needs."""
+
+    tokenizer: object  # tokenizers.Tokenizer
+    chat_template: str | None
+    audio_token_id: int
+
+    @cached_property
+    def _template(self):
+        return _compile_template(self.chat_template) if self.chat_template else None
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Conversation → prompt text (template form), or the raw base-model form without a template."""
+        if self._template is not None:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        parts = []
+        for m in messages:
+            content = m["content"]
+            if isinstance(content, str):
+                parts.append(content)
+                continue
+            for c in content:
+                if c.get("type") == "audio":
+                    parts.append(AUDIO_BOS + AUDIO_TOKEN + AUDIO_EOS)
+                elif c.get("type") == "text":
+                    parts.append(c["text"])
+        return "".join(parts)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=True).ids)
+
+    def continuation(self, history: list[dict], new_message: dict, last_id: int | None) -> str:
+        """Text that follows an assistant answer already in the cache, up to the next answer's start.
+
+        Rendered with a sentinel assistant turn so that whatever the template writes after an answer
+        (`<|im_end|>\\n<|im_start|>user\\n…<|im_start|>assistant\\n`) is taken verbatim; if the answer
+        already ended with the template's end-of-turn token, that token is not repeated.
+        """
+        if self._template is None:
+            return self.render([new_message])
+        msgs = history + [{"role": "assistant", "content": _SENTINEL}, new_message]
+        text = self.render(msgs, add_generation_prompt=True)
+        if _SENTINEL not in text:
+            raise ArtifactsError("the chat template drops assistant turns; multi-turn chat cannot reuse the cache")
+        tail = text.split(_SENTINEL, 1)[1]
+        end_token = "<|im_end|>"
+        if last_id is not None and self.token_id(end_token) == last_id and tail.startswith(end_token):
+            tail = tail[len(end_token) :]
+        return tail
+
+    def expand_audio(self, ids: list[int], audio_tokens: list[int]) -> list[int]:
+        """Replace the k-th `<|AUDIO|>` id by `audio_tokens[k]` copies; counts must match."""
+        slots = [i for i, t in enumerate(ids) if t == self.audio_token_id]
+        if len(slots) != len(audio_tokens):
+            raise ValueError(f"prompt has {len(slots)} audio slots but {len(audio_tokens)} audio segments were given")
+        out: list[int] = []
+        k = 0
+        for t in ids:
+            if t == self.audio_token_id:
+                out.extend([t] * audio_tokens[k])
+                k += 1
+            else:
+                out.append(t)
+        return out
