@@ -1,0 +1,40 @@
+"""Shared test helpers: test signals and the transformers reference (processor + generate)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def signal(seconds: float, *, loud_end: bool = False, seed: int = 0) -> np.ndarray:
+    from qwen_audio_edge.export.fixtures import speech_like_signal
+
+    return speech_like_signal(seconds, loud_end=loud_end, seed=seed)
+
+
+def reference_inputs(model, wave: np.ndarray | None, prompt: str | None):
+    """What transformers' processor gives for one user turn (chat template, or the raw base form)."""
+    proc = model.processor
+    # Qwen2AudioProcessor invents a default template when the checkpoint has none; a base model
+    # (Qwen2-Audio-7B) is prompted raw, so decide by the checkpoint, not by the processor.
+    if model.has_template:
+        content = ([{"type": "audio", "audio_url": "a.wav"}] if wave is not None else [])
+        if prompt:
+            content.append({"type": "text", "text": prompt})
+        text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    else:
+        text = ("<|audio_bos|><|AUDIO|><|audio_eos|>" if wave is not None else "") + (prompt or "")
+    if wave is None:
+        return proc.tokenizer(text, return_tensors="pt")
+    return proc(text=text, audio=[wave], sampling_rate=16000, return_tensors="pt")
+
+
+def reference_greedy(model, inputs, n: int, repetition_penalty: float = 1.0) -> list[int]:
+    """transformers generate(): greedy, EOS ignored (no eos id), exactly n new tokens."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=0, eos_token_id=None,
+                           pad_token_id=0, repetition_penalty=repetition_penalty)
+    with torch.no_grad():
+        out = model.reference.generate(**inputs, generation_config=cfg)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
