@@ -1,0 +1,184 @@
+"""Decoder: static KV cache vs full recompute, multi-turn cache reuse, limits and numerical guard."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import signal
+
+from qwen_audio_edge.runtime.decoder import ModelArgs
+from qwen_audio_edge.runtime.errors import ArtifactsError, LimitError, NumericalError
+from qwen_audio_edge.runtime.generate import SamplingOptions
+
+GREEDY = dict(greedy=True, repetition_penalty=1.0, ignore_eos=True)
+
+
+def _full_logits(p, ids: list[int], audio_embeds=None) -> torch.Tensor:
+    """Recompute every position from scratch in a fresh cache (no reuse)."""
+    cache = p.decoder.setup_cache(p.max_context)
+    with torch.inference_mode():
+        t = torch.tensor([ids])
+        emb = p.decoder.embed(t)
+        if audio_embeds is not None:
+            emb[0, t[0] == p.prompt.audio_token_id] = audio_embeds
+        out = p.decoder(emb, 0, cache, all_logits=True)[0]
+    p.cache = p.decoder.setup_cache(p.max_context)  # the pipeline's own cache was reset by setup_cache
+    return out
+
+
+@pytest.mark.parametrize("shape", ["mha", "gqa"])
+def test_cached_decode_equals_full_recompute(request, pipelines, shape):
+    p = pipelines(request.getfixturevalue(shape))
+    ids = [5, 17, 42, 99, 7, 300, 12, 8, 250, 33, 1, 64]
+    cache = p.decoder.setup_cache(64)
+    steps = []
+    with torch.inference_mode():
+        steps.append(p.decoder(p.decoder.embed(torch.tensor([ids[:5]])), 0, cache)[0, -1])
+        for i in range(5, len(ids)):
+            steps.append(p.decoder(p.decoder.embed(torch.tensor([[ids[i]]])), i, cache)[0, -1])
+        full_cache = p.decoder.setup_cache(64)
+        full = p.decoder(p.decoder.embed(torch.tensor([ids])), 0, full_cache, all_logits=True)[0]
+    p.cache = p.decoder.setup_cache(p.max_context)
+    for k, logit in enumerate(steps):
+        ref = full[4 + k]
+        assert torch.allclose(logit, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+
+
+def test_second_turn_reuses_cache_and_equals_fresh_run(mha, pipelines):
+    p = pipelines(mha)
+    conv = p.chat()
+    first = conv.send(signal(2.5), "What does the person say?", sampling=SamplingOptions(max_new_tokens=6, **GREEDY))
+    cached_before = conv.cached
+    assert cached_before == len(conv.ids) - 1
+    prefill_calls = []
+    original = p.decoder.forward
+
+    def spy(embeds, start, cache, **kw):
+        prefill_calls.append((start, embeds.shape[1]))
+        return original(embeds, start, cache, **kw)
+
+    p.decoder.forward = spy
+    try:
+        second = conv.send(None, "And then?", sampling=SamplingOptions(max_new_tokens=8, **GREEDY))
+    finally:
+        del p.decoder.forward
+    # The second turn's prefill starts where the cache ended: the history is not recomputed.
+    start, length = prefill_calls[0]
+    assert start == cached_before
+    assert length < cached_before // 3
+    # A fresh run over exactly the conversation's ids (not re-tokenized text) gives the same tokens.
+    all_ids = conv.ids
+    n_prompt = len(all_ids) - len(second.token_ids)
+    assert all_ids[n_prompt:] == second.token_ids
+    assert all_ids[cached_before + 1 - len(first.token_ids) : cached_before + 1] == first.token_ids
+    fresh = p.chat()
+    mel, n_valid = p.mel.log_mel(signal(2.5))
+    audio = p.encoder(mel, n_valid)
+    logits = _full_logits(p, all_ids[:n_prompt], audio)
+    fresh_tokens = [int(logits[-1].argmax())]
+    # Continue greedily from the fresh full-recompute state for the remaining tokens.
+    ids = list(all_ids[:n_prompt]) + fresh_tokens
+    while len(fresh_tokens) < len(second.token_ids):
+        logits = _full_logits(p, ids, audio)
+        fresh_tokens.append(int(logits[-1].argmax()))
+        ids.append(fresh_tokens[-1])
+    assert fresh_tokens == second.token_ids
+    # The rendered conversation text matches the template's own rendering of both turns.
+    assert "And then?" in p.prompt.tokenizer.decode(all_ids, skip_special_tokens=False)
+    del fresh
+
+
+def test_second_turn_text_matches_template_rendering(mha, pipelines):
+    """The cached ids of a 2-turn chat equal the template rendering with the answer's own ids spliced in."""
+    p = pipelines(mha)
+    conv = p.chat()
+    conv.send(None, "Hello there.", sampling=SamplingOptions(max_new_tokens=5, **GREEDY))
+    answer_ids = list(conv.ids[-5:])
+    conv.send(None, "Thanks!", sampling=SamplingOptions(max_new_tokens=3, **GREEDY))
+    proc = mha.processor
+    head = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}],
+                                    add_generation_prompt=True, tokenize=False)
+    tail = "<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n"
+    tok = proc.tokenizer
+    expected = tok(head)["input_ids"] + answer_ids + tok(tail)["input_ids"]
+    assert conv.ids[: len(expected)] == expected
+
+
+def test_old_conversation_cannot_use_a_taken_cache(mha, pipelines):
+    p = pipelines(mha)
+    a = p.chat()
+    a.send(None, "Hi", sampling=SamplingOptions(max_new_tokens=2, **GREEDY))
+    p.chat()
+    with pytest.raises(Exception, match="newer conversation"):
+        a.send(None, "again", sampling=SamplingOptions(max_new_tokens=2, **GREEDY))
+
+
+def test_prompt_overflow_is_rejected_before_any_work(mha):
+    from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
+
+    p = Pipeline.from_artifacts(mha.artifacts, RuntimeOptions(max_context=64))
+    calls = []
+    p.encoder = lambda *a: calls.append(a)  # must not be reached
+    with pytest.raises(LimitError, match="context holds 64"):
+        p.run(signal(3.0), "What?", sampling=SamplingOptions(max_new_tokens=4, **GREEDY))
+    assert calls == []
+
+
+def test_generation_stops_when_the_cache_is_full(mha):
+    from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
+
+    p = Pipeline.from_artifacts(mha.artifacts, RuntimeOptions(max_context=60))
+    r = p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=100, **GREEDY))
+    assert r.finish_reason == "context_full"
+    assert len(r.token_ids) < 100
+
+
+def test_max_context_beyond_the_model_is_rejected(mha):
+    from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
+
+    with pytest.raises(LimitError, match="max_position_embeddings"):
+        Pipeline.from_artifacts(mha.artifacts, RuntimeOptions(max_context=10**7))
+
+
+def test_nan_logits_raise_a_clear_error(mha):
+    from qwen_audio_edge.runtime.pipeline import Pipeline
+
+    p = Pipeline.from_artifacts(mha.artifacts)
+    with torch.no_grad():
+        p.decoder.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(NumericalError, match="--dtype fp32"):
+        p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=3, **GREEDY))
+    with pytest.raises(Exception, match="failed mid-generation|newer conversation"):
+        p._owner.send(None, "again")
+
+
+def test_stop_on_eos_unless_ignored(mha, pipelines):
+    p = pipelines(mha)
+    eos = p.stop_ids[0]
+    original = p.decoder.forward
+
+    def eos_wins(embeds, start, cache, **kw):
+        out = original(embeds, start, cache, **kw).clone()
+        out[..., eos] += 1e4
+        return out
+
+    p.decoder.forward = eos_wins
+    try:
+        r = p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=10, greedy=True, repetition_penalty=1.0))
+        assert r.token_ids == [eos] and r.finish_reason == "stop"
+        r = p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=10, **GREEDY))
+        assert r.token_ids == [eos] * 10 and r.finish_reason == "length"
+    finally:
+        del p.decoder.forward
+
+
+def test_model_args_read_both_config_forms():
+    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                rms_norm_eps=1e-5, max_position_embeddings=32)
+    a = ModelArgs.from_config(base | {"rope_theta": 5.0, "num_key_value_heads": 1})
+    b = ModelArgs.from_config(base | {"rope_parameters": {"rope_theta": 5.0, "rope_type": "default"}})
+    assert a.rope_theta == b.rope_theta == 5.0 and a.num_key_value_heads == 1 and b.num_key_value_heads == 2
+    with pytest.raises(ArtifactsError, match="RoPE type"):
+        ModelArgs.from_config(base | {"rope_parameters": {"rope_theta": 5.0, "rope_type": "yarn"}})
+    with pytest.raises(ArtifactsError, match="missing 'vocab_size'"):
+        ModelArgs.from_config({k: v for k, v in base.items() if k != "vocab_size"} | {"rope_theta": 1.0})
