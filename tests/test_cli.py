@@ -1,0 +1,114 @@
+"""The `qwen-audio-edge` CLI in subprocesses: run --json, streaming, export, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+from helpers import signal
+
+from qwen_audio_edge.runtime.generate import SamplingOptions
+
+CLI = [sys.executable, "-m", "qwen_audio_edge.runtime.cli"]
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def wav(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "speech.wav"
+    sf.write(str(path), signal(4.3), 16000, subtype="PCM_16")
+    return path
+
+
+def test_run_json_matches_the_api(mha, pipelines, wav):
+    r = _cli("run", mha.artifacts, "--audio", wav, "--prompt", "What is said?", "--greedy", "--max-new-tokens", 12,
+             "--ignore-eos", "--repetition-penalty", "1.0", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"text", "token_ids", "timings", "finish_reason"}
+    for key in ("load_s", "mel_ms", "encoder_ms", "prefill_ms", "decode_tok_s", "ttft_ms"):
+        assert key in out["timings"]
+    api = pipelines(mha).run(str(wav), "What is said?",
+                             sampling=SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True))
+    assert out["token_ids"] == api.token_ids
+    assert out["text"] == api.text
+
+
+def test_run_streams_text(mha, wav):
+    r = _cli("run", mha.artifacts, "--audio", wav, "--max-new-tokens", 8, "--seed", 3, "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n") and len(r.stdout) > 1
+
+
+@pytest.mark.parametrize(
+    "make_args,match",
+    [
+        (lambda a, t: ["run", a, "--audio", t / "missing.wav"], "audio file not found"),
+        (lambda a, t: ["run", t / "no-artifacts", "--audio", t / "x.wav"], "artifacts directory not found"),
+        (lambda a, t: ["run", a, "--audio", t / "short.wav"], "at least 321 samples"),
+        (lambda a, t: ["run", a, "--audio", t / "garbage.wav"], "cannot read"),
+        (lambda a, t: ["run", a], "give --audio FILE and/or --prompt TEXT"),
+        (lambda a, t: ["run", a, "--prompt", "hi", "--temperature", "0"], "temperature must be > 0"),
+        (lambda a, t: ["run", a, "--prompt", "hi", "--max-context", "999999999"], "max_position_embeddings"),
+        (lambda a, t: ["run", a, "--audio", t / "long.wav", "--max-context", "200"], "context holds 200"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(mha, tmp_path, make_args, match):
+    sf.write(str(tmp_path / "short.wav"), np.zeros(200, np.float32), 16000)
+    sf.write(str(tmp_path / "long.wav"), signal(20.0), 16000)
+    (tmp_path / "garbage.wav").write_bytes(b"\x00garbage" * 100)
+    r = _cli(*make_args(mha.artifacts, tmp_path))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_export_cli_and_overwrite_refusal(mha, tmp_path):
+    out = tmp_path / "art"
+    r = _cli("export", mha.checkpoint, out, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (out / "manifest.json").exists()
+    assert "encoder vs transformers" in r.stderr
+    r = _cli("export", mha.checkpoint, out, "--quiet")
+    assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_runs(tmp_path):
+    r = _cli("demo", "--json", "--seconds", "2", "--max-new-tokens", "4", "--keep", tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out["token_ids"]) == 4 and out["timings"]["audio_tokens"] == 50
+
+
+def test_runtime_never_imports_transformers():
+    code = (
+        "import sys; import qwen_audio_edge, qwen_audio_edge.runtime, qwen_audio_edge.runtime.pipeline, "
+        "qwen_audio_edge.runtime.cli, qwen_audio_edge.runtime.encoder, qwen_audio_edge.runtime.generate; "
+        "from qwen_audio_edge import Pipeline; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'onnx', 'onnxscript')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_full_run_never_imports_transformers(mha):
+    code = (
+        "import sys; from qwen_audio_edge.runtime.pipeline import Pipeline; "
+        f"p = Pipeline.from_artifacts({str(mha.artifacts)!r}); "
+        "import numpy as np; r = p.run(np.sin(np.arange(16000) / 9.0).astype('float32'), 'hi'); "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'onnx', 'onnxscript')]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
