@@ -168,6 +168,9 @@ def build_tiny_checkpoint(
         WhisperFeatureExtractor,
     )
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter demo and test output
     if isinstance(shape, str):
         shape = SHAPES[shape]
     out = Path(out_dir)

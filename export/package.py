@@ -79,6 +79,11 @@ def _write_decoder(src: SourceCheckpoint, out: Path, text_config: dict, dtype: t
     with _progress(n_tensors, "decoder tensors", opts.progress) as bar:
         for key, tensor in src.iter_tensors("decoder"):
             t = tensor.to(dtype).contiguous()
+            if not torch.isfinite(t).all():
+                raise ExportError(
+                    f"decoder tensor {key} is not finite in {str(dtype).replace('torch.', '')} (values overflow); "
+                    "export with --bits 32"
+                )
             size = t.numel() * t.element_size()
             if shard and shard_bytes + size > opts.max_shard_bytes:
                 flush()

@@ -182,3 +182,26 @@ def test_model_args_read_both_config_forms():
         ModelArgs.from_config(base | {"rope_parameters": {"rope_theta": 5.0, "rope_type": "yarn"}})
     with pytest.raises(ArtifactsError, match="missing 'vocab_size'"):
         ModelArgs.from_config({k: v for k, v in base.items() if k != "vocab_size"} | {"rope_theta": 1.0})
+
+
+def test_tied_head_gqa_decoder_matches_transformers_qwen2(tmp_path):
+    """Other Qwen2 checkpoints tie lm_head to the embeddings (no lm_head tensor) and use GQA."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_audio_edge.runtime.decoder import load_decoder
+
+    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256)
+    torch.manual_seed(0)
+    ref = Qwen2ForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    ours = load_decoder(tmp_path, torch.float32, "cpu")
+    ids = torch.tensor([[1, 2, 50, 299, 7, 8, 100]])
+    with torch.no_grad():
+        expected = ref(ids).logits[0]
+        got = ours(ours.embed(ids), 0, ours.setup_cache(32), all_logits=True)[0]
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
