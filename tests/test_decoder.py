@@ -205,3 +205,21 @@ def test_tied_head_gqa_decoder_matches_transformers_qwen2(tmp_path):
         expected = ref(ids).logits[0]
         got = ours(ours.embed(ids), 0, ours.setup_cache(32), all_logits=True)[0]
     assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype,rel_tol", [("fp16", 1.5e-2), ("bf16", 8e-2)])
+def test_half_precision_activations_track_fp32(mha, pipelines, dtype, rel_tol):
+    """--dtype fp16/bf16: first-step logits within rel_tol × max|logit| of fp32, same first greedy tokens."""
+    ids = [5, 17, 42, 99, 7, 300, 12, 8, 250, 33]
+    out = {}
+    for name in ("fp32", dtype):
+        p = pipelines(mha, dtype=name)
+        with torch.inference_mode():
+            cache = p.decoder.setup_cache(32)
+            out[name] = p.decoder(p.decoder.embed(torch.tensor([ids])), 0, cache, all_logits=True)[0].float()
+        p.cache = p.decoder.setup_cache(p.max_context)
+    ref = out["fp32"]
+    assert (out[dtype] - ref).abs().max().item() <= rel_tol * ref.abs().max().item()
+    a = pipelines(mha).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY)).token_ids
+    b = pipelines(mha, dtype=dtype).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY)).token_ids
+    assert a[:2] == b[:2]
