@@ -21,12 +21,12 @@ import torch
 from ..runtime.artifacts import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_file
 from ..runtime.audio import MelConfig, MelFrontEnd
 from ..runtime.encoder import EncoderConfig, load_encoder_module
-from ..runtime.errors import CheckpointError, ExportError, OptionsError
+from ..runtime.errors import ArtifactsError, CheckpointError, ExportError, OptionsError
 from .checkpoint import SourceCheckpoint
 from .encoder_onnx import export_encoder_onnx, reference_embeddings, verify_encoder
 
 DECODER_DTYPES = {16: torch.float16, 32: torch.float32}
-ENCODER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+ENCODER_DTYPES = ("fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,8 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, opts: ExportOpti
         raise OptionsError(f"output {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise OptionsError(f"output {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise OptionsError(f"output {out} is a non-empty directory that is not an artifacts directory; refusing to replace it")
     src = SourceCheckpoint.open(src_dir)
     config = src.resolved_config()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,21 +155,32 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, opts: ExportOpti
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     try:
         manifest = _export_into(src, config, tmp, opts)
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
         _write_manifest(tmp, manifest)
+        _fsync_tree(tmp)
         if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            old.rename(out)  # interrupted between the two renames: put the previous output back
         raise
+    shutil.rmtree(old, ignore_errors=True)
     return manifest
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every written file (and the directory entries) before the rename makes them visible."""
+    for p in [*root.rglob("*"), root]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOptions) -> dict:
@@ -199,8 +212,8 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
     enc_cfg = EncoderConfig.from_dict(config["audio"], config["text"]["hidden_size"])
     try:
         module = load_encoder_module(enc_cfg, enc_state, torch.float32)
-    except KeyError as e:
-        raise CheckpointError(f"encoder weights do not match the audio config: {e}") from e
+    except ArtifactsError as e:
+        raise CheckpointError(f"{src.root}: {e}") from e
     onnx_files = {}
     with _progress(len(steps), "encoder", opts.progress) as bar:
         export_encoder_onnx(module, tmp / "encoder.onnx", torch.float32)
@@ -223,8 +236,8 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
             bar.update(1)
         verification = verify_encoder(tmp / "encoder.onnx", reference, front, signal, fp16_path)
     verification["mel_max_abs_err_vs_feature_extractor"] = mel_err
-    enc_dtype = ENCODER_DTYPES[opts.encoder_dtype]
-    save_file({k: v.to(enc_dtype).contiguous() for k, v in enc_state.items()}, str(tmp / "encoder.safetensors"))
+    # The torch backend's master copy: the verified fp32 weights (cast to fp16 at load on a GPU if asked).
+    save_file({k: v.float().contiguous() for k, v in enc_state.items()}, str(tmp / "encoder.safetensors"))
     del enc_state, module
 
     # Decoder → standard Qwen2ForCausalLM safetensors folder.
@@ -247,7 +260,7 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
         "generation_config": gen_cfg,
         "decoder": {"bits": opts.bits, "dtype": str(DECODER_DTYPES[opts.bits]).replace("torch.", ""), "format": "safetensors"},
         "encoder": {"onnx": onnx_files, "default": opts.encoder_dtype, "weights": "encoder.safetensors",
-                    "weights_dtype": opts.encoder_dtype, "verification": verification},
+                    "weights_dtype": "fp32", "verification": verification},
         "files_role": roles,
         "export_options": asdict(opts),
         "tools": {

@@ -73,6 +73,12 @@ def load_manifest(root: str | Path, *, verify_hashes: bool = True) -> Artifacts:
             f"{mpath}: artifacts format version {version!r}, this runtime reads version {FORMAT_VERSION}; "
             "re-export the checkpoint with this version of qwen-audio-edge"
         )
+    required = ("config", "preprocessor", "encoder", "files_role")
+    absent = [k for k in required if k not in manifest]
+    roles = manifest.get("files_role", {})
+    absent += [f"files_role.{k}" for k in ("mel_filters", "tokenizer", "decoder_dir") if k not in roles]
+    if absent:
+        raise ArtifactsError(f"{mpath} lacks {', '.join(absent)}: written by an incompatible export; re-export")
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ArtifactsError(f"{mpath} lists no files; re-export")

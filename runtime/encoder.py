@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ArtifactsError
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
@@ -109,7 +111,7 @@ class AudioEncoderWithProjector(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         if cfg.activation_function != "gelu":
-            raise ValueError(f"audio encoder activation {cfg.activation_function!r} is not supported (gelu only)")
+            raise ArtifactsError(f"audio encoder activation {cfg.activation_function!r} is not supported (gelu only)")
         self.config = cfg
         self.audio_tower = _AudioTower(cfg)
         self.multi_modal_projector = nn.Module()
@@ -146,7 +148,7 @@ def load_encoder_module(cfg: EncoderConfig, state_dict: dict[str, torch.Tensor],
     missing = sorted(expected - set(state_dict))
     unexpected = sorted(set(state_dict) - expected)
     if missing or unexpected:
-        raise KeyError(f"encoder weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ArtifactsError(f"encoder weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     module.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, assign=True)
     return module.eval()
 
@@ -190,13 +192,17 @@ class OnnxEncoder:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda") and cuda_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            index = torch.device(device).index or 0
+            providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 — ORT raises its own exception types
+            raise ArtifactsError(f"ONNX Runtime cannot load {Path(path).name}: {e}; re-export") from e
         self.providers = self.session.get_providers()
         inputs = {i.name: i for i in self.session.get_inputs()}
         self._mel_name, self._len_name = "mel", "n_valid"
         if set(inputs) != {self._mel_name, self._len_name}:
-            raise ValueError(f"{path}: expected encoder inputs mel and n_valid, found {sorted(inputs)}")
+            raise ArtifactsError(f"{path}: expected encoder inputs mel and n_valid, found {sorted(inputs)}")
         self._mel_dtype = np.float16 if inputs["mel"].type == "tensor(float16)" else np.float32
 
     def __call__(self, mel: torch.Tensor, n_valid: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .artifacts import Artifacts, load_manifest
 from .audio import MelConfig, MelFrontEnd, load_audio, num_audio_tokens, prepare_waveform, split_segments
 from .decoder import KVCache, Qwen2Decoder, load_decoder
 from .encoder import EncoderConfig, OnnxEncoder, TorchEncoder, load_encoder_module
-from .errors import AudioError, LimitError, OptionsError
+from .errors import ArtifactsError, AudioError, LimitError, NumericalError, OptionsError
 from .generate import GenerationStats, IncrementalDetokenizer, SamplingOptions, generate
 from .prompt import PromptFormat, user_message
 
@@ -49,8 +49,17 @@ class RuntimeOptions:
             raise OptionsError(f"max_context must be ≥ 2, got {self.max_context}")
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads must be ≥ 1, got {self.threads}")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise OptionsError(f"device {self.device!r} requested but torch sees no CUDA GPU; use --device cpu")
+        try:
+            dev = torch.device(self.device)
+        except (RuntimeError, ValueError) as e:
+            raise OptionsError(f"device {self.device!r} is not a device name: use cpu, cuda or cuda:N") from e
+        if dev.type not in ("cpu", "cuda"):
+            raise OptionsError(f"device {self.device!r} is not supported: use cpu, cuda or cuda:N")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise OptionsError(f"device {self.device!r} requested but torch sees no CUDA GPU; use --device cpu")
+            if (dev.index or 0) >= torch.cuda.device_count():
+                raise OptionsError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
 @dataclass
@@ -95,7 +104,10 @@ class Pipeline:
             MelConfig.from_dict(m["preprocessor"]),
             load_file(str(artifacts.path(m["files_role"]["mel_filters"])))["mel_filters"].float(),
         )
-        tokenizer = Tokenizer.from_file(str(artifacts.path(m["files_role"]["tokenizer"])))
+        try:
+            tokenizer = Tokenizer.from_file(str(artifacts.path(m["files_role"]["tokenizer"])))
+        except Exception as e:  # noqa: BLE001 — tokenizers raises a bare Exception on bad JSON
+            raise ArtifactsError(f"tokenizer.json cannot be loaded: {e}; re-export") from e
         template_rel = m["files_role"].get("chat_template")
         template = artifacts.path(template_rel).read_text() if template_rel else None
         self.prompt = PromptFormat(tokenizer, template, artifacts.audio_token_id)
@@ -128,9 +140,10 @@ class Pipeline:
         m = self.artifacts.manifest
         enc = m["encoder"]
         precision = self.options.encoder_precision or enc["default"]
-        if precision not in enc["onnx"]:
-            raise OptionsError(f"no {precision} encoder in these artifacts (have {sorted(enc['onnx'])})")
         if self.options.encoder_backend == "onnx":
+            if precision not in enc["onnx"]:
+                raise OptionsError(f"no {precision} ONNX encoder in these artifacts (have {sorted(enc['onnx'])}); "
+                                   "re-export with --encoder-dtype fp16 or use --encoder-precision fp32")
             return OnnxEncoder(self.artifacts.path(enc["onnx"][precision]), threads=self.options.threads, device=self.options.device)
         from safetensors.torch import load_file
 
@@ -163,9 +176,12 @@ class Pipeline:
         sr = self.mel.config.sampling_rate
         if isinstance(audio, (str, Path)):
             return load_audio(audio, sr)
-        if isinstance(audio, (np.ndarray, list, torch.Tensor)):
-            data = audio.cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
-            return prepare_waveform(data, sampling_rate or sr, sr)
+        if isinstance(audio, (np.ndarray, list, tuple, torch.Tensor)):
+            try:
+                data = audio.detach().cpu().float().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+            except (ValueError, TypeError, RuntimeError) as e:
+                raise AudioError(f"audio samples cannot be read as an array: {e}") from e
+            return prepare_waveform(data, sr if sampling_rate is None else sampling_rate, sr)
         raise AudioError(f"audio must be a file path or an array of samples, got {type(audio).__name__}")
 
     def chat(self) -> "Conversation":
@@ -206,6 +222,7 @@ class Conversation:
         opts = sampling or p.default_sampling()
         if audio is None and not text:
             raise OptionsError("a turn needs audio, text, or both")
+        p.prompt.check_user_text(text)
         t0 = time.perf_counter()
         timings: dict = {"load_s": round(p.load_s, 4)}
         segments: list[np.ndarray] = []
@@ -236,6 +253,8 @@ class Conversation:
         timings["encoder_ms"] = round(1000 * (time.perf_counter() - t), 3)
         for emb, want in zip(audio_embeds, counts):
             assert emb.shape[0] == want, (emb.shape, want)
+            if not torch.isfinite(emb).all():
+                raise NumericalError("the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32")
         with torch.inference_mode():
             ids_t = torch.tensor([pending], dtype=torch.long, device=p.device)
             embeds = p.decoder.embed(ids_t)
@@ -257,15 +276,19 @@ class Conversation:
                 pieces.append(piece)
                 if on_text:
                     on_text(piece)
-        self.failed = False
         tail = detok.flush()
         if tail:
             pieces.append(tail)
             if on_text:
                 on_text(tail)
         self.cached = len(self.ids) - 1  # the last generated id is fed at the start of the next turn
+        if stats.finish_reason == "stop" and self.ids[-1] != p.prompt.token_id("<|im_end|>"):
+            # A stop id that is not the template's end-of-turn (e.g. <|endoftext|>) is not part of the
+            # conversation text: drop it so the next turn continues exactly as the template renders it.
+            self.ids.pop()
         text_out = "".join(pieces)
         self.messages += [message, {"role": "assistant", "content": text_out}]
+        self.failed = False
         timings.update(
             prefill_ms=round(1000 * stats.prefill_s, 3),
             prefill_tokens=stats.prefill_tokens,

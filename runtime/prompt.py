@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from .errors import ArtifactsError
+from .errors import ArtifactsError, OptionsError
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS = "<|audio_bos|>"
@@ -73,6 +73,15 @@ class PromptFormat:
                     parts.append(c["text"])
         return "".join(parts)
 
+    def check_user_text(self, text: str | None) -> None:
+        """User text must not smuggle special tokens (<|AUDIO|>, <|im_end|>, …): they would break the turn."""
+        if not text:
+            return
+        specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
+        found = sorted({t for t in specials if t in text})
+        if found:
+            raise OptionsError(f"the prompt text contains special token(s) {', '.join(found)}; remove them")
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=True).ids)
 
@@ -99,7 +108,10 @@ class PromptFormat:
         """Replace the k-th `<|AUDIO|>` id by `audio_tokens[k]` copies; counts must match."""
         slots = [i for i, t in enumerate(ids) if t == self.audio_token_id]
         if len(slots) != len(audio_tokens):
-            raise ValueError(f"prompt has {len(slots)} audio slots but {len(audio_tokens)} audio segments were given")
+            raise ArtifactsError(
+                f"the chat template produced {len(slots)} audio slots for {len(audio_tokens)} audio segments; "
+                "the template does not render audio entries as <|audio_bos|><|AUDIO|><|audio_eos|>"
+            )
         out: list[int] = []
         k = 0
         for t in ids:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import signal
@@ -223,3 +224,67 @@ def test_half_precision_activations_track_fp32(mha, pipelines, dtype, rel_tol):
     a = pipelines(mha).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY)).token_ids
     b = pipelines(mha, dtype=dtype).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY)).token_ids
     assert a[:2] == b[:2]
+
+
+def test_special_tokens_in_user_text_are_rejected(mha, pipelines):
+    from qwen_audio_edge.runtime.errors import OptionsError
+
+    with pytest.raises(OptionsError, match=r"<\|AUDIO\|>"):
+        pipelines(mha).run(signal(1.0), "what is <|AUDIO|> here?")
+
+
+def test_endoftext_stop_is_not_carried_into_the_next_turn(mha, pipelines):
+    """An answer ending on <|endoftext|> continues as the template renders it: …answer<|im_end|>\\n<|im_start|>user…"""
+    p = pipelines(mha)
+    eot = p.prompt.token_id("<|endoftext|>")
+    original = p.decoder.forward
+    calls = []
+
+    def eot_on_third(embeds, start, cache, **kw):
+        out = original(embeds, start, cache, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            out = out.clone()
+            out[..., eot] += 1e4
+        return out
+
+    conv = p.chat()
+    p.decoder.forward = eot_on_third
+    try:
+        first = conv.send(None, "Hello there.", sampling=SamplingOptions(max_new_tokens=10, greedy=True, repetition_penalty=1.0))
+    finally:
+        del p.decoder.forward
+    assert first.token_ids[-1] == eot and first.finish_reason == "stop"
+    assert conv.ids[-1] != eot and conv.cached == len(conv.ids)
+    conv.send(None, "Thanks!", sampling=SamplingOptions(max_new_tokens=2, **GREEDY))
+    tok = mha.processor.tokenizer
+    head = mha.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}],
+                                             add_generation_prompt=True, tokenize=False)
+    expected = (tok(head)["input_ids"] + first.token_ids[:-1]
+                + tok("<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    assert conv.ids[: len(expected)] == expected
+
+
+@pytest.mark.parametrize("device,match", [("gpu", "not a device name|not supported"), ("cuda:7", "CUDA"), ("mps", "not supported")])
+def test_bad_devices_are_rejected(device, match):
+    from qwen_audio_edge.runtime.errors import OptionsError
+    from qwen_audio_edge.runtime.pipeline import RuntimeOptions
+
+    with pytest.raises(OptionsError, match=match):
+        RuntimeOptions(device=device)
+
+
+def test_array_inputs(mha, pipelines):
+    from qwen_audio_edge.runtime.errors import AudioError
+
+    p = pipelines(mha)
+    x = signal(1.0)
+    a = p.load_waveform(torch.from_numpy(x).to(torch.bfloat16).requires_grad_(False))
+    assert a.dtype == np.float32 and len(a) == len(x)
+    assert len(p.load_waveform(x, sampling_rate=8000)) == 2 * len(x)
+    with pytest.raises(AudioError):
+        p.load_waveform([[0.1, 0.2], [0.3]])
+    with pytest.raises(AudioError, match="sample rate"):
+        p.load_waveform(x, sampling_rate=0)
+    with pytest.raises(AudioError, match="file path or an array"):
+        p.load_waveform(12345)

@@ -111,8 +111,8 @@ def test_export_refuses_overwrite_and_force_replaces(mha, tmp_path):
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
+    export_checkpoint(mha.checkpoint, out, ExportOptions(progress=False))
+    (out / "keep.txt").write_text("stale file from an earlier export")
     with pytest.raises(OptionsError, match="--force"):
         export_checkpoint(mha.checkpoint, out, ExportOptions(progress=False))
     assert (out / "keep.txt").exists()
@@ -157,3 +157,23 @@ def test_bad_checkpoints_are_rejected(tmp_path, mha):
     assert not (tmp_path / "o4").exists()
     with pytest.raises(OptionsError, match="--bits 8"):
         ExportOptions(bits=8)
+
+
+def test_force_never_replaces_a_directory_that_is_not_artifacts(mha, tmp_path):
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+
+    precious = tmp_path / "docs"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("do not delete")
+    with pytest.raises(OptionsError, match="not an artifacts directory"):
+        export_checkpoint(mha.checkpoint, precious, ExportOptions(progress=False, force=True))
+    assert (precious / "thesis.txt").read_text() == "do not delete"
+
+
+def test_manifest_missing_sections_is_an_artifacts_error(mha, tmp_path):
+    art = _copy(mha.artifacts, tmp_path)
+    m = json.loads((art / MANIFEST).read_text())
+    del m["files_role"]
+    (art / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(ArtifactsError, match="lacks files_role"):
+        load_manifest(art)
