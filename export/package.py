@@ -22,7 +22,9 @@ from ..runtime.artifacts import FORMAT_NAME, FORMAT_VERSION, MANIFEST, sha256_fi
 from ..runtime.audio import MelConfig, MelFrontEnd
 from ..runtime.encoder import EncoderConfig, load_encoder_module
 from ..runtime.errors import ArtifactsError, CheckpointError, ExportError, OptionsError
+from .calibrate import CalibrationOptions
 from .checkpoint import SourceCheckpoint
+from .gptq import GPTQConfig
 from .encoder_onnx import export_encoder_onnx, reference_embeddings, verify_encoder
 
 DECODER_DTYPES = {16: torch.float16, 32: torch.float32}
@@ -31,7 +33,11 @@ ENCODER_DTYPES = ("fp32", "fp16")
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """What to write. bits: decoder weight precision (16 = fp16, 32 = fp32); encoder_dtype: runtime default."""
+    """What to write.
+
+    bits: 4 (GPTQ W4, calibrated on audio + text), 16 (fp16) or 32 (fp32) decoder weights;
+    encoder_dtype: the runtime's default encoder. The GPTQ fields apply to bits=4 only.
+    """
 
     bits: int = 16
     encoder_dtype: str = "fp32"
@@ -39,12 +45,22 @@ class ExportOptions:
     max_shard_bytes: int = 2 << 30
     verify_seconds: float = 7.3371  # a length not a multiple of the hop, ending loud
     progress: bool = True
+    gptq: GPTQConfig = GPTQConfig()
+    calibration: CalibrationOptions = CalibrationOptions()
+    lm_head: str = "fp16"  # fp16 | int8 (side file only our runtime reads)
+    resume: bool = False
+    threads: int | None = None  # fixed for reproducible (resumable) GPTQ
+    quant_device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.bits not in DECODER_DTYPES:
-            raise OptionsError(f"--bits {self.bits} is not supported here: use 16 (fp16) or 32 (fp32) weights")
+        if self.bits not in (4, *DECODER_DTYPES):
+            raise OptionsError(f"--bits {self.bits} is not supported: use 4 (GPTQ), 16 (fp16) or 32 (fp32)")
         if self.encoder_dtype not in ENCODER_DTYPES:
             raise OptionsError(f"--encoder-dtype must be fp32 or fp16, got {self.encoder_dtype!r}")
+        if self.lm_head not in ("fp16", "int8"):
+            raise OptionsError(f"--lm-head must be fp16 or int8, got {self.lm_head!r}")
+        if self.threads is not None and self.threads < 1:
+            raise OptionsError(f"--threads must be ≥ 1, got {self.threads}")
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -53,73 +69,64 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False, dynamic_ncols=True)
 
 
-def _write_decoder(src: SourceCheckpoint, out: Path, text_config: dict, dtype: torch.dtype, opts: ExportOptions) -> None:
-    """Stream decoder tensors into `out` as a standard sharded Qwen2ForCausalLM safetensors checkpoint."""
+def write_shards(out: Path, items, n_items: int, max_shard_bytes: int, desc: str, progress: bool) -> int:
+    """Stream (key, tensor) pairs into standard safetensors shards (+ index when several); returns bytes."""
     from safetensors.torch import save_file
 
-    out.mkdir()
+    out.mkdir(parents=True, exist_ok=True)
     shard: dict[str, torch.Tensor] = {}
-    shard_bytes = 0
+    shard_bytes = total = 0
     names: list[str] = []
     weight_map: dict[str, str] = {}
-    total = 0
 
     def flush() -> None:
         nonlocal shard, shard_bytes
-        if not shard:
-            return
-        name = f"model-{len(names) + 1:05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        names.append(name)
-        for k in shard:
-            weight_map[k] = name
-        shard, shard_bytes = {}, 0
+        if shard:
+            name = f"model-{len(names) + 1:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            names.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, shard_bytes = {}, 0
 
-    n_tensors = sum(1 for _ in _decoder_keys(src))
-    with _progress(n_tensors, "decoder tensors", opts.progress) as bar:
-        for key, tensor in src.iter_tensors("decoder"):
-            t = tensor.to(dtype).contiguous()
-            if not torch.isfinite(t).all():
-                raise ExportError(
-                    f"decoder tensor {key} is not finite in {str(dtype).replace('torch.', '')} (values overflow); "
-                    "export with --bits 32"
-                )
+    with _progress(n_items, desc, progress) as bar:
+        for key, t in items:
+            t = t.contiguous()
             size = t.numel() * t.element_size()
-            if shard and shard_bytes + size > opts.max_shard_bytes:
+            if shard and shard_bytes + size > max_shard_bytes:
                 flush()
             shard[key] = t
             shard_bytes += size
             total += size
             bar.update(1)
     flush()
-    # Standard names: a single file is model.safetensors; several get an index.
-    if len(names) == 1:
+    if len(names) == 1:  # standard names: one file is model.safetensors; several get an index
         (out / names[0]).rename(out / "model.safetensors")
     else:
         final = {}
         for i, name in enumerate(names):
-            new = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
-            (out / name).rename(out / new)
-            final[name] = new
+            final[name] = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+            (out / name).rename(out / final[name])
         index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return total
+
+
+def _fp_decoder_items(src: SourceCheckpoint, dtype: torch.dtype):
+    for key, tensor in src.iter_tensors("decoder"):
+        t = tensor.to(dtype)
+        if not torch.isfinite(t).all():
+            raise ExportError(
+                f"decoder tensor {key} is not finite in {str(dtype).replace('torch.', '')} (values overflow); export with --bits 32"
+            )
+        yield key, t
+
+
+def _decoder_config(text_config: dict, dtype: str, quantization: dict | None) -> dict:
     cfg = dict(text_config)
-    cfg["architectures"] = ["Qwen2ForCausalLM"]
-    cfg["model_type"] = "qwen2"
-    cfg["dtype"] = str(dtype).replace("torch.", "")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-
-def _decoder_keys(src: SourceCheckpoint):
-    from safetensors import safe_open
-
-    from .checkpoint import map_key
-
-    for f in src.weight_files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
-                if map_key(key)[0] == "decoder":
-                    yield key
+    cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", dtype=dtype)
+    if quantization:
+        cfg["quantization_config"] = quantization
+    return cfg
 
 
 def _write_tokenizer(src: SourceCheckpoint, tmp: Path) -> None:
@@ -150,14 +157,17 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, opts: ExportOpti
         raise OptionsError(f"output {out} is a non-empty directory that is not an artifacts directory; refusing to replace it")
     src = SourceCheckpoint.open(src_dir)
     config = src.resolved_config()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     old = out.parent / f".{out.name}.old-{os.getpid()}"
+    state_dir = out.parent / f".{out.name}.gptq-state"  # survives an interrupted 4-bit export, for --resume
     try:
-        manifest = _export_into(src, config, tmp, opts)
+        manifest = _export_into(src, config, tmp, opts, state_dir)
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
         _write_manifest(tmp, manifest)
         _fsync_tree(tmp)
@@ -170,6 +180,7 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, opts: ExportOpti
             old.rename(out)  # interrupted between the two renames: put the previous output back
         raise
     shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(state_dir, ignore_errors=True)  # a finished export no longer needs the GPTQ resume state
     return manifest
 
 
@@ -183,7 +194,7 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOptions) -> dict:
+def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOptions, state_dir: Path) -> dict:
     from safetensors.torch import save_file
     from transformers import WhisperFeatureExtractor
 
@@ -240,8 +251,15 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
     save_file({k: v.float().contiguous() for k, v in enc_state.items()}, str(tmp / "encoder.safetensors"))
     del enc_state, module
 
-    # Decoder → standard Qwen2ForCausalLM safetensors folder.
-    _write_decoder(src, tmp / "decoder", config["text"], DECODER_DTYPES[opts.bits], opts)
+    # Decoder → standard Qwen2ForCausalLM safetensors folder (fp, or GPTQ W4 calibrated on audio + text).
+    if opts.bits == 4:
+        quant_info = _write_w4_decoder(src, config, tmp, opts, front, state_dir, roles)
+    else:
+        dtype = DECODER_DTYPES[opts.bits]
+        n = sum(1 for _ in _decoder_keys(src))
+        write_shards(tmp / "decoder", _fp_decoder_items(src, dtype), n, opts.max_shard_bytes, "decoder tensors", opts.progress)
+        (tmp / "decoder" / "config.json").write_text(json.dumps(_decoder_config(config["text"], str(dtype).replace("torch.", ""), None), indent=2, sort_keys=True))
+        quant_info = None
     if gen_cfg:
         (tmp / "decoder" / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     roles["decoder_dir"] = "decoder"
@@ -258,16 +276,95 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
         "config": config,
         "preprocessor": fe.to_dict() | {"n_mels": mel_cfg.n_mels},
         "generation_config": gen_cfg,
-        "decoder": {"bits": opts.bits, "dtype": str(DECODER_DTYPES[opts.bits]).replace("torch.", ""), "format": "safetensors"},
+        "decoder": {"bits": opts.bits, "format": "gptq" if opts.bits == 4 else "safetensors",
+                    "dtype": "float16" if opts.bits == 4 else str(DECODER_DTYPES[opts.bits]).replace("torch.", ""),
+                    **({"quantization": quant_info} if quant_info else {}),
+                    **({"lm_head_int8": "lm_head.int8.safetensors"} if opts.bits == 4 and opts.lm_head == "int8" else {})},
         "encoder": {"onnx": onnx_files, "default": opts.encoder_dtype, "weights": "encoder.safetensors",
                     "weights_dtype": "fp32", "verification": verification},
         "files_role": roles,
-        "export_options": asdict(opts),
+        "export_options": json.loads(json.dumps(asdict(opts), default=str)),
         "tools": {
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "qwen_audio_edge": _own_version(),
         },
     }
+
+
+def _source_fingerprint(src: SourceCheckpoint) -> dict:
+    return {"config": src.raw_config, "files": {f.name: f.stat().st_size for f in src.weight_files}}
+
+
+def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOptions, front: MelFrontEnd,
+                      state_dir: Path, roles: dict) -> dict:
+    """Calibrate (audio + text, through the exported encoder), GPTQ layer by layer, write decoder/ (+ int8 head)."""
+    from tokenizers import Tokenizer
+
+    from ..runtime.decoder import ModelArgs
+    from ..runtime.encoder import OnnxEncoder
+    from ..runtime.prompt import PromptFormat
+    from ..runtime.quant_linear import quantize_int8_rows
+    from .calibrate import build_calibration
+    from .quantize import _read, _tensor_index, quantize_decoder
+
+    args = ModelArgs.from_config(config["text"])
+    template = (tmp / "chat_template.jinja").read_text() if "chat_template" in roles else None
+    prompt = PromptFormat(Tokenizer.from_file(str(tmp / "tokenizer.json")), template, config["audio_token_id"])
+    encoder = OnnxEncoder(tmp / "encoder.onnx", threads=opts.threads)
+    samples, calib_summary = build_calibration(opts.calibration, prompt, front, encoder)
+    settings = {"gptq": asdict(opts.gptq), "calibration": json.loads(json.dumps(asdict(opts.calibration), default=str)),
+                "source": _source_fingerprint(src), "threads": torch.get_num_threads(), "device": opts.quant_device,
+                "torch": torch.__version__}
+    settings_path = state_dir / "settings.json"
+    if state_dir.exists() and not opts.resume:
+        shutil.rmtree(state_dir)
+    if state_dir.exists():
+        saved = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+        if saved != settings:
+            raise OptionsError(f"--resume: the saved GPTQ state in {state_dir} was made with other settings "
+                               "(options, calibration, source, threads or device); rerun without --resume")
+    else:
+        state_dir.mkdir(parents=True)
+        settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    metrics = quantize_decoder(src, args, samples, opts.gptq, state_dir, config["audio_token_id"],
+                               device=opts.quant_device, progress=opts.progress)
+    index = _tensor_index(src)
+
+    def items():
+        yield "model.embed_tokens.weight", _read(index, "model.embed_tokens.weight").to(torch.float16)
+        for i in range(args.num_hidden_layers):
+            from safetensors import safe_open
+
+            with safe_open(str(state_dir / f"layer-{i:05d}.safetensors"), framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    yield key, sf.get_tensor(key)
+        yield "model.norm.weight", _read(index, "model.norm.weight").to(torch.float16)
+        if "lm_head.weight" in index:
+            yield "lm_head.weight", _read(index, "lm_head.weight").to(torch.float16)
+
+    n_items = 2 + int("lm_head.weight" in index) + sum(1 for _ in _layer_keys(state_dir, args.num_hidden_layers))
+    write_shards(tmp / "decoder", items(), n_items, opts.max_shard_bytes, "decoder W4 tensors", opts.progress)
+    qc = opts.gptq.quantization_config()
+    (tmp / "decoder" / "config.json").write_text(json.dumps(_decoder_config(config["text"], "float16", qc), indent=2, sort_keys=True))
+    if opts.lm_head == "int8":
+        from safetensors.torch import save_file
+
+        head = _read(index, "lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight")
+        q, scales = quantize_int8_rows(head)
+        save_file({"weight": q, "scales": scales}, str(tmp / "lm_head.int8.safetensors"))
+    layer_errs = {name: max(v["rel_err"] for v in m.values()) for name, m in metrics.items()}
+    return {"config": qc, "calibration": calib_summary, "layer_metrics": metrics,
+            "worst_layer_rel_err": max(layer_errs.values()), "mean_rel_err":
+            sum(v["rel_err"] for m in metrics.values() for v in m.values()) / sum(len(m) for m in metrics.values()),
+            "threads": torch.get_num_threads()}
+
+
+def _layer_keys(state_dir: Path, n_layers: int):
+    from safetensors import safe_open
+
+    for i in range(n_layers):
+        with safe_open(str(state_dir / f"layer-{i:05d}.safetensors"), framework="pt", device="cpu") as sf:
+            yield from sf.keys()
 
 
 def _own_version() -> str:

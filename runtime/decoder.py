@@ -117,6 +117,15 @@ class Attention(nn.Module):
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
 
+def rope_tables(a: ModelArgs, max_context: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_context, head_dim] computed in fp32 (as the reference), cast to the activation dtype."""
+    inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64, device=device).float() / a.head_dim))
+    pos = torch.arange(max_context, device=device, dtype=torch.float32)
+    freqs = torch.outer(pos, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -180,13 +189,7 @@ class Qwen2Decoder(nn.Module):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rope_tables(self, max_context: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [max_context, head_dim] computed in fp32 (as the reference), cast to the activation dtype."""
-        a = self.args
-        inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64, device=device).float() / a.head_dim))
-        pos = torch.arange(max_context, device=device, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return rope_tables(self.args, max_context, device, dtype)
 
     def setup_cache(self, max_context: int) -> KVCache:
         """Allocate the KV cache and RoPE tables for `max_context` positions in the weights' dtype/device."""
@@ -215,43 +218,57 @@ class Qwen2Decoder(nn.Module):
         return self.lm_head(self.model.norm(x))
 
 
-def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str) -> Qwen2Decoder:
-    """Load a text-only Qwen2 checkpoint folder (config.json + safetensors, sharded or not) by mmap.
+def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *, lm_head_int8=None) -> Qwen2Decoder:
+    """Load a text-only Qwen2 checkpoint folder (config.json + safetensors, sharded or not), fp or GPTQ W4.
 
     The module is built on the meta device and each tensor is assigned as it is read, so peak memory is
-    the weights once (in the target dtype), never a random init plus a copy.
+    the weights once, never a random init plus a copy. GPTQ tensors (qweight/qzeros/g_idx int32, scales
+    and W4 biases fp16) keep their stored dtypes; other float tensors take the activation `dtype`.
+    `lm_head_int8` (a side file with `weight` int8 and `scales`) replaces the fp16 head, which is then not read.
     """
     import json
     from pathlib import Path
 
     from safetensors import safe_open
 
+    from .quant_linear import Int8Linear, QuantLinear, swap_in_quant_linears
+
     d = Path(decoder_dir)
     cfg = json.loads((d / "config.json").read_text())
-    if "quantization_config" in cfg:
-        raise ArtifactsError(f"{d}: quantized decoders are not supported by this runtime version")
     args = ModelArgs.from_config(cfg)
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise ArtifactsError(f"{d}: no *.safetensors weight files")
     with torch.device("meta"):
         model = Qwen2Decoder(args)
+        if cfg.get("quantization_config"):
+            swap_in_quant_linears(model, cfg["quantization_config"])
+    packed = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, QuantLinear) for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
     expected = set(model.state_dict())
+    skip = {"lm_head.weight"} if lm_head_int8 is not None else set()
     state: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for key in sf.keys():
+                if key in skip:
+                    continue
                 if key not in expected:
                     raise ArtifactsError(f"{f.name}: unexpected tensor {key!r} for this decoder config")
-                state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
-    if args.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+                t = sf.get_tensor(key)
+                state[key] = t.to(device) if key in packed else t.to(device=device, dtype=dtype)
+    if args.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state and not skip:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = sorted(expected - set(state))
+    missing = sorted(expected - set(state) - skip)
     if missing:
         raise ArtifactsError(f"{d}: decoder weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
+    reference = model.state_dict()
     for name, t in state.items():
-        shape = model.state_dict()[name].shape
-        if t.shape != shape:
-            raise ArtifactsError(f"{d}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(shape)}")
-    model.load_state_dict(state, assign=True)
+        if t.shape != reference[name].shape:
+            raise ArtifactsError(f"{d}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(reference[name].shape)}")
+    if lm_head_int8 is not None:
+        from safetensors.torch import load_file
+
+        side = load_file(str(lm_head_int8))
+        model.lm_head = Int8Linear(side["weight"].to(device), side["scales"].to(device))
+    model.load_state_dict(state, assign=True, strict=lm_head_int8 is None)
     return model.eval()

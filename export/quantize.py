@@ -1,0 +1,205 @@
+"""Layer-by-layer GPTQ of the decoder, one layer materialized at a time, resumable.
+
+Each decoder layer is read from the source checkpoint in fp32, quantized "true-sequentially" — (q, k,
+v), then o, then (gate, up), then down, each group calibrated on inputs computed with the groups before
+it already quantized — and the calibration hidden states are pushed through the finished quantized
+layer to become the next layer's inputs. Only one layer's fp32 weights, the hidden states of the
+calibration set and one Hessian group ever live in memory.
+
+Non-quantized tensors of a layer (biases, norms) are rounded to fp16 before use, exactly as stored, so
+the forward pass here equals the runtime's and a resumed run reproduces an uninterrupted one bit for
+bit. Each finished layer is written to `state_dir/layer-NNNNN.safetensors` (atomically); `resume`
+reloads those instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..runtime.decoder import DecoderLayer, KVCache, ModelArgs, rope_tables
+from ..runtime.errors import CheckpointError
+from ..runtime.quant_linear import W4_LINEARS
+from .calibrate import CalibrationSample
+from .checkpoint import SourceCheckpoint, map_key
+from .gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+
+def _tensor_index(src: SourceCheckpoint) -> dict[str, tuple[Path, str]]:
+    """runtime decoder key → (shard file, checkpoint key), from the safetensors headers only."""
+    from safetensors import safe_open
+
+    index = {}
+    for f in src.weight_files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                part, new = map_key(key)
+                if part == "decoder":
+                    index[new] = (f, key)
+    return index
+
+
+def _read(index: dict, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    if key not in index:
+        raise CheckpointError(f"source checkpoint lacks decoder tensor {key}")
+    f, orig = index[key]
+    with safe_open(str(f), framework="pt", device="cpu") as sf:
+        return sf.get_tensor(orig)
+
+
+def _get(layer: nn.Module, path: str) -> nn.Linear:
+    parent, child = path.split(".")
+    return getattr(getattr(layer, parent), child)
+
+
+class _LayerRunner:
+    """Runs one decoder layer over every calibration sample (a one-layer KV cache, RoPE tables)."""
+
+    def __init__(self, args: ModelArgs, max_len: int, device: torch.device):
+        self.one = dataclasses.replace(args, num_hidden_layers=1)
+        self.cos, self.sin = rope_tables(args, max_len, device, torch.float32)
+        self.cache = KVCache(self.one, max_len, torch.float32, device)
+
+    @torch.no_grad()
+    def run(self, layer: DecoderLayer, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for x in hidden:
+            s = x.shape[1]
+            out.append(layer(x, self.cos[:s][None, None], self.sin[:s][None, None], self.cache, 0, 0))
+        return out
+
+
+def _fp16_round(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).float()
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _layer_from_state(args: ModelArgs, state: dict[str, torch.Tensor], prefix: str, device: torch.device) -> DecoderLayer:
+    """An fp32 DecoderLayer whose linears hold the dequantized W4 weights of a saved layer."""
+    from ..kernels.w4_ref import dequantize
+
+    layer = DecoderLayer(args)
+    sd = {}
+    for name in layer.state_dict():
+        base = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and base in W4_LINEARS:
+            p = f"{prefix}.{base}"
+            sd[name] = dequantize(state[f"{p}.qweight"], state[f"{p}.qzeros"], state[f"{p}.scales"], state[f"{p}.g_idx"]).T
+        else:
+            sd[name] = state[f"{prefix}.{name}"].float()
+    layer.load_state_dict(sd)
+    return layer.to(device).eval()
+
+
+def quantize_decoder(
+    src: SourceCheckpoint,
+    args: ModelArgs,
+    samples: list[CalibrationSample],
+    cfg: GPTQConfig,
+    state_dir: Path,
+    audio_token_id: int,
+    *,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Quantize every decoder layer into `state_dir/layer-*.safetensors`; returns per-layer metrics."""
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    dev = torch.device(device)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    index = _tensor_index(src)
+    embed = _read(index, "model.embed_tokens.weight").float()
+    hidden = []
+    for s in samples:
+        ids = torch.tensor(s.ids)
+        x = embed[ids].clone()
+        if s.audio is not None:
+            x[ids == audio_token_id] = s.audio.float()
+        hidden.append(x[None].to(dev))
+    del embed
+    runner = _LayerRunner(args, max(len(s.ids) for s in samples), dev)
+    metrics: dict[str, dict] = {}
+    bar = tqdm(range(args.num_hidden_layers), desc="GPTQ layers", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for i in bar:
+        prefix = f"model.layers.{i}"
+        done = state_dir / f"layer-{i:05d}.safetensors"
+        if done.exists():
+            with safe_open(str(done), framework="pt", device="cpu") as sf:
+                state = {k: sf.get_tensor(k) for k in sf.keys()}
+                layer_metrics = json.loads(sf.metadata()["metrics"])
+            layer = _layer_from_state(args, state, prefix, dev)
+        else:
+            layer = DecoderLayer(args)
+            sd = {}
+            for name in layer.state_dict():
+                t = _read(index, f"{prefix}.{name}").float()
+                base = name.rsplit(".", 1)[0]
+                sd[name] = t if (name.endswith(".weight") and base in W4_LINEARS) else _fp16_round(t)
+            for k in W4_LINEARS:
+                cfg.check_layer(f"{prefix}.{k}", sd[f"{k}.weight"].shape[1], sd[f"{k}.weight"].shape[0])
+            layer.load_state_dict(sd)
+            layer = layer.to(dev).eval()
+            del sd
+            state, layer_metrics = _quantize_layer(layer, hidden, runner, cfg, prefix)
+            _save_atomic(state, done, {"metrics": json.dumps(layer_metrics), "format": "pt"})
+        metrics[prefix] = layer_metrics
+        hidden = runner.run(layer, hidden)
+        worst = max(v["rel_err"] for v in layer_metrics.values())
+        bar.set_postfix_str(f"worst rel err {worst:.4f}")
+        del layer
+    return metrics
+
+
+def _quantize_layer(layer: DecoderLayer, hidden: list[torch.Tensor], runner: _LayerRunner, cfg: GPTQConfig, prefix: str):
+    state: dict[str, torch.Tensor] = {}
+    metrics: dict[str, dict] = {}
+    for group in SEQUENTIAL_GROUPS:
+        first = _get(layer, group[0])
+        acc = HessianAccumulator(first.in_features)
+        handle = first.register_forward_hook(lambda m, inp, out: acc.add(inp[0].detach().cpu()))
+        try:
+            runner.run(layer, hidden)
+        finally:
+            handle.remove()
+        for path in group:
+            lin = _get(layer, path)
+            w = lin.weight.detach().float().cpu()
+            q = gptq_quantize(w, acc.h, cfg)
+            state.update(q.tensors(f"{prefix}.{path}"))
+            if lin.bias is not None:
+                state[f"{prefix}.{path}.bias"] = lin.bias.detach().cpu().to(torch.float16)
+            diff = w - q.dequantized
+            num = torch.einsum("ij,jk,ik->", diff, acc.h, diff).clamp(min=0)
+            den = torch.einsum("ij,jk,ik->", w, acc.h, w)
+            metrics[path] = {"rel_err": math.sqrt(float(num / den)) if den > 0 else 0.0, "rows": acc.n}
+            with torch.no_grad():
+                lin.weight.copy_(q.dequantized.to(lin.weight.device))
+    for name, t in layer.state_dict().items():
+        base = name.rsplit(".", 1)[0]
+        if not (base in W4_LINEARS):
+            state[f"{prefix}.{name}"] = t.detach().cpu().to(torch.float16)
+    return state, metrics

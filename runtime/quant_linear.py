@@ -1,0 +1,88 @@
+"""Quantized linear layers swapped in at load: W4 (GPTQ format) and the optional int8 lm_head.
+
+Weights stay packed as read from the safetensors files (int32 nibbles + fp16 scales); each call
+dequantizes through kernels/w4_ref.py, so no resident fp copy of the weights ever exists. Faster
+kernels (Triton, CPU int4) replace the call, not the storage (issue #4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.w4_ref import PACK, w4_matmul_ref
+from .errors import ArtifactsError
+
+
+class QuantLinear(nn.Module):
+    """GPTQ W4 linear: y = x @ dequant(qweight, qzeros, scales, g_idx) + bias."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool):
+        super().__init__()
+        if in_features % PACK or out_features % PACK:
+            raise ArtifactsError(f"W4 layer {in_features}x{out_features}: dims must be multiples of {PACK}")
+        groups = 1 if group_size == -1 else in_features // group_size
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(in_features // PACK, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.empty(groups, out_features // PACK, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16))
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w4_matmul_ref(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 per output channel: y = (x @ W_int8ᵀ) · scale. Used for the lm_head side file.
+
+    Computed in row chunks so that a 156k-row head never materializes a full fp copy.
+    """
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, chunk: int = 16384):
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.ndim != 2 or scales.shape != (weight.shape[0],):
+            raise ArtifactsError("int8 lm_head: expected weight int8 [vocab, hidden] and scales [vocab]")
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i in range(0, self.weight.shape[0], self.chunk):
+            w = self.weight[i : i + self.chunk].to(x.dtype)
+            outs.append((x @ w.T) * self.scales[i : i + self.chunk].to(x.dtype))
+        return torch.cat(outs, dim=-1)
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of weight [rows, cols] → (int8 weight, fp32 scales)."""
+    w = weight.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+W4_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def swap_in_quant_linears(model: nn.Module, quant_config: dict) -> None:
+    """Replace every decoder-layer linear by a QuantLinear (on the meta device, before weights load)."""
+    if quant_config.get("quant_method") != "gptq" or int(quant_config.get("bits", 0)) != 4:
+        raise ArtifactsError(f"unsupported quantization_config {quant_config}: this runtime reads 4-bit GPTQ")
+    fmt = quant_config.get("checkpoint_format", "gptq")
+    if fmt != "gptq":
+        raise ArtifactsError(f"GPTQ checkpoint_format {fmt!r} is not supported (use 'gptq', the v1 zero-point layout)")
+    group_size = int(quant_config.get("group_size", 128))
+    for layer in model.model.layers:
+        for path in W4_LINEARS:
+            parent_name, child = path.split(".")
+            parent = getattr(layer, parent_name)
+            lin: nn.Linear = getattr(parent, child)
+            if group_size != -1 and lin.in_features % group_size:
+                raise ArtifactsError(f"group_size {group_size} does not divide in_features {lin.in_features}")
+            setattr(parent, child, QuantLinear(lin.in_features, lin.out_features, group_size, lin.bias is not None))
