@@ -51,8 +51,11 @@ class ExportOptions:
     resume: bool = False
     threads: int | None = None  # fixed for reproducible (resumable) GPTQ
     quant_device: str = "cpu"
+    hf_checkpoint: Path | None = None  # also write a full Qwen2-Audio GPTQ checkpoint (vLLM layout) here
 
     def __post_init__(self) -> None:
+        if self.hf_checkpoint is not None and self.bits != 4:
+            raise OptionsError("--hf-checkpoint writes a GPTQ checkpoint: it needs --bits 4")
         if self.bits not in (4, *DECODER_DTYPES):
             raise OptionsError(f"--bits {self.bits} is not supported: use 4 (GPTQ), 16 (fp16) or 32 (fp32)")
         if self.encoder_dtype not in ENCODER_DTYPES:
@@ -129,6 +132,18 @@ def _decoder_config(text_config: dict, dtype: str, quantization: dict | None) ->
     return cfg
 
 
+def _decoder_keys(src: SourceCheckpoint):
+    from safetensors import safe_open
+
+    from .checkpoint import map_key
+
+    for f in src.weight_files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if map_key(key)[0] == "decoder":
+                    yield key
+
+
 def _write_tokenizer(src: SourceCheckpoint, tmp: Path) -> None:
     tok_json = src.root / "tokenizer.json"
     if tok_json.is_file():
@@ -174,6 +189,8 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, opts: ExportOpti
         if out.exists():
             out.rename(old)
         tmp.rename(out)
+        if opts.hf_checkpoint is not None:
+            write_hf_checkpoint(src, out, opts.hf_checkpoint, opts.force, opts.progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
@@ -252,7 +269,12 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
     del enc_state, module
 
     # Decoder → standard Qwen2ForCausalLM safetensors folder (fp, or GPTQ W4 calibrated on audio + text).
-    if opts.bits == 4:
+    src_quant = src.raw_config.get("quantization_config")
+    if src_quant and opts.bits != 4:
+        raise OptionsError(f"{src.root} is already a GPTQ checkpoint: export it with --bits 4 (its tensors are copied as they are)")
+    if src_quant:
+        quant_info = _copy_w4_decoder(src, config, tmp, opts, src_quant)
+    elif opts.bits == 4:
         quant_info = _write_w4_decoder(src, config, tmp, opts, front, state_dir, roles)
     else:
         dtype = DECODER_DTYPES[opts.bits]
@@ -357,6 +379,74 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
             "worst_layer_rel_err": max(layer_errs.values()), "mean_rel_err":
             sum(v["rel_err"] for m in metrics.values() for v in m.values()) / sum(len(m) for m in metrics.values()),
             "threads": torch.get_num_threads()}
+
+
+def _copy_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOptions, qc: dict) -> dict:
+    """A GPTQ Qwen2-Audio checkpoint as source (e.g. one written by --hf-checkpoint): copy its W4 tensors."""
+    if qc.get("quant_method") != "gptq" or int(qc.get("bits", 0)) != 4 or qc.get("checkpoint_format", "gptq") != "gptq":
+        raise CheckpointError(f"{src.root}: quantization_config {qc} is not 4-bit GPTQ (checkpoint_format gptq)")
+    n = sum(1 for _ in _decoder_keys(src))
+    items = ((k, t if t.dtype in (torch.int32, torch.int8) else t.to(torch.float16)) for k, t in src.iter_tensors("decoder"))
+    write_shards(tmp / "decoder", items, n, opts.max_shard_bytes, "decoder W4 tensors", opts.progress)
+    (tmp / "decoder" / "config.json").write_text(json.dumps(_decoder_config(config["text"], "float16", qc), indent=2, sort_keys=True))
+    try:
+        from ..runtime.decoder import load_decoder
+
+        load_decoder(tmp / "decoder", torch.float32, "meta")  # shape/key check against the config, no data
+    except (ArtifactsError, RuntimeError) as e:
+        raise CheckpointError(f"{src.root}: its GPTQ tensors do not match its config: {e}") from e
+    return {"config": qc, "calibration": {"source": "copied from a GPTQ source checkpoint"}}
+
+
+def write_hf_checkpoint(src: SourceCheckpoint, artifacts: Path, dest: Path, force: bool, progress: bool) -> None:
+    """The full Qwen2-Audio GPTQ checkpoint in the original key layout (what vLLM's Qwen2-Audio loader reads).
+
+    Audio tower + projector fp16, `language_model.model.*` W4 + fp16, `language_model.lm_head.weight` fp16,
+    `quantization_config` at the top of config.json, and the processor/tokenizer files. Written atomically.
+    """
+    from safetensors import safe_open
+
+    dest = dest.resolve()
+    if dest.exists() and not force:
+        raise OptionsError(f"--hf-checkpoint {dest} already exists; pass --force to replace it")
+    if dest.exists() and any(dest.iterdir()) and not (dest / "config.json").is_file():
+        raise OptionsError(f"--hf-checkpoint {dest} is a non-empty directory that is not a checkpoint; refusing to replace it")
+    dec = artifacts / "decoder"
+    qc = json.loads((dec / "config.json").read_text())["quantization_config"]
+    files = sorted(dec.glob("*.safetensors"))
+
+    def items():
+        for key, t in src.iter_tensors("encoder"):
+            yield key, t.to(torch.float16)
+        for f in files:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for key in sf.keys():
+                    new = "language_model.lm_head.weight" if key == "lm_head.weight" else "language_model." + key
+                    yield new, sf.get_tensor(key)
+
+    n = sum(1 for _ in src.iter_tensors("encoder")) + sum(len(safe_open(str(f), "pt").keys()) for f in files)
+    tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_shards(tmp, items(), n, 2 << 30, "hf checkpoint tensors", progress)
+        cfg = dict(src.raw_config)
+        cfg["quantization_config"] = qc
+        cfg["torch_dtype"] = cfg["dtype"] = "float16"
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                     "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
+                     "chat_template.json", "chat_template.jinja"):
+            if (src.root / name).is_file():
+                shutil.copyfile(src.root / name, tmp / name)
+        _fsync_tree(tmp)
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _layer_keys(state_dir: Path, n_layers: int):

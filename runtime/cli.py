@@ -51,11 +51,30 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="HF checkpoint dir → artifacts dir (needs the [export] extra)")
     e.add_argument("src", help="local Hugging Face Qwen2-Audio checkpoint directory")
     e.add_argument("out", help="artifacts directory to create")
-    e.add_argument("--bits", type=int, default=16, help="decoder weights: 16 (fp16, default) or 32 (fp32)")
+    e.add_argument("--bits", type=int, default=16, help="decoder weights: 4 (GPTQ), 16 (fp16, default) or 32 (fp32)")
     e.add_argument("--encoder-dtype", default="fp32", choices=["fp32", "fp16"],
                    help="encoder ONNX the runtime uses by default (fp16 also keeps the verified fp32 file)")
     e.add_argument("--force", action="store_true", help="replace an existing output directory")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    q = e.add_argument_group("GPTQ (--bits 4)")
+    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128 (default) or -1 (per channel)")
+    q.add_argument("--no-act-order", action="store_true", help="quantize columns in order (default: act-order, desc_act)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric zero points (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric zero points")
+    q.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
+    q.add_argument("--calibration", default=None, help="directory of audio files (+ prompts.txt, NAME.txt transcripts); "
+                   "default: built-in synthetic set")
+    q.add_argument("--num-samples", type=int, default=128, help="calibration prompts (default 128)")
+    q.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    q.add_argument("--calibration-mode", default="audio", choices=["audio", "text"],
+                   help="audio (default): prompts with audio embeddings; text: the same prompts without audio")
+    q.add_argument("--lm-head", default="fp16", choices=["fp16", "int8"],
+                   help="int8 adds a weight-only per-channel head in a side file only this runtime reads")
+    q.add_argument("--hf-checkpoint", default=None, help="also write a full Qwen2-Audio GPTQ checkpoint here (vLLM layout)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted 4-bit export from its last finished layer")
+    q.add_argument("--threads", type=int, default=None, help="torch threads (fixed for reproducible/resumable GPTQ)")
+    q.add_argument("--quant-device", default="cpu", help="device for GPTQ (cpu, cuda): one decoder layer lives there at a time")
 
     r = sub.add_parser("run", help="answer one user turn (audio and/or text) and stream the text")
     r.add_argument("artifacts")
@@ -110,7 +129,15 @@ def cmd_export(a: argparse.Namespace) -> int:
         from ..export.package import ExportOptions, export_checkpoint
     except ImportError as e:
         raise OptionsError(f"export needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'") from e
-    opts = ExportOptions(bits=a.bits, encoder_dtype=a.encoder_dtype, force=a.force, progress=not a.quiet)
+    from ..export.calibrate import CalibrationOptions
+    from ..export.gptq import GPTQConfig
+
+    gptq = GPTQConfig(group_size=a.group_size, act_order=not a.no_act_order, sym=a.sym, damp=a.damp)
+    calib = CalibrationOptions(directory=Path(a.calibration) if a.calibration else None, num_samples=a.num_samples,
+                               seed=a.seed, mode=a.calibration_mode)
+    opts = ExportOptions(bits=a.bits, encoder_dtype=a.encoder_dtype, force=a.force, progress=not a.quiet, gptq=gptq,
+                         calibration=calib, lm_head=a.lm_head, resume=a.resume, threads=a.threads,
+                         quant_device=a.quant_device, hf_checkpoint=Path(a.hf_checkpoint) if a.hf_checkpoint else None)
     manifest = export_checkpoint(a.src, a.out, opts)
     v = manifest["encoder"]["verification"]
     print(f"wrote {a.out} ({len(manifest['files'])} files) in {manifest['export_seconds']} s; encoder vs transformers: "

@@ -114,7 +114,9 @@ class Pipeline:
         self.generation_config = m.get("generation_config") or {}
         self.stop_ids = self._stop_ids()
         self.encoder = self._load_encoder()
-        self.decoder: Qwen2Decoder = load_decoder(artifacts.path(m["files_role"]["decoder_dir"]), self.dtype, self.device)
+        head = m.get("decoder", {}).get("lm_head_int8")
+        self.decoder: Qwen2Decoder = load_decoder(artifacts.path(m["files_role"]["decoder_dir"]), self.dtype, self.device,
+                                                  lm_head_int8=artifacts.path(head) if head else None)
         self.max_context = self._resolve_max_context()
         self.cache: KVCache = self.decoder.setup_cache(self.max_context)
         self._owner: object | None = None
