@@ -83,6 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(r)
     _add_runtime_args(r)
 
+    c = sub.add_parser("compare", help="quality of B vs reference A (artifacts dirs or HF checkpoints) on audio files")
+    c.add_argument("a", help="reference: artifacts dir or Hugging Face checkpoint")
+    c.add_argument("b", help="candidate: artifacts dir or Hugging Face checkpoint")
+    c.add_argument("--audio", action="append", required=True, help="audio file (repeat for several)")
+    c.add_argument("--prompt", default="What does the person say?")
+    c.add_argument("--new-tokens", type=int, default=32, help="continuation length decoded by A and teacher-forced")
+    c.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("eval", help="LibriSpeech WER of an artifacts dir (needs the [export] extra)")
+    v.add_argument("artifacts")
+    v.add_argument("--librispeech", required=True, help="LibriSpeech-format dir (*/*/*.flac + *.trans.txt)")
+    v.add_argument("--limit", type=int, default=None)
+    v.add_argument("--instruction", default=None, help="default: 'Recognize the speech and give me the transcription.'")
+    v.add_argument("--out", default=None, help="per-utterance JSONL (default: eval-results.jsonl)")
+    v.add_argument("--max-new-tokens", type=int, default=256)
+    v.add_argument("--json", action="store_true")
+    _add_runtime_args(v)
+
     d = sub.add_parser("demo", help="build a tiny random checkpoint, export it, run a test signal (no weights needed)")
     d.add_argument("--keep", default=None, help="keep the checkpoint + artifacts under this directory")
     d.add_argument("--seconds", type=float, default=5.0, help="length of the generated test signal")
@@ -153,6 +171,38 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    try:
+        from ..export.compare import compare, format_table, open_model
+    except ImportError as e:
+        raise OptionsError(f"compare needs the [export] extra ({e.name} is missing)") from e
+    report = compare(open_model(a.a), open_model(a.b), [Path(x) for x in a.audio], a.prompt, a.new_tokens)
+    print(json.dumps(report) if a.json else format_table(report))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    try:
+        from ..export.evaluate import DEFAULT_INSTRUCTION, evaluate, read_librispeech
+    except ImportError as e:
+        raise OptionsError(f"eval needs the [export] extra ({e.name} is missing)") from e
+    from .pipeline import Pipeline
+
+    utts = read_librispeech(a.librispeech, a.limit)
+    pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
+    out = Path(a.out or "eval-results.jsonl")
+    report = evaluate(pipeline, utts, a.instruction or DEFAULT_INSTRUCTION, out, a.max_new_tokens)
+    report["per_utterance"] = str(out)
+    if a.json:
+        print(json.dumps(report))
+    else:
+        pub = report["published_wer_percent"]
+        print(f"WER {report['wer_percent']:.2f}% on {report['utterances']} utterances (per-utterance results: {out})\n"
+              f"published (Qwen2-Audio-7B-Instruct): test-clean {pub['test-clean']['original']} / test-other "
+              f"{pub['test-other']['original']} (original), {pub['test-clean']['hf']} / {pub['test-other']['hf']} (HF)")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     try:
         from ..export.fixtures import build_tiny_checkpoint, speech_like_signal
@@ -187,7 +237,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    handlers = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo}
+    handlers = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "compare": cmd_compare, "eval": cmd_eval}
     try:
         return handlers[a.command](a)
     except QwenAudioEdgeError as e:

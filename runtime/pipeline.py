@@ -186,6 +186,25 @@ class Pipeline:
             return prepare_waveform(data, sr if sampling_rate is None else sampling_rate, sr)
         raise AudioError(f"audio must be a file path or an array of samples, got {type(audio).__name__}")
 
+    def encode_mels(self, mels: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Encoder outputs [N_i, hidden] per (mel, valid frames) segment, checked finite."""
+        out = []
+        for mel, n_valid in mels:
+            emb = self.encoder(mel, n_valid)
+            if not torch.isfinite(emb).all():
+                raise NumericalError("the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32")
+            out.append(emb)
+        return out
+
+    def single_turn(self, audio=None, text: str | None = None, sampling_rate: int | None = None) -> tuple[list[int], torch.Tensor | None]:
+        """Prompt ids and audio embeddings (concatenated, prompt order) of a one-turn conversation — no decoding."""
+        self.prompt.check_user_text(text)
+        segments = split_segments(self.load_waveform(audio, sampling_rate), self.mel.config) if audio is not None else []
+        counts = [num_audio_tokens(self.mel.valid_frames(len(s))) for s in segments]
+        ids = self.prompt.expand_audio(self.prompt.encode(self.prompt.render([user_message(len(segments), text)])), counts)
+        embeds = self.encode_mels([self.mel.log_mel(s) for s in segments])
+        return ids, (torch.cat(embeds) if embeds else None)
+
     def chat(self) -> "Conversation":
         """Start a conversation; it owns the KV cache until another conversation starts."""
         return Conversation(self)
@@ -251,12 +270,8 @@ class Conversation:
         mels = [p.mel.log_mel(s) for s in segments]
         timings["mel_ms"] = round(1000 * (time.perf_counter() - t), 3)
         t = time.perf_counter()
-        audio_embeds = [p.encoder(mel, n_valid) for mel, n_valid in mels]
+        audio_embeds = p.encode_mels(mels)
         timings["encoder_ms"] = round(1000 * (time.perf_counter() - t), 3)
-        for emb, want in zip(audio_embeds, counts):
-            assert emb.shape[0] == want, (emb.shape, want)
-            if not torch.isfinite(emb).all():
-                raise NumericalError("the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32")
         with torch.inference_mode():
             ids_t = torch.tensor([pending], dtype=torch.long, device=p.device)
             embeds = p.decoder.embed(ids_t)

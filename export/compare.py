@@ -1,0 +1,194 @@
+"""Quality comparison of two models on the same teacher-forced sequences (`qwen-audio-edge compare A B`).
+
+A is the reference, B the candidate; each is an artifacts directory (our runtime) or a Hugging Face
+Qwen2-Audio checkpoint (run through transformers). For every audio file: the one-turn prompt, then a
+continuation greedily decoded by A; both models score the same ids. Reported: per-decoder-layer
+relative output error ‖h_B − h_A‖ / ‖h_A‖ (all positions), top-1 agreement and mean KL(A ‖ B) of the
+next-token distributions over the continuation positions. This is also how a user with the real
+weights verifies that our runtime matches transformers on them (compare HF_DIR ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.errors import OptionsError
+
+
+@dataclass
+class Scored:
+    logits: torch.Tensor  # [T, V] fp32, positions 0…T-1
+    layers: list[torch.Tensor]  # per decoder layer output [T, H] fp32
+
+
+def _hook_layers(layers) -> tuple[list, list]:
+    outs: list[torch.Tensor] = []
+
+    def hook(_m, _inp, out):
+        outs.append((out[0] if isinstance(out, tuple) else out)[0].detach().float().cpu())
+
+    return outs, [layer.register_forward_hook(hook) for layer in layers]
+
+
+def layer_error_and_kl(ref: Scored, cand: Scored, start: int) -> dict:
+    """Per-layer relative error over all positions; top-1 agreement and mean KL(ref‖cand) from `start`."""
+    errs = [float((b - a).norm() / a.norm().clamp(min=1e-12)) for a, b in zip(ref.layers, cand.layers)]
+    la = ref.logits[start:].float().log_softmax(-1)
+    lb = cand.logits[start:].float().log_softmax(-1)
+    n = min(la.shape[-1], lb.shape[-1])
+    la, lb = la[:, :n], lb[:, :n]
+    kl = F.kl_div(lb, la, log_target=True, reduction="none").sum(-1)
+    agree = (la.argmax(-1) == lb.argmax(-1)).float()
+    return {"layer_rel_err": errs, "kl": kl.tolist(), "agree": agree.tolist()}
+
+
+class OurModel:
+    """An artifacts directory run through our runtime (fp32 activations on CPU by default)."""
+
+    def __init__(self, path: Path, **options):
+        from ..runtime.pipeline import Pipeline, RuntimeOptions
+
+        self.name = str(path)
+        self.p = Pipeline.from_artifacts(path, RuntimeOptions(**options))
+
+    def prompt(self, audio: Path, text: str) -> tuple[list[int], torch.Tensor | None]:
+        return self.p.single_turn(str(audio), text)
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], audio: torch.Tensor | None) -> Scored:
+        d = self.p.decoder
+        t = torch.tensor([ids], device=self.p.device)
+        emb = d.embed(t)
+        if audio is not None:
+            emb[0, t[0] == self.p.prompt.audio_token_id] = audio.to(emb.device, emb.dtype)
+        outs, handles = _hook_layers(d.model.layers)
+        try:
+            logits = d(emb, 0, d.setup_cache(len(ids)), all_logits=True)[0].float().cpu()
+        finally:
+            for h in handles:
+                h.remove()
+            self.p.cache = d.setup_cache(self.p.max_context)
+        return Scored(logits, outs)
+
+    @torch.inference_mode()
+    def greedy(self, ids: list[int], audio: torch.Tensor | None, n: int) -> list[int]:
+        from ..runtime.generate import GenerationStats, SamplingOptions, generate
+
+        d = self.p.decoder
+        t = torch.tensor([ids], device=self.p.device)
+        emb = d.embed(t)
+        if audio is not None:
+            emb[0, t[0] == self.p.prompt.audio_token_id] = audio.to(emb.device, emb.dtype)
+        opts = SamplingOptions(max_new_tokens=n, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+        cache = d.setup_cache(len(ids) + n + 1)
+        out = list(generate(d, cache, emb, 0, list(ids), opts, self.p.stop_ids, GenerationStats()))
+        self.p.cache = d.setup_cache(self.p.max_context)
+        return out
+
+
+class HFModel:
+    """A Hugging Face Qwen2-Audio checkpoint run through transformers (the reference implementation)."""
+
+    def __init__(self, path: Path):
+        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+        self.name = str(path)
+        self.model = Qwen2AudioForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
+        self.proc = AutoProcessor.from_pretrained(str(path))
+        self.has_template = any((path / n).is_file() for n in ("chat_template.json", "chat_template.jinja")) or bool(
+            getattr(self.proc.tokenizer, "chat_template", None))
+        self._features = None
+
+    def prompt(self, audio: Path, text: str):
+        from ..runtime.audio import load_audio
+
+        wave = load_audio(audio, self.proc.feature_extractor.sampling_rate)
+        if self.has_template:
+            content = [{"type": "audio", "audio_url": str(audio)}, {"type": "text", "text": text}]
+            rendered = self.proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        else:
+            rendered = "<|audio_bos|><|AUDIO|><|audio_eos|>" + text
+        inputs = self.proc(text=rendered, audio=[wave], sampling_rate=self.proc.feature_extractor.sampling_rate, return_tensors="pt")
+        self._features = inputs
+        return inputs["input_ids"][0].tolist(), None
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], audio) -> Scored:
+        f = self._features
+        input_ids = torch.tensor([ids])
+        outs, handles = _hook_layers(self.model.model.language_model.layers)
+        try:
+            logits = self.model(input_ids=input_ids, input_features=f["input_features"],
+                                feature_attention_mask=f["feature_attention_mask"],
+                                attention_mask=torch.ones_like(input_ids)).logits[0].float()
+        finally:
+            for h in handles:
+                h.remove()
+        return Scored(logits, outs)
+
+    def greedy(self, ids, audio, n: int) -> list[int]:
+        from transformers import GenerationConfig
+
+        f = self._features
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():
+            out = self.model.generate(**f, generation_config=cfg)
+        return out[0, len(ids):].tolist()
+
+
+def open_model(path: str | Path, **options):
+    p = Path(path)
+    if (p / "manifest.json").is_file():
+        return OurModel(p, **options)
+    if (p / "config.json").is_file():
+        return HFModel(p)
+    raise OptionsError(f"{p} is neither an artifacts directory (manifest.json) nor a Hugging Face checkpoint (config.json)")
+
+
+def compare(a, b, audio_files: list[Path], prompt: str, new_tokens: int = 32) -> dict:
+    """Run the comparison over `audio_files`; returns the aggregated report (and per-file rows)."""
+    if not audio_files:
+        raise OptionsError("compare needs at least one --audio file")
+    rows = []
+    all_kl: list[float] = []
+    all_agree: list[float] = []
+    layer_sums: list[float] = []
+    for f in audio_files:
+        ids_a, audio_a = a.prompt(f, prompt)
+        ids_b, audio_b = b.prompt(f, prompt)
+        if ids_a != ids_b:
+            raise OptionsError(f"{f}: the two models build different prompt ids ({len(ids_a)} vs {len(ids_b)} tokens): "
+                               "different tokenizers/templates cannot be compared token by token")
+        cont = a.greedy(ids_a, audio_a, new_tokens)
+        seq = ids_a + cont
+        ref, cand = a.score(seq, audio_a), b.score(seq, audio_b)
+        if len(ref.layers) != len(cand.layers):
+            raise OptionsError(f"the models have {len(ref.layers)} and {len(cand.layers)} decoder layers")
+        r = layer_error_and_kl(ref, cand, len(ids_a) - 1)
+        r["kl"], r["agree"] = r["kl"][:-1], r["agree"][:-1]  # the last position predicts past the sequence
+        rows.append({"audio": str(f), "prompt_tokens": len(ids_a), "continuation": len(cont),
+                     "mean_kl": sum(r["kl"]) / len(r["kl"]), "top1_agreement": sum(r["agree"]) / len(r["agree"]),
+                     "layer_rel_err": r["layer_rel_err"]})
+        all_kl += r["kl"]
+        all_agree += r["agree"]
+        layer_sums = [x + y for x, y in zip(layer_sums, r["layer_rel_err"])] if layer_sums else list(r["layer_rel_err"])
+    n = len(audio_files)
+    return {"reference": a.name, "candidate": b.name, "files": n, "new_tokens": new_tokens,
+            "mean_kl": sum(all_kl) / len(all_kl), "top1_agreement": sum(all_agree) / len(all_agree),
+            "layer_rel_err": [x / n for x in layer_sums], "rows": rows}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"reference: {report['reference']}", f"candidate: {report['candidate']}",
+             f"{report['files']} file(s), {report['new_tokens']} teacher-forced tokens each",
+             f"top-1 agreement {report['top1_agreement']:.4f}   mean KL {report['mean_kl']:.3e}", "",
+             "layer  rel. output error"]
+    lines += [f"{i:5d}  {e:.3e}" for i, e in enumerate(report["layer_rel_err"])]
+    if not all(math.isfinite(e) for e in report["layer_rel_err"]):
+        lines.append("warning: non-finite layer errors")
+    return "\n".join(lines)
