@@ -152,9 +152,12 @@ def build_tiny_checkpoint(
     chat_template: bool = True,
     seed: int = 0,
     max_shard_size: str = "200KB",
+    audio_embed_scale: float = 1.0,
 ) -> Path:
     """Write a tiny random Qwen2-Audio checkpoint to `out_dir` in the Hugging Face layout; return the dir.
 
+    `audio_embed_scale` multiplies the projector (weights and bias): > 1 makes audio embeddings
+    statistically unlike token embeddings, as they are in the real model (GPTQ calibration tests).
     `chat_template=False` makes a base-model checkpoint (like Qwen2-Audio-7B), which uses the raw
     `<|audio_bos|><|AUDIO|><|audio_eos|>{text}` prompt. Small `max_shard_size` forces several shards
     plus `model.safetensors.index.json`, as the real 7B has.
@@ -213,6 +216,10 @@ def build_tiny_checkpoint(
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config).eval()
     _widen_weights(model, seed)
+    if audio_embed_scale != 1.0:
+        with torch.no_grad():
+            for p in model.model.multi_modal_projector.parameters():
+                p.mul_(audio_embed_scale)
     if shape.tie_word_embeddings:
         model.tie_weights()
     model.generation_config = GenerationConfig(

@@ -348,8 +348,9 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
     else:
         state_dir.mkdir(parents=True)
         settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
-    metrics = quantize_decoder(src, args, samples, opts.gptq, state_dir, config["audio_token_id"],
-                               device=opts.quant_device, progress=opts.progress)
+    result = quantize_decoder(src, args, samples, opts.gptq, state_dir, config["audio_token_id"],
+                              device=opts.quant_device, progress=opts.progress)
+    metrics = result["layers"]
     index = _tensor_index(src)
 
     def items():
@@ -375,7 +376,7 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
         q, scales = quantize_int8_rows(head)
         save_file({"weight": q, "scales": scales}, str(tmp / "lm_head.int8.safetensors"))
     layer_errs = {name: max(v["rel_err"] for v in m.values()) for name, m in metrics.items()}
-    return {"config": qc, "calibration": calib_summary, "layer_metrics": metrics,
+    return {"config": qc, "calibration": calib_summary, "layer_metrics": metrics, "eval_vs_fp": result["eval"],
             "worst_layer_rel_err": max(layer_errs.values()), "mean_rel_err":
             sum(v["rel_err"] for m in metrics.values() for v in m.values()) / sum(len(m) for m in metrics.values()),
             "threads": torch.get_num_threads()}

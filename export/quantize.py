@@ -124,6 +124,7 @@ def quantize_decoder(
     *,
     device: str = "cpu",
     progress: bool = True,
+    eval_samples: int = 4,
 ) -> dict:
     """Quantize every decoder layer into `state_dir/layer-*.safetensors`; returns per-layer metrics."""
     from safetensors import safe_open
@@ -143,6 +144,10 @@ def quantize_decoder(
     del embed
     runner = _LayerRunner(args, max(len(s.ids) for s in samples), dev)
     metrics: dict[str, dict] = {}
+    # Export-time quality report on a few calibration prompts: an fp stream beside the quantized one.
+    eval_idx = list(range(min(eval_samples, len(hidden))))
+    fp_stream = [hidden[j].clone() for j in eval_idx]
+    eval_err: list[float] = []
     bar = tqdm(range(args.num_hidden_layers), desc="GPTQ layers", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for i in bar:
         prefix = f"model.layers.{i}"
@@ -152,26 +157,60 @@ def quantize_decoder(
                 state = {k: sf.get_tensor(k) for k in sf.keys()}
                 layer_metrics = json.loads(sf.metadata()["metrics"])
             layer = _layer_from_state(args, state, prefix, dev)
+            fp_stream = runner.run(_fp_layer(index, args, prefix, dev, cfg), fp_stream)
         else:
-            layer = DecoderLayer(args)
-            sd = {}
-            for name in layer.state_dict():
-                t = _read(index, f"{prefix}.{name}").float()
-                base = name.rsplit(".", 1)[0]
-                sd[name] = t if (name.endswith(".weight") and base in W4_LINEARS) else _fp16_round(t)
-            for k in W4_LINEARS:
-                cfg.check_layer(f"{prefix}.{k}", sd[f"{k}.weight"].shape[1], sd[f"{k}.weight"].shape[0])
-            layer.load_state_dict(sd)
-            layer = layer.to(dev).eval()
-            del sd
+            layer = _fp_layer(index, args, prefix, dev, cfg)
+            fp_stream = runner.run(layer, fp_stream)  # before its weights are replaced by quantized ones
             state, layer_metrics = _quantize_layer(layer, hidden, runner, cfg, prefix)
             _save_atomic(state, done, {"metrics": json.dumps(layer_metrics), "format": "pt"})
         metrics[prefix] = layer_metrics
         hidden = runner.run(layer, hidden)
-        worst = max(v["rel_err"] for v in layer_metrics.values())
-        bar.set_postfix_str(f"worst rel err {worst:.4f}")
+        eval_err.append(_rel_err([hidden[j] for j in eval_idx], fp_stream))
+        bar.set_postfix_str(f"hidden rel err {eval_err[-1]:.4f}")
         del layer
-    return metrics
+    report = {"samples": len(eval_idx), "layer_rel_err": eval_err}
+    report.update(_head_agreement(index, args, [hidden[j] for j in eval_idx], fp_stream))
+    return {"layers": metrics, "eval": report}
+
+
+def _fp_layer(index: dict, args: ModelArgs, prefix: str, dev: torch.device, cfg: GPTQConfig) -> DecoderLayer:
+    """Layer `prefix` from the source in fp32; non-quantized tensors rounded to fp16 as they will be stored."""
+    layer = DecoderLayer(args)
+    sd = {}
+    for name in layer.state_dict():
+        t = _read(index, f"{prefix}.{name}").float()
+        base = name.rsplit(".", 1)[0]
+        sd[name] = t if (name.endswith(".weight") and base in W4_LINEARS) else _fp16_round(t)
+    for k in W4_LINEARS:
+        cfg.check_layer(f"{prefix}.{k}", sd[f"{k}.weight"].shape[1], sd[f"{k}.weight"].shape[0])
+    layer.load_state_dict(sd)
+    return layer.to(dev).eval()
+
+
+def _rel_err(cand: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    num = sum(float((c - r).pow(2).sum()) for c, r in zip(cand, ref))
+    den = sum(float(r.pow(2).sum()) for r in ref)
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+@torch.no_grad()
+def _head_agreement(index: dict, args: ModelArgs, quant: list[torch.Tensor], fp: list[torch.Tensor]) -> dict:
+    """Top-1 agreement and mean KL(fp ‖ W4) of next-token distributions over every eval position."""
+    from ..runtime.decoder import RMSNorm
+
+    norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+    norm.weight.data = _read(index, "model.norm.weight").float()
+    key = "lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight"
+    head = _read(index, key).float()
+    head16 = _fp16_round(head)
+    kl_sum = agree = n = 0.0
+    for q, f in zip(quant, fp):
+        lf = (norm(f.cpu())[0] @ head.T).log_softmax(-1)
+        lq = (norm(q.cpu())[0] @ head16.T).log_softmax(-1)
+        kl_sum += float((lf.exp() * (lf - lq)).sum())
+        agree += float((lf.argmax(-1) == lq.argmax(-1)).sum())
+        n += lf.shape[0]
+    return {"top1_agreement": agree / n if n else None, "mean_kl": kl_sum / n if n else None, "positions": int(n)}
 
 
 def _quantize_layer(layer: DecoderLayer, hidden: list[torch.Tensor], runner: _LayerRunner, cfg: GPTQConfig, prefix: str):

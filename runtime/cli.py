@@ -158,6 +158,11 @@ def cmd_export(a: argparse.Namespace) -> int:
                          quant_device=a.quant_device, hf_checkpoint=Path(a.hf_checkpoint) if a.hf_checkpoint else None)
     manifest = export_checkpoint(a.src, a.out, opts)
     v = manifest["encoder"]["verification"]
+    q = manifest["decoder"].get("quantization", {}).get("eval_vs_fp")
+    if q:
+        errs = ", ".join(f"{e:.3e}" for e in q["layer_rel_err"])
+        print(f"W4 vs fp on {q['samples']} calibration prompts ({q['positions']} positions): top-1 agreement "
+              f"{q['top1_agreement']:.4f}, mean KL {q['mean_kl']:.3e}; hidden-state rel. error per layer: {errs}", file=sys.stderr)
     print(f"wrote {a.out} ({len(manifest['files'])} files) in {manifest['export_seconds']} s; encoder vs transformers: "
           f"max abs err {v['fp32_max_abs_err_vs_transformers']:.2e} on {v['audio_tokens']} tokens", file=sys.stderr)
     return 0

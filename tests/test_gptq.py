@@ -1,0 +1,337 @@
+"""GPTQ W4: the reference kernel, our GPTQ vs RTN and vs gptqmodel, the standard checkpoint format (loaded
+by transformers + optimum + gptqmodel), audio-aware calibration, resume, --hf-checkpoint, int8 lm_head."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from helpers import signal
+
+from qwen_audio_edge.export.calibrate import CalibrationOptions, build_calibration
+from qwen_audio_edge.export.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize
+from qwen_audio_edge.kernels.w4_ref import dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows, w4_matmul_ref
+from qwen_audio_edge.runtime.errors import OptionsError
+from qwen_audio_edge.runtime.generate import SamplingOptions
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+GREEDY = dict(greedy=True, repetition_penalty=1.0, ignore_eos=True)
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# --- kernel reference -------------------------------------------------------------------------------
+def test_pack_unpack_roundtrip_and_bad_shapes():
+    q = torch.randint(0, 16, (64, 24))
+    assert torch.equal(unpack_rows(pack_rows(q)), q.to(torch.int32))
+    assert torch.equal(unpack_cols(pack_cols(q)), q.to(torch.int32))
+    assert pack_rows(torch.full((8, 1), 15)).item() == -1  # all nibbles set = 0xFFFFFFFF
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_rows(torch.zeros(12, 8, dtype=torch.int64))
+    ql = rtn_quantize(torch.randn(24, 64), GPTQConfig(group_size=32))
+    with pytest.raises(ValueError, match="g_idx"):
+        dequantize(ql.qweight, ql.qzeros, ql.scales, ql.g_idx[:-1])
+    with pytest.raises(ValueError, match="features"):
+        w4_matmul_ref(torch.randn(2, 63), ql.qweight, ql.qzeros, ql.scales, ql.g_idx)
+
+
+@pytest.mark.parametrize("gs,act,sym", [(32, True, True), (64, False, False), (128, True, False), (-1, False, True)])
+def test_format_dequantizes_to_what_gptq_computed(gs, act, sym):
+    torch.manual_seed(1)
+    w = torch.randn(40, 256) / 16
+    x = torch.randn(2048, 256) * torch.linspace(0.1, 3, 256)
+    acc = HessianAccumulator(256)
+    acc.add(x)
+    q = gptq_quantize(w, acc.h, GPTQConfig(group_size=gs, act_order=act, sym=sym))
+    assert q.qweight.shape == (32, 40) and q.qzeros.shape == (1 if gs == -1 else 256 // gs, 5)
+    assert torch.equal(dequantize(q.qweight, q.qzeros, q.scales, q.g_idx).T, q.dequantized)
+    if act:
+        assert not torch.equal(q.g_idx, torch.arange(256, dtype=torch.int32) // (256 if gs == -1 else gs))
+    y = w4_matmul_ref(x[:3], q.qweight, q.qzeros, q.scales, q.g_idx, bias=torch.ones(40))
+    assert torch.allclose(y, x[:3] @ q.dequantized.T + 1, atol=1e-5)
+
+
+# --- GPTQ quality per layer ---------------------------------------------------------------------------
+def _layer_inputs(pipeline, samples) -> dict[str, torch.Tensor]:
+    """Inputs of every decoder linear of the fp model over `samples` (rows = tokens)."""
+    d = pipeline.decoder
+    store: dict[str, list] = {}
+    handles = []
+    for i, layer in enumerate(d.model.layers):
+        for path in LINEARS:
+            mod = layer.get_submodule(path)
+            handles.append(mod.register_forward_hook(
+                lambda m, inp, out, key=f"{i}.{path}": store.setdefault(key, []).append(inp[0][0].detach().clone())))
+    try:
+        with torch.inference_mode():
+            for s in samples:
+                t = torch.tensor([s.ids])
+                emb = d.embed(t)
+                if s.audio is not None:
+                    emb[0, t[0] == pipeline.prompt.audio_token_id] = s.audio
+                d(emb, 0, d.setup_cache(len(s.ids)))
+    finally:
+        for h in handles:
+            h.remove()
+        pipeline.cache = d.setup_cache(pipeline.max_context)
+    return {k: torch.cat(v) for k, v in store.items()}
+
+
+def _gptqmodel_quantize(weight: torch.Tensor, x: torch.Tensor, cfg: GPTQConfig) -> torch.Tensor:
+    """gptqmodel 7.6.0's GPTQ on the same inputs, matched settings, its extras off; returns Ŵ."""
+    from gptqmodel.quantization.config import QuantizeConfig
+    from gptqmodel.quantization.gptq import GPTQ
+
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    lin.weight.data = weight.clone()
+    qc = QuantizeConfig(bits=4, group_size=cfg.group_size, desc_act=cfg.act_order, sym=cfg.sym, damp_percent=cfg.damp,
+                        damp_auto_increment=0.0, act_group_aware=False)
+    g = GPTQ(lin, qc)
+    g.quantizer.configure(perchannel=True)
+    g.add_batch(x[None], None)
+    g.hf_quantize(blocksize=128, percdamp=cfg.damp, damp_auto_increment=0.0, group_size=cfg.group_size,
+                  actorder=cfg.act_order, static_groups=False, act_group_aware=False)
+    return lin.weight.data.float()
+
+
+@pytest.mark.parametrize("cfg", [GPTQConfig(), GPTQConfig(group_size=64, act_order=False, sym=False)], ids=["g128-act-sym", "g64-asym"])
+def test_gptq_beats_rtn_and_matches_gptqmodel_on_every_layer(mha, pipelines, cfg):
+    p = pipelines(mha)
+    calib, _ = build_calibration(CalibrationOptions(num_samples=10, seed=0), p.prompt, p.mel, p.encoder)
+    held, _ = build_calibration(CalibrationOptions(num_samples=6, seed=99), p.prompt, p.mel, p.encoder)
+    xs, xh = _layer_inputs(p, calib), _layer_inputs(p, held)
+    report = {}
+    for key, x in xs.items():
+        layer, path = key.split(".", 1)
+        w = p.decoder.model.layers[int(layer)].get_submodule(path).weight.detach().float()
+        assert x.shape[0] >= 4 * w.shape[1], f"{key}: only {x.shape[0]} calibration rows"
+        acc = HessianAccumulator(w.shape[1])
+        acc.add(x)
+        ours = gptq_quantize(w, acc.h, cfg).dequantized
+        rtn = rtn_quantize(w, cfg).dequantized
+        ref = _gptqmodel_quantize(w, x, cfg)
+        target = xh[key] @ w.T
+
+        def err(wq):
+            return float((xh[key] @ wq.T - target).norm() / target.norm())
+
+        report[key] = (err(ours), err(rtn), err(ref))
+        assert err(ours) < err(rtn), f"{key}: GPTQ {err(ours):.4f} not below RTN {err(rtn):.4f}"
+        assert err(ours) <= 1.05 * err(ref), f"{key}: ours {err(ours):.4f} > 1.05 x gptqmodel {err(ref):.4f}"
+    print(json.dumps(report, indent=1))
+
+
+# --- export, format, runtime ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def w4(mha, tmp_path_factory):
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+
+    root = tmp_path_factory.mktemp("w4")
+    opts = ExportOptions(bits=4, progress=False, calibration=CalibrationOptions(num_samples=10), lm_head="int8",
+                         hf_checkpoint=root / "hf-gptq", threads=2)
+    manifest = export_checkpoint(mha.checkpoint, root / "artifacts", opts)
+    return root, manifest
+
+
+def test_w4_decoder_is_a_standard_gptq_checkpoint(w4):
+    root, manifest = w4
+    dec = root / "artifacts" / "decoder"
+    cfg = json.loads((dec / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"]
+    assert {qc[k] for k in ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")} >= {"gptq", 4, 128, True}
+    from safetensors import safe_open
+
+    with safe_open(str(dec / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.qweight").dtype == torch.int32
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.qweight").shape == (128 // 8, 128)
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qzeros").shape == (2, 128 // 8)
+        assert f.get_tensor("model.layers.0.mlp.down_proj.scales").dtype == torch.float16
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.bias").dtype == torch.float16
+        assert f.get_tensor("lm_head.weight").dtype == torch.float16
+    assert "model.layers.1.mlp.up_proj.g_idx" in keys and "model.layers.0.mlp.up_proj.weight" not in keys
+    q = manifest["decoder"]["quantization"]
+    assert q["calibration"]["source"] == "builtin" and q["calibration"]["audio_tokens"] > 0
+    assert q["eval_vs_fp"]["top1_agreement"] > 0.3 and len(q["eval_vs_fp"]["layer_rel_err"]) == 2
+
+
+def test_transformers_optimum_gptqmodel_load_our_decoder(w4, pipelines):
+    from transformers import AutoModelForCausalLM, GPTQConfig as HFGPTQConfig
+
+    from qwen_audio_edge.runtime.decoder import load_decoder
+
+    dec = w4[0] / "artifacts" / "decoder"
+    ref = AutoModelForCausalLM.from_pretrained(str(dec), quantization_config=HFGPTQConfig(bits=4, backend="torch"),
+                                               dtype=torch.float32, device_map="cpu").eval()
+    ours = load_decoder(dec, torch.float32, "cpu")
+    ids = torch.tensor([[3, 50, 100, 7, 250, 11, 42, 360, 1]])
+    with torch.no_grad():
+        expected = ref(ids).logits[0].float()
+        got = ours(ours.embed(ids), 0, ours.setup_cache(16), all_logits=True)[0]
+    assert (got - expected).abs().max().item() <= 1e-3 * expected.abs().max().item()
+
+
+def test_w4_runtime_end_to_end_agreement_with_fp(w4, mha, pipelines):
+    """W4 greedy tokens vs fp tokens (teacher-forced agreement + KL) on held-out audio."""
+    from qwen_audio_edge.export.compare import OurModel, compare
+
+    a, b = OurModel(mha.artifacts), OurModel(w4[0] / "artifacts")
+    import soundfile as sf
+
+    files = []
+    for i, secs in enumerate((3.1, 7.7)):
+        f = w4[0] / f"heldout{i}.wav"
+        sf.write(str(f), signal(secs, seed=50 + i), 16000)
+        files.append(f)
+    report = compare(a, b, files, "What does the person say?", 16)
+    print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
+    assert 0.25 < report["top1_agreement"] <= 1.0 and 0 < report["mean_kl"] < 5
+    assert all(0 < e < 1 for e in report["layer_rel_err"])
+    r = b.p.run(files[0], "Hi", sampling=SamplingOptions(max_new_tokens=8, **GREEDY))
+    assert len(r.token_ids) == 8
+
+
+def test_int8_lm_head_side_file(w4):
+    from qwen_audio_edge.runtime.pipeline import Pipeline
+    from qwen_audio_edge.runtime.quant_linear import Int8Linear
+
+    art = w4[0] / "artifacts"
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["decoder"]["lm_head_int8"] == "lm_head.int8.safetensors"
+    p = Pipeline.from_artifacts(art)
+    assert isinstance(p.decoder.lm_head, Int8Linear)
+    from qwen_audio_edge.runtime.decoder import load_decoder
+
+    fp16_head = load_decoder(art / "decoder", torch.float32, "cpu")
+    ids = torch.tensor([[3, 50, 100, 7]])
+    with torch.no_grad():
+        a = p.decoder(p.decoder.embed(ids), 0, p.decoder.setup_cache(8), all_logits=True)[0]
+        b = fp16_head(fp16_head.embed(ids), 0, fp16_head.setup_cache(8), all_logits=True)[0]
+    p.cache = p.decoder.setup_cache(p.max_context)
+    rel = (a - b).abs().max().item() / b.abs().max().item()
+    print(f"int8 head vs fp16 head: max rel logit diff {rel:.2e}")
+    assert rel < 2e-2 and torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_hf_checkpoint_is_consistent_and_loads_back(w4, mha):
+    from safetensors import safe_open
+
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+    from qwen_audio_edge.runtime.decoder import load_decoder
+
+    root, _ = w4
+    hf = root / "hf-gptq"
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2_audio" and cfg["quantization_config"]["bits"] == 4
+    with safe_open(str(hf / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("audio_tower.conv1.weight").dtype == torch.float16
+    prefixes = {k.split(".")[0] for k in keys}
+    assert prefixes == {"audio_tower", "multi_modal_projector", "language_model"}
+    assert "language_model.model.layers.0.self_attn.q_proj.qweight" in keys and "language_model.lm_head.weight" in keys
+    for name in ("tokenizer.json", "preprocessor_config.json", "chat_template.json", "generation_config.json"):
+        assert (hf / name).is_file()
+    # Our tools read it back: exporting it copies the W4 tensors unchanged.
+    out = root / "from-hf"
+    export_checkpoint(hf, out, ExportOptions(bits=4, progress=False))
+    a = load_decoder(root / "artifacts" / "decoder", torch.float32, "cpu")
+    b = load_decoder(out / "decoder", torch.float32, "cpu")
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    with pytest.raises(OptionsError, match="already a GPTQ checkpoint"):
+        export_checkpoint(hf, root / "nope", ExportOptions(bits=16, progress=False))
+
+
+def test_resume_after_interrupt_is_byte_identical(mha, tmp_path, monkeypatch):
+    from qwen_audio_edge.export import quantize
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+
+    opts = ExportOptions(bits=4, progress=False, calibration=CalibrationOptions(num_samples=6, seed=3), threads=2)
+    export_checkpoint(mha.checkpoint, tmp_path / "full", opts)
+    original = quantize._quantize_layer
+    calls = []
+
+    def die_on_second_layer(layer, hidden, runner, cfg, prefix):
+        calls.append(prefix)
+        if prefix.endswith(".1"):
+            raise KeyboardInterrupt
+        return original(layer, hidden, runner, cfg, prefix)
+
+    monkeypatch.setattr(quantize, "_quantize_layer", die_on_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(mha.checkpoint, tmp_path / "resumed", opts)
+    assert not (tmp_path / "resumed").exists()
+    assert (tmp_path / ".resumed.gptq-state" / "layer-00000.safetensors").exists()
+    monkeypatch.setattr(quantize, "_quantize_layer", original)
+    calls.clear()
+    monkeypatch.setattr(quantize, "_quantize_layer", lambda *a: (calls.append(a[-1]), original(*a))[1])
+    export_checkpoint(mha.checkpoint, tmp_path / "resumed", ExportOptions(**{**opts.__dict__, "resume": True}))
+    assert calls == ["model.layers.1"]  # layer 0 came from the saved state
+    assert not (tmp_path / ".resumed.gptq-state").exists()
+    a = (tmp_path / "full" / "decoder" / "model.safetensors").read_bytes()
+    b = (tmp_path / "resumed" / "decoder" / "model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_resume_refuses_state_from_other_settings(mha, tmp_path, monkeypatch):
+    from qwen_audio_edge.export import quantize
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+
+    monkeypatch.setattr(quantize, "_quantize_layer", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    opts = ExportOptions(bits=4, progress=False, calibration=CalibrationOptions(num_samples=4))
+    with pytest.raises(KeyboardInterrupt):
+        export_checkpoint(mha.checkpoint, tmp_path / "o", opts)
+    other = ExportOptions(bits=4, progress=False, calibration=CalibrationOptions(num_samples=5), resume=True)
+    with pytest.raises(OptionsError, match="other settings"):
+        export_checkpoint(mha.checkpoint, tmp_path / "o", other)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=3), "--bits 3"),
+        (dict(gptq_group_size=256), "does not divide"),
+        (dict(gptq_group_size=48), "power of two"),
+        (dict(calibration="missing-dir"), "calibration directory not found"),
+        (dict(bits=16, hf_checkpoint="x"), "needs --bits 4"),
+    ],
+)
+def test_bad_flags_give_clear_errors(mha, tmp_path, kwargs, match):
+    from pathlib import Path
+
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+
+    with pytest.raises(OptionsError, match=match):
+        gs = kwargs.pop("gptq_group_size", 128)
+        calib = kwargs.pop("calibration", None)
+        opts = ExportOptions(**{"bits": 4, "progress": False, **kwargs, "gptq": GPTQConfig(group_size=gs),
+                                "calibration": CalibrationOptions(directory=Path(tmp_path / calib) if calib else None, num_samples=2)})
+        export_checkpoint(mha.checkpoint, tmp_path / "out", opts)
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_directory_with_prompts_and_transcripts(mha, pipelines, tmp_path):
+    import soundfile as sf
+
+    p = pipelines(mha)
+    d = tmp_path / "calib"
+    (d / "sub").mkdir(parents=True)
+    sf.write(str(d / "a.wav"), signal(2.0), 16000)
+    sf.write(str(d / "sub" / "b.flac"), signal(3.0, seed=4), 22050)
+    (d / "a.txt").write_text("hello there")
+    (d / "prompts.txt").write_text("Transcribe it.\nWhat is it?\n")
+    samples, summary = build_calibration(CalibrationOptions(directory=d, num_samples=5), p.prompt, p.mel, p.encoder)
+    assert summary["audio_files"] == 2 and summary["transcripts"] == 1 and summary["prompts_file"]
+    assert len(samples) == 5 and sum(s.audio is None for s in samples) == 1
+    text = p.prompt.tokenizer.decode(samples[0].ids + samples[1].ids + samples[2].ids)
+    assert "Transcribe it." in text or "What is it?" in text
+    (d / "prompts.txt").write_text("\n")
+    with pytest.raises(OptionsError, match="empty"):
+        build_calibration(CalibrationOptions(directory=d, num_samples=2), p.prompt, p.mel, p.encoder)
+    shutil.rmtree(d)
+    d.mkdir()
+    with pytest.raises(OptionsError, match="no audio files"):
+        build_calibration(CalibrationOptions(directory=d, num_samples=2), p.prompt, p.mel, p.encoder)
