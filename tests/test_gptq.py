@@ -120,7 +120,8 @@ def test_gptq_beats_rtn_and_matches_gptqmodel_on_every_layer(mha, pipelines, cfg
         report[key] = (err(ours), err(rtn), err(ref))
         assert err(ours) < err(rtn), f"{key}: GPTQ {err(ours):.4f} not below RTN {err(rtn):.4f}"
         assert err(ours) <= 1.05 * err(ref), f"{key}: ours {err(ours):.4f} > 1.05 x gptqmodel {err(ref):.4f}"
-    print(json.dumps(report, indent=1))
+    for key, (o, r, g) in report.items():
+        print(f"{cfg.group_size:4d} {key:20s} ours {o:.4f}  rtn {r:.4f}  gptqmodel {g:.4f}  ours/gptqmodel {o / g:.3f}")
 
 
 # --- export, format, runtime ------------------------------------------------------------------------
@@ -335,3 +336,82 @@ def test_calibration_directory_with_prompts_and_transcripts(mha, pipelines, tmp_
     d.mkdir()
     with pytest.raises(OptionsError, match="no audio files"):
         build_calibration(CalibrationOptions(directory=d, num_samples=2), p.prompt, p.mel, p.encoder)
+
+
+# --- audio-aware calibration ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def loud_audio(tmp_path_factory):
+    """Projector outputs ~8x the scale of token embeddings (statistically unlike them, as in the real model)."""
+    from qwen_audio_edge.export.fixtures import build_tiny_checkpoint
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+
+    root = tmp_path_factory.mktemp("loud")
+    ckpt = build_tiny_checkpoint(root / "checkpoint", "mha", audio_embed_scale=8.0, seed=5)
+    export_checkpoint(ckpt, root / "artifacts", ExportOptions(bits=32, progress=False))
+    return ckpt, root / "artifacts"
+
+
+def _w4_decoder(fp_decoder, state_dir):
+    import copy
+
+    from safetensors.torch import load_file
+
+    d = copy.deepcopy(fp_decoder)
+    for i, layer in enumerate(d.model.layers):
+        state = load_file(str(state_dir / f"layer-{i:05d}.safetensors"))
+        for path in LINEARS:
+            p = f"model.layers.{i}.{path}"
+            w = dequantize(state[f"{p}.qweight"], state[f"{p}.qzeros"], state[f"{p}.scales"], state[f"{p}.g_idx"]).T
+            layer.get_submodule(path).weight.data = w
+    return d
+
+
+def _score(decoder, pipeline, sample):
+    from qwen_audio_edge.export.compare import Scored, _hook_layers
+
+    t = torch.tensor([sample.ids])
+    with torch.inference_mode():
+        emb = decoder.embed(t)
+        if sample.audio is not None:
+            emb[0, t[0] == pipeline.prompt.audio_token_id] = sample.audio
+        outs, handles = _hook_layers(decoder.model.layers)
+        logits = decoder(emb, 0, decoder.setup_cache(len(sample.ids)), all_logits=True)[0]
+        for h in handles:
+            h.remove()
+    return Scored(logits.float(), outs)
+
+
+def test_audio_aware_calibration_beats_text_only(loud_audio, tmp_path):
+    from qwen_audio_edge.export.checkpoint import SourceCheckpoint
+    from qwen_audio_edge.export.compare import layer_error_and_kl
+    from qwen_audio_edge.export.quantize import quantize_decoder
+    from qwen_audio_edge.runtime.pipeline import Pipeline
+
+    ckpt, art = loud_audio
+    p = Pipeline.from_artifacts(art)
+    src = SourceCheckpoint.open(ckpt)
+    held, _ = build_calibration(CalibrationOptions(num_samples=6, seed=1234), p.prompt, p.mel, p.encoder)
+    held = [s for s in held if s.audio is not None]
+    audio_norm = torch.cat([s.audio for s in held]).norm(dim=-1).mean()
+    text_norm = p.decoder.model.embed_tokens.weight.norm(dim=-1).mean()
+    assert audio_norm > 4 * text_norm  # the fixture really makes audio embeddings unlike token embeddings
+    cfg = GPTQConfig()
+    rows = []
+    for seed in (0, 1, 2):
+        result = {}
+        for mode in ("audio", "text"):
+            samples, summary = build_calibration(CalibrationOptions(num_samples=8, seed=seed, mode=mode), p.prompt, p.mel, p.encoder)
+            state = tmp_path / f"{mode}-{seed}"
+            quantize_decoder(src, p.decoder.args, samples, cfg, state, p.prompt.audio_token_id, progress=False)
+            q = _w4_decoder(p.decoder, state)
+            errs, kls = [], []
+            for s in held:
+                r = layer_error_and_kl(_score(p.decoder, p, s), _score(q, p, s), 0)
+                errs.append(sum(r["layer_rel_err"]) / len(r["layer_rel_err"]))
+                kls.append(sum(r["kl"]) / len(r["kl"]))
+            result[mode] = (sum(errs) / len(errs), sum(kls) / len(kls))
+        rows.append((seed, *result["audio"], *result["text"]))
+        print(f"seed {seed}: audio-aware layer err {result['audio'][0]:.4f} KL {result['audio'][1]:.4f} | "
+              f"text-only layer err {result['text'][0]:.4f} KL {result['text'][1]:.4f}")
+        assert result["audio"][0] < result["text"][0] and result["audio"][1] < result["text"][1]
+    p.cache = p.decoder.setup_cache(p.max_context)
