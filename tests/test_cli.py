@@ -112,3 +112,48 @@ def test_a_full_run_never_imports_transformers(mha):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_compare_cli_hf_vs_artifacts(mha, wav):
+    """The verification a user with real weights runs: transformers (HF dir) vs our artifacts."""
+    r = _cli("compare", mha.checkpoint, mha.artifacts, "--audio", wav, "--new-tokens", 8, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["top1_agreement"] == 1.0 and report["mean_kl"] < 1e-6
+    assert max(report["layer_rel_err"]) < 1e-4  # fp32 artifacts: the runtime reproduces transformers
+
+
+def test_eval_librispeech_format(mha, tmp_path):
+    root = tmp_path / "LibriSpeech" / "test-clean"
+    chapter = root / "1089" / "134686"
+    chapter.mkdir(parents=True)
+    lines = []
+    for i, secs in enumerate((1.2, 2.3)):
+        uid = f"1089-134686-{i:04d}"
+        sf.write(str(chapter / f"{uid}.flac"), signal(secs, seed=i), 16000)
+        lines.append(f"{uid} HE HOPED THERE WOULD BE STEW FOR DINNER")
+    (chapter / "1089-134686.trans.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "results.jsonl"
+    r = _cli("eval", mha.artifacts, "--librispeech", tmp_path / "LibriSpeech", "--limit", 2, "--max-new-tokens", 6,
+             "--out", out, "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["utterances"] == 2 and report["wer_percent"] >= 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in rows] == ["1089-134686-0000", "1089-134686-0001"]
+    assert report["published_wer_percent"]["test-clean"]["hf"] == 1.7
+    r = _cli("eval", mha.artifacts, "--librispeech", tmp_path / "nothing")
+    assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_export_w4_cli_flags(mha, tmp_path):
+    r = _cli("export", mha.checkpoint, tmp_path / "o", "--bits", "4", "--group-size", "256", "--quiet")
+    assert r.returncode == 2 and "does not divide" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("export", mha.checkpoint, tmp_path / "o", "--bits", "4", "--calibration", tmp_path / "none", "--quiet")
+    assert r.returncode == 2 and "calibration directory not found" in r.stderr
+    r = _cli("export", mha.checkpoint, tmp_path / "o", "--bits", "4", "--num-samples", "4", "--asym", "--no-act-order",
+             "--group-size", "64", "--quiet")
+    assert r.returncode == 0, r.stderr
+    qc = json.loads((tmp_path / "o" / "decoder" / "config.json").read_text())["quantization_config"]
+    assert (qc["sym"], qc["desc_act"], qc["group_size"]) == (False, False, 64)
+    assert "W4 vs fp" in r.stderr
