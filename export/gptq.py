@@ -132,9 +132,12 @@ def rtn_quantize(weight: torch.Tensor, cfg: GPTQConfig) -> QuantizedLinear:
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) -> QuantizedLinear:
-    """GPTQ of weight [N, K] with hessian [K, K] (fp32, = 2/n Σ x xᵀ). Deterministic for fixed inputs."""
-    w = weight.detach().float().clone()
+    """GPTQ of weight [N, K] with hessian [K, K] (fp32, = 2/n Σ x xᵀ). Deterministic for fixed inputs.
+
+    Runs on the Hessian's device (a GPU makes the 7B export fast); the result tensors are on the CPU.
+    """
     h = hessian.detach().float().clone()
+    w = weight.detach().float().to(h.device).clone()
     n, k = w.shape
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -145,14 +148,14 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
         w = w[:, perm]
         h = h[perm][:, perm]
     damp = cfg.damp * torch.mean(torch.diag(h))
-    h += damp * torch.eye(k)
+    h += damp * torch.eye(k, device=h.device)
     hinv = _upper_cholesky_inverse(h)
     gs = k if cfg.group_size == -1 else cfg.group_size
     block = cfg.block_size if cfg.group_size == -1 else max(gs, cfg.block_size // gs * gs)
-    codes = torch.zeros(n, k)
+    codes = torch.zeros(n, k, device=w.device)
     n_groups = k // gs
-    scales = torch.zeros(n_groups, n)
-    zeros = torch.zeros(n_groups, n)
+    scales = torch.zeros(n_groups, n, device=w.device)
+    zeros = torch.zeros(n_groups, n, device=w.device)
     if cfg.group_size == -1:
         s, z = group_params(w, cfg.sym)
         scales[0], zeros[0] = s, z
@@ -174,7 +177,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig) 
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return _finish(codes, scales, zeros, perm, cfg, n, k)
+    return _finish(codes.cpu(), scales.cpu(), zeros.cpu(), None if perm is None else perm.cpu(), cfg, n, k)
 
 
 def _upper_cholesky_inverse(h: torch.Tensor) -> torch.Tensor:
@@ -183,7 +186,7 @@ def _upper_cholesky_inverse(h: torch.Tensor) -> torch.Tensor:
     mean = torch.mean(torch.diag(h))
     for _ in range(6):
         try:
-            lower = torch.linalg.cholesky(h + extra * mean * torch.eye(h.shape[0]))
+            lower = torch.linalg.cholesky(h + extra * mean * torch.eye(h.shape[0], device=h.device))
             inv = torch.cholesky_inverse(lower)
             return torch.linalg.cholesky(inv, upper=True)
         except torch.linalg.LinAlgError:
@@ -192,14 +195,14 @@ def _upper_cholesky_inverse(h: torch.Tensor) -> torch.Tensor:
 
 
 class HessianAccumulator:
-    """Running H = 2/n Σ x xᵀ over calibration rows (fp32, the standard GPTQ normalisation)."""
+    """Running H = 2/n Σ x xᵀ over calibration rows (fp32, the standard GPTQ normalisation), on `device`."""
 
-    def __init__(self, k: int):
-        self.h = torch.zeros(k, k)
+    def __init__(self, k: int, device: torch.device | str = "cpu"):
+        self.h = torch.zeros(k, k, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        x = x.reshape(-1, x.shape[-1]).float().to(self.h.device)
         m = x.shape[0]
         self.h *= self.n / (self.n + m)
         self.n += m

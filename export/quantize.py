@@ -133,11 +133,11 @@ def quantize_decoder(
     dev = torch.device(device)
     state_dir.mkdir(parents=True, exist_ok=True)
     index = _tensor_index(src)
-    embed = _read(index, "model.embed_tokens.weight").float()
+    embed = _read(index, "model.embed_tokens.weight")  # stored dtype: rows are converted as they are gathered
     hidden = []
     for s in samples:
         ids = torch.tensor(s.ids)
-        x = embed[ids].clone()
+        x = embed[ids].float()
         if s.audio is not None:
             x[ids == audio_token_id] = s.audio.float()
         hidden.append(x[None].to(dev))
@@ -201,12 +201,20 @@ def _head_agreement(index: dict, args: ModelArgs, quant: list[torch.Tensor], fp:
     norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
     norm.weight.data = _read(index, "model.norm.weight").float()
     key = "lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight"
-    head = _read(index, key).float()
-    head16 = _fp16_round(head)
+    head = _read(index, key)  # stored dtype; converted in row chunks (a 156k-row fp32 head is 2.5 GB)
+    chunk = 16384
+
+    def logits(x: torch.Tensor, fp16: bool) -> torch.Tensor:
+        parts = []
+        for i in range(0, head.shape[0], chunk):
+            h = head[i : i + chunk].float()
+            parts.append(x @ (_fp16_round(h) if fp16 else h).T)
+        return torch.cat(parts, dim=-1)
+
     kl_sum = agree = n = 0.0
     for q, f in zip(quant, fp):
-        lf = (norm(f.cpu())[0] @ head.T).log_softmax(-1)
-        lq = (norm(q.cpu())[0] @ head16.T).log_softmax(-1)
+        lf = logits(norm(f.cpu())[0], False).log_softmax(-1)
+        lq = logits(norm(q.cpu())[0], True).log_softmax(-1)
         kl_sum += float((lf.exp() * (lf - lq)).sum())
         agree += float((lf.argmax(-1) == lq.argmax(-1)).sum())
         n += lf.shape[0]
@@ -218,22 +226,24 @@ def _quantize_layer(layer: DecoderLayer, hidden: list[torch.Tensor], runner: _La
     metrics: dict[str, dict] = {}
     for group in SEQUENTIAL_GROUPS:
         first = _get(layer, group[0])
-        acc = HessianAccumulator(first.in_features)
-        handle = first.register_forward_hook(lambda m, inp, out: acc.add(inp[0].detach().cpu()))
+        acc = HessianAccumulator(first.in_features, first.weight.device)
+        handle = first.register_forward_hook(lambda m, inp, out: acc.add(inp[0].detach()))
         try:
             runner.run(layer, hidden)
         finally:
             handle.remove()
         for path in group:
             lin = _get(layer, path)
-            w = lin.weight.detach().float().cpu()
+            w = lin.weight.detach().float()
             q = gptq_quantize(w, acc.h, cfg)
+            w = w.cpu()
             state.update(q.tensors(f"{prefix}.{path}"))
             if lin.bias is not None:
                 state[f"{prefix}.{path}.bias"] = lin.bias.detach().cpu().to(torch.float16)
             diff = w - q.dequantized
-            num = torch.einsum("ij,jk,ik->", diff, acc.h, diff).clamp(min=0)
-            den = torch.einsum("ij,jk,ik->", w, acc.h, w)
+            h = acc.h.cpu()
+            num = torch.einsum("ij,jk,ik->", diff, h, diff).clamp(min=0)
+            den = torch.einsum("ij,jk,ik->", w, h, w)
             metrics[path] = {"rel_err": math.sqrt(float(num / den)) if den > 0 else 0.0, "rows": acc.n}
             with torch.no_grad():
                 lin.weight.copy_(q.dequantized.to(lin.weight.device))

@@ -1,0 +1,66 @@
+"""Peak memory of the W4 export (GPTQ layer by layer) on a tiny and a mid-size random checkpoint.
+
+Each export runs in its own process; we report that process's peak RSS (ru_maxrss) and the baseline
+RSS of the same process after imports, so the difference is what quantization itself needs. Usage:
+    python bench/quantize_memory.py [--out bench/results/cpu/quantize_memory.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+from qwen_audio_edge.export.calibrate import CalibrationOptions
+import transformers, onnxruntime  # imported before the baseline reading
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+m = export_checkpoint(sys.argv[1], sys.argv[2], ExportOptions(bits=4, progress=False, threads=2,
+                      calibration=CalibrationOptions(num_samples=int(sys.argv[3]))))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+q = m["decoder"]["quantization"]
+print(json.dumps({"baseline_rss_mib": base / 1024, "peak_rss_mib": peak / 1024, "export_s": time.perf_counter() - t,
+                  "calibration_tokens": q["calibration"]["tokens"], "eval_vs_fp": q["eval_vs_fp"]}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench/results/cpu/quantize_memory.json")
+    ap.add_argument("--num-samples", type=int, default=32)
+    a = ap.parse_args()
+    from qwen_audio_edge.export.fixtures import TinyShape, build_tiny_checkpoint
+
+    shapes = {
+        "tiny": TinyShape(name="tiny"),
+        "mid": TinyShape(name="mid", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=8192),
+    }
+    results = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+               "num_samples": a.num_samples, "date": time.strftime("%Y-%m-%d"), "models": {}}
+    for name, shape in shapes.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = build_tiny_checkpoint(Path(tmp) / "ckpt", shape, max_shard_size="50MB")
+            n_params = sum(p.stat().st_size for p in ckpt.glob("*.safetensors")) / 4
+            r = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(Path(tmp) / "art"), str(a.num_samples)],
+                               capture_output=True, text=True, check=True)
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            row.update(hidden=shape.hidden_size, layers=shape.num_hidden_layers, intermediate=shape.intermediate_size,
+                       vocab=shape.vocab_size, checkpoint_params=int(n_params))
+            results["models"][name] = row
+            print(name, json.dumps(row))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
