@@ -1,7 +1,8 @@
 """Peak memory of the W4 export (GPTQ layer by layer) on a tiny and a mid-size random checkpoint.
 
-Each export runs in its own process; we report that process's peak RSS (ru_maxrss) and the baseline
-RSS of the same process after imports, so the difference is what quantization itself needs. Usage:
+Each export runs in its own process; we report that process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs after the imports so the parent's memory inherited across fork does not count)
+and its RSS after the imports, so the difference is what the export itself needs. Usage:
     python bench/quantize_memory.py [--out bench/results/cpu/quantize_memory.json]
 """
 
@@ -17,18 +18,25 @@ import time
 from pathlib import Path
 
 CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
 from qwen_audio_edge.export.calibrate import CalibrationOptions
 import transformers, onnxruntime  # imported before the baseline reading
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+
+open("/proc/self/clear_refs", "w").write("5")  # reset the high-water mark to the current RSS
+base = status("VmRSS:")
 t = time.perf_counter()
 m = export_checkpoint(sys.argv[1], sys.argv[2], ExportOptions(bits=4, progress=False, threads=2,
                       calibration=CalibrationOptions(num_samples=int(sys.argv[3]))))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM:")
 q = m["decoder"]["quantization"]
-print(json.dumps({"baseline_rss_mib": base / 1024, "peak_rss_mib": peak / 1024, "export_s": time.perf_counter() - t,
+print(json.dumps({"baseline_rss_mib": base, "peak_rss_mib": peak, "export_peak_minus_baseline_mib": peak - base, "export_s": time.perf_counter() - t,
                   "calibration_tokens": q["calibration"]["tokens"], "eval_vs_fp": q["eval_vs_fp"]}))
 """
 

@@ -330,6 +330,10 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
     from .quantize import _read, _tensor_index, quantize_decoder
 
     args = ModelArgs.from_config(config["text"])
+    q_out, kv_out = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
+    for name, k, n in (("q_proj", args.hidden_size, q_out), ("k_proj", args.hidden_size, kv_out), ("o_proj", q_out, args.hidden_size),
+                       ("gate_proj", args.hidden_size, args.intermediate_size), ("down_proj", args.intermediate_size, args.hidden_size)):
+        opts.gptq.check_layer(name, k, n)  # before any calibration work or resume state
     template = (tmp / "chat_template.jinja").read_text() if "chat_template" in roles else None
     prompt = PromptFormat(Tokenizer.from_file(str(tmp / "tokenizer.json")), template, config["audio_token_id"])
     encoder = OnnxEncoder(tmp / "encoder.onnx", threads=opts.threads)

@@ -127,7 +127,7 @@ def test_interrupted_export_leaves_nothing_that_looks_valid(mha, tmp_path, monke
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(package, "_write_decoder", boom)
+    monkeypatch.setattr(package, "write_shards", boom)
     with pytest.raises(KeyboardInterrupt):
         package.export_checkpoint(mha.checkpoint, tmp_path / "out", package.ExportOptions(progress=False))
     assert list(tmp_path.iterdir()) == []

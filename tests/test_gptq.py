@@ -311,7 +311,7 @@ def test_bad_flags_give_clear_errors(mha, tmp_path, kwargs, match):
         opts = ExportOptions(**{"bits": 4, "progress": False, **kwargs, "gptq": GPTQConfig(group_size=gs),
                                 "calibration": CalibrationOptions(directory=Path(tmp_path / calib) if calib else None, num_samples=2)})
         export_checkpoint(mha.checkpoint, tmp_path / "out", opts)
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.gptq-state").exists()
 
 
 def test_calibration_directory_with_prompts_and_transcripts(mha, pipelines, tmp_path):
