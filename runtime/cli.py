@@ -27,6 +27,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime (default) or the torch module (GPUs without onnxruntime-gpu)")
     g.add_argument("--encoder-precision", default=None, choices=["fp32", "fp16"], help="which exported encoder to run")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+    g.add_argument("--w4-kernel", default="auto", choices=["auto", "ref", "cpu", "triton"],
+                   help="W4 matmul path for GPTQ decoders (auto: CPU int4 op on CPU, Triton on CUDA)")
     g.add_argument("--no-verify", action="store_true", help="check file sizes only, skip sha256 of the artifacts")
 
 
@@ -114,7 +116,8 @@ def _runtime_options(a: argparse.Namespace):
 
     dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
     return RuntimeOptions(device=a.device, dtype=dtype, max_context=a.max_context, encoder_backend=a.encoder_backend,
-                          encoder_precision=a.encoder_precision, threads=a.threads, verify_hashes=not a.no_verify)
+                          encoder_precision=a.encoder_precision, threads=a.threads, verify_hashes=not a.no_verify,
+                          w4_kernel=a.w4_kernel)
 
 
 def _sampling(pipeline, a: argparse.Namespace):

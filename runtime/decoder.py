@@ -218,13 +218,15 @@ class Qwen2Decoder(nn.Module):
         return self.lm_head(self.model.norm(x))
 
 
-def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *, lm_head_int8=None) -> Qwen2Decoder:
+def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *, lm_head_int8=None,
+                 w4_kernel: str = "ref") -> Qwen2Decoder:
     """Load a text-only Qwen2 checkpoint folder (config.json + safetensors, sharded or not), fp or GPTQ W4.
 
     The module is built on the meta device and each tensor is assigned as it is read, so peak memory is
     the weights once, never a random init plus a copy. GPTQ tensors (qweight/qzeros/g_idx int32, scales
     and W4 biases fp16) keep their stored dtypes; other float tensors take the activation `dtype`.
     `lm_head_int8` (a side file with `weight` int8 and `scales`) replaces the fp16 head, which is then not read.
+    `w4_kernel` picks the W4 matmul path (see QuantLinear.prepare); "ref" keeps the GPTQ tensors as stored.
     """
     import json
     from pathlib import Path
@@ -271,4 +273,6 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
         side = load_file(str(lm_head_int8))
         model.lm_head = Int8Linear(side["weight"].to(device), side["scales"].to(device))
     model.load_state_dict(state, assign=True, strict=lm_head_int8 is None)
+    kernels = {m.prepare(w4_kernel) for m in model.modules() if isinstance(m, QuantLinear)}
+    model.w4_kernels = sorted(kernels)
     return model.eval()

@@ -39,6 +39,7 @@ class RuntimeOptions:
     encoder_precision: str | None = None  # fp32 | fp16 (which exported encoder); None: the export's default
     threads: int | None = None
     verify_hashes: bool = True
+    w4_kernel: str = "auto"  # auto | ref | cpu | triton (GPTQ decoders only)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -47,6 +48,8 @@ class RuntimeOptions:
             raise OptionsError(f"encoder backend must be onnx or torch, got {self.encoder_backend!r}")
         if self.max_context is not None and self.max_context < 2:
             raise OptionsError(f"max_context must be ≥ 2, got {self.max_context}")
+        if self.w4_kernel not in ("auto", "ref", "cpu", "triton"):
+            raise OptionsError(f"w4 kernel must be auto, ref, cpu or triton, got {self.w4_kernel!r}")
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads must be ≥ 1, got {self.threads}")
         try:
@@ -116,7 +119,8 @@ class Pipeline:
         self.encoder = self._load_encoder()
         head = m.get("decoder", {}).get("lm_head_int8")
         self.decoder: Qwen2Decoder = load_decoder(artifacts.path(m["files_role"]["decoder_dir"]), self.dtype, self.device,
-                                                  lm_head_int8=artifacts.path(head) if head else None)
+                                                  lm_head_int8=artifacts.path(head) if head else None,
+                                                  w4_kernel=options.w4_kernel)
         self.max_context = self._resolve_max_context()
         self.cache: KVCache = self.decoder.setup_cache(self.max_context)
         self._owner: object | None = None

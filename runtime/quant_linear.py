@@ -1,8 +1,9 @@
 """Quantized linear layers swapped in at load: W4 (GPTQ format) and the optional int8 lm_head.
 
-Weights stay packed as read from the safetensors files (int32 nibbles + fp16 scales); each call
-dequantizes through kernels/w4_ref.py, so no resident fp copy of the weights ever exists. Faster
-kernels (Triton, CPU int4) replace the call, not the storage (issue #4).
+Weights stay 4-bit: either as read from the safetensors files (int32 nibbles + fp16 scales, run by the
+reference kernel kernels/w4_ref.py, which dequantizes per call) or repacked once at load for a fast
+path (kernels/w4_cpu.py: torch's CPU int4 op; kernels/w4_triton.py on CUDA). No resident fp copy of the
+weights ever exists.
 """
 
 from __future__ import annotations
@@ -31,8 +32,44 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16))
         else:
             self.bias = None
+        self.kernel = None  # a repacked fast-path weight (kernels/w4_cpu.py or w4_triton.py), or None = reference
+
+    def prepare(self, kernel: str = "auto") -> str:
+        """Pick and build the matmul path once, after the weights are loaded; returns its name.
+
+        auto: torch's CPU int4 op on CPU, Triton on CUDA, else the reference. The GPTQ buffers are
+        released once a fast path holds its own packed copy (weights are never held twice).
+        """
+        if kernel not in ("auto", "ref", "cpu", "triton"):
+            raise ValueError(f"unknown W4 kernel {kernel!r}: use auto, ref, cpu or triton")
+        on_cuda = self.qweight.device.type == "cuda"
+        want = ("triton" if on_cuda else "cpu") if kernel == "auto" else kernel
+        built = None
+        if want == "cpu" and not on_cuda:
+            from ..kernels.w4_cpu import CpuW4Weight
+
+            built = CpuW4Weight.build(self.qweight, self.qzeros, self.scales, self.g_idx)
+        elif want == "triton":
+            try:
+                from ..kernels.w4_triton import TritonW4Weight
+            except ImportError:
+                built = None
+            else:
+                built = TritonW4Weight.build(self.qweight, self.qzeros, self.scales, self.g_idx)
+        if built is None and kernel not in ("auto", "ref"):
+            raise ArtifactsError(f"W4 kernel {kernel!r} cannot run this {self.in_features}x{self.out_features} layer "
+                                 f"on {self.qweight.device}; use --w4-kernel auto or ref")
+        self.kernel = built
+        if built is not None:
+            empty = torch.empty(0, dtype=torch.int32, device=self.qweight.device)
+            self.qweight, self.qzeros, self.g_idx = empty, empty, empty
+            self.scales = torch.empty(0, dtype=torch.float16, device=empty.device)
+            return want
+        return "ref"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel.matmul(x, self.bias)
         return w4_matmul_ref(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias)
 
 
