@@ -17,6 +17,10 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors through the interpreter; read when kernels/w4_triton.py is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -415,3 +415,16 @@ def test_audio_aware_calibration_beats_text_only(loud_audio, tmp_path):
               f"text-only layer err {result['text'][0]:.4f} KL {result['text'][1]:.4f}")
         assert result["audio"][0] < result["text"][0] and result["audio"][1] < result["text"][1]
     p.cache = p.decoder.setup_cache(p.max_context)
+
+
+def test_w4_pipeline_fast_cpu_path_matches_reference_kernel(w4):
+    from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
+
+    art = w4[0] / "artifacts"
+    fast = Pipeline.from_artifacts(art, RuntimeOptions(w4_kernel="auto"))
+    ref = Pipeline.from_artifacts(art, RuntimeOptions(w4_kernel="ref"))
+    assert fast.decoder.w4_kernels == ["cpu"] and ref.decoder.w4_kernels == ["ref"]
+    wave = signal(2.7, seed=8)
+    a = fast.run(wave, "What is said?", sampling=SamplingOptions(max_new_tokens=16, **GREEDY))
+    b = ref.run(wave, "What is said?", sampling=SamplingOptions(max_new_tokens=16, **GREEDY))
+    assert a.token_ids == b.token_ids

@@ -1,0 +1,122 @@
+"""W4A16 kernels against the reference twin (kernels/w4_ref.py), with explicit tolerances.
+
+Sweeps M ∈ {1, 2, 3, 8, 17, 64, 200}, odd K/N within the format's constraints, group sizes 32/64/128/-1,
+act-order on/off, sym/asym. Triton runs under TRITON_INTERPRET=1 on CPU (small shapes); the CPU int4
+path is also checked on the real 7B layer shapes. Tolerance: max |y − y_ref| ≤ tol × max |y_ref|.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwen_audio_edge.export.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize
+from qwen_audio_edge.kernels.w4_cpu import CpuW4Weight
+from qwen_audio_edge.kernels.w4_ref import w4_matmul_ref
+
+MS = (1, 2, 3, 8, 17, 64, 200)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _layer(k: int, n: int, gs: int, act: bool, sym: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    w = torch.randn(n, k)
+    if act:  # GPTQ with act-order gives a permuted g_idx
+        acc = HessianAccumulator(k)
+        acc.add(torch.randn(4 * k, k) * torch.linspace(0.1, 3.0, k)[torch.randperm(k)])
+        return gptq_quantize(w, acc.h, GPTQConfig(group_size=gs, act_order=True, sym=sym))
+    return rtn_quantize(w, GPTQConfig(group_size=gs, sym=sym))
+
+
+def _check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= TOL[dtype] * ref.float().abs().max().item(), f"max err {err:.3e}"
+
+
+CASES = [  # K, N (N % 16 for the CPU op), group size, act-order, sym
+    (256, 64, 64, True, True),
+    (384, 48, 128, True, False),
+    (160, 32, 32, False, False),
+    (256, 80, -1, True, True),
+    (136, 16, -1, False, False),  # K = 17 × 8
+]
+
+
+@pytest.mark.parametrize("k,n,gs,act,sym", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_int4_kernel_matches_reference(k, n, gs, act, sym, dtype):
+    q = _layer(k, n, gs, act, sym)
+    w = CpuW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+    if gs == -1 and k % 32:
+        assert w is None  # per-channel K=136 has no 32/64/128/256 sub-group: the caller keeps the reference
+        return
+    assert w is not None
+    bias = torch.randn(n)
+    for m in MS:
+        x = torch.randn(m, k).to(dtype)
+        _check(w.matmul(x, bias), w4_matmul_ref(x, q.qweight, q.qzeros, q.scales, q.g_idx, bias), dtype)
+    x3 = torch.randn(2, 5, k).to(dtype)
+    assert w.matmul(x3).shape == (2, 5, n)
+
+
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
+def test_cpu_int4_kernel_on_real_7b_shapes(k, n):
+    q = rtn_quantize(torch.randn(n, k) * 0.02, GPTQConfig(group_size=128))
+    perm = torch.randperm(k)  # an act-order-like g_idx: rows of each group scattered
+    g_idx = (torch.arange(k) // 128).to(torch.int32)[perm]
+    from qwen_audio_edge.kernels.w4_ref import pack_rows, unpack_rows
+
+    qweight = pack_rows(unpack_rows(q.qweight)[perm])
+    w = CpuW4Weight.build(qweight, q.qzeros, q.scales, g_idx)
+    for m in (1, 8):
+        x = torch.randn(m, k)
+        _check(w.matmul(x), w4_matmul_ref(x, qweight, q.qzeros, q.scales, g_idx), torch.float32)
+
+
+def test_cpu_kernel_declines_what_it_cannot_run():
+    q = _layer(128, 24, 32, False, True)  # N = 24 is not a multiple of 16
+    assert CpuW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx) is None
+    q = _layer(128, 32, 32, False, True)
+    w = CpuW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+    with pytest.raises(ValueError, match="features"):
+        w.matmul(torch.randn(1, 127))
+
+
+@pytest.mark.parametrize("k,n,gs,act,sym", CASES + [(136, 24, -1, True, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_kernels_match_reference(k, n, gs, act, sym, dtype):
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels.w4_triton import DECODE_MAX_M, TritonW4Weight
+
+    q = _layer(k, n, gs, act, sym)
+    w = TritonW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+    assert w is not None
+    bias = torch.randn(n)
+    for m in MS:
+        x = torch.randn(m, k).to(dtype)
+        ref = w4_matmul_ref(x.float(), q.qweight, q.qzeros, q.scales, q.g_idx, bias).to(dtype)
+        _check(w.matmul(x, bias), ref, dtype)
+    assert any(m <= DECODE_MAX_M for m in MS) and any(m > DECODE_MAX_M for m in MS)  # both kernels ran
+    with pytest.raises(ValueError, match="features"):
+        w.matmul(torch.randn(1, k + 8))
+
+
+def test_quantlinear_paths_agree():
+    """QuantLinear.prepare: the CPU fast path and the reference give the same layer output."""
+    from qwen_audio_edge.runtime.quant_linear import QuantLinear
+
+    q = _layer(256, 64, 64, True, False)
+    layers = {}
+    for kernel in ("ref", "cpu", "triton"):
+        ql = QuantLinear(256, 64, 64, bias=True)
+        ql.qweight, ql.qzeros, ql.scales, ql.g_idx = q.qweight.clone(), q.qzeros.clone(), q.scales.clone(), q.g_idx.clone()
+        ql.bias = torch.randn(64, generator=torch.Generator().manual_seed(0)).half()
+        assert ql.prepare(kernel) == kernel
+        layers[kernel] = ql
+    x = torch.randn(5, 256)
+    ref = layers["ref"](x)
+    for kernel in ("cpu", "triton"):
+        _check(layers[kernel](x), ref, torch.float32)
+    with pytest.raises(ValueError, match="unknown W4 kernel"):
+        QuantLinear(256, 64, 64, bias=False).prepare("cuda-magic")
