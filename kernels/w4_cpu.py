@@ -9,7 +9,11 @@ Constraints of the op: N % 16 == 0 and groups of 32/64/128/256 rows (larger grou
 are split into 128-row groups with repeated parameters). `CpuW4Weight.build` returns None when a layer
 does not fit; the caller then keeps the reference kernel (kernels/w4_ref.py).
 
-Shapes/dtypes: x [..., K] fp32/bf16/fp16 → y [..., N] in x's dtype.
+Shapes/dtypes: x [..., K] fp32/bf16/fp16 → y [..., N] in x's dtype. The op runs in bf16 whatever the
+input dtype: measured on this project's 2-core CI machine (torch 2.13), a 4096×4096 GEMV takes 0.44 ms
+with bf16 activations, 15.6 ms with fp16 and ~33× the bf16 time with fp32. So fp32/fp16 activations are
+rounded to bf16 for the W4 matmul (relative error ~2⁻⁸, far below the 4-bit weight error) and the
+result is returned in the input dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ def available() -> bool:
 @dataclass
 class CpuW4Weight:
     packed: torch.Tensor  # uint8, torch's CPU int4 layout of [N, K]
-    scales_zeros: torch.Tensor  # fp32 [K / group, N, 2]
+    scales_zeros: torch.Tensor  # bf16 [K / group, N, 2]
     group: int
     perm: torch.Tensor | None  # K permutation applied to activations (act-order), or None
     k: int
@@ -60,7 +64,7 @@ class CpuW4Weight:
             q = q[perm]
         z = (unpack_cols(qzeros) + 1).float()  # [G, N]
         s = scales.float()
-        sz = torch.stack([s, s * (8.0 - z)], dim=-1).repeat_interleave(gs // sub, dim=0).contiguous()
+        sz = torch.stack([s, s * (8.0 - z)], dim=-1).repeat_interleave(gs // sub, dim=0).to(torch.bfloat16).contiguous()
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().to(torch.int32), 1)
         return cls(packed=packed, scales_zeros=sz, group=sub, perm=perm, k=k, n=n)
 
@@ -71,8 +75,8 @@ class CpuW4Weight:
         x2 = x.reshape(-1, self.k)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        sz = self.scales_zeros if x.dtype == torch.float32 else self.scales_zeros.to(x.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group, sz)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), self.packed, self.group,
+                                                       self.scales_zeros).to(x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, self.n)

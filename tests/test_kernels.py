@@ -16,6 +16,7 @@ from qwen_audio_edge.kernels.w4_ref import w4_matmul_ref
 
 MS = (1, 2, 3, 8, 17, 64, 200)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+CPU_TOL = 2e-2  # the CPU int4 op computes in bf16 whatever the input dtype (see kernels/w4_cpu.py)
 
 
 def _layer(k: int, n: int, gs: int, act: bool, sym: bool, seed: int = 0):
@@ -28,10 +29,10 @@ def _layer(k: int, n: int, gs: int, act: bool, sym: bool, seed: int = 0):
     return rtn_quantize(w, GPTQConfig(group_size=gs, sym=sym))
 
 
-def _check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+def _check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, tol: float | None = None) -> None:
     assert y.shape == ref.shape and y.dtype == ref.dtype
     err = (y.float() - ref.float()).abs().max().item()
-    assert err <= TOL[dtype] * ref.float().abs().max().item(), f"max err {err:.3e}"
+    assert err <= (tol or TOL[dtype]) * ref.float().abs().max().item(), f"max err {err:.3e}"
 
 
 CASES = [  # K, N (N % 16 for the CPU op), group size, act-order, sym
@@ -55,7 +56,7 @@ def test_cpu_int4_kernel_matches_reference(k, n, gs, act, sym, dtype):
     bias = torch.randn(n)
     for m in MS:
         x = torch.randn(m, k).to(dtype)
-        _check(w.matmul(x, bias), w4_matmul_ref(x, q.qweight, q.qzeros, q.scales, q.g_idx, bias), dtype)
+        _check(w.matmul(x, bias), w4_matmul_ref(x, q.qweight, q.qzeros, q.scales, q.g_idx, bias), dtype, CPU_TOL)
     x3 = torch.randn(2, 5, k).to(dtype)
     assert w.matmul(x3).shape == (2, 5, n)
 
@@ -71,7 +72,7 @@ def test_cpu_int4_kernel_on_real_7b_shapes(k, n):
     w = CpuW4Weight.build(qweight, q.qzeros, q.scales, g_idx)
     for m in (1, 8):
         x = torch.randn(m, k)
-        _check(w.matmul(x), w4_matmul_ref(x, qweight, q.qzeros, q.scales, g_idx), torch.float32)
+        _check(w.matmul(x), w4_matmul_ref(x, qweight, q.qzeros, q.scales, g_idx), torch.float32, CPU_TOL)
 
 
 def test_cpu_kernel_declines_what_it_cannot_run():
@@ -116,7 +117,7 @@ def test_quantlinear_paths_agree():
         layers[kernel] = ql
     x = torch.randn(5, 256)
     ref = layers["ref"](x)
-    for kernel in ("cpu", "triton"):
-        _check(layers[kernel](x), ref, torch.float32)
+    _check(layers["cpu"](x), ref, torch.float32, CPU_TOL)
+    _check(layers["triton"](x), ref, torch.float32)
     with pytest.raises(ValueError, match="unknown W4 kernel"):
         QuantLinear(256, 64, 64, bias=False).prepare("cuda-magic")

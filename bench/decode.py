@@ -1,0 +1,177 @@
+"""Whole-model decode benchmark: our W4 decoder vs transformers `generate()` in the same run.
+
+Builds a random Qwen2 decoder at a given shape directly (the kernels' speed does not depend on the
+values), quantizes it by round-to-nearest into the GPTQ layout (g128, sym, a random act-order-like
+g_idx permutation), loads it with our runtime and times batch-1 greedy decode after a prompt, against
+transformers' Qwen2ForCausalLM with the same weights in the comparison dtype. Reports tokens/s
+(median of --repeats), bytes read per token, achieved GB/s and peak memory.
+
+    python bench/decode.py --preset cpu-mid            # CPU: W4 (fp32 acts) vs transformers fp32
+    python bench/decode.py --preset 7b --device cuda   # GPU: W4 vs transformers fp16 (see gpu_check.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    "cpu-mid": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=8, vocab_size=32000),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=156032),
+}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_w4_dir(hf_model, out: Path, group_size: int = 128) -> None:
+    """RTN-quantize every decoder linear of `hf_model` into a GPTQ-format decoder folder."""
+    from safetensors.torch import save_file
+
+    from qwen_audio_edge.export.gptq import GPTQConfig, rtn_quantize
+    from qwen_audio_edge.kernels.w4_ref import pack_rows, unpack_rows
+
+    cfg = GPTQConfig(group_size=group_size, act_order=True)
+    sd = hf_model.state_dict()
+    tensors = {}
+    gen = torch.Generator().manual_seed(0)
+    for key, t in sd.items():
+        base = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and ".layers." in key and base.split(".")[-1] in (
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            q = rtn_quantize(t.float(), cfg)
+            k = t.shape[1]
+            perm = torch.randperm(k, generator=gen)  # act-order-like: each group's rows scattered over K
+            tensors[f"{base}.qweight"] = pack_rows(unpack_rows(q.qweight)[perm])
+            tensors[f"{base}.g_idx"] = q.g_idx[perm].contiguous()
+            tensors[f"{base}.qzeros"], tensors[f"{base}.scales"] = q.qzeros, q.scales
+        else:
+            tensors[key] = t.to(torch.float16).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    config = hf_model.config.to_dict()
+    config["quantization_config"] = cfg.quantization_config()
+    (out / "config.json").write_text(json.dumps(config))
+
+
+def bytes_per_token(cfg: dict, context: int, head_bytes: float, act_bytes: int) -> float:
+    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    linear = layers * (h * h * 2 + 2 * h * kv + 3 * h * i)
+    w4 = linear * (0.5 + 2 * 2 / 128 + 0.5 / 128)  # nibbles + fp16 scales + packed zeros per group of 128
+    kv_cache = 2 * layers * kv * context * act_bytes
+    return w4 + head_bytes + kv_cache
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cpu-mid", choices=sorted(PRESETS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--int8-head", action="store_true", help="also time our runtime with the int8 lm_head")
+    ap.add_argument("--peak-gbps", type=float, default=None, help="device peak memory bandwidth for % of roofline")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_audio_edge.runtime.decoder import load_decoder
+    from qwen_audio_edge.runtime.generate import GenerationStats, SamplingOptions, generate
+    from qwen_audio_edge.runtime.quant_linear import Int8Linear, quantize_int8_rows
+
+    device = torch.device(a.device)
+    cmp_dtype = torch.float32 if device.type == "cpu" else torch.float16
+    cfg = dict(PRESETS[a.preset], max_position_embeddings=max(4096, a.prompt + a.new + 8), rope_theta=10000.0,
+               rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        hf = Qwen2ForCausalLM(Qwen2Config(**cfg)).to(torch.float16).eval()
+    results = {"preset": a.preset, "config": cfg, "device": str(device), "prompt_tokens": a.prompt, "new_tokens": a.new,
+               "threads": torch.get_num_threads(), "machine": platform.platform(), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "runs": {}}
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+    ids = torch.randint(0, cfg["vocab_size"], (1, a.prompt))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_w4_dir(hf, Path(tmp) / "w4")
+        ours = load_decoder(Path(tmp) / "w4", cmp_dtype, device, w4_kernel="auto")
+    kernels = ours.w4_kernels
+    act_bytes = torch.finfo(cmp_dtype).bits // 8
+
+    def time_ours(model, label, head_bytes):
+        rates = []
+        for _ in range(a.repeats + 1):  # the first run warms up
+            cache = model.setup_cache(a.prompt + a.new + 1)
+            stats = GenerationStats()
+            opts = SamplingOptions(max_new_tokens=a.new, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+            with torch.inference_mode():
+                emb = model.embed(ids.to(device))
+                list(generate(model, cache, emb, 0, ids[0].tolist(), opts, [], stats))
+            rates.append(stats.decode_tokens / stats.decode_s)
+        rate = statistics.median(rates[1:])
+        bpt = bytes_per_token(cfg, a.prompt + a.new // 2, head_bytes, act_bytes)
+        row = {"decode_tok_s": rate, "bytes_per_token": bpt, "achieved_gb_s": bpt * rate / 1e9, "w4_kernels": kernels}
+        if a.peak_gbps:
+            row["pct_of_peak_bandwidth"] = 100 * row["achieved_gb_s"] / a.peak_gbps
+        results["runs"][label] = row
+        print(label, json.dumps(row), flush=True)
+
+    head_elems = cfg["vocab_size"] * cfg["hidden_size"]
+    time_ours(ours, f"ours_w4_{str(cmp_dtype).split('.')[-1]}_head", head_elems * act_bytes)
+    if a.int8_head:
+        q, s = quantize_int8_rows(ours.lm_head.weight.float().cpu())
+        ours.lm_head = Int8Linear(q.to(device), s.to(device))
+        time_ours(ours, "ours_w4_int8_head", head_elems * 1)
+    del ours
+
+    ref = hf.to(device=device, dtype=cmp_dtype)
+    rates = []
+    with torch.inference_mode():
+        for _ in range(a.repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            ref.generate(ids.to(device), max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=0)
+            _sync(device)
+            t1 = time.perf_counter()
+            ref.generate(ids.to(device), max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False, pad_token_id=0)
+            _sync(device)
+            t2 = time.perf_counter()
+            rates.append((a.new - 1) / ((t2 - t1) - (t1 - t0)))
+    rate = statistics.median(rates[1:])
+    dense = sum(p.numel() for p in ref.parameters()) - ref.model.embed_tokens.weight.numel()
+    results["runs"][f"transformers_{str(cmp_dtype).split('.')[-1]}"] = {"decode_tok_s": rate,
+                                                                        "bytes_per_token": dense * act_bytes}
+    print("transformers", rate, flush=True)
+    base = results["runs"][f"ours_w4_{str(cmp_dtype).split('.')[-1]}_head"]["decode_tok_s"]
+    results["speedup_vs_transformers"] = base / rate
+    if device.type == "cuda":
+        results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        import resource
+
+        results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps({k: v for k, v in results.items() if k != "config"}, indent=1))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
