@@ -1,9 +1,9 @@
 """Whole-model decode benchmark: our W4 decoder vs transformers `generate()` in the same run.
 
-Builds a random Qwen2 decoder at a given shape directly (the kernels' speed does not depend on the
-values), quantizes it by round-to-nearest into the GPTQ layout (g128, sym, a random act-order-like
-g_idx permutation), loads it with our runtime and times batch-1 greedy decode after a prompt, against
-transformers' Qwen2ForCausalLM with the same weights in the comparison dtype. Reports tokens/s
+Builds a random Qwen2 decoder at a given shape directly on the device (the kernels' speed does not
+depend on the values): transformers' Qwen2ForCausalLM in the comparison dtype, and our decoder sharing
+its embedding/norm/lm_head with random GPTQ tensors (g128, an act-order-like g_idx permutation). Times
+batch-1 greedy decode after a prompt for both. Reports tokens/s
 (median of --repeats), bytes read per token, achieved GB/s and peak memory.
 
     python bench/decode.py --preset cpu-mid            # CPU: W4 (fp32 acts) vs transformers fp32
@@ -17,7 +17,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,34 +35,35 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def build_w4_dir(hf_model, out: Path, group_size: int = 128) -> None:
-    """RTN-quantize every decoder linear of `hf_model` into a GPTQ-format decoder folder."""
-    from safetensors.torch import save_file
+def random_w4_decoder(hf_model, cfg: dict, device: torch.device, dtype: torch.dtype, group_size: int = 128):
+    """Our decoder with random GPTQ tensors (act-order-like g_idx) built directly on `device`, sharing the
+    embedding/norm/lm_head of `hf_model`: the kernels' speed does not depend on the values."""
+    from qwen_audio_edge.runtime.decoder import ModelArgs, Qwen2Decoder
+    from qwen_audio_edge.runtime.quant_linear import QuantLinear, swap_in_quant_linears
 
-    from qwen_audio_edge.export.gptq import GPTQConfig, rtn_quantize
-    from qwen_audio_edge.kernels.w4_ref import pack_rows, unpack_rows
-
-    cfg = GPTQConfig(group_size=group_size, act_order=True)
-    sd = hf_model.state_dict()
-    tensors = {}
-    gen = torch.Generator().manual_seed(0)
-    for key, t in sd.items():
-        base = key.rsplit(".", 1)[0]
-        if key.endswith(".weight") and ".layers." in key and base.split(".")[-1] in (
-                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-            q = rtn_quantize(t.float(), cfg)
-            k = t.shape[1]
-            perm = torch.randperm(k, generator=gen)  # act-order-like: each group's rows scattered over K
-            tensors[f"{base}.qweight"] = pack_rows(unpack_rows(q.qweight)[perm])
-            tensors[f"{base}.g_idx"] = q.g_idx[perm].contiguous()
-            tensors[f"{base}.qzeros"], tensors[f"{base}.scales"] = q.qzeros, q.scales
-        else:
-            tensors[key] = t.to(torch.float16).contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"))
-    config = hf_model.config.to_dict()
-    config["quantization_config"] = cfg.quantization_config()
-    (out / "config.json").write_text(json.dumps(config))
+    args = ModelArgs.from_config(cfg)
+    with torch.device("meta"):
+        model = Qwen2Decoder(args)
+        swap_in_quant_linears(model, {"quant_method": "gptq", "bits": 4, "group_size": group_size})
+    gen = torch.Generator(device=device).manual_seed(0)
+    sd = {}
+    hf_sd = hf_model.state_dict()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            k, n = m.in_features, m.out_features
+            sd[f"{name}.qweight"] = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device, generator=gen)
+            sd[f"{name}.qzeros"] = torch.full((k // group_size, n // 8), 0x77777777, dtype=torch.int32, device=device)
+            sd[f"{name}.scales"] = (torch.rand(k // group_size, n, device=device, generator=gen) * 0.01).half()
+            perm = torch.randperm(k, device=device, generator=gen)
+            sd[f"{name}.g_idx"] = (torch.arange(k, device=device) // group_size).int()[perm]
+            if m.bias is not None:
+                sd[f"{name}.bias"] = torch.zeros(n, dtype=torch.float16, device=device)
+    for key, t in hf_sd.items():
+        if key not in sd and not key.endswith(("proj.weight", "proj.bias")):
+            sd[key] = t.to(device=device, dtype=dtype)
+    model.load_state_dict(sd, assign=True, strict=True)
+    model.w4_kernels = sorted({m.prepare("auto") for m in model.modules() if isinstance(m, QuantLinear)})
+    return model.eval()
 
 
 def bytes_per_token(cfg: dict, context: int, head_bytes: float, act_bytes: int) -> float:
@@ -91,7 +91,6 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from qwen_audio_edge.runtime.decoder import load_decoder
     from qwen_audio_edge.runtime.generate import GenerationStats, SamplingOptions, generate
     from qwen_audio_edge.runtime.quant_linear import Int8Linear, quantize_int8_rows
 
@@ -100,18 +99,19 @@ def main() -> None:
     cfg = dict(PRESETS[a.preset], max_position_embeddings=max(4096, a.prompt + a.new + 8), rope_theta=10000.0,
                rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(0)
-    with torch.device("cpu"):
-        hf = Qwen2ForCausalLM(Qwen2Config(**cfg)).to(torch.float16).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # build the 7B reference directly in fp16 on the device
+    with torch.device(device):
+        hf = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+    torch.set_default_dtype(default)
     results = {"preset": a.preset, "config": cfg, "device": str(device), "prompt_tokens": a.prompt, "new_tokens": a.new,
                "threads": torch.get_num_threads(), "machine": platform.platform(), "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d"), "runs": {}}
+               "date": time.strftime("%Y-%m-%d"), "w4_weights": "random GPTQ tensors (g128, act-order-like g_idx)",
+               "runs": {}}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     ids = torch.randint(0, cfg["vocab_size"], (1, a.prompt))
-
-    with tempfile.TemporaryDirectory() as tmp:
-        build_w4_dir(hf, Path(tmp) / "w4")
-        ours = load_decoder(Path(tmp) / "w4", cmp_dtype, device, w4_kernel="auto")
+    ours = random_w4_decoder(hf, cfg, device, cmp_dtype)
     kernels = ours.w4_kernels
     act_bytes = torch.finfo(cmp_dtype).bits // 8
 
@@ -136,12 +136,12 @@ def main() -> None:
     head_elems = cfg["vocab_size"] * cfg["hidden_size"]
     time_ours(ours, f"ours_w4_{str(cmp_dtype).split('.')[-1]}_head", head_elems * act_bytes)
     if a.int8_head:
-        q, s = quantize_int8_rows(ours.lm_head.weight.float().cpu())
-        ours.lm_head = Int8Linear(q.to(device), s.to(device))
+        q, s = quantize_int8_rows(ours.lm_head.weight.float())
+        ours.lm_head = Int8Linear(q, s)
         time_ours(ours, "ours_w4_int8_head", head_elems * 1)
     del ours
 
-    ref = hf.to(device=device, dtype=cmp_dtype)
+    ref = hf.to(dtype=cmp_dtype)
     rates = []
     with torch.inference_mode():
         for _ in range(a.repeats + 1):

@@ -1,0 +1,61 @@
+"""GPU-only checks (marker `gpu`; skipped on CPU machines). Run on a GPU by bench/gpu_check.sh.
+
+Triton W4 kernels on CUDA against the reference on the real 7B layer shapes, and the pipeline on CUDA
+(fp32 activations, so greedy tokens must equal transformers' / the CPU reference path).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import reference_greedy, reference_inputs, signal
+
+from qwen_audio_edge.runtime.generate import SamplingOptions
+
+pytestmark = pytest.mark.gpu
+GREEDY = dict(greedy=True, repetition_penalty=1.0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.float32, 1e-5)])
+def test_triton_real_shapes_on_cuda(k, n, dtype, tol):
+    from qwen_audio_edge.export.gptq import GPTQConfig, rtn_quantize
+    from qwen_audio_edge.kernels.w4_ref import pack_rows, unpack_rows, w4_matmul_ref
+    from qwen_audio_edge.kernels.w4_triton import TritonW4Weight
+
+    q = rtn_quantize(torch.randn(n, k) * 0.02, GPTQConfig(group_size=128, sym=False))
+    perm = torch.randperm(k)
+    qweight, g_idx = pack_rows(unpack_rows(q.qweight)[perm]), q.g_idx[perm].contiguous()
+    w = TritonW4Weight.build(qweight.cuda(), q.qzeros.cuda(), q.scales.cuda(), g_idx.cuda())
+    for m in (1, 2, 3, 8, 17, 64, 200, 800):
+        x = torch.randn(m, k, device="cuda")
+        ref = w4_matmul_ref(x, qweight.cuda(), q.qzeros.cuda(), q.scales.cuda(), g_idx.cuda())
+        y = w.matmul(x.to(dtype)).float()
+        assert (y - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+def test_fp_pipeline_on_cuda_matches_transformers(mha, pipelines):
+    p = pipelines(mha, device="cuda", dtype="fp32", encoder_backend="torch")
+    wave = signal(4.4)
+    inputs = reference_inputs(mha, wave, "What does the person say?")
+    expected = reference_greedy(mha, inputs, 32)
+    got = p.run(wave, "What does the person say?", sampling=SamplingOptions(max_new_tokens=32, **GREEDY))
+    assert got.token_ids == expected
+
+
+def test_w4_pipeline_on_cuda_uses_triton(mha, tmp_path):
+    from qwen_audio_edge.export.calibrate import CalibrationOptions
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+    from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
+
+    export_checkpoint(mha.checkpoint, tmp_path / "w4", ExportOptions(bits=4, progress=False, quant_device="cuda",
+                                                                    calibration=CalibrationOptions(num_samples=8)))
+    gpu = Pipeline.from_artifacts(tmp_path / "w4", RuntimeOptions(device="cuda", dtype="fp32", encoder_backend="torch"))
+    ref = Pipeline.from_artifacts(tmp_path / "w4", RuntimeOptions(w4_kernel="ref"))
+    assert gpu.decoder.w4_kernels == ["triton"]
+    wave = signal(3.3)
+    a = gpu.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY))
+    b = ref.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY))
+    assert a.token_ids == b.token_ids
+    half = Pipeline.from_artifacts(tmp_path / "w4", RuntimeOptions(device="cuda", dtype="fp16", encoder_backend="torch"))
+    assert len(half.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY)).token_ids) == 16
