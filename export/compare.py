@@ -154,6 +154,8 @@ def compare(a, b, audio_files: list[Path], prompt: str, new_tokens: int = 32) ->
     """Run the comparison over `audio_files`; returns the aggregated report (and per-file rows)."""
     if not audio_files:
         raise OptionsError("compare needs at least one --audio file")
+    if new_tokens < 1:
+        raise OptionsError(f"--new-tokens must be ≥ 1, got {new_tokens}")
     rows = []
     all_kl: list[float] = []
     all_agree: list[float] = []

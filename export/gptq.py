@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.w4_ref import BITS, pack_cols, pack_rows
-from ..runtime.errors import OptionsError
+from ..runtime.errors import ExportError, OptionsError
 
 MAXQ = (1 << BITS) - 1
 
@@ -38,8 +38,8 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         if self.bits != 4:
             raise OptionsError(f"--bits {self.bits}: only 4-bit GPTQ is supported")
-        if self.group_size != -1 and (self.group_size < 8 or self.group_size & (self.group_size - 1)):
-            raise OptionsError(f"--group-size {self.group_size}: use 32, 64, 128 (a power of two ≥ 8) or -1 (per channel)")
+        if self.group_size not in (32, 64, 128, -1):
+            raise OptionsError(f"--group-size {self.group_size}: use 32, 64, 128 or -1 (per channel)")
         if not 0 < self.damp < 1:
             raise OptionsError(f"--damp {self.damp}: must be in (0, 1)")
 
@@ -86,7 +86,14 @@ def group_params(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor
         zero = torch.full_like(scale, (MAXQ + 1) // 2)
     else:
         # Zero ≥ 1: the checkpoint stores zero − 1 in a nibble, so 0 cannot be represented (it would wrap).
-        zero = torch.round(-xmin / scale).clamp(1, MAXQ)
+        # Where the zero would be 0 (a group with no negative value), use zero 1 and stretch the scale so
+        # that xmax still maps to the top code (15 − 1 steps above zero) instead of being clipped.
+        zero = torch.round(-xmin / scale)
+        low = zero < 1
+        if bool(low.any()):
+            scale = torch.where(low, (xmax / (MAXQ - 1)).to(torch.float16).float(), scale)
+            scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-14), scale)
+        zero = zero.clamp(1, MAXQ)
     return scale, zero
 
 
@@ -191,7 +198,8 @@ def _upper_cholesky_inverse(h: torch.Tensor) -> torch.Tensor:
             return torch.linalg.cholesky(inv, upper=True)
         except torch.linalg.LinAlgError:
             extra = 0.01 if extra == 0 else extra * 10
-    raise RuntimeError("the calibration Hessian is not positive definite even with 1000x dampening; add calibration data")
+    raise ExportError("the calibration Hessian is not positive definite even with 1000x extra dampening: "
+                      "give more (or longer) calibration samples or a larger --damp")
 
 
 class HessianAccumulator:

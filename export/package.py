@@ -189,8 +189,6 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, opts: ExportOpti
         if out.exists():
             out.rename(old)
         tmp.rename(out)
-        if opts.hf_checkpoint is not None:
-            write_hf_checkpoint(src, out, opts.hf_checkpoint, opts.force, opts.progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not out.exists():
@@ -198,6 +196,8 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, opts: ExportOpti
         raise
     shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(state_dir, ignore_errors=True)  # a finished export no longer needs the GPTQ resume state
+    if opts.hf_checkpoint is not None:  # after the artifacts are complete: it reads them
+        write_hf_checkpoint(src, out, opts.hf_checkpoint, opts.force, opts.progress)
     return manifest
 
 
@@ -325,7 +325,6 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
     from ..runtime.decoder import ModelArgs
     from ..runtime.encoder import OnnxEncoder
     from ..runtime.prompt import PromptFormat
-    from ..runtime.quant_linear import quantize_int8_rows
     from .calibrate import build_calibration
     from .quantize import _read, _tensor_index, quantize_decoder
 
@@ -336,22 +335,24 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
         opts.gptq.check_layer(name, k, n)  # before any calibration work or resume state
     template = (tmp / "chat_template.jinja").read_text() if "chat_template" in roles else None
     prompt = PromptFormat(Tokenizer.from_file(str(tmp / "tokenizer.json")), template, config["audio_token_id"])
-    encoder = OnnxEncoder(tmp / "encoder.onnx", threads=opts.threads)
-    samples, calib_summary = build_calibration(opts.calibration, prompt, front, encoder)
     settings = {"gptq": asdict(opts.gptq), "calibration": json.loads(json.dumps(asdict(opts.calibration), default=str)),
                 "source": _source_fingerprint(src), "threads": torch.get_num_threads(), "device": opts.quant_device,
                 "torch": torch.__version__}
     settings_path = state_dir / "settings.json"
     if state_dir.exists() and not opts.resume:
         shutil.rmtree(state_dir)
-    if state_dir.exists():
+    if state_dir.exists():  # checked before the (slow) calibration pass
         saved = json.loads(settings_path.read_text()) if settings_path.is_file() else None
         if saved != settings:
             raise OptionsError(f"--resume: the saved GPTQ state in {state_dir} was made with other settings "
                                "(options, calibration, source, threads or device); rerun without --resume")
-    else:
+    encoder = OnnxEncoder(tmp / "encoder.onnx", threads=opts.threads)
+    samples, calib_summary = build_calibration(opts.calibration, prompt, front, encoder)
+    if not state_dir.exists():
         state_dir.mkdir(parents=True)
-        settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        tmp_settings = settings_path.with_name("settings.json.tmp")
+        tmp_settings.write_text(json.dumps(settings, indent=2, sort_keys=True))
+        os.replace(tmp_settings, settings_path)
     result = quantize_decoder(src, args, samples, opts.gptq, state_dir, config["audio_token_id"],
                               device=opts.quant_device, progress=opts.progress)
     metrics = result["layers"]
@@ -374,16 +375,24 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
     qc = opts.gptq.quantization_config()
     (tmp / "decoder" / "config.json").write_text(json.dumps(_decoder_config(config["text"], "float16", qc), indent=2, sort_keys=True))
     if opts.lm_head == "int8":
-        from safetensors.torch import save_file
-
-        head = _read(index, "lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight")
-        q, scales = quantize_int8_rows(head)
-        save_file({"weight": q, "scales": scales}, str(tmp / "lm_head.int8.safetensors"))
+        _write_int8_head(src, tmp)
     layer_errs = {name: max(v["rel_err"] for v in m.values()) for name, m in metrics.items()}
     return {"config": qc, "calibration": calib_summary, "layer_metrics": metrics, "eval_vs_fp": result["eval"],
             "worst_layer_rel_err": max(layer_errs.values()), "mean_rel_err":
             sum(v["rel_err"] for m in metrics.values() for v in m.values()) / sum(len(m) for m in metrics.values()),
             "threads": torch.get_num_threads()}
+
+
+def _write_int8_head(src: SourceCheckpoint, tmp: Path) -> None:
+    """The weight-only int8 lm_head side file (per output row), from the source's head (or tied embedding)."""
+    from safetensors.torch import save_file
+
+    from ..runtime.quant_linear import quantize_int8_rows
+    from .quantize import _read, _tensor_index
+
+    index = _tensor_index(src)
+    q, scales = quantize_int8_rows(_read(index, "lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight"))
+    save_file({"weight": q, "scales": scales}, str(tmp / "lm_head.int8.safetensors"))
 
 
 def _copy_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOptions, qc: dict) -> dict:
@@ -400,6 +409,8 @@ def _copy_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expor
         load_decoder(tmp / "decoder", torch.float32, "meta")  # shape/key check against the config, no data
     except (ArtifactsError, RuntimeError) as e:
         raise CheckpointError(f"{src.root}: its GPTQ tensors do not match its config: {e}") from e
+    if opts.lm_head == "int8":
+        _write_int8_head(src, tmp)
     return {"config": qc, "calibration": {"source": "copied from a GPTQ source checkpoint"}}
 
 
@@ -429,8 +440,12 @@ def write_hf_checkpoint(src: SourceCheckpoint, artifacts: Path, dest: Path, forc
                     new = "language_model.lm_head.weight" if key == "lm_head.weight" else "language_model." + key
                     yield new, sf.get_tensor(key)
 
-    n = sum(1 for _ in src.iter_tensors("encoder")) + sum(len(safe_open(str(f), "pt").keys()) for f in files)
+    n = sum(1 for _ in src.iter_tensors("encoder"))
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            n += len(sf.keys())
     tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_shards(tmp, items(), n, 2 << 30, "hf checkpoint tensors", progress)
@@ -444,14 +459,15 @@ def write_hf_checkpoint(src: SourceCheckpoint, artifacts: Path, dest: Path, forc
             if (src.root / name).is_file():
                 shutil.copyfile(src.root / name, tmp / name)
         _fsync_tree(tmp)
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
         if dest.exists():
             dest.rename(old)
         tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dest.exists():
+            old.rename(dest)
         raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _layer_keys(state_dir: Path, n_layers: int):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..runtime.decoder import DecoderLayer, KVCache, ModelArgs, rope_tables
-from ..runtime.errors import CheckpointError
+from ..runtime.errors import CheckpointError, ExportError
 from ..runtime.quant_linear import W4_LINEARS
 from .calibrate import CalibrationSample
 from .checkpoint import SourceCheckpoint, map_key
@@ -94,6 +94,11 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # a resumed export trusts every layer file it finds: never expose a torn one
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
@@ -153,9 +158,12 @@ def quantize_decoder(
         prefix = f"model.layers.{i}"
         done = state_dir / f"layer-{i:05d}.safetensors"
         if done.exists():
-            with safe_open(str(done), framework="pt", device="cpu") as sf:
-                state = {k: sf.get_tensor(k) for k in sf.keys()}
-                layer_metrics = json.loads(sf.metadata()["metrics"])
+            try:
+                with safe_open(str(done), framework="pt", device="cpu") as sf:
+                    state = {k: sf.get_tensor(k) for k in sf.keys()}
+                    layer_metrics = json.loads(sf.metadata()["metrics"])
+            except Exception as e:  # noqa: BLE001 — a damaged state file, whatever the parser says
+                raise ExportError(f"GPTQ resume state {done} is unreadable ({e}); rerun without --resume") from e
             layer = _layer_from_state(args, state, prefix, dev)
             fp_stream = runner.run(_fp_layer(index, args, prefix, dev, cfg), fp_stream)
         else:
@@ -213,11 +221,13 @@ def _head_agreement(index: dict, args: ModelArgs, quant: list[torch.Tensor], fp:
 
     kl_sum = agree = n = 0.0
     for q, f in zip(quant, fp):
-        lf = logits(norm(f.cpu())[0], False).log_softmax(-1)
-        lq = logits(norm(q.cpu())[0], True).log_softmax(-1)
-        kl_sum += float((lf.exp() * (lf - lq)).sum())
-        agree += float((lf.argmax(-1) == lq.argmax(-1)).sum())
-        n += lf.shape[0]
+        hf_, hq = norm(f.cpu())[0], norm(q.cpu())[0]
+        for p0 in range(0, hf_.shape[0], 256):  # positions in chunks: [S, 156k] fp32 logits are large
+            lf = logits(hf_[p0 : p0 + 256], False).log_softmax(-1)
+            lq = logits(hq[p0 : p0 + 256], True).log_softmax(-1)
+            kl_sum += float((lf.exp() * (lf - lq)).sum())
+            agree += float((lf.argmax(-1) == lq.argmax(-1)).sum())
+            n += lf.shape[0]
     return {"top1_agreement": agree / n if n else None, "mean_kl": kl_sum / n if n else None, "positions": int(n)}
 
 

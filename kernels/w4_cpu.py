@@ -12,8 +12,9 @@ does not fit; the caller then keeps the reference kernel (kernels/w4_ref.py).
 Shapes/dtypes: x [..., K] fp32/bf16/fp16 → y [..., N] in x's dtype. The op runs in bf16 whatever the
 input dtype: measured on this project's 2-core CI machine (torch 2.13), a 4096×4096 GEMV takes 0.44 ms
 with bf16 activations, 15.6 ms with fp16 and ~33× the bf16 time with fp32. So fp32/fp16 activations are
-rounded to bf16 for the W4 matmul (relative error ~2⁻⁸, far below the 4-bit weight error) and the
-result is returned in the input dtype.
+rounded to bf16 for the W4 matmul, and so are the per-group scale and zero (relative error ~2⁻⁹ per
+weight, far below the 4-bit error); the result is returned in the input dtype. Tests compare with the
+reference at a bf16 tolerance; use `--w4-kernel ref` where bit-exact agreement with the export matters.
 """
 
 from __future__ import annotations

@@ -116,7 +116,9 @@ class TritonW4Weight:
             x2 = x2.index_select(1, self.perm)
         x2 = x2.contiguous()
         m = x2.shape[0]
-        block_k = min(64, self.group)
+        # Blocks may straddle groups (the group is computed per row), so any group size works; blocks
+        # stay powers of two ≥ 16 as tl.arange and tl.dot require.
+        block_k = 64 if self.group >= 64 else 32 if self.group >= 32 else 16
         if m <= DECODE_MAX_M:
             block_n = 64
             splits = split_k or max(1, min(self.k // self.group, 8))

@@ -104,11 +104,16 @@ class Int8Linear(nn.Module):
         return torch.cat(outs, dim=-1)
 
 
-def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 of weight [rows, cols] → (int8 weight, fp32 scales)."""
-    w = weight.float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+def quantize_int8_rows(weight: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of weight [rows, cols] → (int8 weight, fp32 scales), in row chunks
+    (a 156k × 4096 head in fp32 would be 2.5 GB per temporary)."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for i in range(0, weight.shape[0], chunk):
+        w = weight[i : i + chunk].float()
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+        q[i : i + chunk] = torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8)
+        scales[i : i + chunk] = s
     return q, scales
 
 

@@ -294,8 +294,8 @@ def test_resume_refuses_state_from_other_settings(mha, tmp_path, monkeypatch):
     "kwargs,match",
     [
         (dict(bits=3), "--bits 3"),
-        (dict(gptq_group_size=256), "does not divide"),
-        (dict(gptq_group_size=48), "power of two"),
+        (dict(gptq_group_size=256), "use 32, 64, 128 or -1"),
+        (dict(gptq_group_size=48), "use 32, 64, 128 or -1"),
         (dict(calibration="missing-dir"), "calibration directory not found"),
         (dict(bits=16, hf_checkpoint="x"), "needs --bits 4"),
     ],
@@ -312,6 +312,22 @@ def test_bad_flags_give_clear_errors(mha, tmp_path, kwargs, match):
                                 "calibration": CalibrationOptions(directory=Path(tmp_path / calib) if calib else None, num_samples=2)})
         export_checkpoint(mha.checkpoint, tmp_path / "out", opts)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.gptq-state").exists()
+
+
+def test_group_size_must_divide_every_layer():
+    with pytest.raises(OptionsError, match="does not divide .*in_features 192"):
+        GPTQConfig(group_size=128).check_layer("model.layers.0.mlp.down_proj", 192, 64)
+    with pytest.raises(OptionsError, match="multiples of 8"):
+        GPTQConfig(group_size=32).check_layer("x", 100, 64)
+    GPTQConfig(group_size=64).check_layer("x", 192, 64)
+
+
+def test_asym_group_without_negatives_keeps_its_maximum():
+    """Zero is stored as zero − 1, so it cannot be 0; the scale stretches instead of clipping the top value."""
+    w = torch.rand(8, 32) + 0.5  # all positive
+    q = rtn_quantize(w, GPTQConfig(group_size=32, sym=False))
+    err = (q.dequantized - w).abs().max() / (w.amax(1) / 14).max()
+    assert err <= 0.51
 
 
 def test_calibration_directory_with_prompts_and_transcripts(mha, pipelines, tmp_path):
