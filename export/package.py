@@ -175,30 +175,44 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, opts: ExportOpti
     if opts.threads:
         torch.set_num_threads(opts.threads)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
     state_dir = out.parent / f".{out.name}.gptq-state"  # survives an interrupted 4-bit export, for --resume
-    try:
+
+    def fill(tmp: Path) -> dict:
         manifest = _export_into(src, config, tmp, opts, state_dir)
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
         _write_manifest(tmp, manifest)
-        _fsync_tree(tmp)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            old.rename(out)  # interrupted between the two renames: put the previous output back
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        return manifest
+
+    manifest = publish_dir(out, fill)
     shutil.rmtree(state_dir, ignore_errors=True)  # a finished export no longer needs the GPTQ resume state
     if opts.hf_checkpoint is not None:  # after the artifacts are complete: it reads them
         write_hf_checkpoint(src, out, opts.hf_checkpoint, opts.force, opts.progress)
     return manifest
+
+
+def publish_dir(dest: Path, fill):
+    """Build a directory with `fill(tmp)` in a hidden sibling, then swap it in for `dest` atomically.
+
+    An interruption leaves no half-written `dest`: the partial sibling is removed, and a previous `dest`
+    moved aside for the swap is put back. Returns what `fill` returned.
+    """
+    tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        result = fill(tmp)
+        _fsync_tree(tmp)
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dest.exists():
+            old.rename(dest)  # interrupted between the two renames: put the previous output back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return result
 
 
 def _fsync_tree(root: Path) -> None:
@@ -444,10 +458,7 @@ def write_hf_checkpoint(src: SourceCheckpoint, artifacts: Path, dest: Path, forc
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             n += len(sf.keys())
-    tmp = dest.parent / f".{dest.name}.partial-{os.getpid()}"
-    old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    def fill(tmp: Path) -> None:
         write_shards(tmp, items(), n, 2 << 30, "hf checkpoint tensors", progress)
         cfg = dict(src.raw_config)
         cfg["quantization_config"] = qc
@@ -458,16 +469,9 @@ def write_hf_checkpoint(src: SourceCheckpoint, artifacts: Path, dest: Path, forc
                      "chat_template.json", "chat_template.jinja"):
             if (src.root / name).is_file():
                 shutil.copyfile(src.root / name, tmp / name)
-        _fsync_tree(tmp)
-        if dest.exists():
-            dest.rename(old)
-        tmp.rename(dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not dest.exists():
-            old.rename(dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    publish_dir(dest, fill)
 
 
 def _layer_keys(state_dir: Path, n_layers: int):
