@@ -21,6 +21,8 @@ from .errors import AudioError
 
 # Fewest samples that give one audio token: L = ceil(n / hop) valid frames must be ≥ 3.
 MIN_TOKEN_FRAMES = 3
+# Mel frames are computed in blocks of this many, aligned at multiples of it (batch and streaming alike).
+MEL_BLOCK = 16
 
 
 @dataclass(frozen=True)
@@ -68,28 +70,49 @@ class MelFrontEnd:
         Returns (logspec [n_mels, T] float32, L). Exposed separately from the clamp because the clamp
         depends on the global max (a streaming front end applies it at encode time).
         """
-        cfg = self.config
         wave = torch.as_tensor(waveform, dtype=torch.float32).reshape(-1)
         n = int(wave.numel())
         if n == 0:
             raise AudioError("audio segment is empty: give at least one sample")
-        if n > cfg.n_samples:
+        if n > self.config.n_samples:
             raise AudioError(
-                f"audio segment has {n} samples, more than one {cfg.n_samples}-sample window; "
+                f"audio segment has {n} samples, more than one {self.config.n_samples}-sample window; "
                 "split it with split_segments() first"
             )
         n_valid = self.valid_frames(n)
-        frames = min(n_valid + 2, cfg.nb_max_frames)
-        # Zero-pad as the extractor does. Near the 30 s cap the reference's own centred reflect padding
-        # at the window end reaches the last frames, so pad to exactly one window there.
-        needed = cfg.hop_length * (n_valid + 2) + cfg.n_fft // 2
-        padded_len = min(cfg.n_samples, max(n, needed))
-        padded = torch.nn.functional.pad(wave, (0, padded_len - n))
-        window = torch.hann_window(cfg.n_fft)
-        stft = torch.stft(padded, cfg.n_fft, cfg.hop_length, window=window, return_complex=True)
-        magnitudes = (stft[..., :frames].abs() ** 2).contiguous()
-        mel = self.filters.T @ magnitudes
-        return torch.clamp(mel, min=1e-10).log10(), n_valid
+        frames = min(n_valid + 2, self.config.nb_max_frames)
+        padded = self.padded_signal(wave)
+        blocks = [self.mel_block(padded, b, min(MEL_BLOCK, frames - b)) for b in range(0, frames, MEL_BLOCK)]
+        return torch.cat(blocks, dim=1), n_valid
+
+    def padded_signal(self, wave: torch.Tensor) -> torch.Tensor:
+        """The extractor's signal as the STFT sees it: reflect-padded start, zero-padded end.
+
+        Near the 30 s cap the reference's own centred reflect padding at the window end reaches the
+        last frames, so the signal is zero-padded to exactly one window and reflected there.
+        """
+        cfg = self.config
+        n = int(wave.numel())
+        half = cfg.n_fft // 2
+        n_valid = self.valid_frames(n)
+        needed = cfg.hop_length * (n_valid + 2) + half
+        if needed >= cfg.n_samples:
+            full = torch.nn.functional.pad(wave, (0, cfg.n_samples - n))
+            return torch.nn.functional.pad(full[None, None], (half, half), mode="reflect")[0, 0]
+        head = torch.nn.functional.pad(wave[None, None, : half + 1], (half, 0), mode="reflect")[0, 0, :half]
+        return torch.cat([head, wave, wave.new_zeros(needed + half - n)])
+
+    def mel_block(self, padded: torch.Tensor, first: int, count: int) -> torch.Tensor:
+        """Mel power → log10 of frames first…first+count−1 of a padded signal (frame i starts at hop·i).
+
+        Every caller (batch and streaming) computes frames in the same 16-frame blocks aligned at
+        multiples of 16, so both do bit-identical arithmetic.
+        """
+        cfg = self.config
+        seg = padded[cfg.hop_length * first : cfg.hop_length * (first + count - 1) + cfg.n_fft]
+        stft = torch.stft(seg, cfg.n_fft, cfg.hop_length, window=torch.hann_window(cfg.n_fft), center=False, return_complex=True)
+        magnitudes = (stft.abs() ** 2).contiguous()
+        return torch.clamp(self.filters.T @ magnitudes, min=1e-10).log10()
 
     @staticmethod
     def normalize(logspec: torch.Tensor, max_value: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -222,3 +245,64 @@ def split_segments(waveform: np.ndarray, config: MelConfig, *, source: str = "au
     count = -(-n // config.n_samples)
     bounds = np.linspace(0, n, count + 1).round().astype(int)
     return [waveform[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class IncrementalMel:
+    """Log-mel computed as samples arrive, bit-identical to `MelFrontEnd.log_mel` of the same audio.
+
+    Whisper's clamp to (global max − 8) is non-causal (a later, louder frame raises the floor of earlier
+    ones), so this keeps the *unclamped* log-mel and applies the clamp in `finish()`. Blocks of 16 frames
+    are computed as soon as every sample of their windows has arrived; the last frames, whose windows
+    reach past the end of the utterance, are computed in `finish()` with the same zero padding and block
+    partition as the batch path — so both do the same arithmetic.
+    """
+
+    def __init__(self, front: MelFrontEnd):
+        self.front = front
+        self.cfg = front.config
+        self._chunks: list[np.ndarray] = []
+        self.n = 0
+        self._blocks: list[torch.Tensor] = []  # finished 16-frame blocks of unclamped log-mel
+        self._wave: torch.Tensor | None = None
+
+    @property
+    def frames_ready(self) -> int:
+        return MEL_BLOCK * len(self._blocks)
+
+    def samples(self) -> np.ndarray:
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
+
+    def feed(self, pcm: np.ndarray) -> int:
+        """Append 16 kHz mono float32 samples; returns how many mel frames are final so far."""
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if pcm.size == 0:
+            return self.frames_ready
+        if self.n + pcm.size > self.cfg.n_samples:
+            raise AudioError(f"streamed utterance exceeds one {self.cfg.n_samples}-sample window; end() it first")
+        self._chunks.append(pcm)
+        self.n += pcm.size
+        half, hop = self.cfg.n_fft // 2, self.cfg.hop_length
+        # Block b is final when the window of its last frame lies inside the received samples.
+        last_ok = (self.n + half - self.cfg.n_fft) // hop  # last frame whose window ends within the signal
+        want = (last_ok + 1) // MEL_BLOCK
+        if want > len(self._blocks) and self.n > half:
+            wave = torch.from_numpy(self.samples())
+            head = torch.nn.functional.pad(wave[None, None, : half + 1], (half, 0), mode="reflect")[0, 0, :half]
+            padded = torch.cat([head, wave])
+            for b in range(len(self._blocks), want):
+                self._blocks.append(self.front.mel_block(padded, MEL_BLOCK * b, MEL_BLOCK))
+        return self.frames_ready
+
+    def finish(self) -> tuple[torch.Tensor, int]:
+        """The utterance's encoder input: (mel [n_mels, min(L+2, 3000)] clamped and scaled, L)."""
+        if self.n == 0:
+            raise AudioError("no audio was streamed")
+        wave = torch.from_numpy(self.samples())
+        n_valid = self.front.valid_frames(self.n)
+        frames = min(n_valid + 2, self.cfg.nb_max_frames)
+        padded = self.front.padded_signal(wave)
+        blocks = [blk for blk in self._blocks[: frames // MEL_BLOCK]]
+        for b in range(MEL_BLOCK * len(blocks), frames, MEL_BLOCK):
+            blocks.append(self.front.mel_block(padded, b, min(MEL_BLOCK, frames - b)))
+        logspec = torch.cat(blocks, dim=1)[:, :frames]
+        return self.front.normalize(logspec), n_valid
