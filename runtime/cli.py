@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(r)
     _add_runtime_args(r)
 
+    st = sub.add_parser("stream", help="feed an audio file in chunks as a live stream (VAD endpointing or --no-vad)")
+    st.add_argument("artifacts")
+    st.add_argument("--audio", required=True, help="audio file fed chunk by chunk")
+    st.add_argument("--chunk-ms", type=int, default=100)
+    st.add_argument("--realtime", action="store_true", help="feed at real-time pace")
+    st.add_argument("--no-vad", action="store_true", help="no endpointing: end() after the last chunk")
+    st.add_argument("--stream-mode", default="exact", choices=["exact"], help="exact: output equals the offline run")
+    st.add_argument("--json", action="store_true", help="one JSON object per turn, with endpoint/first-token timings")
+    _add_generation_args(st)
+    _add_runtime_args(st)
+
     c = sub.add_parser("compare", help="quality of B vs reference A (artifacts dirs or HF checkpoints) on audio files")
     c.add_argument("a", help="reference: artifacts dir or Hugging Face checkpoint")
     c.add_argument("b", help="candidate: artifacts dir or Hugging Face checkpoint")
@@ -179,6 +190,38 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(a: argparse.Namespace) -> int:
+    import time
+
+    from .audio import load_audio
+    from .pipeline import Pipeline
+
+    pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
+    wave = load_audio(a.audio, pipeline.mel.config.sampling_rate)
+    if a.chunk_ms < 1:
+        raise OptionsError(f"--chunk-ms must be ≥ 1, got {a.chunk_ms}")
+    stream = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    session = pipeline.stream(a.prompt, sampling=_sampling(pipeline, a), vad=None if a.no_vad else "default", on_text=stream)
+    step = pipeline.mel.config.sampling_rate * a.chunk_ms // 1000
+    events = []
+    t0 = time.perf_counter()
+    for i in range(0, len(wave), step):
+        if a.realtime:
+            time.sleep(max(0.0, i / pipeline.mel.config.sampling_rate - (time.perf_counter() - t0)))
+        events += session.feed(wave[i : i + step])
+        while len(events) > len([e for e in events if getattr(e, "_printed", False)]):
+            ev = next(e for e in events if not getattr(e, "_printed", False))
+            ev._printed = True
+            print(json.dumps(ev.to_json(), ensure_ascii=False) if a.json else "", flush=True)
+    last = session.end()
+    if last is not None:
+        print(json.dumps(last.to_json(), ensure_ascii=False) if a.json else "", flush=True)
+        events.append(last)
+    if not events:
+        print(json.dumps({"text": "", "token_ids": [], "no_speech": True}) if a.json else "(no speech detected)")
+    return 0
+
+
 def cmd_compare(a: argparse.Namespace) -> int:
     try:
         from ..export.compare import compare, format_table, open_model
@@ -245,7 +288,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
-    handlers = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "compare": cmd_compare, "eval": cmd_eval}
+    handlers = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "compare": cmd_compare, "eval": cmd_eval,
+                "stream": cmd_stream}
     try:
         return handlers[a.command](a)
     except QwenAudioEdgeError as e:

@@ -65,6 +65,16 @@ class RuntimeOptions:
                 raise OptionsError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
+@dataclass(frozen=True)
+class PendingTurn:
+    """A user turn whose prompt prefix (up to its first audio slot) is already in the KV cache."""
+
+    message: dict
+    rest: list[int]  # the turn's remaining ids, audio slots not yet expanded
+    n_audio: int
+    prefilled: int  # ids of this turn prefilled by begin_turn
+
+
 @dataclass
 class TurnResult:
     """What one turn produced: the text, the new token ids, why it stopped, and stage timings."""
@@ -209,6 +219,16 @@ class Pipeline:
         embeds = self.encode_mels([self.mel.log_mel(s) for s in segments])
         return ids, (torch.cat(embeds) if embeds else None)
 
+    def stream(self, prompt: str | None = None, *, sampling: SamplingOptions | None = None, vad="default",
+               on_text: Callable[[str], None] | None = None):
+        """A streaming session (runtime/stream.py): feed PCM chunks, get turns at VAD endpoints or `end()`.
+
+        vad: "default" (VadOptions()), a VadOptions, or None for push-to-talk only.
+        """
+        from .stream import StreamSession, VadOptions
+
+        return StreamSession(self, prompt, sampling=sampling, vad=VadOptions() if vad == "default" else vad, on_text=on_text)
+
     def chat(self) -> "Conversation":
         """Start a conversation; it owns the KV cache until another conversation starts."""
         return Conversation(self)
@@ -244,7 +264,6 @@ class Conversation:
         """Add a user turn, generate the answer (streamed through `on_text`), keep the cache."""
         self._check_usable()
         p = self.p
-        opts = sampling or p.default_sampling()
         if audio is None and not text:
             raise OptionsError("a turn needs audio, text, or both")
         p.prompt.check_user_text(text)
@@ -256,23 +275,69 @@ class Conversation:
             segments = split_segments(wave, p.mel.config)
             timings["audio_s"] = round(len(wave) / p.mel.config.sampling_rate, 3)
         counts = [num_audio_tokens(p.mel.valid_frames(len(s))) for s in segments]
-        message = user_message(len(segments), text)
+        turn = self.begin_turn(text, len(segments), dry_run_counts=counts)
+        t = time.perf_counter()
+        mels = [p.mel.log_mel(s) for s in segments]
+        timings["mel_ms"] = round(1000 * (time.perf_counter() - t), 3)
+        return self.finish_turn(turn, mels, sampling=sampling, on_text=on_text, t0=t0, timings=timings)
+
+    def _turn_ids(self, text: str | None, n_audio: int) -> tuple[dict, list[int]]:
+        p = self.p
+        message = user_message(n_audio, text)
         if not self.messages:
             turn_text = p.prompt.render([message], add_generation_prompt=True)
         else:
             turn_text = p.prompt.continuation(self.messages, message, self.ids[-1] if self.ids else None)
-        new_ids = p.prompt.expand_audio(p.prompt.encode(turn_text), counts)
-        pending = self.ids[self.cached :] + new_ids
-        if self.cached + len(pending) >= p.max_context:
+        return message, p.prompt.encode(turn_text)
+
+    def _check_fits(self, n_new: int, audio_tokens: int) -> None:
+        total = len(self.ids) + n_new
+        if total >= self.p.max_context:
             raise LimitError(
-                f"the prompt needs {self.cached + len(pending)} positions (conversation {self.cached}, this turn "
-                f"{len(pending)}, of which {sum(counts)} audio tokens) but the context holds {p.max_context}; "
+                f"the prompt needs {total} positions (conversation {len(self.ids)}, this turn {n_new}, of which "
+                f"{audio_tokens} audio tokens) but the context holds {self.p.max_context}; "
                 "raise --max-context, shorten the audio, or start a new conversation"
             )
-        # Audio → embeddings.
-        t = time.perf_counter()
-        mels = [p.mel.log_mel(s) for s in segments]
-        timings["mel_ms"] = round(1000 * (time.perf_counter() - t), 3)
+
+    def begin_turn(self, text: str | None, n_audio: int, *, dry_run_counts: list[int] | None = None) -> "PendingTurn":
+        """Render the turn and prefill everything before its first audio slot (the shared prompt prefix).
+
+        Streaming calls this before any audio arrives; `send` calls it too, so offline and streaming runs
+        do the same arithmetic. With `dry_run_counts` (known audio token counts) an overflowing prompt is
+        refused before any work.
+        """
+        self._check_usable()
+        p = self.p
+        p.prompt.check_user_text(text)
+        message, ids = self._turn_ids(text, n_audio)
+        if dry_run_counts is not None:
+            self._check_fits(len(p.prompt.expand_audio(ids, dry_run_counts)), sum(dry_run_counts))
+        cut = ids.index(p.prompt.audio_token_id) if n_audio else 0
+        if cut:
+            head = self.ids[self.cached :] + ids[:cut]
+            self._check_fits(cut, 0)
+            self.failed = True
+            with torch.inference_mode():
+                p.decoder(p.decoder.embed(torch.tensor([head], device=p.device)), self.cached, p.cache)
+            self.ids = self.ids + ids[:cut]
+            self.cached = len(self.ids)
+            self.failed = False
+        return PendingTurn(message=message, rest=ids[cut:], n_audio=n_audio, prefilled=cut)
+
+    def finish_turn(self, turn: "PendingTurn", mels: list[tuple[torch.Tensor, int]], *, sampling: SamplingOptions | None = None,
+                    on_text: Callable[[str], None] | None = None, t0: float | None = None, timings: dict | None = None) -> TurnResult:
+        """Encode the turn's audio (mel, valid frames per segment), prefill the rest of the prompt, decode."""
+        self._check_usable()
+        p = self.p
+        opts = sampling or p.default_sampling()
+        t0 = time.perf_counter() if t0 is None else t0
+        timings = {"load_s": round(p.load_s, 4)} if timings is None else timings
+        if len(mels) != turn.n_audio:
+            raise OptionsError(f"the turn was begun with {turn.n_audio} audio segments but {len(mels)} were given")
+        counts = [num_audio_tokens(n_valid) for _, n_valid in mels]
+        new_ids = p.prompt.expand_audio(turn.rest, counts)
+        pending = self.ids[self.cached :] + new_ids
+        self._check_fits(len(new_ids), sum(counts))
         t = time.perf_counter()
         audio_embeds = p.encode_mels(mels)
         timings["encoder_ms"] = round(1000 * (time.perf_counter() - t), 3)
@@ -308,11 +373,11 @@ class Conversation:
             # conversation text: drop it so the next turn continues exactly as the template renders it.
             self.ids.pop()
         text_out = "".join(pieces)
-        self.messages += [message, {"role": "assistant", "content": text_out}]
+        self.messages += [turn.message, {"role": "assistant", "content": text_out}]
         self.failed = False
         timings.update(
             prefill_ms=round(1000 * stats.prefill_s, 3),
-            prefill_tokens=stats.prefill_tokens,
+            prefill_tokens=stats.prefill_tokens + turn.prefilled,
             audio_tokens=sum(counts),
             ttft_ms=round(1000 * ((stats.first_token_s or time.perf_counter()) - t0), 3),
             decode_tokens=stats.decode_tokens,

@@ -1,0 +1,134 @@
+"""Streaming: incremental mel == batch, streamed turns == offline turns (exact mode), VAD endpointing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from helpers import signal
+
+from qwen_audio_edge.runtime.audio import IncrementalMel
+from qwen_audio_edge.runtime.generate import SamplingOptions
+from qwen_audio_edge.runtime.stream import VadOptions
+
+GREEDY = SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+PROMPT = "What does the person say?"
+
+
+@pytest.mark.parametrize("seconds,loud", [(0.0201, False), (1.0, True), (3.30037, False), (12.3457, True), (30.0, False)])
+def test_incremental_mel_is_bit_identical_to_batch(mha, pipelines, seconds, loud):
+    front = pipelines(mha).mel
+    x = signal(seconds, loud_end=loud)
+    ref, n_valid = front.log_mel(x)
+    rng = np.random.default_rng(int(seconds * 1000))
+    inc = IncrementalMel(front)
+    i = 0
+    while i < len(x):
+        k = int(rng.integers(1, 5000))
+        inc.feed(x[i : i + k])
+        i += k
+    assert inc.frames_ready >= max(0, (len(x) - 200) // 160 - 16) - 16  # frames were computed as audio arrived
+    mel, n2 = inc.finish()
+    assert n2 == n_valid and torch.equal(mel, ref)
+
+
+def test_push_to_talk_stream_equals_offline_run(mha, pipelines):
+    p = pipelines(mha)
+    x = signal(4.37, seed=3)
+    offline = p.run(x, PROMPT, sampling=GREEDY)
+    session = p.stream(PROMPT, sampling=GREEDY, vad=None)
+    rng = np.random.default_rng(0)
+    i = 0
+    while i < len(x):
+        k = int(rng.integers(100, 3000))
+        assert session.feed(x[i : i + k]) == []
+        i += k
+    event = session.end()
+    assert event.result.token_ids == offline.token_ids and event.result.text == offline.text
+    # The conversation goes on: a second utterance in the same session is a second turn.
+    y = signal(2.2, seed=4)
+    session.feed(y)
+    second = session.end()
+    conv = p.chat()
+    conv.send(x, PROMPT, sampling=GREEDY)
+    assert second.result.token_ids == conv.send(y, PROMPT, sampling=GREEDY).token_ids
+
+
+def test_stream_resamples_other_rates(mha, pipelines):
+    import soxr
+
+    p = pipelines(mha)
+    x = signal(3.0, seed=5)
+    x44 = soxr.resample(x, 16000, 44100).astype(np.float32)
+    session = p.stream(PROMPT, sampling=GREEDY, vad=None)
+    for i in range(0, len(x44), 4410):
+        session.feed((x44[i : i + 4410] * 32767).astype(np.int16), sampling_rate=44100)
+    event = session.end()
+    assert abs(event.result.timings["audio_tokens"] - p.mel.valid_frames(len(x)) // 4) <= 1
+
+
+def test_silence_only_gives_no_speech(mha, pipelines):
+    p = pipelines(mha)
+    session = p.stream(PROMPT, sampling=GREEDY)
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        assert session.feed((0.0005 * rng.standard_normal(1600)).astype(np.float32)) == []
+    assert session.end() is None
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng (Debian package) is not installed: .ci/run installs it")
+    import soxr
+
+    path = tmp_path_factory.mktemp("speech") / "raw.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "Hello there. What is the weather like today in the city?"], check=True)
+    x, sr = sf.read(str(path), dtype="float32")
+    x = soxr.resample(x, sr, 16000).astype(np.float32)
+    voiced = np.flatnonzero(np.abs(x) > 1e-3)  # speech = above -60 dBFS
+    x = x[voiced[0] : voiced[-1] + 1]
+    return np.concatenate([np.zeros(16000, np.float32), x, np.zeros(32000, np.float32)]), 16000, 16000 + len(x)
+
+
+def test_vad_endpoint_is_timely_and_exact(mha, pipelines, speech):
+    audio, speech_start, speech_end = speech
+    p = pipelines(mha)
+    opts = VadOptions()
+    session = p.stream(PROMPT, sampling=GREEDY, vad=opts)
+    events = []
+    for i in range(0, len(audio), 1600):  # 100 ms chunks
+        events += session.feed(audio[i : i + 1600])
+    assert len(events) == 1, [e.to_json()["stream"] for e in events]
+    ev = events[0]
+    limit = (opts.min_silence_ms + 100) / 1000
+    assert ev.decided_at_s - speech_end / 16000 <= limit + 0.064, ev.to_json()["stream"]
+    assert abs(ev.speech_start_s - speech_start / 16000) < 0.3
+    # Exact mode: the same answer as the offline pipeline on the utterance span (speech + padding).
+    span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    assert ev.result.token_ids == p.run(span, PROMPT, sampling=GREEDY).token_ids
+    assert session.end() is None  # nothing after the endpoint but silence
+
+
+def test_stream_cli_json(mha, speech, tmp_path):
+    audio, _, _ = speech
+    wav = tmp_path / "speech.wav"
+    sf.write(str(wav), audio, 16000)
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+                        "--json", "--greedy", "--max-new-tokens", "6", "--ignore-eos"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    assert len(rows) == 1 and len(rows[0]["token_ids"]) == 6
+    s = rows[0]["stream"]
+    assert s["ttft_after_endpoint_ms"] > 0 and s["endpoint_decided_at_s"] >= s["speech_end_s"]
+    silent = tmp_path / "silence.wav"
+    sf.write(str(silent), np.zeros(32000, np.float32), 16000)
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(silent),
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout.strip())["no_speech"] is True
