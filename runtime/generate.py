@@ -155,12 +155,14 @@ def generate(
     stop_ids: Sequence[int],
     stats: GenerationStats,
     on_prefill_done: Callable[[], None] | None = None,
+    first_logits: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Prefill `prompt_embeds` [1, S, H] at position `start`, then decode; yields each new token id.
 
     `history` holds every id already in the cache plus the prompt's (for the repetition penalty); new
     ids are appended to it. Stops on a stop id (unless ignore_eos), max_new_tokens, or a full cache
-    (`stats.finish_reason` is "stop", "length" or "context_full").
+    (`stats.finish_reason` is "stop", "length" or "context_full"). `first_logits` (the last-position
+    logits of a prefill already run into the cache, e.g. speculatively) skips the prefill.
     """
     device = prompt_embeds.device
     gen = torch.Generator(device="cpu")
@@ -172,11 +174,14 @@ def generate(
     seen = torch.tensor(sorted(seen_set), dtype=torch.long, device=device)
     stops = set(stop_ids)
     t0 = time.perf_counter()
-    logits = model(prompt_embeds, start, cache)[0, -1]
-    _check_finite(logits, "prefill")
-    _sync(device)
-    stats.prefill_tokens += prompt_embeds.shape[1]
-    stats.prefill_s += time.perf_counter() - t0
+    if first_logits is None:
+        logits = model(prompt_embeds, start, cache)[0, -1]
+        _check_finite(logits, "prefill")
+        _sync(device)
+        stats.prefill_tokens += prompt_embeds.shape[1]
+        stats.prefill_s += time.perf_counter() - t0
+    else:
+        logits = first_logits
     if on_prefill_done:
         on_prefill_done()
     pos = start + prompt_embeds.shape[1]

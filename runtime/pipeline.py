@@ -75,6 +75,20 @@ class PendingTurn:
     prefilled: int  # ids of this turn prefilled by begin_turn
 
 
+@dataclass(frozen=True)
+class PrefilledTurn:
+    """A turn whose audio is encoded and whose whole prompt is in the KV cache (first logits ready)."""
+
+    turn: PendingTurn
+    new_ids: list[int]
+    n_pending: int
+    logits: torch.Tensor
+    audio_tokens: int
+    start: int
+    encoder_ms: float
+    prefill_ms: float
+
+
 @dataclass
 class TurnResult:
     """What one turn produced: the text, the new token ids, why it stopped, and stage timings."""
@@ -324,14 +338,14 @@ class Conversation:
             self.failed = False
         return PendingTurn(message=message, rest=ids[cut:], n_audio=n_audio, prefilled=cut)
 
-    def finish_turn(self, turn: "PendingTurn", mels: list[tuple[torch.Tensor, int]], *, sampling: SamplingOptions | None = None,
-                    on_text: Callable[[str], None] | None = None, t0: float | None = None, timings: dict | None = None) -> TurnResult:
-        """Encode the turn's audio (mel, valid frames per segment), prefill the rest of the prompt, decode."""
+    def prefill_turn(self, turn: "PendingTurn", mels: list[tuple[torch.Tensor, int]]) -> "PrefilledTurn":
+        """Encode the turn's audio and prefill the rest of its prompt into the KV cache, without committing.
+
+        The conversation's state does not change: if the turn is abandoned (speech resumed after a
+        speculative endpoint), the cache positions written here are simply overwritten later.
+        """
         self._check_usable()
         p = self.p
-        opts = sampling or p.default_sampling()
-        t0 = time.perf_counter() if t0 is None else t0
-        timings = {"load_s": round(p.load_s, 4)} if timings is None else timings
         if len(mels) != turn.n_audio:
             raise OptionsError(f"the turn was begun with {turn.n_audio} audio segments but {len(mels)} were given")
         counts = [num_audio_tokens(n_valid) for _, n_valid in mels]
@@ -340,7 +354,8 @@ class Conversation:
         self._check_fits(len(new_ids), sum(counts))
         t = time.perf_counter()
         audio_embeds = p.encode_mels(mels)
-        timings["encoder_ms"] = round(1000 * (time.perf_counter() - t), 3)
+        encoder_ms = 1000 * (time.perf_counter() - t)
+        t = time.perf_counter()
         with torch.inference_mode():
             ids_t = torch.tensor([pending], dtype=torch.long, device=p.device)
             embeds = p.decoder.embed(ids_t)
@@ -349,6 +364,30 @@ class Conversation:
                 # Only this turn's new ids hold audio slots (earlier audio ids are already cached).
                 mask[: len(pending) - len(new_ids)] = False
                 embeds[0, mask] = torch.cat(audio_embeds).to(p.device, embeds.dtype)
+            logits = p.decoder(embeds, self.cached, p.cache)[0, -1]
+        if not torch.isfinite(logits).all():
+            raise NumericalError("the decoder produced NaN/Inf logits during prefill; rerun with --dtype fp32 or bf16")
+        return PrefilledTurn(turn=turn, new_ids=new_ids, n_pending=len(pending), logits=logits, audio_tokens=sum(counts),
+                             start=self.cached, encoder_ms=encoder_ms, prefill_ms=1000 * (time.perf_counter() - t))
+
+    def finish_turn(self, turn: "PendingTurn", mels: list[tuple[torch.Tensor, int]] | None = None, *,
+                    sampling: SamplingOptions | None = None, on_text: Callable[[str], None] | None = None,
+                    t0: float | None = None, timings: dict | None = None, prefilled: "PrefilledTurn | None" = None) -> TurnResult:
+        """Encode + prefill (unless `prefilled` already did, e.g. speculatively), then decode and commit."""
+        self._check_usable()
+        p = self.p
+        opts = sampling or p.default_sampling()
+        t0 = time.perf_counter() if t0 is None else t0
+        timings = {"load_s": round(p.load_s, 4)} if timings is None else timings
+        if prefilled is None:
+            prefilled = self.prefill_turn(turn, mels or [])
+            timings["speculative"] = False
+        else:
+            if prefilled.turn is not turn or prefilled.start != self.cached:
+                raise OptionsError("the prefilled state belongs to another turn or an outdated cache position")
+            timings["speculative"] = True
+        timings["encoder_ms"] = round(prefilled.encoder_ms, 3)
+        new_ids, counts = prefilled.new_ids, [prefilled.audio_tokens]
         stats = GenerationStats()
         detok = IncrementalDetokenizer(p.prompt.tokenizer)
         pieces: list[str] = []
@@ -356,7 +395,10 @@ class Conversation:
         start = self.cached
         self.ids = history  # the prompt is in the cache once prefill ran; generated ids are appended by generate()
         self.failed = True  # until the turn completes: a half-written cache must not be reused
-        for token in generate(p.decoder, p.cache, embeds, start, history, opts, p.stop_ids, stats):
+        stats.prefill_tokens, stats.prefill_s = prefilled.n_pending, prefilled.prefill_ms / 1000
+        dummy = torch.empty(1, prefilled.n_pending, 1, device=p.device)  # only its length is read
+        for token in generate(p.decoder, p.cache, dummy, start, history, opts, p.stop_ids, stats,
+                              first_logits=prefilled.logits):
             piece = detok.push(token)
             if piece:
                 pieces.append(piece)

@@ -8,8 +8,10 @@ The utterance ends either by `end()` (push-to-talk) or by VAD endpointing (siler
 semantics): then only the encoder, the prefill of the audio + suffix and the decode remain.
 
 Exact mode only in this version: output equals the offline pipeline on the same utterance audio (with
-VAD: the speech span plus its padding). Speculative prefill in the endpointing window, the block-wise
-"chunked" mode and barge-in are not implemented yet (see the README).
+VAD: the speech span plus its padding). With VAD the utterance is fully known `speech_pad_ms` after
+speech stops while the endpointer still waits `min_silence_ms`: in that window the encoder and the
+audio + suffix prefill run speculatively, kept if the endpoint is confirmed, dropped if speech resumes.
+The block-wise "chunked" mode, barge-in and the context policy are not implemented yet (see the README).
 """
 
 from __future__ import annotations
@@ -156,8 +158,10 @@ class StreamSession:
     """Chunks in (`feed`), turns out; `end()` closes the current utterance (push-to-talk, or `vad=None`)."""
 
     def __init__(self, pipeline, prompt: str | None = None, *, sampling: SamplingOptions | None = None,
-                 vad: VadOptions | None = VadOptions(), on_text: Callable[[str], None] | None = None):
+                 vad: VadOptions | None = VadOptions(), on_text: Callable[[str], None] | None = None,
+                 speculate: bool = True):
         self.p = pipeline
+        self.speculate = speculate
         self.prompt = prompt
         self.sampling = sampling
         self.on_text = on_text
@@ -169,6 +173,8 @@ class StreamSession:
         """Forget the conversation and start a new one (a fresh KV cache owner)."""
         self.conv = self.p.chat()
         self.endpointer = Endpointer(self.vad_options) if self.vad_options else None
+        self.speculations = 0  # speculative encode+prefill runs, and how many were discarded (speech resumed)
+        self.discarded = 0
         self._resampler = None
         self._in_rate: int | None = None
         self._samples = np.zeros(0, np.float32)  # this turn's audio since the session/turn origin
@@ -180,6 +186,7 @@ class StreamSession:
         self.turn = self.conv.begin_turn(self.prompt, 1)  # prefix prefilled now, before any audio
         self.mel = IncrementalMel(self.p.mel)
         self._fed = 0  # absolute sample index up to which the mel has been fed
+        self._spec = None  # (utterance end sample, PrefilledTurn): speculative work for a possible endpoint
 
     def _to_16k(self, pcm, sampling_rate: int) -> np.ndarray:
         data = np.asarray(pcm)
@@ -219,11 +226,28 @@ class StreamSession:
                 out.append(self._finish(at, decided))
         if self._utt_start is not None:
             self._feed_mel_until(self.endpointer.safe_horizon())
+            self._maybe_speculate()
         elif len(self._samples) > 2 * self.sr:  # silence: keep only what a speech pad could reach back to
             drop = len(self._samples) - self.sr
             self._samples = self._samples[drop:]
             self._origin += drop
         return out
+
+    def _maybe_speculate(self) -> None:
+        """In the silence the endpointer must wait out, the utterance is already fully known: encode it and
+        prefill it now. Kept if the endpoint is confirmed at that sample; dropped if speech resumes."""
+        ep = self.endpointer
+        if not ep.temp_end:
+            if self._spec is not None:
+                self.discarded += 1  # speech resumed: the speculation is stale
+            self._spec = None
+            return
+        h = ep.temp_end + ep.pad - SileroVad.FRAME
+        if not self.speculate or self._fed < h or (self._spec and self._spec[0] == h) or h <= (self._utt_start or 0):
+            return
+        mel = self.mel.finish()  # does not consume the incremental state
+        self._spec = (h, self.conv.prefill_turn(self.turn, [mel]))
+        self.speculations += 1
 
     def end(self) -> StreamEvent | None:
         """Close the current utterance now (push-to-talk). Returns None when no speech was captured."""
@@ -240,7 +264,7 @@ class StreamSession:
     def _finish(self, end: int, decided: int) -> StreamEvent:
         t_end = time.perf_counter()
         start = self._utt_start or 0
-        mel, n_valid = self.mel.finish()
+        mel, n_valid = (None, 0) if self._spec and self._spec[0] == end else self.mel.finish()
         first: list[float] = []
 
         def on_text(piece: str) -> None:
@@ -249,7 +273,9 @@ class StreamSession:
             if self.on_text:
                 self.on_text(piece)
 
-        result = self.conv.finish_turn(self.turn, [(mel, n_valid)], sampling=self.sampling, on_text=on_text, t0=t_end)
+        spec = self._spec[1] if self._spec and self._spec[0] == end else None
+        result = self.conv.finish_turn(self.turn, None if spec else [(mel, n_valid)], sampling=self.sampling,
+                                       on_text=on_text, t0=t_end, prefilled=spec)
         ttft = result.timings.get("ttft_ms")
         event = StreamEvent(result=result, speech_start_s=start / self.sr, speech_end_s=end / self.sr,
                             decided_at_s=max(decided, end) / self.sr, endpoint_wall=t_end,

@@ -132,3 +132,39 @@ def test_stream_cli_json(mha, speech, tmp_path):
     r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(silent),
                         "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout.strip())["no_speech"] is True
+
+
+@pytest.mark.parametrize("speculate", [True, False])
+def test_speculative_prefill_is_exact_and_used(mha, pipelines, speech, speculate):
+    from qwen_audio_edge.runtime.stream import StreamSession
+
+    audio, _, _ = speech
+    p = pipelines(mha)
+    session = StreamSession(p, PROMPT, sampling=GREEDY, vad=VadOptions(), speculate=speculate)
+    events = []
+    for i in range(0, len(audio), 512):
+        events += session.feed(audio[i : i + 512])
+    assert len(events) == 1
+    ev = events[0]
+    assert ev.result.timings["speculative"] is speculate
+    span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    assert ev.result.token_ids == p.run(span, PROMPT, sampling=GREEDY).token_ids
+
+
+def test_speech_resuming_discards_the_speculation(mha, pipelines, speech):
+    """A pause shorter than min_silence: speculation starts, speech resumes, one turn covers both parts."""
+    audio, s0, s1 = speech
+    words = audio[s0:s1]
+    gap = np.zeros(int(0.3 * 16000), np.float32)  # 300 ms < 500 ms of min silence
+    stream_audio = np.concatenate([np.zeros(8000, np.float32), words, gap, words, np.zeros(24000, np.float32)])
+    p = pipelines(mha)
+    session = p.stream(PROMPT, sampling=GREEDY)
+    events = []
+    for i in range(0, len(stream_audio), 1600):
+        events += session.feed(stream_audio[i : i + 1600])
+    assert len(events) == 1
+    assert session.discarded >= 1 and session.speculations >= 2  # one dropped in the pause, one kept at the end
+    ev = events[0]
+    assert ev.speech_end_s - ev.speech_start_s > 2 * len(words) / 16000
+    span = stream_audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    assert ev.result.token_ids == p.run(span, PROMPT, sampling=GREEDY).token_ids
