@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stream", help="feed an audio file in chunks as a live stream (VAD endpointing or --no-vad)")
     st.add_argument("artifacts")
-    st.add_argument("--audio", required=True, help="audio file fed chunk by chunk")
+    src = st.add_mutually_exclusive_group(required=True)
+    src.add_argument("--audio", help="audio file fed chunk by chunk")
+    src.add_argument("--mic", action="store_true", help="live microphone input (needs the sounddevice package)")
     st.add_argument("--chunk-ms", type=int, default=100)
     st.add_argument("--realtime", action="store_true", help="feed at real-time pace")
     st.add_argument("--no-vad", action="store_true", help="no endpointing: end() after the last chunk")
@@ -196,6 +198,10 @@ def cmd_stream(a: argparse.Namespace) -> int:
     from .audio import load_audio
     from .pipeline import Pipeline
 
+    if a.chunk_ms < 1:
+        raise OptionsError(f"--chunk-ms must be ≥ 1, got {a.chunk_ms}")
+    if a.mic:
+        return _stream_mic(a)
     pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
     wave = load_audio(a.audio, pipeline.mel.config.sampling_rate)
     if a.chunk_ms < 1:
@@ -219,6 +225,40 @@ def cmd_stream(a: argparse.Namespace) -> int:
         events.append(last)
     if not events:
         print(json.dumps({"text": "", "token_ids": [], "no_speech": True}) if a.json else "(no speech detected)")
+    return 0
+
+
+def _stream_mic(a: argparse.Namespace) -> int:
+    """Live microphone → StreamSession with VAD endpointing; Ctrl-C stops."""
+    import queue
+
+    try:
+        import sounddevice as sd
+    except (ImportError, OSError) as e:
+        raise OptionsError(f"--mic needs the sounddevice package and PortAudio ({e}); pip install sounddevice, or use --audio FILE") from e
+    from .pipeline import Pipeline
+
+    try:
+        sd.query_devices(kind="input")
+    except Exception as e:  # noqa: BLE001 — PortAudio reports a missing device in several ways
+        raise OptionsError(f"--mic: no audio input device is available ({e})") from e
+    pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
+    sr = pipeline.mel.config.sampling_rate
+    chunks: queue.Queue = queue.Queue()
+    session = pipeline.stream(a.prompt, sampling=_sampling(pipeline, a), vad=None if a.no_vad else "default",
+                              on_text=None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush())))
+    print("listening (Ctrl-C to stop)", file=sys.stderr)
+    with sd.InputStream(samplerate=sr, channels=1, dtype="float32", blocksize=sr * a.chunk_ms // 1000,
+                        callback=lambda data, frames, t, status: chunks.put(data[:, 0].copy())):
+        try:
+            while True:
+                for ev in session.feed(chunks.get()):
+                    print(json.dumps(ev.to_json(), ensure_ascii=False) if a.json else "", flush=True)
+        except KeyboardInterrupt:
+            pass
+    last = session.end()
+    if last is not None:
+        print(json.dumps(last.to_json(), ensure_ascii=False) if a.json else "", flush=True)
     return 0
 
 

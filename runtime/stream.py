@@ -103,6 +103,11 @@ class Endpointer:
         self.buffer = np.concatenate([self.buffer, pcm])
         frame = SileroVad.FRAME
         while len(self.buffer) >= frame:
+            if self.triggered and self.current + frame - self.start > self.max_speech:
+                # Forced endpoint before the utterance would exceed max_speech (one encoder window); the
+                # speech goes on as a new utterance starting exactly there (no audio counted twice).
+                events += [("end", self.current, self.current), ("start", self.current, self.current)]
+                self.start, self.temp_end = self.current, 0
             chunk, self.buffer = self.buffer[:frame], self.buffer[frame:]
             self.current += frame
             prob = self.vad(chunk)
@@ -112,10 +117,6 @@ class Endpointer:
                 self.triggered = True
                 self.start = max(0, self.current - self.pad - frame)
                 events.append(("start", self.start, self.current))
-                continue
-            if self.triggered and self.current - self.start >= self.max_speech:
-                events.append(("end", self.current, self.current))  # forced endpoint at the maximum speech duration
-                self.triggered, self.temp_end = False, 0
                 continue
             if prob < self.o.threshold - 0.15 and self.triggered:
                 if not self.temp_end:
