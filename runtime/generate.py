@@ -148,7 +148,7 @@ def _check_finite(logits: torch.Tensor, where: str) -> None:
 def generate(
     model: Qwen2Decoder,
     cache: KVCache,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor | None,
     start: int,
     history: list[int],
     opts: SamplingOptions,
@@ -156,15 +156,20 @@ def generate(
     stats: GenerationStats,
     on_prefill_done: Callable[[], None] | None = None,
     first_logits: torch.Tensor | None = None,
+    prompt_len: int | None = None,
 ) -> Iterator[int]:
     """Prefill `prompt_embeds` [1, S, H] at position `start`, then decode; yields each new token id.
 
     `history` holds every id already in the cache plus the prompt's (for the repetition penalty); new
     ids are appended to it. Stops on a stop id (unless ignore_eos), max_new_tokens, or a full cache
     (`stats.finish_reason` is "stop", "length" or "context_full"). `first_logits` (the last-position
-    logits of a prefill already run into the cache, e.g. speculatively) skips the prefill.
+    logits of a prefill of `prompt_len` positions already run into the cache, e.g. speculatively) skips
+    the prefill; `prompt_embeds` may then be None.
     """
-    device = prompt_embeds.device
+    if first_logits is None and prompt_embeds is None:
+        raise ValueError("generate() needs prompt_embeds, or first_logits with prompt_len")
+    device = first_logits.device if first_logits is not None else prompt_embeds.device
+    n_prompt = prompt_embeds.shape[1] if first_logits is None else int(prompt_len)
     gen = torch.Generator(device="cpu")
     if opts.seed is not None:
         gen.manual_seed(opts.seed)
@@ -178,13 +183,13 @@ def generate(
         logits = model(prompt_embeds, start, cache)[0, -1]
         _check_finite(logits, "prefill")
         _sync(device)
-        stats.prefill_tokens += prompt_embeds.shape[1]
+        stats.prefill_tokens += n_prompt
         stats.prefill_s += time.perf_counter() - t0
     else:
         logits = first_logits
     if on_prefill_done:
         on_prefill_done()
-    pos = start + prompt_embeds.shape[1]
+    pos = start + n_prompt
     t_decode = time.perf_counter()
     n_new = 0
     while True:

@@ -396,9 +396,8 @@ class Conversation:
         self.ids = history  # the prompt is in the cache once prefill ran; generated ids are appended by generate()
         self.failed = True  # until the turn completes: a half-written cache must not be reused
         stats.prefill_tokens, stats.prefill_s = prefilled.n_pending, prefilled.prefill_ms / 1000
-        dummy = torch.empty(1, prefilled.n_pending, 1, device=p.device)  # only its length is read
-        for token in generate(p.decoder, p.cache, dummy, start, history, opts, p.stop_ids, stats,
-                              first_logits=prefilled.logits):
+        for token in generate(p.decoder, p.cache, None, start, history, opts, p.stop_ids, stats,
+                              first_logits=prefilled.logits, prompt_len=prefilled.n_pending):
             piece = detok.push(token)
             if piece:
                 pieces.append(piece)

@@ -104,10 +104,15 @@ class Endpointer:
         frame = SileroVad.FRAME
         while len(self.buffer) >= frame:
             if self.triggered and self.current + frame - self.start > self.max_speech:
-                # Forced endpoint before the utterance would exceed max_speech (one encoder window); the
-                # speech goes on as a new utterance starting exactly there (no audio counted twice).
-                events += [("end", self.current, self.current), ("start", self.current, self.current)]
-                self.start, self.temp_end = self.current, 0
+                if self.temp_end:
+                    # Speech already stopped: the window cap only cuts the silence wait short.
+                    events.append(("end", min(self.current, self.temp_end + self.pad - frame), self.current))
+                    self.triggered, self.temp_end = False, 0
+                else:
+                    # Forced endpoint before the utterance would exceed max_speech (one encoder window); the
+                    # speech goes on as a new utterance starting exactly there (no audio counted twice).
+                    events += [("end", self.current, self.current), ("start", self.current, self.current)]
+                    self.start = self.current
             chunk, self.buffer = self.buffer[:frame], self.buffer[frame:]
             self.current += frame
             prob = self.vad(chunk)
