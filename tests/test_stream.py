@@ -190,3 +190,9 @@ def test_mic_without_sounddevice_is_a_clear_error(mha):
         assert r.returncode == 2 and "sounddevice" in r.stderr and "Traceback" not in r.stderr
     else:
         assert r.returncode in (0, 2)  # with the package: runs, or reports that no input device exists
+
+
+def test_vad_does_not_change_torch_threads(mha, pipelines):
+    before = torch.get_num_threads()
+    pipelines(mha).stream(PROMPT).feed(np.zeros(1600, np.float32))
+    assert torch.get_num_threads() == before
