@@ -25,6 +25,19 @@ DECODE_MAX_M = 8
 
 
 @triton.jit
+def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_k, offs_n, k_mask, n_mask, N, GS: tl.constexpr):
+    """W[offs_k, offs_n] in fp32 from the packed nibbles: (q − (stored_zero + 1)) · scale."""
+    mask = k_mask[:, None] & n_mask[None, :]
+    packed = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask, other=0)
+    q = (packed >> ((offs_k[:, None] % 8) * 4)) & 0xF
+    g = offs_k // GS
+    s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    zp = tl.load(z_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=mask, other=0)
+    z = ((zp >> ((offs_n[None, :] % 8) * 4)) & 0xF) + 1
+    return (q - z).to(tl.float32) * s
+
+
+@triton.jit
 def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
                     GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -37,15 +50,8 @@ def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_
     for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        mask = k_mask[:, None] & n_mask[None, :]
         x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        packed = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask, other=0)
-        q = (packed >> ((offs_k[:, None] % 8) * 4)) & 0xF
-        g = offs_k // GS
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=mask, other=0)
-        z = ((zp >> ((offs_n[None, :] % 8) * 4)) & 0xF) + 1
-        w = (q - z).to(tl.float32) * s
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_k, offs_n, k_mask, n_mask, N, GS)
         acc += tl.sum(x[:, None] * w, axis=0)
     tl.store(out_ptr + (pid_k * M + m) * N + offs_n, acc, mask=n_mask)
 
@@ -64,14 +70,7 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, st
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wmask = k_mask[:, None] & n_mask[None, :]
-        packed = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=wmask, other=0)
-        q = (packed >> ((offs_k[:, None] % 8) * 4)) & 0xF
-        g = offs_k // GS
-        s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=wmask, other=0.0).to(tl.float32)
-        zp = tl.load(z_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=wmask, other=0)
-        z = ((zp >> ((offs_n[None, :] % 8) * 4)) & 0xF) + 1
-        w = (q - z).to(tl.float32) * s
+        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_k, offs_n, k_mask, n_mask, N, GS)
         acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
 

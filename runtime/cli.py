@@ -204,26 +204,19 @@ def cmd_stream(a: argparse.Namespace) -> int:
         return _stream_mic(a)
     pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
     wave = load_audio(a.audio, pipeline.mel.config.sampling_rate)
-    if a.chunk_ms < 1:
-        raise OptionsError(f"--chunk-ms must be ≥ 1, got {a.chunk_ms}")
     stream = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     session = pipeline.stream(a.prompt, sampling=_sampling(pipeline, a), vad=None if a.no_vad else "default", on_text=stream)
     step = pipeline.mel.config.sampling_rate * a.chunk_ms // 1000
-    events = []
+    turns = 0
     t0 = time.perf_counter()
-    for i in range(0, len(wave), step):
+    for i in range(0, len(wave) + step, step):  # the last pass calls end() instead of feeding
         if a.realtime:
             time.sleep(max(0.0, i / pipeline.mel.config.sampling_rate - (time.perf_counter() - t0)))
-        events += session.feed(wave[i : i + step])
-        while len(events) > len([e for e in events if getattr(e, "_printed", False)]):
-            ev = next(e for e in events if not getattr(e, "_printed", False))
-            ev._printed = True
+        events = session.feed(wave[i : i + step]) if i < len(wave) else [e for e in [session.end()] if e is not None]
+        for ev in events:
             print(json.dumps(ev.to_json(), ensure_ascii=False) if a.json else "", flush=True)
-    last = session.end()
-    if last is not None:
-        print(json.dumps(last.to_json(), ensure_ascii=False) if a.json else "", flush=True)
-        events.append(last)
-    if not events:
+        turns += len(events)
+    if not turns:
         print(json.dumps({"text": "", "token_ids": [], "no_speech": True}) if a.json else "(no speech detected)")
     return 0
 
