@@ -48,16 +48,22 @@ def layer_error_and_kl(ref: Scored, cand: Scored, start: int) -> dict:
 
 
 class OurModel:
-    """An artifacts directory run through our runtime (fp32 activations on CPU by default)."""
+    """An artifacts directory run through our runtime (fp32 activations on CPU by default).
 
-    def __init__(self, path: Path, **options):
+    chunk_seconds: encode the audio with the chunked stream mode's block-wise rule (what
+    `stream --stream-mode chunked` computes) instead of exactly.
+    """
+
+    def __init__(self, path: Path | None = None, *, pipeline=None, chunk_seconds: float | None = None, **options):
         from ..runtime.pipeline import Pipeline, RuntimeOptions
 
-        self.name = str(path)
-        self.p = Pipeline.from_artifacts(path, RuntimeOptions(**options))
+        self.p = pipeline if pipeline is not None else Pipeline.from_artifacts(path, RuntimeOptions(**options))
+        self.chunk_seconds = chunk_seconds
+        self.name = str(path if path is not None else self.p.artifacts.root) + (
+            f" (chunked stream mode, {chunk_seconds:g} s blocks)" if chunk_seconds else "")
 
-    def prompt(self, audio: Path, text: str) -> tuple[list[int], torch.Tensor | None]:
-        return self.p.single_turn(str(audio), text)
+    def prompt(self, audio, text: str) -> tuple[list[int], torch.Tensor | None]:
+        return self.p.single_turn(audio if not isinstance(audio, Path) else str(audio), text, chunk_seconds=self.chunk_seconds)
 
     @torch.inference_mode()
     def score(self, ids: list[int], audio: torch.Tensor | None) -> Scored:
@@ -141,17 +147,27 @@ class HFModel:
         return out[0, len(ids):].tolist()
 
 
-def open_model(path: str | Path, **options):
+def open_model(path: str | Path, chunk_seconds: float | None = None, **options):
     p = Path(path)
     if (p / "manifest.json").is_file():
-        return OurModel(p, **options)
+        return OurModel(p, chunk_seconds=chunk_seconds, **options)
+    if chunk_seconds is not None:
+        raise OptionsError(f"{p}: --chunked applies to an artifacts directory (our runtime), not a Hugging Face checkpoint")
     if (p / "config.json").is_file():
         return HFModel(p)
     raise OptionsError(f"{p} is neither an artifacts directory (manifest.json) nor a Hugging Face checkpoint (config.json)")
 
 
-def compare(a, b, audio_files: list[Path], prompt: str, new_tokens: int = 32) -> dict:
-    """Run the comparison over `audio_files`; returns the aggregated report (and per-file rows)."""
+def audio_cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> list[float] | None:
+    """Per-token cosine similarity of two models' audio embeddings (None when either has none to show)."""
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).tolist()
+
+
+def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32) -> dict:
+    """Run the comparison over `audio_files` (paths, or arrays of 16 kHz samples); returns the aggregated
+    report (and per-file rows). With two runtime models the audio embeddings' cosine similarity is reported too."""
     if not audio_files:
         raise OptionsError("compare needs at least one --audio file")
     if new_tokens < 1:
@@ -160,6 +176,7 @@ def compare(a, b, audio_files: list[Path], prompt: str, new_tokens: int = 32) ->
     all_kl: list[float] = []
     all_agree: list[float] = []
     layer_sums: list[float] = []
+    all_cos: list[float] = []
     for f in audio_files:
         ids_a, audio_a = a.prompt(f, prompt)
         ids_b, audio_b = b.prompt(f, prompt)
@@ -173,22 +190,33 @@ def compare(a, b, audio_files: list[Path], prompt: str, new_tokens: int = 32) ->
             raise OptionsError(f"the models have {len(ref.layers)} and {len(cand.layers)} decoder layers")
         r = layer_error_and_kl(ref, cand, len(ids_a) - 1)
         r["kl"], r["agree"] = r["kl"][:-1], r["agree"][:-1]  # the last position predicts past the sequence
-        rows.append({"audio": str(f), "prompt_tokens": len(ids_a), "continuation": len(cont),
-                     "mean_kl": sum(r["kl"]) / len(r["kl"]), "top1_agreement": sum(r["agree"]) / len(r["agree"]),
-                     "layer_rel_err": r["layer_rel_err"]})
+        row = {"audio": str(f) if isinstance(f, (str, Path)) else f"<{len(f)} samples>", "prompt_tokens": len(ids_a),
+               "continuation": len(cont), "mean_kl": sum(r["kl"]) / len(r["kl"]),
+               "top1_agreement": sum(r["agree"]) / len(r["agree"]), "layer_rel_err": r["layer_rel_err"]}
+        cos = audio_cosine(audio_a, audio_b)
+        if cos is not None:
+            row.update(audio_cosine_mean=sum(cos) / len(cos), audio_cosine_min=min(cos))
+            all_cos += cos
+        rows.append(row)
         all_kl += r["kl"]
         all_agree += r["agree"]
         layer_sums = [x + y for x, y in zip(layer_sums, r["layer_rel_err"])] if layer_sums else list(r["layer_rel_err"])
     n = len(audio_files)
-    return {"reference": a.name, "candidate": b.name, "files": n, "new_tokens": new_tokens,
-            "mean_kl": sum(all_kl) / len(all_kl), "top1_agreement": sum(all_agree) / len(all_agree),
-            "layer_rel_err": [x / n for x in layer_sums], "rows": rows}
+    report = {"reference": a.name, "candidate": b.name, "files": n, "new_tokens": new_tokens,
+              "mean_kl": sum(all_kl) / len(all_kl), "top1_agreement": sum(all_agree) / len(all_agree),
+              "layer_rel_err": [x / n for x in layer_sums], "rows": rows}
+    if all_cos:
+        report.update(audio_cosine_mean=sum(all_cos) / len(all_cos), audio_cosine_min=min(all_cos))
+    return report
 
 
 def format_table(report: dict) -> str:
     lines = [f"reference: {report['reference']}", f"candidate: {report['candidate']}",
              f"{report['files']} file(s), {report['new_tokens']} teacher-forced tokens each",
-             f"top-1 agreement {report['top1_agreement']:.4f}   mean KL {report['mean_kl']:.3e}", "",
+             f"top-1 agreement {report['top1_agreement']:.4f}   mean KL {report['mean_kl']:.3e}"]
+    if "audio_cosine_mean" in report:
+        lines.append(f"audio embeddings: cosine mean {report['audio_cosine_mean']:.4f}, min {report['audio_cosine_min']:.4f}")
+    lines += ["",
              "layer  rel. output error"]
     lines += [f"{i:5d}  {e:.3e}" for i, e in enumerate(report["layer_rel_err"])]
     if not all(math.isfinite(e) for e in report["layer_rel_err"]):

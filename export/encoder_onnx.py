@@ -48,12 +48,13 @@ def export_encoder_onnx(module: AudioEncoderWithProjector, path: Path, dtype: to
     example_len = min(cfg.max_frames, 400)
     mel = torch.zeros(1, cfg.num_mel_bins, example_len, dtype=dtype)
     n_valid = torch.tensor([example_len - 2], dtype=torch.int64)
+    pos_offset = torch.tensor([0], dtype=torch.int64)
     try:
         with _quiet():
             torch.onnx.export(
-                m, (mel, n_valid), str(path), dynamo=True, external_data=True,
-                input_names=["mel", "n_valid"], output_names=["audio_embeds"],
-                dynamic_shapes=({2: frames}, None),
+                m, (mel, n_valid, pos_offset), str(path), dynamo=True, external_data=True,
+                input_names=["mel", "n_valid", "pos_offset"], output_names=["audio_embeds"],
+                dynamic_shapes=({2: frames}, None, None),
             )
     except Exception as e:  # noqa: BLE001 — exporter failures come in many types
         raise ExportError(f"ONNX export of the encoder failed: {type(e).__name__}: {e}") from e

@@ -260,17 +260,16 @@ class IncrementalMel:
     def __init__(self, front: MelFrontEnd):
         self.front = front
         self.cfg = front.config
-        self._chunks: list[np.ndarray] = []
+        self._buf = np.empty(self.cfg.n_samples, dtype=np.float32)  # one window, preallocated: no re-copying
         self.n = 0
         self._blocks: list[torch.Tensor] = []  # finished 16-frame blocks of unclamped log-mel
-        self._wave: torch.Tensor | None = None
 
     @property
     def frames_ready(self) -> int:
         return MEL_BLOCK * len(self._blocks)
 
     def samples(self) -> np.ndarray:
-        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
+        return self._buf[: self.n]
 
     def feed(self, pcm: np.ndarray) -> int:
         """Append 16 kHz mono float32 samples; returns how many mel frames are final so far."""
@@ -279,7 +278,7 @@ class IncrementalMel:
             return self.frames_ready
         if self.n + pcm.size > self.cfg.n_samples:
             raise AudioError(f"streamed utterance exceeds one {self.cfg.n_samples}-sample window; end() it first")
-        self._chunks.append(pcm)
+        self._buf[self.n : self.n + pcm.size] = pcm
         self.n += pcm.size
         half, hop = self.cfg.n_fft // 2, self.cfg.hop_length
         # Block b is final when the window of its last frame lies inside the received samples.
@@ -287,14 +286,27 @@ class IncrementalMel:
         want = (last_ok + 1) // MEL_BLOCK
         if want > len(self._blocks) and self.n > half:
             wave = torch.from_numpy(self.samples())
-            head = torch.nn.functional.pad(wave[None, None, : half + 1], (half, 0), mode="reflect")[0, 0, :half]
-            padded = torch.cat([head, wave])
             for b in range(len(self._blocks), want):
-                self._blocks.append(self.front.mel_block(padded, MEL_BLOCK * b, MEL_BLOCK))
+                first = MEL_BLOCK * b
+                if first * hop >= half:  # the block's windows lie inside the signal: slice just them
+                    seg = wave[first * hop - half : (first + MEL_BLOCK - 1) * hop + half]
+                    self._blocks.append(self.front.mel_block(seg, 0, MEL_BLOCK))
+                else:  # the first block reaches into the reflect-padded start
+                    head = torch.nn.functional.pad(wave[None, None, : half + 1], (half, 0), mode="reflect")[0, 0, :half]
+                    self._blocks.append(self.front.mel_block(torch.cat([head, wave]), first, MEL_BLOCK))
         return self.frames_ready
 
-    def finish(self) -> tuple[torch.Tensor, int]:
-        """The utterance's encoder input: (mel [n_mels, min(L+2, 3000)] clamped and scaled, L)."""
+    def ready_logspec(self) -> torch.Tensor:
+        """The final unclamped frames so far [n_mels, frames_ready] (they never change as audio arrives)."""
+        if not self._blocks:
+            return torch.zeros(self.cfg.n_mels, 0)
+        return torch.cat(self._blocks, dim=1)
+
+    def finish_unclamped(self) -> tuple[torch.Tensor, int]:
+        """The utterance's unclamped log-mel frames 0…min(L+1, 2999) and L, as `log_spectrogram` gives them.
+
+        Does not consume the state: more audio may still be fed (a speculative endpoint can be withdrawn).
+        """
         if self.n == 0:
             raise AudioError("no audio was streamed")
         wave = torch.from_numpy(self.samples())
@@ -304,5 +316,9 @@ class IncrementalMel:
         blocks = [blk for blk in self._blocks[: frames // MEL_BLOCK]]
         for b in range(MEL_BLOCK * len(blocks), frames, MEL_BLOCK):
             blocks.append(self.front.mel_block(padded, b, min(MEL_BLOCK, frames - b)))
-        logspec = torch.cat(blocks, dim=1)[:, :frames]
+        return torch.cat(blocks, dim=1)[:, :frames], n_valid
+
+    def finish(self) -> tuple[torch.Tensor, int]:
+        """The utterance's encoder input: (mel [n_mels, min(L+2, 3000)] clamped and scaled, L)."""
+        logspec, n_valid = self.finish_unclamped()
         return self.front.normalize(logspec), n_valid

@@ -93,14 +93,25 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--chunk-ms", type=int, default=100)
     st.add_argument("--realtime", action="store_true", help="feed at real-time pace")
     st.add_argument("--no-vad", action="store_true", help="no endpointing: end() after the last chunk")
-    st.add_argument("--stream-mode", default="exact", choices=["exact"], help="exact: output equals the offline run")
+    st.add_argument("--stream-mode", default="exact", choices=["exact", "chunked"],
+                    help="exact (default): output equals the offline run; chunked: block-wise encoder, each finished "
+                    "block prefilled while the person speaks (changes the output: check it with compare --chunked)")
+    st.add_argument("--chunk-seconds", type=float, default=2.0, help="chunked mode block length (multiple of 0.04 s, default 2)")
+    st.add_argument("--barge-in", action="store_true",
+                    help="answer on a worker thread; speech detected during an answer cancels it (VAD mode)")
+    st.add_argument("--no-speculation", action="store_true", help="do not encode/prefill in the endpointing silence window")
+    st.add_argument("--context-policy", default="drop_oldest", choices=["drop_oldest", "error"],
+                    help="when a turn does not fit in --max-context: drop the oldest exchanges (default) or stop with an error")
     st.add_argument("--json", action="store_true", help="one JSON object per turn, with endpoint/first-token timings")
     _add_generation_args(st)
     _add_runtime_args(st)
 
     c = sub.add_parser("compare", help="quality of B vs reference A (artifacts dirs or HF checkpoints) on audio files")
     c.add_argument("a", help="reference: artifacts dir or Hugging Face checkpoint")
-    c.add_argument("b", help="candidate: artifacts dir or Hugging Face checkpoint")
+    c.add_argument("b", nargs="?", default=None,
+                   help="candidate: artifacts dir or Hugging Face checkpoint (default: A again, with --chunked)")
+    c.add_argument("--chunked", type=float, default=None, metavar="SECONDS",
+                   help="run the candidate in the chunked stream mode with SECONDS blocks (e.g. compare ART --chunked 2)")
     c.add_argument("--audio", action="append", required=True, help="audio file (repeat for several)")
     c.add_argument("--prompt", default="What does the person say?")
     c.add_argument("--new-tokens", type=int, default=32, help="continuation length decoded by A and teacher-forced")
@@ -192,6 +203,25 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def _stream_session(pipeline, a: argparse.Namespace, on_event=None):
+    from .stream import StreamOptions
+
+    options = StreamOptions(mode=a.stream_mode, chunk_seconds=a.chunk_seconds, speculate=not a.no_speculation,
+                            barge_in=a.barge_in, context_policy=a.context_policy)
+    on_text = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    return pipeline.stream(a.prompt, sampling=_sampling(pipeline, a), vad=None if a.no_vad else "default",
+                           on_text=on_text, options=options, on_event=on_event)
+
+
+def _print_events(events, a: argparse.Namespace) -> int:
+    for ev in events:
+        if a.json:
+            print(json.dumps(ev.to_json(), ensure_ascii=False), flush=True)
+        else:
+            print(" [cancelled]" if ev.cancelled else "", flush=True)
+    return len(events)
+
+
 def cmd_stream(a: argparse.Namespace) -> int:
     import time
 
@@ -204,18 +234,17 @@ def cmd_stream(a: argparse.Namespace) -> int:
         return _stream_mic(a)
     pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
     wave = load_audio(a.audio, pipeline.mel.config.sampling_rate)
-    stream = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    session = pipeline.stream(a.prompt, sampling=_sampling(pipeline, a), vad=None if a.no_vad else "default", on_text=stream)
-    step = pipeline.mel.config.sampling_rate * a.chunk_ms // 1000
+    session = _stream_session(pipeline, a)
+    sr = pipeline.mel.config.sampling_rate
+    step = max(1, sr * a.chunk_ms // 1000)
     turns = 0
     t0 = time.perf_counter()
-    for i in range(0, len(wave) + step, step):  # the last pass calls end() instead of feeding
+    for i in range(0, len(wave), step):
         if a.realtime:
-            time.sleep(max(0.0, i / pipeline.mel.config.sampling_rate - (time.perf_counter() - t0)))
-        events = session.feed(wave[i : i + step]) if i < len(wave) else [e for e in [session.end()] if e is not None]
-        for ev in events:
-            print(json.dumps(ev.to_json(), ensure_ascii=False) if a.json else "", flush=True)
-        turns += len(events)
+            time.sleep(max(0.0, i / sr - (time.perf_counter() - t0)))
+        turns += _print_events(session.feed(wave[i : i + step]), a)
+    last = session.end()
+    turns += _print_events(session.wait() + ([last] if last is not None else []), a)
     if not turns:
         print(json.dumps({"text": "", "token_ids": [], "no_speech": True}) if a.json else "(no speech detected)")
     return 0
@@ -224,6 +253,8 @@ def cmd_stream(a: argparse.Namespace) -> int:
 def _stream_mic(a: argparse.Namespace) -> int:
     """Live microphone → StreamSession with VAD endpointing; Ctrl-C stops."""
     import queue
+
+    import numpy as np
 
     try:
         import sounddevice as sd
@@ -238,20 +269,20 @@ def _stream_mic(a: argparse.Namespace) -> int:
     pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
     sr = pipeline.mel.config.sampling_rate
     chunks: queue.Queue = queue.Queue()
-    session = pipeline.stream(a.prompt, sampling=_sampling(pipeline, a), vad=None if a.no_vad else "default",
-                              on_text=None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush())))
+    session = _stream_session(pipeline, a)
     print("listening (Ctrl-C to stop)", file=sys.stderr)
     with sd.InputStream(samplerate=sr, channels=1, dtype="float32", blocksize=sr * a.chunk_ms // 1000,
                         callback=lambda data, frames, t, status: chunks.put(data[:, 0].copy())):
         try:
             while True:
-                for ev in session.feed(chunks.get()):
-                    print(json.dumps(ev.to_json(), ensure_ascii=False) if a.json else "", flush=True)
+                pcm = [chunks.get()]
+                while not chunks.empty():  # behind real time: coalesce everything queued into one feed
+                    pcm.append(chunks.get_nowait())
+                _print_events(session.feed(np.concatenate(pcm)), a)
         except KeyboardInterrupt:
             pass
     last = session.end()
-    if last is not None:
-        print(json.dumps(last.to_json(), ensure_ascii=False) if a.json else "", flush=True)
+    _print_events(session.wait() + ([last] if last is not None else []), a)
     return 0
 
 
@@ -260,7 +291,11 @@ def cmd_compare(a: argparse.Namespace) -> int:
         from ..export.compare import compare, format_table, open_model
     except ImportError as e:
         raise OptionsError(f"compare needs the [export] extra ({e.name} is missing)") from e
-    report = compare(open_model(a.a), open_model(a.b), [Path(x) for x in a.audio], a.prompt, a.new_tokens)
+    if a.b is None and a.chunked is None:
+        raise OptionsError("compare needs a candidate B, or --chunked SECONDS to compare A's chunked stream mode with A")
+    ref = open_model(a.a)
+    cand = open_model(a.b or a.a, chunk_seconds=a.chunked)
+    report = compare(ref, cand, [Path(x) for x in a.audio], a.prompt, a.new_tokens)
     print(json.dumps(report) if a.json else format_table(report))
     return 0
 

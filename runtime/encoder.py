@@ -8,7 +8,8 @@ positions after conv2 ((L − 1)//2 + 1 of them) see only each other there, so r
 on exactly those positions is the same computation at a fraction of the cost (DESIGN §1).
 
 Backends: `OnnxEncoder` runs the exported file with ONNX Runtime (default); `TorchEncoder` runs the
-module directly (for GPUs without onnxruntime-gpu). Both expose `__call__(mel, n_valid) -> [N, hidden]`.
+module directly (for GPUs without onnxruntime-gpu). Both expose
+`__call__(mel, n_valid, pos_offset=0) -> [N, hidden]`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ArtifactsError
+from .errors import ArtifactsError, AudioError
 
 
 @dataclass(frozen=True)
@@ -102,10 +103,12 @@ class _AudioTower(nn.Module):
 
 
 class AudioEncoderWithProjector(nn.Module):
-    """mel [1, n_mels, T] + valid frames L [1] (int64) → audio embeddings [1, N, output_dim].
+    """mel [1, n_mels, T] + valid frames L [1] (int64) (+ pos_offset [1] int64) → audio embeddings [1, N, output_dim].
 
     T must be min(L + 2, 2·max_source_positions): the two frames past the valid ones feed the
-    boundary convolutions exactly as in the padded reference. N = num_audio_tokens(L).
+    boundary convolutions exactly as in the padded reference. N = num_audio_tokens(L). pos_offset (the
+    chunked stream mode's block position, in conv2 steps) shifts the learned positions; T/2 + pos_offset
+    must not exceed max_source_positions.
     """
 
     def __init__(self, cfg: EncoderConfig):
@@ -117,14 +120,19 @@ class AudioEncoderWithProjector(nn.Module):
         self.multi_modal_projector = nn.Module()
         self.multi_modal_projector.linear = nn.Linear(cfg.d_model, cfg.output_dim)
 
-    def forward(self, mel: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, mel: torch.Tensor, n_valid: torch.Tensor, pos_offset: torch.Tensor | None = None) -> torch.Tensor:
         tower = self.audio_tower
         x = F.gelu(tower.conv1(mel.to(tower.conv1.weight.dtype)))
         x = F.gelu(tower.conv2(x)).transpose(1, 2)  # [1, T2, d]
         # Keep the valid positions after conv2, (L - 1) // 2 + 1 of them, all of which are attention keys
         # in the reference (the pool later drops an odd last one). A tensor-valued slice keeps ONNX dynamic.
         n_pos = (n_valid.reshape(()) - 1) // 2 + 1
-        x = x + tower.embed_positions.weight[: x.shape[1]].to(x.dtype)
+        # Learned positions start at `pos_offset` (0 for a whole utterance; a chunked-mode block keeps its
+        # place in the utterance, measured far closer to exact mode than restarting at 0 per block).
+        positions = torch.arange(x.shape[1], device=x.device)
+        if pos_offset is not None:
+            positions = positions + pos_offset.reshape(())
+        x = x + tower.embed_positions.weight.index_select(0, positions).to(x.dtype)
         x = _take_prefix(x, n_pos)
         for layer in tower.layers:
             x = layer(x)
@@ -163,11 +171,22 @@ class TorchEncoder:
         self.device = device
         self.dtype = next(module.parameters()).dtype
 
+    supports_pos_offset = True
+
     @torch.inference_mode()
-    def __call__(self, mel: torch.Tensor, n_valid: int) -> torch.Tensor:
+    def __call__(self, mel: torch.Tensor, n_valid: int, pos_offset: int = 0) -> torch.Tensor:
         m = mel.to(self.device, self.dtype).unsqueeze(0)
-        out = self.module(m, torch.tensor([n_valid], dtype=torch.int64, device=self.device))
+        check_positions(mel.shape[-1], pos_offset, self.module.config.max_source_positions)
+        out = self.module(m, torch.tensor([n_valid], dtype=torch.int64, device=self.device),
+                          torch.tensor([pos_offset], dtype=torch.int64, device=self.device))
         return out[0]
+
+
+def check_positions(frames: int, pos_offset: int, max_positions: int) -> None:
+    """A block must fit in the encoder's learned positions (a clear error instead of an index error)."""
+    if pos_offset < 0 or (frames + 1) // 2 + pos_offset > max_positions:
+        raise AudioError(f"encoder input of {frames} frames at position offset {pos_offset} exceeds the "
+                         f"{max_positions} learned positions (one 30 s window); end the utterance sooner")
 
 
 def cuda_available() -> bool:
@@ -200,15 +219,24 @@ class OnnxEncoder:
             raise ArtifactsError(f"ONNX Runtime cannot load {Path(path).name}: {e}; re-export") from e
         self.providers = self.session.get_providers()
         inputs = {i.name: i for i in self.session.get_inputs()}
-        self._mel_name, self._len_name = "mel", "n_valid"
-        if set(inputs) != {self._mel_name, self._len_name}:
-            raise ArtifactsError(f"{path}: expected encoder inputs mel and n_valid, found {sorted(inputs)}")
+        # Exports before the chunked stream mode have no pos_offset input; they serve exact mode only.
+        if set(inputs) not in ({"mel", "n_valid"}, {"mel", "n_valid", "pos_offset"}):
+            raise ArtifactsError(f"{path}: expected encoder inputs mel, n_valid (and pos_offset), found {sorted(inputs)}")
+        self.supports_pos_offset = "pos_offset" in inputs
         self._mel_dtype = np.float16 if inputs["mel"].type == "tensor(float16)" else np.float32
+        self.max_positions: int | None = None  # set by the pipeline from the audio config
 
-    def __call__(self, mel: torch.Tensor, n_valid: int) -> torch.Tensor:
+    def __call__(self, mel: torch.Tensor, n_valid: int, pos_offset: int = 0) -> torch.Tensor:
         feeds = {
-            self._mel_name: mel.detach().cpu().numpy().astype(self._mel_dtype)[None],
-            self._len_name: np.array([n_valid], dtype=np.int64),
+            "mel": mel.detach().cpu().numpy().astype(self._mel_dtype)[None],
+            "n_valid": np.array([n_valid], dtype=np.int64),
         }
+        if self.supports_pos_offset:
+            if self.max_positions is not None:
+                check_positions(mel.shape[-1], pos_offset, self.max_positions)
+            feeds["pos_offset"] = np.array([pos_offset], dtype=np.int64)
+        elif pos_offset:
+            raise ArtifactsError("this encoder.onnx was exported before the chunked stream mode (no pos_offset input); "
+                                 "re-export the checkpoint with this version to use --stream-mode chunked")
         (out,) = self.session.run(None, feeds)
         return torch.from_numpy(out[0].astype(np.float32, copy=False))

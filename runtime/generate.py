@@ -157,12 +157,14 @@ def generate(
     on_prefill_done: Callable[[], None] | None = None,
     first_logits: torch.Tensor | None = None,
     prompt_len: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[int]:
     """Prefill `prompt_embeds` [1, S, H] at position `start`, then decode; yields each new token id.
 
     `history` holds every id already in the cache plus the prompt's (for the repetition penalty); new
     ids are appended to it. Stops on a stop id (unless ignore_eos), max_new_tokens, or a full cache
-    (`stats.finish_reason` is "stop", "length" or "context_full"). `first_logits` (the last-position
+    (`stats.finish_reason` is "stop", "length" or "context_full"), or when `should_stop()` (polled before
+    each decode step) returns True ("cancelled", e.g. barge-in). `first_logits` (the last-position
     logits of a prefill of `prompt_len` positions already run into the cache, e.g. speculatively) skips
     the prefill; `prompt_embeds` may then be None.
     """
@@ -211,6 +213,9 @@ def generate(
             break
         if pos >= cache.max_context:
             stats.finish_reason = "context_full"
+            break
+        if should_stop is not None and should_stop():
+            stats.finish_reason = "cancelled"
             break
         # The sampled token is fed back so the cache holds it (needed for the next chat turn too).
         logits = model(model.embed(torch.tensor([[token]], device=device)), pos, cache)[0, -1]

@@ -7,6 +7,7 @@ a new turn prefills only the ids not yet in the cache, so turn N costs its own t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -73,6 +74,8 @@ class PendingTurn:
     rest: list[int]  # the turn's remaining ids, audio slots not yet expanded
     n_audio: int
     prefilled: int  # ids of this turn prefilled by begin_turn
+    blockwise: bool = False  # one audio slot filled block by block (chunked streaming): every mel belongs to it
+    audio_done: int = 0  # audio tokens of that slot already prefilled by extend_audio
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class PrefilledTurn:
     start: int
     encoder_ms: float
     prefill_ms: float
+    audio_embeds: torch.Tensor | None = None  # this prefill's audio embeddings (kept for the context policy)
 
 
 @dataclass
@@ -174,7 +178,9 @@ class Pipeline:
             if precision not in enc["onnx"]:
                 raise OptionsError(f"no {precision} ONNX encoder in these artifacts (have {sorted(enc['onnx'])}); "
                                    "re-export with --encoder-dtype fp16 or use --encoder-precision fp32")
-            return OnnxEncoder(self.artifacts.path(enc["onnx"][precision]), threads=self.options.threads, device=self.options.device)
+            onnx = OnnxEncoder(self.artifacts.path(enc["onnx"][precision]), threads=self.options.threads, device=self.options.device)
+            onnx.max_positions = int(self.artifacts.audio_config["max_source_positions"])
+            return onnx
         from safetensors.torch import load_file
 
         cfg = EncoderConfig.from_dict(self.artifacts.audio_config, self.artifacts.text_config["hidden_size"])
@@ -214,38 +220,55 @@ class Pipeline:
             return prepare_waveform(data, sr if sampling_rate is None else sampling_rate, sr)
         raise AudioError(f"audio must be a file path or an array of samples, got {type(audio).__name__}")
 
-    def encode_mels(self, mels: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-        """Encoder outputs [N_i, hidden] per (mel, valid frames) segment, checked finite."""
+    def encode_mels(self, mels: list[tuple]) -> list[torch.Tensor]:
+        """Encoder outputs [N_i, hidden] per (mel, valid frames[, position offset]) input, checked finite."""
         out = []
-        for mel, n_valid in mels:
-            emb = self.encoder(mel, n_valid)
+        for mel, n_valid, *offset in mels:
+            emb = self.encoder(mel, n_valid, *offset)
             if not torch.isfinite(emb).all():
                 raise NumericalError("the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32")
             out.append(emb)
         return out
 
-    def single_turn(self, audio=None, text: str | None = None, sampling_rate: int | None = None) -> tuple[list[int], torch.Tensor | None]:
-        """Prompt ids and audio embeddings (concatenated, prompt order) of a one-turn conversation — no decoding."""
+    def single_turn(self, audio=None, text: str | None = None, sampling_rate: int | None = None,
+                    chunk_seconds: float | None = None) -> tuple[list[int], torch.Tensor | None]:
+        """Prompt ids and audio embeddings (concatenated, prompt order) of a one-turn conversation — no decoding.
+
+        chunk_seconds: encode each segment with the chunked stream mode's block-wise rule (runtime/chunked.py)
+        instead of exactly; the ids are the same either way.
+        """
+        from .chunked import block_frames, chunked_utterance
+
         self.prompt.check_user_text(text)
         segments = split_segments(self.load_waveform(audio, sampling_rate), self.mel.config) if audio is not None else []
         counts = [num_audio_tokens(self.mel.valid_frames(len(s))) for s in segments]
         ids = self.prompt.expand_audio(self.prompt.encode(self.prompt.render([user_message(len(segments), text)])), counts)
-        embeds = self.encode_mels([self.mel.log_mel(s) for s in segments])
+        if chunk_seconds is None:
+            embeds = self.encode_mels([self.mel.log_mel(s) for s in segments])
+        else:
+            block = block_frames(chunk_seconds, self.mel)
+            embeds = [e for s in segments for e in self.encode_mels(chunked_utterance(self.mel, s, block))]
         return ids, (torch.cat(embeds) if embeds else None)
 
     def stream(self, prompt: str | None = None, *, sampling: SamplingOptions | None = None, vad="default",
-               on_text: Callable[[str], None] | None = None):
+               on_text: Callable[[str], None] | None = None, options=None, on_event=None):
         """A streaming session (runtime/stream.py): feed PCM chunks, get turns at VAD endpoints or `end()`.
 
         vad: "default" (VadOptions()), a VadOptions, or None for push-to-talk only.
+        options: a StreamOptions (mode exact|chunked, chunk_seconds, speculate, barge_in, context_policy).
         """
-        from .stream import StreamSession, VadOptions
+        from .stream import StreamOptions, StreamSession, VadOptions
 
-        return StreamSession(self, prompt, sampling=sampling, vad=VadOptions() if vad == "default" else vad, on_text=on_text)
+        return StreamSession(self, prompt, sampling=sampling, vad=VadOptions() if vad == "default" else vad, on_text=on_text,
+                             options=options or StreamOptions(), on_event=on_event)
 
-    def chat(self) -> "Conversation":
-        """Start a conversation; it owns the KV cache until another conversation starts."""
-        return Conversation(self)
+    def chat(self, context_policy: str = "error") -> "Conversation":
+        """Start a conversation; it owns the KV cache until another conversation starts.
+
+        context_policy: "error" (refuse a turn that does not fit in max_context) or "drop_oldest"
+        (drop the oldest exchanges to make room); see `Conversation`.
+        """
+        return Conversation(self, context_policy)
 
     def run(self, audio=None, prompt: str | None = None, *, sampling: SamplingOptions | None = None,
             sampling_rate: int | None = None, on_text: Callable[[str], None] | None = None) -> TurnResult:
@@ -256,16 +279,43 @@ class Pipeline:
         return SamplingOptions.from_generation_config(self.generation_config, **overrides)
 
 
-class Conversation:
-    """A multi-turn chat whose KV cache is kept between turns (text-only turns included)."""
+CONTEXT_POLICIES = ("error", "drop_oldest")
 
-    def __init__(self, pipeline: Pipeline):
+
+@dataclass
+class _Exchange:
+    """One user turn + its answer: where it starts in the conversation ids, and its audio embeddings."""
+
+    start: int
+    base: int  # len(ids) before the turn was begun (an abandoned turn is rolled back to it)
+    audio: list[torch.Tensor] = field(default_factory=list)
+
+
+class Conversation:
+    """A multi-turn chat whose KV cache is kept between turns (text-only turns included).
+
+    Context policy when a turn does not fit in `max_context` (with room for `max_new_tokens`):
+    "error" (default for `chat()`) refuses the turn with a LimitError; "drop_oldest" (the default for
+    streaming sessions) drops whole exchanges (a user turn and its answer), oldest first, keeping the
+    system turn and the turn in progress, then re-prefills what is kept from position 0. The kept audio
+    is not re-encoded: each exchange keeps its audio embeddings. If the turn still does not fit once
+    nothing is left to drop, it is refused as with "error"; if only the room for the answer is short,
+    the answer may end early with finish_reason "context_full".
+    """
+
+    def __init__(self, pipeline: Pipeline, context_policy: str = "error"):
+        if context_policy not in CONTEXT_POLICIES:
+            raise OptionsError(f"context policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
         self.p = pipeline
         pipeline._owner = self
+        self.context_policy = context_policy
         self.messages: list[dict] = []
         self.ids: list[int] = []  # every id of the conversation, as fed or generated
         self.cached = 0  # ids[:cached] are in the KV cache
         self.failed = False
+        self.dropped_exchanges = 0  # exchanges removed by the "drop_oldest" policy so far
+        self._exchanges: list[_Exchange] = []
+        self._open = False  # the last exchange is a turn in progress (begun, not finished)
 
     def _check_usable(self) -> None:
         if self.p._owner is not self:
@@ -281,6 +331,7 @@ class Conversation:
         if audio is None and not text:
             raise OptionsError("a turn needs audio, text, or both")
         p.prompt.check_user_text(text)
+        opts = sampling or p.default_sampling()
         t0 = time.perf_counter()
         timings: dict = {"load_s": round(p.load_s, 4)}
         segments: list[np.ndarray] = []
@@ -289,11 +340,11 @@ class Conversation:
             segments = split_segments(wave, p.mel.config)
             timings["audio_s"] = round(len(wave) / p.mel.config.sampling_rate, 3)
         counts = [num_audio_tokens(p.mel.valid_frames(len(s))) for s in segments]
-        turn = self.begin_turn(text, len(segments), dry_run_counts=counts)
+        turn = self.begin_turn(text, len(segments), dry_run_counts=counts, reserve=opts.max_new_tokens)
         t = time.perf_counter()
         mels = [p.mel.log_mel(s) for s in segments]
         timings["mel_ms"] = round(1000 * (time.perf_counter() - t), 3)
-        return self.finish_turn(turn, mels, sampling=sampling, on_text=on_text, t0=t0, timings=timings)
+        return self.finish_turn(turn, mels, sampling=opts, on_text=on_text, t0=t0, timings=timings)
 
     def _turn_ids(self, text: str | None, n_audio: int) -> tuple[dict, list[int]]:
         p = self.p
@@ -304,6 +355,14 @@ class Conversation:
             turn_text = p.prompt.continuation(self.messages, message, self.ids[-1] if self.ids else None)
         return message, p.prompt.encode(turn_text)
 
+    def _user_start(self, ids: list[int]) -> int:
+        """Where the user message starts in a rendered turn: its `<|im_start|>` (the one before the
+        assistant's); 0 without a ChatML template. What precedes it (the system turn, or the end of the
+        previous answer) belongs to what came before."""
+        im_start = self.p.prompt.token_id("<|im_start|>")
+        starts = [i for i, t in enumerate(ids) if t == im_start] if im_start is not None else []
+        return starts[-2] if len(starts) >= 2 else 0
+
     def _check_fits(self, n_new: int, audio_tokens: int) -> None:
         total = len(self.ids) + n_new
         if total >= self.p.max_context:
@@ -311,22 +370,83 @@ class Conversation:
                 f"the prompt needs {total} positions (conversation {len(self.ids)}, this turn {n_new}, of which "
                 f"{audio_tokens} audio tokens) but the context holds {self.p.max_context}; "
                 "raise --max-context, shorten the audio, or start a new conversation"
+                + ("" if self.context_policy == "drop_oldest" else " (or use the drop_oldest context policy)")
             )
 
-    def begin_turn(self, text: str | None, n_audio: int, *, dry_run_counts: list[int] | None = None) -> "PendingTurn":
+    def _make_room(self, n_new: int, audio_tokens: int, reserve: int) -> None:
+        """Apply the context policy for `n_new` more ids (+ `reserve` for the answer), then check the prompt fits."""
+        excess = len(self.ids) + n_new + reserve + 1 - self.p.max_context
+        if excess > 0 and self.context_policy == "drop_oldest":
+            self._drop_oldest(excess)
+        self._check_fits(n_new, audio_tokens)
+
+    def _drop_oldest(self, excess: int) -> None:
+        """Drop whole finished exchanges, oldest first, until `excess` positions are freed (or none is left),
+        then re-prefill the kept conversation from position 0 (audio from the stored embeddings)."""
+        finished = len(self._exchanges) - (1 if self._open else 0)
+        if finished <= 0:
+            return
+        first = self._exchanges[0].start
+        k = 0
+        while k < finished:
+            k += 1
+            cut = self._exchanges[k].start if k < len(self._exchanges) else len(self.ids)
+            if cut - first >= excess:
+                break
+        cut = self._exchanges[k].start if k < len(self._exchanges) else len(self.ids)
+        removed = cut - first
+        kept = self._exchanges[k:]
+        for e in kept:
+            e.start -= removed
+            e.base = max(first, e.base - removed)
+        p = self.p
+        self.failed = True  # until the cache holds the compacted conversation again
+        # With nothing kept the next turn renders from scratch (system turn included): drop that too.
+        self.ids = self.ids[:first] + self.ids[cut:] if kept else []
+        self._exchanges = kept
+        self.messages = self.messages[2 * k :]
+        self.dropped_exchanges += k
+        if self.ids:
+            with torch.inference_mode():
+                ids_t = torch.tensor([self.ids], dtype=torch.long, device=p.device)
+                embeds = p.decoder.embed(ids_t)
+                audio = [a for e in kept for a in e.audio]
+                mask = ids_t[0] == p.prompt.audio_token_id
+                if int(mask.sum()) != sum(a.shape[0] for a in audio):
+                    raise NumericalError("internal error: kept audio embeddings do not match the conversation's audio slots")
+                if audio:
+                    embeds[0, mask] = torch.cat(audio).to(embeds.dtype)
+                p.decoder(embeds, 0, p.cache)
+        self.cached = len(self.ids)
+        self.failed = False
+
+    def begin_turn(self, text: str | None, n_audio: int, *, dry_run_counts: list[int] | None = None,
+                   reserve: int = 0, blockwise: bool = False) -> "PendingTurn":
         """Render the turn and prefill everything before its first audio slot (the shared prompt prefix).
 
         Streaming calls this before any audio arrives; `send` calls it too, so offline and streaming runs
-        do the same arithmetic. With `dry_run_counts` (known audio token counts) an overflowing prompt is
-        refused before any work.
+        do the same arithmetic. With `dry_run_counts` (known audio token counts) the context policy is
+        applied and an overflowing prompt is refused before any work. `blockwise`: the turn's one audio
+        slot is filled block by block with `extend_audio` (chunked streaming).
         """
         self._check_usable()
         p = self.p
         p.prompt.check_user_text(text)
+        if blockwise and n_audio != 1:
+            raise OptionsError("a block-wise turn has exactly one audio slot")
+        if self._open:  # an abandoned turn (e.g. refused as too long): roll its prefix back
+            abandoned = self._exchanges.pop()
+            self.ids = self.ids[: abandoned.base] if self.messages else []
+            self.cached = min(self.cached, len(self.ids))
+            self._open = False
         message, ids = self._turn_ids(text, n_audio)
-        if dry_run_counts is not None:
-            self._check_fits(len(p.prompt.expand_audio(ids, dry_run_counts)), sum(dry_run_counts))
         cut = ids.index(p.prompt.audio_token_id) if n_audio else 0
+        if dry_run_counts is not None:
+            self._make_room(len(p.prompt.expand_audio(ids, dry_run_counts)), sum(dry_run_counts), reserve)
+        elif cut:
+            self._make_room(cut, 0, reserve)
+        self._exchanges.append(_Exchange(start=len(self.ids) + self._user_start(ids), base=len(self.ids)))
+        self._open = True
         if cut:
             head = self.ids[self.cached :] + ids[:cut]
             self._check_fits(cut, 0)
@@ -336,26 +456,62 @@ class Conversation:
             self.ids = self.ids + ids[:cut]
             self.cached = len(self.ids)
             self.failed = False
-        return PendingTurn(message=message, rest=ids[cut:], n_audio=n_audio, prefilled=cut)
+        return PendingTurn(message=message, rest=ids[cut:], n_audio=n_audio, prefilled=cut, blockwise=blockwise)
 
-    def prefill_turn(self, turn: "PendingTurn", mels: list[tuple[torch.Tensor, int]]) -> "PrefilledTurn":
-        """Encode the turn's audio and prefill the rest of its prompt into the KV cache, without committing.
+    def extend_audio(self, turn: "PendingTurn", embeds: torch.Tensor, *, reserve: int = 0) -> "PendingTurn":
+        """Prefill finished audio blocks [N, hidden] of a block-wise turn into the cache, committed.
 
-        The conversation's state does not change: if the turn is abandoned (speech resumed after a
-        speculative endpoint), the cache positions written here are simply overwritten later.
+        Returns the turn with `audio_done` advanced; later blocks and the rest of the prompt follow.
         """
         self._check_usable()
         p = self.p
-        if len(mels) != turn.n_audio:
-            raise OptionsError(f"the turn was begun with {turn.n_audio} audio segments but {len(mels)} were given")
-        counts = [num_audio_tokens(n_valid) for _, n_valid in mels]
-        new_ids = p.prompt.expand_audio(turn.rest, counts)
+        if not turn.blockwise:
+            raise OptionsError("extend_audio needs a turn begun with blockwise=True")
+        n = int(embeds.shape[0])
+        if n == 0:
+            return turn
+        if not torch.isfinite(embeds).all():
+            raise NumericalError("the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32")
+        self._make_room(n, n, reserve)
+        self.failed = True
+        with torch.inference_mode():
+            pending = self.ids[self.cached :]
+            x = embeds.to(p.device, p.dtype)[None]
+            if pending:
+                x = torch.cat([p.decoder.embed(torch.tensor([pending], device=p.device)), x], dim=1)
+            p.decoder(x, self.cached, p.cache)
+        self.ids = self.ids + [p.prompt.audio_token_id] * n
+        self.cached = len(self.ids)
+        self._exchanges[-1].audio.append(embeds.to(p.device, p.dtype))
+        self.failed = False
+        return dataclasses.replace(turn, audio_done=turn.audio_done + n)
+
+    def prefill_turn(self, turn: "PendingTurn", mels: list[tuple], *, reserve: int = 0) -> "PrefilledTurn":
+        """Encode the turn's audio and prefill the rest of its prompt into the KV cache, without committing.
+
+        The conversation's ids do not change: if the turn is abandoned (speech resumed after a speculative
+        endpoint), the cache positions written here are simply overwritten later. (The context policy may
+        compact the conversation first; that is a committed, valid state either way.) For a block-wise
+        turn, `mels` are its remaining blocks.
+        """
+        self._check_usable()
+        p = self.p
+        counts = [num_audio_tokens(m[1]) for m in mels]
+        if turn.blockwise:
+            slot_counts = [turn.audio_done + sum(counts)]
+            new_ids = p.prompt.expand_audio(turn.rest, slot_counts)[turn.audio_done :]
+        else:
+            if len(mels) != turn.n_audio:
+                raise OptionsError(f"the turn was begun with {turn.n_audio} audio segments but {len(mels)} were given")
+            slot_counts = counts
+            new_ids = p.prompt.expand_audio(turn.rest, counts)
+        self._make_room(len(new_ids), sum(counts), reserve)
         pending = self.ids[self.cached :] + new_ids
-        self._check_fits(len(new_ids), sum(counts))
         t = time.perf_counter()
-        audio_embeds = p.encode_mels(mels)
+        audio_embeds = [e for e in p.encode_mels(mels) if e.shape[0]]
         encoder_ms = 1000 * (time.perf_counter() - t)
         t = time.perf_counter()
+        audio = None
         with torch.inference_mode():
             ids_t = torch.tensor([pending], dtype=torch.long, device=p.device)
             embeds = p.decoder.embed(ids_t)
@@ -363,41 +519,50 @@ class Conversation:
                 mask = ids_t[0] == p.prompt.audio_token_id
                 # Only this turn's new ids hold audio slots (earlier audio ids are already cached).
                 mask[: len(pending) - len(new_ids)] = False
-                embeds[0, mask] = torch.cat(audio_embeds).to(p.device, embeds.dtype)
+                audio = torch.cat(audio_embeds).to(p.device, embeds.dtype)
+                embeds[0, mask] = audio
             logits = p.decoder(embeds, self.cached, p.cache)[0, -1]
         if not torch.isfinite(logits).all():
             raise NumericalError("the decoder produced NaN/Inf logits during prefill; rerun with --dtype fp32 or bf16")
-        return PrefilledTurn(turn=turn, new_ids=new_ids, n_pending=len(pending), logits=logits, audio_tokens=sum(counts),
-                             start=self.cached, encoder_ms=encoder_ms, prefill_ms=1000 * (time.perf_counter() - t))
+        return PrefilledTurn(turn=turn, new_ids=new_ids, n_pending=len(pending), logits=logits, audio_tokens=sum(slot_counts),
+                             start=self.cached, encoder_ms=encoder_ms, prefill_ms=1000 * (time.perf_counter() - t),
+                             audio_embeds=audio)
 
     def finish_turn(self, turn: "PendingTurn", mels: list[tuple[torch.Tensor, int]] | None = None, *,
                     sampling: SamplingOptions | None = None, on_text: Callable[[str], None] | None = None,
-                    t0: float | None = None, timings: dict | None = None, prefilled: "PrefilledTurn | None" = None) -> TurnResult:
-        """Encode + prefill (unless `prefilled` already did, e.g. speculatively), then decode and commit."""
+                    t0: float | None = None, timings: dict | None = None, prefilled: "PrefilledTurn | None" = None,
+                    should_stop: Callable[[], bool] | None = None) -> TurnResult:
+        """Encode + prefill (unless `prefilled` already did, e.g. speculatively), then decode and commit.
+
+        `should_stop` is polled before every decode step (barge-in): when it returns True the answer ends
+        with finish_reason "cancelled"; what was generated so far stays in the conversation.
+        """
         self._check_usable()
         p = self.p
         opts = sampling or p.default_sampling()
         t0 = time.perf_counter() if t0 is None else t0
         timings = {"load_s": round(p.load_s, 4)} if timings is None else timings
         if prefilled is None:
-            prefilled = self.prefill_turn(turn, mels or [])
+            prefilled = self.prefill_turn(turn, mels or [], reserve=opts.max_new_tokens)
             timings["speculative"] = False
         else:
             if prefilled.turn is not turn or prefilled.start != self.cached:
                 raise OptionsError("the prefilled state belongs to another turn or an outdated cache position")
             timings["speculative"] = True
         timings["encoder_ms"] = round(prefilled.encoder_ms, 3)
-        new_ids, counts = prefilled.new_ids, [prefilled.audio_tokens]
+        new_ids = prefilled.new_ids
         stats = GenerationStats()
         detok = IncrementalDetokenizer(p.prompt.tokenizer)
         pieces: list[str] = []
         history = self.ids + new_ids
         start = self.cached
         self.ids = history  # the prompt is in the cache once prefill ran; generated ids are appended by generate()
+        if prefilled.audio_embeds is not None:
+            self._exchanges[-1].audio.append(prefilled.audio_embeds)
         self.failed = True  # until the turn completes: a half-written cache must not be reused
         stats.prefill_tokens, stats.prefill_s = prefilled.n_pending, prefilled.prefill_ms / 1000
         for token in generate(p.decoder, p.cache, None, start, history, opts, p.stop_ids, stats,
-                              first_logits=prefilled.logits, prompt_len=prefilled.n_pending):
+                              first_logits=prefilled.logits, prompt_len=prefilled.n_pending, should_stop=should_stop):
             piece = detok.push(token)
             if piece:
                 pieces.append(piece)
@@ -415,14 +580,19 @@ class Conversation:
             self.ids.pop()
         text_out = "".join(pieces)
         self.messages += [turn.message, {"role": "assistant", "content": text_out}]
+        self._open = False
         self.failed = False
         timings.update(
             prefill_ms=round(1000 * stats.prefill_s, 3),
             prefill_tokens=stats.prefill_tokens + turn.prefilled,
-            audio_tokens=sum(counts),
+            audio_tokens=prefilled.audio_tokens,
             ttft_ms=round(1000 * ((stats.first_token_s or time.perf_counter()) - t0), 3),
             decode_tokens=stats.decode_tokens,
             decode_tok_s=round(stats.decode_tokens / stats.decode_s, 3) if stats.decode_s > 0 and stats.decode_tokens else None,
             total_ms=round(1000 * (time.perf_counter() - t0), 3),
         )
+        if turn.blockwise:
+            timings["audio_tokens_prefilled_early"] = turn.audio_done  # blocks prefilled while the audio arrived
+        if self.dropped_exchanges:
+            timings["dropped_exchanges"] = self.dropped_exchanges
         return TurnResult(text=text_out, token_ids=list(stats.token_ids), finish_reason=stats.finish_reason, timings=timings)

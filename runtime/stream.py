@@ -7,15 +7,32 @@ incrementally (unclamped; the Whisper clamp is applied at the end, bit-identical
 The utterance ends either by `end()` (push-to-talk) or by VAD endpointing (silero-vad, VADIterator
 semantics): then only the encoder, the prefill of the audio + suffix and the decode remain.
 
-Exact mode only in this version: output equals the offline pipeline on the same utterance audio (with
-VAD: the speech span plus its padding). With VAD the utterance is fully known `speech_pad_ms` after
-speech stops while the endpointer still waits `min_silence_ms`: in that window the encoder and the
-audio + suffix prefill run speculatively, kept if the endpoint is confirmed, dropped if speech resumes.
-The block-wise "chunked" mode, barge-in and the context policy are not implemented yet (see the README).
+Modes (`StreamOptions.mode`):
+- **exact** (default): output equals the offline pipeline on the same utterance audio (with VAD: the
+  speech span plus its padding). With VAD the utterance is fully known `speech_pad_ms` after speech
+  stops while the endpointer still waits `min_silence_ms`: in that window the encoder and the audio +
+  suffix prefill run speculatively, kept if the endpoint is confirmed, dropped if speech resumes.
+- **chunked** (opt-in): the block-wise encoder of runtime/chunked.py; every finished block is encoded
+  and prefilled into the KV cache while the person is still speaking, so at the end only the last
+  partial block and the prompt suffix remain. This changes the model's computation (measure it with
+  `qwen-audio-edge compare ARTIFACTS --chunked 2`).
+
+Barge-in (`barge_in=True`): answers are generated on a worker thread while `feed()` keeps taking audio;
+speech detected during an answer cancels it (finish_reason "cancelled"; the partial answer stays in the
+conversation) and the speech becomes the next turn.
+
+Long streams: an utterance is cut at `VadOptions.max_speech_s` (without VAD: at one 30 s encoder
+window) and continues as the next turn; the conversation follows its context policy (default
+"drop_oldest": the oldest exchanges make room, see `Conversation`). Back-pressure: the session measures
+how far it lags behind real time (`lag_s`: wall time since the first chunk minus audio time received,
+meaningful for a live source). Above `max_lag_s` it stops speculating (work that might be thrown away)
+and coalesces pending work (mel frames, chunked blocks) into single calls; audio is never dropped.
+Memory stays bounded: silence is trimmed, an utterance is at most one window, the context is capped.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import IncrementalMel, prepare_waveform
+from .chunked import BlockStream, block_frames
 from .errors import OptionsError
 from .generate import SamplingOptions
 
@@ -50,6 +68,36 @@ class VadOptions:
             raise OptionsError("VAD min_silence_ms and speech_pad_ms must be ≥ 0")
         if not 0 < self.max_speech_s <= 30:
             raise OptionsError(f"max_speech_s must be in (0, 30] (one encoder window), got {self.max_speech_s}")
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a stream session works; see the module docstring.
+
+    mode: "exact" (output equals the offline run) or "chunked" (block-wise encoder, opt-in).
+    chunk_seconds: chunked-mode block length, a multiple of 0.04 s (default 2 s, as Qwen2.5-Omni).
+    speculate: with VAD, encode + prefill in the endpointer's silence window (exact and chunked).
+    barge_in: generate answers on a worker thread; speech during an answer cancels it.
+    context_policy: "drop_oldest" (default) or "error" when a turn does not fit in max_context.
+    max_lag_s: behind real time by more than this, stop speculating and coalesce work.
+    """
+
+    mode: str = "exact"
+    chunk_seconds: float = 2.0
+    speculate: bool = True
+    barge_in: bool = False
+    context_policy: str = "drop_oldest"
+    max_lag_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("exact", "chunked"):
+            raise OptionsError(f"stream mode must be exact or chunked, got {self.mode!r}")
+        if not self.chunk_seconds > 0:
+            raise OptionsError(f"--chunk-seconds must be > 0, got {self.chunk_seconds}")
+        if self.context_policy not in ("drop_oldest", "error"):
+            raise OptionsError(f"context policy must be drop_oldest or error, got {self.context_policy!r}")
+        if not self.max_lag_s > 0:
+            raise OptionsError(f"max_lag_s must be > 0, got {self.max_lag_s}")
 
 
 class SileroVad:
@@ -103,7 +151,10 @@ class Endpointer:
         self.start = 0
 
     def feed(self, pcm: np.ndarray) -> list[tuple[str, int, int]]:
-        """Events (kind, sample of the utterance boundary, sample at which it was decided)."""
+        """Events (kind, sample of the utterance boundary, sample at which it was decided).
+
+        kind: "start", "end", or "cut" (a forced end at max_speech; a "start" at the same sample follows).
+        """
         events = []
         self.buffer = np.concatenate([self.buffer, pcm])
         frame = SileroVad.FRAME
@@ -116,7 +167,7 @@ class Endpointer:
                 else:
                     # Forced endpoint before the utterance would exceed max_speech (one encoder window); the
                     # speech goes on as a new utterance starting exactly there (no audio counted twice).
-                    events += [("end", self.current, self.current), ("start", self.current, self.current)]
+                    events += [("cut", self.current, self.current), ("start", self.current, self.current)]
                     self.start = self.current
             chunk, self.buffer = self.buffer[:frame], self.buffer[frame:]
             self.current += frame
@@ -152,53 +203,145 @@ class StreamEvent:
     decided_at_s: float  # audio time at which the endpoint was decided (VAD) or end() was called
     endpoint_wall: float
     first_token_wall: float | None
+    mode: str = "exact"
+    lag_s: float = 0.0  # how far the session lagged behind real time at the endpoint (live sources)
+    forced: bool = False  # cut at the maximum utterance length; the speech continues as the next turn
+
+    @property
+    def cancelled(self) -> bool:
+        return self.result.finish_reason == "cancelled"
 
     def to_json(self) -> dict:
         d = self.result.to_json()
         d["stream"] = {
+            "mode": self.mode,
             "speech_start_s": round(self.speech_start_s, 3),
             "speech_end_s": round(self.speech_end_s, 3),
             "endpoint_decided_at_s": round(self.decided_at_s, 3),
             "ttft_after_endpoint_ms": None if self.first_token_wall is None
             else round(1000 * (self.first_token_wall - self.endpoint_wall), 3),
+            "lag_s": round(self.lag_s, 3),
+            "forced_endpoint": self.forced,
+            "cancelled": self.cancelled,
         }
         return d
 
 
+@dataclass
+class _Job:
+    """An ended utterance waiting for its answer: the turn, and either its prefill or its encoder inputs."""
+
+    turn: object  # PendingTurn
+    mels: list | None
+    prefilled: object | None  # PrefilledTurn from speculation
+    start: int
+    end: int
+    decided: int
+    t_end: float
+    lag: float
+    forced: bool
+
+
 class StreamSession:
-    """Chunks in (`feed`), turns out; `end()` closes the current utterance (push-to-talk, or `vad=None`)."""
+    """Chunks in (`feed`), turns out; `end()` closes the current utterance (push-to-talk, or `vad=None`).
+
+    Without barge-in everything runs on the caller's thread and `feed()` returns the turns its audio
+    finished. With barge-in, answers run on one worker thread: `feed()` returns the turns finished since
+    the last call, `wait()` blocks for the answer in progress, `cancel()` stops it; `on_event` is called
+    (from the worker) as each turn finishes. The session is not itself thread-safe: feed it from one thread.
+    """
 
     def __init__(self, pipeline, prompt: str | None = None, *, sampling: SamplingOptions | None = None,
                  vad: VadOptions | None = VadOptions(), on_text: Callable[[str], None] | None = None,
-                 speculate: bool = True):
+                 options: StreamOptions = StreamOptions(), on_event: Callable[[StreamEvent], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.p = pipeline
-        self.speculate = speculate
+        self.options = options
         self.prompt = prompt
-        self.sampling = sampling
+        self.sampling = sampling or pipeline.default_sampling()
         self.on_text = on_text
+        self.on_event = on_event
         self.vad_options = vad
+        self.clock = clock
         self.sr = pipeline.mel.config.sampling_rate
+        self.block = block_frames(options.chunk_seconds, pipeline.mel) if options.mode == "chunked" else None
+        self.max_utterance = int(vad.max_speech_s * self.sr) if vad else pipeline.mel.config.n_samples
+        self._worker: threading.Thread | None = None
+        self._worker_error: BaseException | None = None
+        self._cancel = threading.Event()
+        self._done: list[StreamEvent] = []
+        self._lock = threading.Lock()
+        self.conv = None
         self.reset()
 
+    # --- lifecycle --------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the conversation and start a new one (a fresh KV cache owner)."""
-        self.conv = self.p.chat()
+        if self.conv is not None:
+            self.cancel()
+            self.wait()
+        self.conv = self.p.chat(self.options.context_policy)
         self.endpointer = Endpointer(self.vad_options) if self.vad_options else None
         self.speculations = 0  # speculative encode+prefill runs, and how many were discarded (speech resumed)
         self.discarded = 0
+        self.cancelled = 0  # answers cut short by barge-in or cancel()
         self._resampler = None
         self._in_rate: int | None = None
-        self._samples = np.zeros(0, np.float32)  # this turn's audio since the session/turn origin
+        self._samples = np.zeros(0, np.float32)  # audio since _origin (the current utterance, or recent silence)
         self._origin = 0  # absolute sample index of _samples[0]
+        self._arrived = 0  # samples received since the session started (16 kHz)
+        self._t_first: float | None = None
         self._utt_start: int | None = None if self.endpointer else 0
-        self._begin_turn()
+        self._done = []
+        self._new_utterance()
+        self.turn = self._begin_turn()
 
-    def _begin_turn(self) -> None:
-        self.turn = self.conv.begin_turn(self.prompt, 1)  # prefix prefilled now, before any audio
+    def _new_utterance(self) -> None:
         self.mel = IncrementalMel(self.p.mel)
+        self.blocks = BlockStream(self.mel, self.block) if self.block else None
         self._fed = 0  # absolute sample index up to which the mel has been fed
-        self._spec = None  # (utterance end sample, PrefilledTurn): speculative work for a possible endpoint
+        self._spec = None  # (utterance end sample, audio_done, PrefilledTurn): speculative work for a possible endpoint
 
+    def _begin_turn(self):
+        # The next turn's prompt prefix is prefilled right away, before any of its audio (work ahead).
+        return self.conv.begin_turn(self.prompt, 1, reserve=self.sampling.max_new_tokens, blockwise=self.block is not None)
+
+    @property
+    def lag_s(self) -> float:
+        """Wall time since the first chunk minus audio time received (≥ 0): how far behind a live source we are."""
+        if self._t_first is None:
+            return 0.0
+        return max(0.0, self.clock() - self._t_first - self._arrived / self.sr)
+
+    @property
+    def busy(self) -> bool:
+        """An answer is being generated on the worker thread."""
+        return self._worker is not None and self._worker.is_alive()
+
+    def cancel(self) -> None:
+        """Stop the answer in progress (if any) after its current token."""
+        if self.busy:
+            self._cancel.set()
+
+    def wait(self) -> list[StreamEvent]:
+        """Block until the answer in progress (if any) is done; returns the turns not returned yet."""
+        self._join()
+        return self._drain()
+
+    def _join(self) -> None:
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+        if self._worker_error is not None:
+            err, self._worker_error = self._worker_error, None
+            raise err
+
+    def _drain(self) -> list[StreamEvent]:
+        with self._lock:
+            out, self._done = self._done, []
+        return out
+
+    # --- audio in ---------------------------------------------------------------------------------
     def _to_16k(self, pcm, sampling_rate: int) -> np.ndarray:
         data = np.asarray(pcm)
         if sampling_rate == self.sr:
@@ -221,28 +364,60 @@ class StreamSession:
         self._fed = until
 
     def feed(self, pcm, sampling_rate: int | None = None) -> list[StreamEvent]:
-        """Add audio (any chunk size; any rate, resampled as a stream). Returns turns finished by VAD."""
+        """Add audio (any chunk size; any rate, resampled as a stream). Returns the turns finished since the
+        last call (with barge-in, the answers are produced in the background and returned by a later call)."""
+        if self._t_first is None:
+            self._t_first = self.clock()
         chunk = self._to_16k(pcm, sampling_rate or self.sr)
+        self._arrived += len(chunk)
         self._samples = np.concatenate([self._samples, chunk])
         if self.endpointer is None:
+            # No endpointing: the utterance runs until end(); at one full window it is cut and goes on as the next turn.
+            while self._origin + len(self._samples) - self._utt_start >= self.max_utterance:
+                cut = self._utt_start + self.max_utterance
+                self._feed_mel_until(cut)
+                self._finish(cut, cut, forced=True)
             self._feed_mel_until(self._origin + len(self._samples))
-            return []
-        out = []
+            self._work_ahead()
+            return self._drain()
+        continuation = False
         for kind, at, decided in self.endpointer.feed(chunk):
             if kind == "start":
+                # Barge-in: the person speaks over the answer. Not after a forced cut: that is the same speech going on.
+                if self.options.barge_in and not continuation:
+                    self.cancel()
                 self._utt_start = at
                 self._fed = at
+                continuation = False
             else:
                 self._feed_mel_until(at)
-                out.append(self._finish(at, decided))
+                self._finish(at, decided, forced=kind == "cut")
+                continuation = kind == "cut"
         if self._utt_start is not None:
             self._feed_mel_until(self.endpointer.safe_horizon())
-            self._maybe_speculate()
+            self._work_ahead()
         elif len(self._samples) > 2 * self.sr:  # silence: keep only what a speech pad could reach back to
             drop = len(self._samples) - self.sr
             self._samples = self._samples[drop:]
             self._origin += drop
-        return out
+        return self._drain()
+
+    # --- work while the person speaks ---------------------------------------------------------------
+    def _work_ahead(self) -> None:
+        """Chunked blocks and speculation. Skipped while the worker answers (they need the decoder; the
+        blocks wait and are coalesced later), and speculation is skipped while lagging behind real time."""
+        if self.busy:
+            return
+        self._join()  # collect a finished worker (and its error, if any)
+        if self.blocks is not None:
+            ready = self.blocks.ready()  # every block that became final: encoded, then prefilled in one call
+            if ready:
+                import torch
+
+                self.turn = self.conv.extend_audio(self.turn, torch.cat(self.p.encode_mels(ready)),
+                                                   reserve=self.sampling.max_new_tokens)
+        if self.endpointer is not None and self.lag_s <= self.options.max_lag_s:
+            self._maybe_speculate()
 
     def _maybe_speculate(self) -> None:
         """In the silence the endpointer must wait out, the utterance is already fully known: encode it and
@@ -254,28 +429,69 @@ class StreamSession:
             self._spec = None
             return
         h = ep.temp_end + ep.pad - SileroVad.FRAME
-        if not self.speculate or self._fed < h or (self._spec and self._spec[0] == h) or h <= (self._utt_start or 0):
+        done = self.turn.audio_done
+        if (not self.options.speculate or self._fed < h or (self._spec and self._spec[:2] == (h, done))
+                or h <= (self._utt_start or 0)):
             return
-        mel = self.mel.finish()  # does not consume the incremental state
-        self._spec = (h, self.conv.prefill_turn(self.turn, [mel]))
+        self._spec = (h, done, self.conv.prefill_turn(self.turn, self._tail_inputs(), reserve=self.sampling.max_new_tokens))
         self.speculations += 1
 
+    def _tail_inputs(self) -> list:
+        """Encoder inputs still to encode at the end of the utterance (does not consume the mel state)."""
+        return self.blocks.tail() if self.blocks is not None else [self.mel.finish()]
+
+    # --- end of an utterance ----------------------------------------------------------------------
     def end(self) -> StreamEvent | None:
-        """Close the current utterance now (push-to-talk). Returns None when no speech was captured."""
+        """Close the current utterance now (push-to-talk) and answer it (waits for the answer).
+
+        Returns None when no speech was captured. Turns finished earlier by VAD and not yet returned are
+        kept for the next `feed()`/`wait()`."""
         if self._utt_start is None:
+            self._join()
             return None  # VAD saw no speech: no audio prompt, no answer
         end = self._origin + len(self._samples)
         self._feed_mel_until(end)
         if self.mel.n == 0:
+            self._join()
             return None
         if self.endpointer:
             self.endpointer.triggered, self.endpointer.temp_end = False, 0
-        return self._finish(end, end)
+        self._finish(end, end)
+        self._join()
+        events = self._drain()
+        mine = events.pop()  # the last turn finished is this utterance's (earlier ones were joined first)
+        with self._lock:
+            self._done = events + self._done  # returned by the next feed()/wait()
+        return mine
 
-    def _finish(self, end: int, decided: int) -> StreamEvent:
+    def _finish(self, end: int, decided: int, forced: bool = False) -> None:
+        """The utterance [start, end) is over: answer it (inline, or on the worker with barge-in)."""
         t_end = time.perf_counter()
+        self._join()
         start = self._utt_start or 0
-        mel, n_valid = (None, 0) if self._spec and self._spec[0] == end else self.mel.finish()
+        spec = self._spec[2] if self._spec and self._spec[:2] == (end, self.turn.audio_done) else None
+        job = _Job(turn=self.turn, mels=None if spec else self._tail_inputs(), prefilled=spec, start=start, end=end,
+                   decided=decided, t_end=t_end, lag=self.lag_s, forced=forced)
+        # The next utterance starts from here: drop consumed audio.
+        keep = end - self._origin
+        self._samples = self._samples[keep:]
+        self._origin = end
+        self._utt_start = end if (self.endpointer is None or forced) else None
+        self._new_utterance()
+        if not self.options.barge_in:
+            self._answer(job)
+            return
+        self._cancel.clear()
+        self._worker = threading.Thread(target=self._answer_safely, args=(job,), name="qae-answer", daemon=True)
+        self._worker.start()
+
+    def _answer_safely(self, job: _Job) -> None:
+        try:
+            self._answer(job)
+        except BaseException as e:  # noqa: BLE001 — re-raised on the feeding thread by the next _join()
+            self._worker_error = e
+
+    def _answer(self, job: _Job) -> None:
         first: list[float] = []
 
         def on_text(piece: str) -> None:
@@ -284,17 +500,17 @@ class StreamSession:
             if self.on_text:
                 self.on_text(piece)
 
-        spec = self._spec[1] if self._spec and self._spec[0] == end else None
-        result = self.conv.finish_turn(self.turn, None if spec else [(mel, n_valid)], sampling=self.sampling,
-                                       on_text=on_text, t0=t_end, prefilled=spec)
+        result = self.conv.finish_turn(job.turn, job.mels, sampling=self.sampling, on_text=on_text, t0=job.t_end,
+                                       prefilled=job.prefilled, should_stop=self._cancel.is_set)
+        if result.finish_reason == "cancelled":
+            self.cancelled += 1
         ttft = result.timings.get("ttft_ms")
-        event = StreamEvent(result=result, speech_start_s=start / self.sr, speech_end_s=end / self.sr,
-                            decided_at_s=max(decided, end) / self.sr, endpoint_wall=t_end,
-                            first_token_wall=t_end + ttft / 1000 if ttft is not None else (first[0] if first else None))
-        # The next turn: drop consumed audio, prefill the next prefix right away (work ahead).
-        keep = end - self._origin
-        self._samples = self._samples[keep:]
-        self._origin = end
-        self._utt_start = None if self.endpointer else end
-        self._begin_turn()
-        return event
+        event = StreamEvent(result=result, speech_start_s=job.start / self.sr, speech_end_s=job.end / self.sr,
+                            decided_at_s=max(job.decided, job.end) / self.sr, endpoint_wall=job.t_end,
+                            first_token_wall=job.t_end + ttft / 1000 if ttft is not None else (first[0] if first else None),
+                            mode=self.options.mode, lag_s=job.lag, forced=job.forced)
+        with self._lock:
+            self._done.append(event)
+        if self.on_event:
+            self.on_event(event)
+        self.turn = self._begin_turn()

@@ -136,11 +136,11 @@ def test_stream_cli_json(mha, speech, tmp_path):
 
 @pytest.mark.parametrize("speculate", [True, False])
 def test_speculative_prefill_is_exact_and_used(mha, pipelines, speech, speculate):
-    from qwen_audio_edge.runtime.stream import StreamSession
+    from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession
 
     audio, _, _ = speech
     p = pipelines(mha)
-    session = StreamSession(p, PROMPT, sampling=GREEDY, vad=VadOptions(), speculate=speculate)
+    session = StreamSession(p, PROMPT, sampling=GREEDY, vad=VadOptions(), options=StreamOptions(speculate=speculate))
     events = []
     for i in range(0, len(audio), 512):
         events += session.feed(audio[i : i + 512])

@@ -1,0 +1,206 @@
+"""Chunked stream mode: block rule (batch == streaming, finished blocks final), streamed == offline chunked,
+fidelity vs exact mode, and the compare --chunked CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from helpers import signal
+
+from qwen_audio_edge.runtime.audio import IncrementalMel, num_audio_tokens
+from qwen_audio_edge.runtime.chunked import BlockStream, block_frames, chunked_utterance
+from qwen_audio_edge.runtime.errors import OptionsError
+from qwen_audio_edge.runtime.generate import SamplingOptions
+from qwen_audio_edge.runtime.stream import StreamOptions, VadOptions
+
+GREEDY = SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+PROMPT = "What does the person say?"
+
+
+def _stream_blocks(front, x, block, seed=0):
+    """Feed x in random chunks; returns (blocks handed out while streaming, with the sample count at which
+    each became final), and the tail at the end."""
+    mel = IncrementalMel(front)
+    bs = BlockStream(mel, block)
+    rng = np.random.default_rng(seed)
+    early, i = [], 0
+    while i < len(x):
+        k = int(rng.integers(1, 4000))
+        mel.feed(x[i : i + k])
+        i += k
+        early += [(m, n, o, i) for m, n, o in bs.ready()]
+    return early, bs.tail()
+
+
+@pytest.mark.parametrize("seconds,chunk", [(0.9, 0.32), (4.37, 2.0), (7.123, 1.28), (29.99, 2.0), (30.0, 2.0)])
+def test_block_stream_equals_batch_rule(mha, pipelines, seconds, chunk):
+    front = pipelines(mha).mel
+    block = block_frames(chunk, front)
+    x = signal(seconds, loud_end=True, seed=int(seconds))
+    ref = chunked_utterance(front, x, block)
+    early, tail = _stream_blocks(front, x, block)
+    got = [(m, n, o) for m, n, o, _ in early] + tail
+    assert len(got) == len(ref)
+    for k, ((m, n, o), (rm, rn, ro)) in enumerate(zip(got, ref)):
+        assert n == rn and o == ro == k * block // 2 and torch.equal(m, rm)
+    # Blocks are handed out while the audio arrives: block k once its frames + 2 lookahead frames are final
+    # (mel frames become final in aligned groups of 16), at most one feed (< 4000 samples) later.
+    for k, (_, _, _, at) in enumerate(early):
+        frames = -(-((k + 1) * block + 2) // 16) * 16
+        assert at < 160 * (frames - 1) + 200 + 4000
+    if seconds > 2 * chunk + 0.5:
+        assert len(early) >= int(seconds / chunk) - 1
+    # Same audio tokens as exact mode, so the prompt ids are the same.
+    assert sum(num_audio_tokens(n) for _, n, _ in ref) == num_audio_tokens(front.valid_frames(len(x)))
+
+
+def test_finished_blocks_are_final_under_louder_later_audio(mha, pipelines):
+    """The running-max clamp: appending much louder audio never changes a block already handed out."""
+    front = pipelines(mha).mel
+    block = block_frames(2.0, front)
+    quiet = 0.05 * signal(6.0, seed=1)
+    loud = np.clip(20 * signal(4.0, seed=2), -1, 1).astype(np.float32)
+    early_quiet, _ = _stream_blocks(front, quiet, block)
+    both = np.concatenate([quiet, loud])
+    ref_both = chunked_utterance(front, both, block)
+    assert len(early_quiet) >= 2
+    for (m, n, o, _), (rm, rn, ro) in zip(early_quiet, ref_both):
+        assert n == rn and o == ro and torch.equal(m, rm)
+    # …whereas the exact clamp (global max) moves: the quiet part's frames are clamped differently.
+    exact_quiet, _ = front.log_mel(quiet)
+    exact_both, _ = front.log_mel(both)
+    assert not torch.equal(exact_quiet[:, :400], exact_both[:, :400])
+
+
+def test_block_length_is_checked(mha, pipelines):
+    front = pipelines(mha).mel
+    assert block_frames(2.0, front) == 200 and block_frames(0.08, front) == 8
+    for bad in (0.05, 2.01, 0.0, 31.0, float("nan")):
+        with pytest.raises(OptionsError, match="chunk-seconds"):
+            block_frames(bad, front)
+    with pytest.raises(OptionsError, match="chunk-seconds"):
+        pipelines(mha).stream(PROMPT, options=StreamOptions(mode="chunked", chunk_seconds=1.0001))
+    with pytest.raises(OptionsError, match="stream mode"):
+        StreamOptions(mode="fast")
+
+
+def _offline_chunked_greedy(p, x, chunk, n):
+    from qwen_audio_edge.export.compare import OurModel
+
+    m = OurModel(pipeline=p, chunk_seconds=chunk)
+    ids, audio = m.prompt(x, PROMPT)
+    return m.greedy(ids, audio, n)
+
+
+@pytest.mark.parametrize("seconds,chunk_samples", [(5.3, 1600), (9.77, 333), (2.5, 16000)])
+def test_push_to_talk_chunked_stream_equals_offline_chunked(mha, pipelines, seconds, chunk_samples):
+    p = pipelines(mha)
+    x = signal(seconds, seed=7)
+    session = p.stream(PROMPT, sampling=GREEDY, vad=None, options=StreamOptions(mode="chunked", chunk_seconds=2.0))
+    for i in range(0, len(x), chunk_samples):
+        session.feed(x[i : i + chunk_samples])
+        if (i + chunk_samples) / 16000 > 2.2:
+            assert session.turn.audio_done > 0  # blocks were prefilled while the audio arrived
+    ev = session.end()
+    assert ev.mode == "chunked"
+    t = ev.result.timings
+    assert t["audio_tokens"] == num_audio_tokens(p.mel.valid_frames(len(x)))  # the same count as exact mode
+    assert ev.result.token_ids == _offline_chunked_greedy(p, x, 2.0, GREEDY.max_new_tokens)
+    # Every full block whose lookahead frames arrived before end() was prefilled early; only the rest remains.
+    full_blocks = (p.mel.valid_frames(len(x)) - 2 - 16) // 200
+    assert t["audio_tokens_prefilled_early"] >= 50 * full_blocks and t["audio_tokens_prefilled_early"] % 50 == 0
+    assert t["audio_tokens"] - t["audio_tokens_prefilled_early"] <= 50 + 12
+
+
+def test_chunked_with_vad_and_speculation_equals_offline_chunked(mha, pipelines):
+    p = pipelines(mha)
+    x = signal(5.5, seed=9)
+    # A synthetic "speech" signal is loud enough for silero only sometimes; use the espeak fixture if present.
+    import shutil
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng (Debian package) is not installed: .ci/run installs it")
+    import soxr
+
+    wav = subprocess.run(["espeak-ng", "--stdout", "Hello there. What is the weather like today in the big city?"],
+                         capture_output=True, check=True).stdout
+    import io
+
+    y, sr = sf.read(io.BytesIO(wav), dtype="float32")
+    y = soxr.resample(y, sr, 16000).astype(np.float32)
+    audio = np.concatenate([np.zeros(8000, np.float32), y, np.zeros(24000, np.float32)])
+    session = p.stream(PROMPT, sampling=GREEDY, vad=VadOptions(), options=StreamOptions(mode="chunked", chunk_seconds=1.28))
+    events = []
+    for i in range(0, len(audio), 1600):
+        events += session.feed(audio[i : i + 1600])
+    assert len(events) == 1 and session.speculations >= 1
+    ev = events[0]
+    assert ev.result.timings["speculative"] is True
+    span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    assert ev.result.token_ids == _offline_chunked_greedy(p, span, 1.28, GREEDY.max_new_tokens)
+    del x
+
+
+def test_chunked_fidelity_vs_exact_is_measured(mha, pipelines):
+    """The report the README quotes: how far chunked mode moves from exact mode on fixture audio."""
+    from qwen_audio_edge.export.compare import OurModel, compare
+
+    p = pipelines(mha)
+    files = [signal(s, seed=s) for s in (3, 7, 12)]
+    exact = OurModel(pipeline=p)
+    same = compare(exact, exact, files, PROMPT, 32)
+    assert same["top1_agreement"] == 1.0 and same["mean_kl"] < 1e-6 and same["audio_cosine_min"] > 0.9999
+    rep = compare(exact, OurModel(pipeline=p, chunk_seconds=2.0), files, PROMPT, 32)
+    assert rep["files"] == 3 and 0.0 < rep["mean_kl"] and rep["audio_cosine_mean"] < 0.9999  # it does change
+    assert rep["audio_cosine_mean"] > 0.5 and 0.0 <= rep["top1_agreement"] <= 1.0
+
+
+def test_compare_cli_chunked(mha, tmp_path):
+    wav = tmp_path / "a.wav"
+    sf.write(str(wav), signal(4.2, seed=3), 16000)
+    cmd = [sys.executable, "-m", "qwen_audio_edge.runtime.cli", "compare", str(mha.artifacts)]
+    r = subprocess.run(cmd + ["--chunked", "2", "--audio", str(wav), "--json", "--new-tokens", "8"],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert "chunked" in rep["candidate"] and 0 < rep["audio_cosine_mean"] < 1 and rep["new_tokens"] == 8
+    r = subprocess.run(cmd + ["--audio", str(wav)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--chunked" in r.stderr
+    r = subprocess.run(cmd + ["--chunked", "0.3", "--audio", str(wav)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "multiple of 0.04" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_stream_cli_chunked_json(mha, tmp_path):
+    wav = tmp_path / "a.wav"
+    sf.write(str(wav), signal(6.1, seed=4), 16000)
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+                        "--no-vad", "--stream-mode", "chunked", "--chunk-seconds", "2", "--json", "--greedy",
+                        "--max-new-tokens", "5", "--ignore-eos"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip())
+    assert row["stream"]["mode"] == "chunked" and len(row["token_ids"]) == 5 and row["text"] is not None
+
+
+def test_encoder_position_offset_onnx_equals_torch(mha, pipelines):
+    """Both backends shift the learned positions the same way; a block past the window is a clear error."""
+    from qwen_audio_edge.runtime.errors import AudioError
+
+    p, pt = pipelines(mha), pipelines(mha, encoder_backend="torch")
+    assert p.encoder.supports_pos_offset
+    front = p.mel
+    blocks = chunked_utterance(front, signal(9.0, seed=5), 200)
+    for mel, n, off in blocks:
+        a, b = p.encoder(mel, n, off), pt.encoder(mel, n, off)
+        assert a.shape == (n // 4, p.decoder.args.hidden_size) and float((a - b).abs().max()) < 1e-4
+    mel, n, _ = blocks[1]
+    assert not torch.allclose(p.encoder(mel, n, 0), p.encoder(mel, n, 100))  # the offset is really applied
+    max_pos = p.artifacts.audio_config["max_source_positions"]
+    for enc in (p.encoder, pt.encoder):
+        with pytest.raises(AudioError, match="learned positions"):
+            enc(mel, n, max_pos - 50)
