@@ -1,0 +1,182 @@
+"""Long conversations and live behaviour: context policy, barge-in, forced cuts, back-pressure, bounded memory."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from helpers import signal
+
+from qwen_audio_edge.runtime.errors import LimitError
+from qwen_audio_edge.runtime.generate import GenerationStats, SamplingOptions, generate
+from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession, VadOptions
+
+GREEDY = SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+PROMPT = "What does the person say?"
+
+
+@pytest.fixture(scope="module")
+def words():
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng (Debian package) is not installed: .ci/run installs it")
+    import soxr
+
+    wav = subprocess.run(["espeak-ng", "--stdout", "Hello there. What is the weather like today in the city?"],
+                         capture_output=True, check=True).stdout
+    x, sr = sf.read(io.BytesIO(wav), dtype="float32")
+    x = soxr.resample(x, sr, 16000).astype(np.float32)
+    voiced = np.flatnonzero(np.abs(x) > 1e-3)
+    return x[voiced[0] : voiced[-1] + 1]
+
+
+def _fresh_greedy(p, ids, audio, n):
+    """Greedy decode from scratch (fresh cache, one prefill of `ids` with `audio` in its slots)."""
+    d = p.decoder
+    with torch.inference_mode():
+        t = torch.tensor([ids])
+        emb = d.embed(t)
+        if audio is not None:
+            emb[0, t[0] == p.prompt.audio_token_id] = audio.to(emb.dtype)
+        cache = d.setup_cache(len(ids) + n + 1)
+        out = list(generate(d, cache, emb, 0, list(ids), SamplingOptions(max_new_tokens=n, greedy=True, repetition_penalty=1.0,
+                                                                         ignore_eos=True), p.stop_ids, GenerationStats()))
+    p.cache = d.setup_cache(p.max_context)
+    return out
+
+
+def test_context_policy_drops_oldest_exchanges_and_stays_exact(mha, pipelines):
+    p = pipelines(mha, max_context=400)
+    conv = p.chat("drop_oldest")
+    results = [conv.send(signal(3.0, seed=i), PROMPT, sampling=GREEDY) for i in range(6)]
+    assert conv.dropped_exchanges >= 2 and len(conv.ids) < 400
+    assert results[-1].timings["dropped_exchanges"] == conv.dropped_exchanges
+    # The kept conversation is well formed: the system turn, then whole exchanges (3 <|im_start|> per… 1 + 2 each).
+    im_start = p.prompt.token_id("<|im_start|>")
+    kept = len(conv._exchanges)
+    assert conv.ids.count(im_start) == 1 + 2 * kept and kept == 6 - conv.dropped_exchanges
+    assert conv.ids[: conv._exchanges[0].start] == p.prompt.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    # …and the cache holds exactly it: the last answer equals a from-scratch decode of the kept prompt.
+    last = results[-1].token_ids
+    prompt_ids = conv.ids[: len(conv.ids) - len(last)]
+    audio = torch.cat([a for e in conv._exchanges for a in e.audio])
+    assert _fresh_greedy(p, prompt_ids, audio, len(last)) == last
+    # A further turn still works after compaction.
+    assert len(conv.send(None, "And now?", sampling=GREEDY).token_ids) == 12
+    # With the "error" policy the same conversation is refused instead.
+    strict = p.chat()
+    with pytest.raises(LimitError, match="drop_oldest"):
+        for i in range(6):
+            strict.send(signal(3.0, seed=i), PROMPT, sampling=GREEDY)
+
+
+def test_no_vad_stream_is_cut_at_one_window(mha, pipelines):
+    """Without VAD a long stream is cut every 30 s (forced endpoint); each part is exact w.r.t. `run` on it."""
+    p = pipelines(mha)
+    x = signal(65.0, seed=11)
+    session = p.stream(PROMPT, sampling=GREEDY, vad=None)
+    events = []
+    for i in range(0, len(x), 8000):
+        events += session.feed(x[i : i + 8000])
+        assert len(session._samples) <= 16000 * 30 + 8000  # never more than one window buffered
+    events.append(session.end())
+    assert [e.forced for e in events] == [True, True, False]
+    assert [round(e.speech_end_s - e.speech_start_s, 3) for e in events] == [30.0, 30.0, 5.0]
+    conv = p.chat()
+    for e in events:
+        part = x[int(e.speech_start_s * 16000) : int(e.speech_end_s * 16000)]
+        assert e.result.token_ids == conv.send(part, PROMPT, sampling=GREEDY).token_ids
+
+
+def test_barge_in_cancels_the_answer(mha, pipelines, words):
+    p = pipelines(mha)
+    slow = threading.Event()
+    slow.set()
+
+    def on_text(_piece):
+        if slow.is_set():
+            time.sleep(0.02)  # a slow consumer (e.g. TTS): the answer takes seconds
+
+    opts = SamplingOptions(max_new_tokens=150, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+    finished = []
+    session = p.stream(PROMPT, sampling=opts, on_text=on_text, options=StreamOptions(barge_in=True), on_event=finished.append)
+    pause = np.zeros(int(0.9 * 16000), np.float32)  # > min silence: the first utterance ends here
+    audio = np.concatenate([np.zeros(8000, np.float32), words, pause, words, np.zeros(16000, np.float32)])
+    events = []
+    first_end = 8000 + len(words) + int(0.8 * 16000)
+    for i in range(0, len(audio), 1600):
+        events += session.feed(audio[i : i + 1600])
+        if i == (first_end // 1600) * 1600:
+            assert session.busy  # the first answer is being generated while audio keeps coming
+        if events:
+            slow.clear()
+    events += session.wait()
+    assert len(events) == 2 and len(finished) == 2
+    first, second = events
+    assert first.cancelled and 1 <= len(first.result.token_ids) < 150 and session.cancelled == 1
+    assert not second.cancelled and len(second.result.token_ids) == 150
+    # The cancelled answer stays in the conversation as far as it got: replaying the two turns gives the same.
+    conv = p.chat()
+    span = lambda e: audio[int(round(e.speech_start_s * 16000)) : int(round(e.speech_end_s * 16000))]  # noqa: E731
+    n1 = len(first.result.token_ids)
+    assert conv.send(span(first), PROMPT, sampling=SamplingOptions(max_new_tokens=n1, greedy=True, repetition_penalty=1.0,
+                                                                      ignore_eos=True)).token_ids == first.result.token_ids
+    assert conv.send(span(second), PROMPT, sampling=opts).token_ids == second.result.token_ids
+
+
+def test_lag_is_reported_and_stops_speculation(mha, pipelines, words):
+    """A fast-forwarded clock: compute 'takes' 1.5× real time, so the session falls behind and says so."""
+    p = pipelines(mha)
+    audio = np.concatenate([np.zeros(48000, np.float32), words, np.zeros(24000, np.float32)])  # lag > 1 s before speech
+    now = [0.0]
+    session = StreamSession(p, PROMPT, sampling=GREEDY, vad=VadOptions(), clock=lambda: now[0])
+    events = []
+    for i in range(0, len(audio), 1600):
+        now[0] = 1.5 * i / 16000  # the chunk at audio time t arrives at wall time 1.5 t
+        events += session.feed(audio[i : i + 1600])
+    assert len(events) == 1
+    assert events[0].lag_s > 1.0 and events[0].to_json()["stream"]["lag_s"] > 1.0
+    assert session.speculations == 0 and events[0].result.timings["speculative"] is False
+    on_time = StreamSession(p, PROMPT, sampling=GREEDY, vad=VadOptions(), clock=lambda: now[0])
+    for i in range(0, len(audio), 1600):
+        now[0] = i / 16000
+        on_time.feed(audio[i : i + 1600])
+    assert on_time.speculations >= 1 and on_time.lag_s < 0.2
+
+
+def test_ten_minute_stream_keeps_bounded_memory(mha, pipelines, words):
+    """10 minutes of conversation at (simulated) real-time pace: buffers, context and history stay bounded."""
+    import resource
+
+    p = pipelines(mha, max_context=600)
+    opts = SamplingOptions(max_new_tokens=4, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+    gap = np.zeros(int(2.2 * 16000), np.float32)
+    period = np.concatenate([words, gap])
+    total = 600 * 16000
+    now = [0.0]
+    session = StreamSession(p, PROMPT, sampling=opts, vad=VadOptions(), clock=lambda: now[0],
+                            options=StreamOptions(mode="chunked", chunk_seconds=1.0))
+    turns = peak_samples = peak_ids = peak_exchanges = 0
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fed = 0
+    while fed < total:
+        for i in range(0, len(period), 3200):
+            now[0] = fed / 16000
+            turns += len(session.feed(period[i : i + 3200]))
+            fed += len(period[i : i + 3200])
+            peak_samples = max(peak_samples, len(session._samples), session.mel.n)
+            peak_ids = max(peak_ids, len(session.conv.ids))
+            peak_exchanges = max(peak_exchanges, len(session.conv._exchanges))
+    rss_growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+    n_periods = total // len(period)
+    assert turns >= n_periods - 1
+    assert peak_samples <= 16000 * (len(words) / 16000 + 2.5)  # one utterance + a little silence
+    assert peak_ids < 600 and peak_exchanges <= 10 and session.conv.dropped_exchanges >= n_periods - 10
+    assert session.lag_s == 0.0
+    assert rss_growth_mib < 300, rss_growth_mib
