@@ -1,13 +1,19 @@
 """Streaming latency benchmark: time to first token after the end of speech, by utterance length.
 
-For utterances of 2/5/10/20/29.5 s (espeak-ng speech, repeated to length) on a random checkpoint of the
+For utterances of 2/5/10/20/30 s (espeak-ng speech, repeated to length) on a random checkpoint of the
 chosen shape, in one run:
-  (a) VAD exact mode: latency from the endpoint decision to the first token, with and without
-      speculative encode + prefill in the endpointing silence window;
+  (a) VAD: latency from the endpoint decision to the first token — exact mode with and without
+      speculative encode + prefill in the endpointing silence window, and chunked mode (speculative);
+      the VAD rows use at most 29.5 s of speech, since with the 100 ms pads a 30 s utterance would
+      exceed one encoder window and (correctly) be cut by the forced endpoint;
   (b) push-to-talk: latency from `end()` to the first token — offline `run` (whole utterance at once)
-      vs the exact streaming session (prefix prefilled and mel computed while the audio arrived);
-  (c) transformers' offline pipeline (processor + generate of one token) as the baseline.
-Writes JSON and a PNG plot. Chunked (block-wise encoder) mode is not implemented yet.
+      vs the exact streaming session (prefix prefilled and mel computed while the audio arrived) vs
+      the chunked session (every finished 2 s block already encoded and prefilled);
+  (c) transformers' offline pipeline (processor + generate of one token) as the baseline;
+  and the chunked mode's fidelity to exact mode on the same utterance (audio-embedding cosine, top-1
+  agreement and KL over 32 teacher-forced tokens, as `compare --chunked` reports).
+Audio is fed as fast as possible, so "while the person speaks" work is excluded from (a) and (b) by
+construction; a live source must also keep up (see the session's lag_s). Writes JSON and a PNG plot.
 
     python bench/stream.py --preset mid --out bench/results/cpu/stream_mid
 """
@@ -46,12 +52,35 @@ def speech(seconds: float, tmp: Path) -> np.ndarray:
     return np.tile(x, reps)[: int(seconds * 16000)]
 
 
+def noisy_control(base_cls):
+    """A control candidate: exact-mode audio embeddings plus noise orthogonal to each token's embedding,
+    scaled so that every token's cosine to exact mode is `cosine`. Comparing it with exact mode shows how
+    much of the chunked mode's top-1/KL movement any perturbation of that size causes on this model."""
+
+    class NoisyExact(base_cls):
+        def __init__(self, pipeline, cosine: float, seed: int = 0):
+            super().__init__(pipeline=pipeline)
+            self.cosine, self.seed = cosine, seed
+            self.name += f" (exact + orthogonal noise, cosine {cosine:.4f})"
+
+        def prompt(self, audio, text):
+            ids, a = super().prompt(audio, text)
+            noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(self.seed))
+            noise -= (noise * a).sum(-1, keepdim=True) / (a * a).sum(-1, keepdim=True) * a
+            theta = float(np.arccos(self.cosine))
+            scale = a.norm(dim=-1, keepdim=True) * np.tan(theta) / noise.norm(dim=-1, keepdim=True)
+            return ids, a + scale * noise
+
+    return NoisyExact
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="mid", choices=sorted(PRESETS))
     # 29.5 s rather than 30: with the VAD's 100 ms pads the utterance must fit one 30 s encoder window,
     # otherwise the forced endpoint (correctly) splits it.
-    ap.add_argument("--lengths", default="2,5,10,20,29.5")
+    ap.add_argument("--lengths", default="2,5,10,20,30")
+    ap.add_argument("--chunk-seconds", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/cpu/stream_mid")
     a = ap.parse_args()
@@ -61,7 +90,8 @@ def main() -> None:
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
     from qwen_audio_edge.runtime.generate import SamplingOptions
     from qwen_audio_edge.runtime.pipeline import Pipeline
-    from qwen_audio_edge.runtime.stream import StreamSession, VadOptions
+    from qwen_audio_edge.export.compare import OurModel, compare
+    from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession, VadOptions
 
     prompt = "What does the person say?"
     one = SamplingOptions(max_new_tokens=1, greedy=True, repetition_penalty=1.0, ignore_eos=True)
@@ -75,28 +105,37 @@ def main() -> None:
         hf = Qwen2AudioForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32).eval()
         proc = AutoProcessor.from_pretrained(str(ckpt))
         p.run(np.zeros(16000, np.float32) + 0.01, prompt, sampling=one)  # warm-up
+        chunked = StreamOptions(mode="chunked", chunk_seconds=a.chunk_seconds)
+
+        def vad_latency(audio: np.ndarray, options: StreamOptions) -> float:
+            s = StreamSession(p, prompt, sampling=one, vad=VadOptions(), options=options)
+            events = []
+            for i in range(0, len(audio), 1600):
+                events += s.feed(audio[i : i + 1600])
+            events += [e for e in [s.end()] if e is not None]
+            longest = max(events, key=lambda e: e.speech_end_s - e.speech_start_s)  # the utterance itself
+            return longest.to_json()["stream"]["ttft_after_endpoint_ms"]
+
+        def push_to_talk(x: np.ndarray, options: StreamOptions) -> float:
+            s = StreamSession(p, prompt, sampling=one, vad=None, options=options)
+            for i in range(0, len(x), 1600):
+                s.feed(x[i : i + 1600])
+            return s.end().to_json()["stream"]["ttft_after_endpoint_ms"]
+
         for secs in map(float, a.lengths.split(",")):
             x = speech(secs, tmp)
-            stream_audio = np.concatenate([np.zeros(8000, np.float32), x, np.zeros(16000, np.float32)])
-            row = {"seconds": secs}
-            for spec in (True, False):
-                vals = []
-                for _ in range(a.repeats):
-                    s = StreamSession(p, prompt, sampling=one, vad=VadOptions(), speculate=spec)
-                    events = []
-                    for i in range(0, len(stream_audio), 1600):
-                        events += s.feed(stream_audio[i : i + 1600])
-                    events += [e for e in [s.end()] if e is not None]
-                    longest = max(events, key=lambda e: e.speech_end_s - e.speech_start_s)  # the utterance itself
-                    vals.append(longest.to_json()["stream"]["ttft_after_endpoint_ms"])
-                row[f"vad_endpoint_to_first_token_ms_{'spec' if spec else 'nospec'}"] = statistics.median(vals)
-            off, ptt, ref = [], [], []
+            vad_secs = min(secs, 29.5)
+            stream_audio = np.concatenate([np.zeros(8000, np.float32), x[: int(vad_secs * 16000)], np.zeros(16000, np.float32)])
+            row = {"seconds": secs, "vad_speech_seconds": vad_secs}
+            for key, options in [("vad_endpoint_to_first_token_ms_spec", StreamOptions()),
+                                 ("vad_endpoint_to_first_token_ms_nospec", StreamOptions(speculate=False)),
+                                 ("vad_chunked_endpoint_to_first_token_ms_spec", chunked)]:
+                row[key] = statistics.median(vad_latency(stream_audio, options) for _ in range(a.repeats))
+            off, ptt, ptt_chunked, ref = [], [], [], []
             for _ in range(a.repeats):
                 off.append(p.run(x, prompt, sampling=one).timings["ttft_ms"])
-                s = StreamSession(p, prompt, sampling=one, vad=None)
-                for i in range(0, len(x), 1600):
-                    s.feed(x[i : i + 1600])
-                ptt.append(s.end().to_json()["stream"]["ttft_after_endpoint_ms"])
+                ptt.append(push_to_talk(x, StreamOptions()))
+                ptt_chunked.append(push_to_talk(x, chunked))
                 text = proc.apply_chat_template([{"role": "user", "content": [{"type": "audio", "audio_url": "x"},
                                                 {"type": "text", "text": prompt}]}], add_generation_prompt=True, tokenize=False)
                 t0 = time.perf_counter()
@@ -104,10 +143,23 @@ def main() -> None:
                 with torch.no_grad():
                     hf.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=1, do_sample=False, pad_token_id=0))
                 ref.append(1000 * (time.perf_counter() - t0))
+            fid = compare(OurModel(pipeline=p), OurModel(pipeline=p, chunk_seconds=a.chunk_seconds), [x], prompt, 32)
+            control = compare(OurModel(pipeline=p), noisy_control(OurModel)(p, min(fid["audio_cosine_mean"], 0.999999)), [x], prompt, 32)
             row.update(offline_run_ttft_ms=statistics.median(off), push_to_talk_exact_ttft_ms=statistics.median(ptt),
-                       transformers_offline_ttft_ms=statistics.median(ref))
+                       push_to_talk_chunked_ttft_ms=statistics.median(ptt_chunked),
+                       transformers_offline_ttft_ms=statistics.median(ref),
+                       chunked_fidelity={"audio_cosine_mean": fid["audio_cosine_mean"], "audio_cosine_min": fid["audio_cosine_min"],
+                                         "top1_agreement_32": fid["top1_agreement"], "mean_kl_32": fid["mean_kl"],
+                                         "noise_control_top1_agreement_32": control["top1_agreement"],
+                                         "noise_control_mean_kl_32": control["mean_kl"]})
+            p.cache = p.decoder.setup_cache(p.max_context)
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
+        rows = res["rows"]
+        by_len = {r["seconds"]: r for r in rows}
+        if 5.0 in by_len and 30.0 in by_len:
+            res["chunked_flatness_30s_over_5s"] = by_len[30.0]["push_to_talk_chunked_ttft_ms"] / by_len[5.0]["push_to_talk_chunked_ttft_ms"]
+        res["chunk_seconds"] = a.chunk_seconds
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
@@ -120,7 +172,9 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, label in [("vad_endpoint_to_first_token_ms_spec", "VAD exact, speculative"),
                        ("vad_endpoint_to_first_token_ms_nospec", "VAD exact, no speculation"),
+                       ("vad_chunked_endpoint_to_first_token_ms_spec", "VAD chunked, speculative"),
                        ("push_to_talk_exact_ttft_ms", "push-to-talk exact stream"),
+                       ("push_to_talk_chunked_ttft_ms", f"push-to-talk chunked ({a.chunk_seconds:g} s blocks)"),
                        ("offline_run_ttft_ms", "offline run"), ("transformers_offline_ttft_ms", "transformers offline")]:
         ax.plot(xs, [r[key] for r in res["rows"]], marker="o", label=label)
     ax.set_xlabel("utterance length (s)")

@@ -42,7 +42,7 @@ import numpy as np
 
 from .audio import IncrementalMel, prepare_waveform
 from .chunked import BlockStream, block_frames
-from .errors import OptionsError
+from .errors import OptionsError, QwenAudioEdgeError
 from .generate import SamplingOptions
 
 
@@ -277,9 +277,10 @@ class StreamSession:
     # --- lifecycle --------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget the conversation and start a new one (a fresh KV cache owner)."""
-        if self.conv is not None:
-            self.cancel()
-            self.wait()
+        if self._worker is not None:  # stop the answer in progress; a failure it had is moot now
+            self._cancel.set()
+            self._worker.join()
+        self._worker, self._worker_error = None, None
         self.conv = self.p.chat(self.options.context_policy)
         self.endpointer = Endpointer(self.vad_options) if self.vad_options else None
         self.speculations = 0  # speculative encode+prefill runs, and how many were discarded (speech resumed)
@@ -372,8 +373,9 @@ class StreamSession:
         self._arrived += len(chunk)
         self._samples = np.concatenate([self._samples, chunk])
         if self.endpointer is None:
-            # No endpointing: the utterance runs until end(); at one full window it is cut and goes on as the next turn.
-            while self._origin + len(self._samples) - self._utt_start >= self.max_utterance:
+            # No endpointing: the utterance runs until end(); once audio beyond one full window arrives, the
+            # window is closed as a turn of its own and the audio goes on as the next one.
+            while self._origin + len(self._samples) - self._utt_start > self.max_utterance:
                 cut = self._utt_start + self.max_utterance
                 self._feed_mel_until(cut)
                 self._finish(cut, cut, forced=True)
@@ -500,8 +502,13 @@ class StreamSession:
             if self.on_text:
                 self.on_text(piece)
 
-        result = self.conv.finish_turn(job.turn, job.mels, sampling=self.sampling, on_text=on_text, t0=job.t_end,
-                                       prefilled=job.prefilled, should_stop=self._cancel.is_set)
+        try:
+            result = self.conv.finish_turn(job.turn, job.mels, sampling=self.sampling, on_text=on_text, t0=job.t_end,
+                                           prefilled=job.prefilled, should_stop=self._cancel.is_set)
+        except QwenAudioEdgeError:
+            if not self.conv.failed:  # e.g. a turn too long for the context: refused, the session goes on
+                self.turn = self._begin_turn()
+            raise
         if result.finish_reason == "cancelled":
             self.cancelled += 1
         ttft = result.timings.get("ttft_ms")

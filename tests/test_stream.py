@@ -60,6 +60,38 @@ def test_push_to_talk_stream_equals_offline_run(mha, pipelines):
     assert second.result.token_ids == conv.send(y, PROMPT, sampling=GREEDY).token_ids
 
 
+@pytest.fixture(scope="module")
+def audio_files(tmp_path_factory):
+    """Three files as a user would have them: 16 kHz wav, 44.1 kHz stereo flac, 8 kHz int16 wav."""
+    import soxr
+
+    d = tmp_path_factory.mktemp("files")
+    a = signal(4.37, seed=3)
+    b = signal(12.3457, loud_end=True, seed=8)
+    c = signal(7.01, seed=12)
+    sf.write(str(d / "a.wav"), a, 16000)
+    b44 = soxr.resample(b, 16000, 44100).astype(np.float32)
+    sf.write(str(d / "b.flac"), np.stack([b44, 0.5 * b44], axis=1), 44100)
+    sf.write(str(d / "c.wav"), (soxr.resample(c, 16000, 8000) * 32767).astype(np.int16), 8000)
+    return [d / "a.wav", d / "b.flac", d / "c.wav"]
+
+
+@pytest.mark.parametrize("chunk", [160, 1600, 16000, 777])  # 10 ms, 100 ms, 1 s, odd
+def test_exact_stream_without_vad_equals_run_on_the_file(mha, pipelines, audio_files, chunk):
+    """Acceptance: for ≥ 3 files and several chunk sizes, streamed greedy tokens == `run` on the whole file."""
+    from qwen_audio_edge.runtime.audio import load_audio
+
+    p = pipelines(mha)
+    for path in audio_files:
+        offline = p.run(str(path), PROMPT, sampling=GREEDY)
+        x = load_audio(path, 16000)  # what `stream --audio` feeds
+        session = p.stream(PROMPT, sampling=GREEDY, vad=None)
+        for i in range(0, len(x), chunk):
+            assert session.feed(x[i : i + chunk]) == []
+        ev = session.end()
+        assert ev.result.token_ids == offline.token_ids, (path.name, chunk)
+
+
 def test_stream_resamples_other_rates(mha, pipelines):
     import soxr
 
@@ -179,6 +211,22 @@ def test_forced_endpoint_at_max_speech_duration(mha, pipelines, speech):
         events += session.feed(audio[i : i + 1600])
     assert len(events) >= 2  # the ~2.9 s sentence is cut into ≤ 1 s utterances
     assert all(e.speech_end_s - e.speech_start_s <= 1.0 + 1e-3 for e in events)
+
+
+def test_stream_cli_barge_in(mha, speech, tmp_path):
+    """--barge-in runs answers on a worker; every turn is still reported, with its cancelled flag."""
+    audio, s0, s1 = speech
+    words = audio[s0:s1]
+    two = np.concatenate([np.zeros(8000, np.float32), words, np.zeros(16000, np.float32), words, np.zeros(16000, np.float32)])
+    wav = tmp_path / "two.wav"
+    sf.write(str(wav), two, 16000)
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+                        "--barge-in", "--json", "--greedy", "--max-new-tokens", "4", "--ignore-eos"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    assert len(rows) == 2 and all(row["stream"]["cancelled"] in (True, False) for row in rows)
+    assert rows[-1]["stream"]["cancelled"] is False and len(rows[-1]["token_ids"]) == 4
 
 
 def test_mic_without_sounddevice_is_a_clear_error(mha):

@@ -180,3 +180,16 @@ def test_ten_minute_stream_keeps_bounded_memory(mha, pipelines, words):
     assert peak_ids < 600 and peak_exchanges <= 10 and session.conv.dropped_exchanges >= n_periods - 10
     assert session.lag_s == 0.0
     assert rss_growth_mib < 300, rss_growth_mib
+
+
+def test_a_turn_too_long_for_the_context_is_refused_and_the_session_goes_on(mha, pipelines):
+    p = pipelines(mha, max_context=160)
+    session = p.stream(PROMPT, sampling=GREEDY, vad=None)
+    session.feed(signal(8.0, seed=1))  # 200 audio tokens: can never fit 160 positions
+    with pytest.raises(LimitError, match="context holds 160"):
+        session.end()
+    session.feed(signal(2.0, seed=2))
+    ev = session.end()
+    assert len(ev.result.token_ids) == 12
+    conv = p.chat()
+    assert ev.result.token_ids == conv.send(signal(2.0, seed=2), PROMPT, sampling=GREEDY).token_ids
