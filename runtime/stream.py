@@ -442,6 +442,21 @@ class StreamSession:
         """Encoder inputs still to encode at the end of the utterance (does not consume the mel state)."""
         return self.blocks.tail() if self.blocks is not None else [self.mel.finish()]
 
+    def send_text(self, text: str):
+        """A typed (text-only) turn in the same conversation, between spoken ones; returns its TurnResult.
+
+        Refused while an utterance is in progress (end it first). The answer streams through `on_text`.
+        """
+        if self._utt_start is not None and self.mel.n > 0:
+            raise OptionsError("an utterance is in progress: end() it before a text turn")
+        self._join()
+        try:
+            return self.conv.send(None, text, sampling=self.sampling, on_text=self.on_text)
+        finally:
+            if not self.conv.failed:
+                self._new_utterance()
+                self.turn = self._begin_turn()  # the next spoken turn's prefix, prefilled again
+
     # --- end of an utterance ----------------------------------------------------------------------
     def end(self) -> StreamEvent | None:
         """Close the current utterance now (push-to-talk) and answer it (waits for the answer).

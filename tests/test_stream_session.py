@@ -193,3 +193,21 @@ def test_a_turn_too_long_for_the_context_is_refused_and_the_session_goes_on(mha,
     assert len(ev.result.token_ids) == 12
     conv = p.chat()
     assert ev.result.token_ids == conv.send(signal(2.0, seed=2), PROMPT, sampling=GREEDY).token_ids
+
+
+def test_text_turn_between_spoken_turns_keeps_the_cache(mha, pipelines):
+    p = pipelines(mha)
+    a, b = signal(3.1, seed=21), signal(2.4, seed=22)
+    session = p.stream(PROMPT, sampling=GREEDY, vad=None)
+    session.feed(a)
+    first = session.end()
+    typed = session.send_text("Say it again, slower.")
+    session.feed(b)
+    third = session.end()
+    conv = p.chat()
+    assert conv.send(a, PROMPT, sampling=GREEDY).token_ids == first.result.token_ids
+    assert conv.send(None, "Say it again, slower.", sampling=GREEDY).token_ids == typed.token_ids
+    assert conv.send(b, PROMPT, sampling=GREEDY).token_ids == third.result.token_ids
+    session.feed(a[:8000])
+    with pytest.raises(Exception, match="utterance is in progress"):
+        session.send_text("hello")
