@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine (torch, triton, transformers installed; no internet): GPU tests + benchmarks.
 # Writes everything under $OUT (default ./gpu-out): device.txt, gpu-tests.txt, kernels.json,
-# decode_7b.json, summary.txt. Packages the project needs but the machine lacks can be carried as wheels
+# decode_7b.json, stream_7b.json, summary.txt. Time limits per part keep the whole call under the device
+# tool's 600 s per command; PARTS="tests kernels decode stream" (default all) selects parts. Packages the project needs but the machine lacks can be carried as wheels
 # in ./gpu-wheels (pip download --only-binary=:all: --python-version 3.12 -d gpu-wheels pytest soundfile
 # soxr onnx onnxscript jiwer), installed offline here.
 set -u
@@ -32,12 +33,21 @@ echo "peak GB/s used: $PEAK ($NAME)" >>"$OUT/device.txt"
 PEAKARG=""
 [ "$PEAK" != "0" ] && PEAKARG="--peak-gbps $PEAK"
 
-timeout 300 python -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py >"$OUT/gpu-tests.txt" 2>&1
-echo "gpu tests exit $?" >>"$OUT/gpu-tests.txt"
-timeout 240 python bench/kernels.py --device cuda $PEAKARG --ms 1,2,4,8,64,800 --out "$OUT/kernels.json" >"$OUT/kernels.txt" 2>&1
-echo "kernels exit $?" >>"$OUT/kernels.txt"
-timeout 300 python bench/decode.py --preset 7b --device cuda --prompt 800 --new 64 --repeats 3 --int8-head $PEAKARG \
-  --out "$OUT/decode_7b.json" >"$OUT/decode.txt" 2>&1
-echo "decode exit $?" >>"$OUT/decode.txt"
-{ cat "$OUT/device.txt"; tail -3 "$OUT/gpu-tests.txt"; grep -h '"shape"' "$OUT/kernels.txt" | head -40; tail -25 "$OUT/decode.txt"; } >"$OUT/summary.txt"
+PARTS="${PARTS:-tests kernels decode stream}"
+touch "$OUT/gpu-tests.txt" "$OUT/kernels.txt" "$OUT/decode.txt" "$OUT/stream.txt"
+case " $PARTS " in *" tests "*)
+  timeout 110 python -m pytest -q -m gpu tests/test_gpu.py tests/test_kernels.py >"$OUT/gpu-tests.txt" 2>&1
+  echo "gpu tests exit $?" >>"$OUT/gpu-tests.txt" ;; esac
+case " $PARTS " in *" kernels "*)
+  timeout 130 python bench/kernels.py --device cuda $PEAKARG --ms 1,2,4,8,64,800 --out "$OUT/kernels.json" >"$OUT/kernels.txt" 2>&1
+  echo "kernels exit $?" >>"$OUT/kernels.txt" ;; esac
+case " $PARTS " in *" decode "*)
+  timeout 170 python bench/decode.py --preset 7b --device cuda --prompt 800 --new 64 --repeats 3 --int8-head $PEAKARG \
+    --out "$OUT/decode_7b.json" >"$OUT/decode.txt" 2>&1
+  echo "decode exit $?" >>"$OUT/decode.txt" ;; esac
+case " $PARTS " in *" stream "*)
+  timeout 140 python bench/stream_device.py --shape 7b --device cuda --repeats 3 --out "$OUT/stream_7b.json" >"$OUT/stream.txt" 2>&1
+  echo "stream exit $?" >>"$OUT/stream.txt" ;; esac
+{ cat "$OUT/device.txt"; tail -3 "$OUT/gpu-tests.txt"; grep -h '"shape"' "$OUT/kernels.txt" | head -40; tail -25 "$OUT/decode.txt";
+  grep -h '^{"seconds"\|exact_30s\|flatness\|exit' "$OUT/stream.txt"; } >"$OUT/summary.txt"
 cat "$OUT/summary.txt"

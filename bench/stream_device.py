@@ -1,0 +1,152 @@
+"""Push-to-talk streaming latency at the real 7B shape on a GPU (or a small shape on CPU), no weights needed.
+
+bench/stream.py exports a whole random checkpoint, which at the 7B shape means ~15 GB of files; this
+script instead loads the tiny fixture's artifacts (tokenizer, chat template, mel filters) and swaps in,
+directly on the device, a random audio encoder at the real Qwen2-Audio config (torch backend) and a
+random W4 g128 decoder at the real 7B config (bench/decode.py's builder). The speed of both does not
+depend on the weights' values. For utterances of 2/5/10/20/30 s (a speech-like test signal; no VAD),
+it measures the time from `end()` to the first token of:
+  - the offline `run` of the same audio (mel + encoder + prefill at once),
+  - the exact streaming session (mel and prompt prefix done while the audio arrived),
+  - the chunked streaming session (every finished block also encoded and prefilled),
+with a component breakdown (encoder ms, prefill ms) from the turn timings. Issue #5's GPU target:
+30 s exact push-to-talk ≤ 60 ms.
+
+    python bench/stream_device.py --shape 7b --device cuda --out gpu-out/stream_7b.json
+    python bench/stream_device.py --shape small --device cpu          # quick check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import random_w4_decoder  # noqa: E402
+
+SHAPES = {
+    "7b": dict(text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=156032),
+               audio=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120)),
+    "small": dict(text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=8, vocab_size=8192),
+                  audio=dict(d_model=256, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=1024)),
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_pipeline(shape: str, device: torch.device, tmp: Path):
+    """The tiny fixture pipeline with a random encoder + W4 decoder of `shape` swapped in on `device`."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen_audio_edge.export.fixtures import build_tiny_checkpoint
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+    from qwen_audio_edge.runtime.encoder import AudioEncoderWithProjector, EncoderConfig, TorchEncoder
+    from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
+
+    build_tiny_checkpoint(tmp / "ckpt", "mha")
+    export_checkpoint(tmp / "ckpt", tmp / "art", ExportOptions(progress=False))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    p = Pipeline.from_artifacts(tmp / "art", RuntimeOptions(device=str(device), dtype="fp16" if dtype == torch.float16 else "fp32",
+                                                            encoder_backend="torch", max_context=64))
+    s = SHAPES[shape]
+    cfg = dict(s["text"], max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        hf = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+        enc = AudioEncoderWithProjector(EncoderConfig(num_mel_bins=p.mel.config.n_mels, max_source_positions=1500,
+                                                      output_dim=cfg["hidden_size"], **s["audio"])).eval()
+    torch.set_default_dtype(default)
+    p.decoder = random_w4_decoder(hf, cfg, device, dtype)
+    del hf
+    p.encoder = TorchEncoder(enc, device)
+    p.max_context = 2048
+    p.cache = p.decoder.setup_cache(p.max_context)
+    if p.prompt.audio_token_id >= cfg["vocab_size"]:
+        raise SystemExit("the fixture tokenizer's ids do not fit the shape's vocabulary")
+    return p, cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lengths", default="2,5,10,20,30")
+    ap.add_argument("--chunk-seconds", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    from qwen_audio_edge.export.fixtures import speech_like_signal
+    from qwen_audio_edge.runtime.generate import SamplingOptions
+    from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession
+
+    device = torch.device(a.device)
+    prompt = "What does the person say?"
+    one = SamplingOptions(max_new_tokens=1, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+    res = {"shape": a.shape, "device": str(device), "machine": platform.platform(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "chunk_seconds": a.chunk_seconds, "threads": torch.get_num_threads(),
+           "weights": "random (real-config encoder, W4 g128 decoder with act-order-like g_idx)", "rows": []}
+    if device.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(device)
+    with tempfile.TemporaryDirectory() as tmpd:
+        p, cfg = build_pipeline(a.shape, device, Path(tmpd))
+        res["config"] = cfg
+        res["w4_kernels"] = p.decoder.w4_kernels
+
+        def push_to_talk(x, options: StreamOptions) -> dict:
+            s = StreamSession(p, prompt, sampling=one, vad=None, options=options)
+            for i in range(0, len(x), 1600):
+                s.feed(x[i : i + 1600])
+            _sync(device)
+            ev = s.end()
+            t = ev.result.timings
+            return {"ttft_ms": ev.to_json()["stream"]["ttft_after_endpoint_ms"], "encoder_ms": t["encoder_ms"],
+                    "prefill_ms": t["prefill_ms"]}
+
+        warm = speech_like_signal(3.0)
+        for _ in range(2):
+            p.run(warm, prompt, sampling=one)
+            push_to_talk(warm, StreamOptions(mode="chunked", chunk_seconds=a.chunk_seconds))
+        for secs in map(float, a.lengths.split(",")):
+            x = speech_like_signal(secs, seed=int(secs))
+            runs: dict[str, list] = {"offline": [], "exact": [], "chunked": []}
+            for _ in range(a.repeats):
+                _sync(device)
+                runs["offline"].append({"ttft_ms": p.run(x, prompt, sampling=one).timings["ttft_ms"]})
+                runs["exact"].append(push_to_talk(x, StreamOptions()))
+                runs["chunked"].append(push_to_talk(x, StreamOptions(mode="chunked", chunk_seconds=a.chunk_seconds)))
+            row = {"seconds": secs}
+            for mode, vals in runs.items():
+                for key in vals[0]:
+                    row[f"{mode}_{key}"] = statistics.median(v[key] for v in vals)
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+        if device.type == "cuda":
+            res["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    by = {r["seconds"]: r for r in res["rows"]}
+    if 30.0 in by:
+        res["exact_30s_push_to_talk_ms"] = by[30.0]["exact_ttft_ms"]
+        if 5.0 in by:
+            res["chunked_flatness_30s_over_5s"] = by[30.0]["chunked_ttft_ms"] / by[5.0]["chunked_ttft_ms"]
+    print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "config")}, indent=1))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
