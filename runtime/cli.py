@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--chunk-ms", type=int, default=100)
     st.add_argument("--realtime", action="store_true", help="feed at real-time pace")
     st.add_argument("--no-vad", action="store_true", help="no endpointing: end() after the last chunk")
+    st.add_argument("--vad-threshold", type=float, default=0.5, help="silero-vad speech probability (default 0.5)")
+    st.add_argument("--min-silence-ms", type=int, default=500, help="silence that ends an utterance (default 500)")
+    st.add_argument("--speech-pad-ms", type=int, default=100, help="audio kept on each side of the speech (default 100)")
+    st.add_argument("--max-speech-s", type=float, default=30.0, help="forced endpoint after this much speech (default 30)")
     st.add_argument("--stream-mode", default="exact", choices=["exact", "chunked"],
                     help="exact (default): output equals the offline run; chunked: block-wise encoder, each finished "
                     "block prefilled while the person speaks (changes the output: check it with compare --chunked)")
@@ -204,13 +208,15 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def _stream_session(pipeline, a: argparse.Namespace, on_event=None):
-    from .stream import StreamOptions
+    from .stream import StreamOptions, VadOptions
 
     options = StreamOptions(mode=a.stream_mode, chunk_seconds=a.chunk_seconds, speculate=not a.no_speculation,
                             barge_in=a.barge_in, context_policy=a.context_policy)
     on_text = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    return pipeline.stream(a.prompt, sampling=_sampling(pipeline, a), vad=None if a.no_vad else "default",
-                           on_text=on_text, options=options, on_event=on_event)
+    vad = None if a.no_vad else VadOptions(threshold=a.vad_threshold, min_silence_ms=a.min_silence_ms,
+                                           speech_pad_ms=a.speech_pad_ms, max_speech_s=a.max_speech_s)
+    return pipeline.stream(a.prompt, sampling=_sampling(pipeline, a), vad=vad, on_text=on_text, options=options,
+                           on_event=on_event)
 
 
 def _print_events(events, a: argparse.Namespace) -> int:

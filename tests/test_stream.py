@@ -159,6 +159,14 @@ def test_stream_cli_json(mha, speech, tmp_path):
     assert len(rows) == 1 and len(rows[0]["token_ids"]) == 6
     s = rows[0]["stream"]
     assert s["ttft_after_endpoint_ms"] > 0 and s["endpoint_decided_at_s"] >= s["speech_end_s"]
+    # VAD options from the command line: a bad value is a one-line error, not a traceback.
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+                        "--vad-threshold", "1.5"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "threshold" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+                        "--json", "--greedy", "--max-new-tokens", "2", "--max-speech-s", "1"], capture_output=True, text=True, timeout=120)
+    rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    assert r.returncode == 0 and len(rows) >= 2 and any(row["stream"]["forced_endpoint"] for row in rows)
     silent = tmp_path / "silence.wav"
     sf.write(str(silent), np.zeros(32000, np.float32), 16000)
     r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(silent),
