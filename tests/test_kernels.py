@@ -37,6 +37,7 @@ def _check(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, tol: float | 
 
 CASES = [  # K, N (N % 16 for the CPU op), group size, act-order, sym
     (256, 64, 64, True, True),
+    (224, 192, 32, True, False),
     (384, 48, 128, True, False),
     (160, 32, 32, False, False),
     (256, 80, -1, True, True),
@@ -70,9 +71,26 @@ def test_cpu_int4_kernel_on_real_7b_shapes(k, n):
 
     qweight = pack_rows(unpack_rows(q.qweight)[perm])
     w = CpuW4Weight.build(qweight, q.qzeros, q.scales, g_idx)
-    for m in (1, 8):
+    for m in (1, 8, 400):  # 400 rows: the dequantize + dense bf16 path (prefill)
         x = torch.randn(m, k)
         _check(w.matmul(x), w4_matmul_ref(x, qweight, q.qzeros, q.scales, g_idx), torch.float32, CPU_TOL)
+
+
+def test_cpu_dense_prefill_path_matches_the_int4_op():
+    """The large-M path decodes torch's packed layout itself: it must agree with the op row for row."""
+    from qwen_audio_edge.kernels import w4_cpu
+
+    assert w4_cpu._packed_layout_ok()
+    for k, n, gs, act, sym in [(256, 64, 64, True, True), (224, 192, 32, True, False), (512, 128, -1, False, True)]:
+        q = _layer(k, n, gs, act, sym)
+        w = CpuW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+        x = torch.randn(w4_cpu.DENSE_MIN_ROWS + 3, k)
+        dense = w.matmul(x)
+        xb = (x.index_select(1, w.perm) if w.perm is not None else x).to(torch.bfloat16)
+        op = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w.packed, w.group, w.scales_zeros).float()
+        _check(dense, op, torch.float32, 1e-2)
+        ref = w4_matmul_ref(x, q.qweight, q.qzeros, q.scales, q.g_idx)
+        _check(dense, ref, torch.float32, CPU_TOL)
 
 
 def test_cpu_kernel_declines_what_it_cannot_run():
