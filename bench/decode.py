@@ -48,13 +48,20 @@ def random_w4_decoder(hf_model, cfg: dict, device: torch.device, dtype: torch.dt
     gen = torch.Generator(device=device).manual_seed(0)
     sd = {}
     hf_sd = hf_model.state_dict()
+    perms = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             k, n = m.in_features, m.out_features
             sd[f"{name}.qweight"] = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device, generator=gen)
             sd[f"{name}.qzeros"] = torch.full((k // group_size, n // 8), 0x77777777, dtype=torch.int32, device=device)
             sd[f"{name}.scales"] = (torch.rand(k // group_size, n, device=device, generator=gen) * 0.01).half()
-            perm = torch.randperm(k, device=device, generator=gen)
+            # GPTQ's act-order permutation comes from the input's Hessian, so q/k/v share one and gate/up
+            # share one (which lets the runtime fuse them); o and down have inputs of their own.
+            layer_name, _, proj = name.rpartition(".")
+            key = name if proj in ("o_proj", "down_proj") else layer_name
+            if key not in perms:
+                perms[key] = torch.randperm(k, device=device, generator=gen)
+            perm = perms[key]
             sd[f"{name}.g_idx"] = (torch.arange(k, device=device) // group_size).int()[perm]
             if m.bias is not None:
                 sd[f"{name}.bias"] = torch.zeros(n, dtype=torch.float16, device=device)
@@ -62,6 +69,9 @@ def random_w4_decoder(hf_model, cfg: dict, device: torch.device, dtype: torch.dt
         if key not in sd and not key.endswith(("proj.weight", "proj.bias")):
             sd[key] = t.to(device=device, dtype=dtype)
     model.load_state_dict(sd, assign=True, strict=True)
+    from qwen_audio_edge.runtime.decoder import fuse_projections
+
+    model.fused_projections = fuse_projections(model)  # as load_decoder does
     model.w4_kernels = sorted({m.prepare("auto") for m in model.modules() if isinstance(m, QuantLinear)})
     return model.eval()
 

@@ -100,12 +100,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, a.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k, v fused into one matmul at load (fuse_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache", layer: int, start: int) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         keys, values = cache.update(layer, start, k, v)
         end = start + s
@@ -141,8 +147,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up fused into one matmul at load
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -218,8 +228,32 @@ class Qwen2Decoder(nn.Module):
         return self.lm_head(self.model.norm(x))
 
 
+def fuse_projections(model: Qwen2Decoder) -> int:
+    """Fuse q/k/v and gate/up of every layer into one linear each (same input); returns how many were fused.
+
+    Halves to thirds the matmul launches per layer in decode, where each launch is a weight-streaming
+    GEMV. The separate modules are dropped (their tensors now live in the fused one).
+    """
+    from .quant_linear import fuse_linears
+
+    fused = 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        if qkv is not None:
+            attn.qkv_proj = qkv
+            del attn.q_proj, attn.k_proj, attn.v_proj
+            fused += 1
+        gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        if gate_up is not None:
+            mlp.gate_up_proj = gate_up
+            del mlp.gate_proj, mlp.up_proj
+            fused += 1
+    return fused
+
+
 def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *, lm_head_int8=None,
-                 w4_kernel: str = "ref") -> Qwen2Decoder:
+                 w4_kernel: str = "ref", fuse: bool = True) -> Qwen2Decoder:
     """Load a text-only Qwen2 checkpoint folder (config.json + safetensors, sharded or not), fp or GPTQ W4.
 
     The module is built on the meta device and each tensor is assigned as it is read, so peak memory is
@@ -227,6 +261,7 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
     and W4 biases fp16) keep their stored dtypes; other float tensors take the activation `dtype`.
     `lm_head_int8` (a side file with `weight` int8 and `scales`) replaces the fp16 head, which is then not read.
     `w4_kernel` picks the W4 matmul path (see QuantLinear.prepare); "ref" keeps the GPTQ tensors as stored.
+    `fuse` merges q/k/v and gate/up into one matmul each (fuse_projections).
     """
     import json
     from pathlib import Path
@@ -273,6 +308,8 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
         side = load_file(str(lm_head_int8))
         model.lm_head = Int8Linear(side["weight"].to(device), side["scales"].to(device))
     model.load_state_dict(state, assign=True, strict=lm_head_int8 is None)
+    del state
+    model.fused_projections = fuse_projections(model) if fuse and torch.device(device).type != "meta" else 0
     kernels = {m.prepare(w4_kernel) for m in model.modules() if isinstance(m, QuantLinear)}
     model.w4_kernels = sorted(kernels)
     return model.eval()

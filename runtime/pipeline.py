@@ -41,6 +41,7 @@ class RuntimeOptions:
     threads: int | None = None
     verify_hashes: bool = True
     w4_kernel: str = "auto"  # auto | ref | cpu | triton (GPTQ decoders only)
+    fuse: bool = True  # q/k/v and gate/up as one matmul each (False keeps the checkpoint's modules, e.g. for hooks)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -148,7 +149,7 @@ class Pipeline:
         head = m.get("decoder", {}).get("lm_head_int8")
         self.decoder: Qwen2Decoder = load_decoder(artifacts.path(m["files_role"]["decoder_dir"]), self.dtype, self.device,
                                                   lm_head_int8=artifacts.path(head) if head else None,
-                                                  w4_kernel=options.w4_kernel)
+                                                  w4_kernel=options.w4_kernel, fuse=options.fuse)
         self.max_context = self._resolve_max_context()
         self.cache: KVCache = self.decoder.setup_cache(self.max_context)
         self._owner: object | None = None

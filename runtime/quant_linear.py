@@ -137,3 +137,42 @@ def swap_in_quant_linears(model: nn.Module, quant_config: dict) -> None:
             if group_size != -1 and lin.in_features % group_size:
                 raise ArtifactsError(f"group_size {group_size} does not divide in_features {lin.in_features}")
             setattr(parent, child, QuantLinear(lin.in_features, lin.out_features, group_size, lin.bias is not None))
+
+
+def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
+    """One linear computing the concatenated outputs of `parts` (same input), or None when they differ.
+
+    W4: the GPTQ tensors are concatenated along N — possible only when every part has the same g_idx
+    (GPTQ with act-order derives it from the shared input's Hessian, so q/k/v and gate/up agree; if
+    they do not, the parts stay separate). Dense: the weights are concatenated. One matmul then reads
+    the same bytes in one launch (and, for W4 act-order, permutes the activations once instead of per part).
+    """
+    first = parts[0]
+    if isinstance(first, QuantLinear):
+        if not all(isinstance(p, QuantLinear) and p.kernel is None and p.in_features == first.in_features
+                   and p.scales.shape[0] == first.scales.shape[0] and torch.equal(p.g_idx, first.g_idx)
+                   and (p.bias is None) == (first.bias is None) for p in parts):
+            return None
+        n = sum(p.out_features for p in parts)
+        fused = QuantLinear.__new__(QuantLinear)
+        nn.Module.__init__(fused)
+        fused.in_features, fused.out_features, fused.kernel = first.in_features, n, None
+        fused.register_buffer("qweight", torch.cat([p.qweight for p in parts], dim=1))
+        fused.register_buffer("qzeros", torch.cat([p.qzeros for p in parts], dim=1))
+        fused.register_buffer("scales", torch.cat([p.scales for p in parts], dim=1))
+        fused.register_buffer("g_idx", first.g_idx)
+        if first.bias is not None:
+            fused.register_buffer("bias", torch.cat([p.bias for p in parts]))
+        else:
+            fused.bias = None
+        return fused
+    if type(first) is nn.Linear and all(type(p) is nn.Linear and p.in_features == first.in_features
+                                        and (p.bias is None) == (first.bias is None) for p in parts):
+        w = first.weight
+        fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                          device="meta", dtype=w.dtype)
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        return fused
+    return None

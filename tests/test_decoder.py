@@ -291,3 +291,44 @@ def test_array_inputs(mha, pipelines):
         p.load_waveform(x, sampling_rate=0)
     with pytest.raises(AudioError, match="file path or an array"):
         p.load_waveform(12345)
+
+
+@pytest.mark.parametrize("w4", [False, True])
+def test_fused_projections_equal_separate_ones(mha, w4, tmp_path):
+    """q/k/v and gate/up fused into one matmul each give the same logits as the checkpoint's separate linears."""
+    import copy
+
+    from qwen_audio_edge.runtime.decoder import fuse_projections, load_decoder
+    from qwen_audio_edge.runtime.quant_linear import QuantLinear, fuse_linears
+
+    sep = load_decoder(mha.artifacts / "decoder", torch.float32, "cpu", fuse=False)
+    if w4:  # random GPTQ tensors in the real layout (act-order g_idx shared by q/k/v and by gate/up, as GPTQ gives)
+        from qwen_audio_edge.runtime.quant_linear import swap_in_quant_linears
+
+        torch.manual_seed(0)
+        swap_in_quant_linears(sep, {"quant_method": "gptq", "bits": 4, "group_size": 32})
+        for layer in sep.model.layers:
+            perms = {}
+            for name, m in layer.named_modules():
+                if isinstance(m, QuantLinear):
+                    k, n = m.in_features, m.out_features
+                    key = (name.split(".")[0], k, name.endswith(("o_proj", "down_proj")))
+                    perm = perms.setdefault(key, torch.randperm(k))
+                    m.qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32)
+                    m.qzeros = torch.randint(-2**31, 2**31 - 1, (k // 32, n // 8), dtype=torch.int32)
+                    m.scales = (torch.rand(k // 32, n) * 0.02).half()
+                    m.g_idx = (torch.arange(k) // 32).int()[perm]
+                    if m.bias is not None:
+                        m.bias = torch.randn(n).half() * 0.1
+    fused = copy.deepcopy(sep)
+    assert fuse_projections(fused) == 2 * len(sep.model.layers)
+    assert not hasattr(fused.model.layers[0].self_attn, "q_proj") and fused.model.layers[0].mlp.gate_up_proj is not None
+    ids = torch.tensor([[3, 50, 100, 7, 250, 11, 42]])
+    with torch.inference_mode():
+        a = sep(sep.embed(ids), 0, sep.setup_cache(8), all_logits=True)[0]
+        b = fused(fused.embed(ids), 0, fused.setup_cache(8), all_logits=True)[0]
+    assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
+    if w4:  # parts with different g_idx (no shared Hessian) are left separate
+        layer = sep.model.layers[0].mlp
+        layer.up_proj.g_idx = layer.up_proj.g_idx.flip(0)
+        assert fuse_linears([layer.gate_proj, layer.up_proj]) is None
