@@ -12,8 +12,10 @@ chosen shape, in one run:
   (c) transformers' offline pipeline (processor + generate of one token) as the baseline;
   and the chunked mode's fidelity to exact mode on the same utterance (audio-embedding cosine, top-1
   agreement and KL over 32 teacher-forced tokens, as `compare --chunked` reports).
-Audio is fed as fast as possible, so "while the person speaks" work is excluded from (a) and (b) by
-construction; a live source must also keep up (see the session's lag_s). Writes JSON and a PNG plot.
+Audio is fed as fast as possible in (a) and (b), so "while the person speaks" work is excluded by
+construction; the real-time rows (--realtime-lengths) feed at real-time pace, as a microphone does,
+and report the wall time from the true end of speech to the first token, split into the VAD's own
+wait (min silence + its hangover) and the compute beyond it. Writes JSON and a PNG plot.
 
     python bench/stream.py --preset mid --out bench/results/cpu/stream_mid
 """
@@ -81,6 +83,9 @@ def main() -> None:
     # otherwise the forced endpoint (correctly) splits it.
     ap.add_argument("--lengths", default="2,5,10,20,30")
     ap.add_argument("--chunk-seconds", type=float, default=2.0)
+    ap.add_argument("--realtime-lengths", default="5,29.5",
+                    help="utterances also fed at real-time pace (VAD, speculative): wall time from the true end of "
+                    "speech to the first token, and how much of it is compute beyond the VAD's own wait")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="bench/results/cpu/stream_mid")
     a = ap.parse_args()
@@ -121,6 +126,30 @@ def main() -> None:
             for i in range(0, len(x), 1600):
                 s.feed(x[i : i + 1600])
             return s.end().to_json()["stream"]["ttft_after_endpoint_ms"]
+
+        def realtime(audio: np.ndarray, speech_end_s: float, options: StreamOptions) -> dict:
+            """Feed at real-time pace; audio time t arrives at wall time t0 + t (what a microphone does)."""
+            s = StreamSession(p, prompt, sampling=one, vad=VadOptions(), options=options)
+            events = []
+            t0 = time.perf_counter()
+            for i in range(0, len(audio), 1600):
+                time.sleep(max(0.0, (i + 1600) / 16000 - (time.perf_counter() - t0)))
+                events += s.feed(audio[i : i + 1600])
+            ev = max(events, key=lambda e: e.speech_end_s - e.speech_start_s)
+            user_ms = 1000 * (ev.first_token_wall - (t0 + speech_end_s))
+            vad_wait_ms = 1000 * (ev.decided_at_s - speech_end_s)  # audio the VAD needs after speech before deciding
+            return {"end_of_speech_to_first_token_ms": user_ms, "vad_decision_wait_ms": vad_wait_ms,
+                    "beyond_vad_wait_ms": user_ms - vad_wait_ms, "speculative": ev.result.timings["speculative"],
+                    "lag_s": ev.lag_s}
+
+        for secs in map(float, a.realtime_lengths.split(",")) if a.realtime_lengths else []:
+            x = speech(secs, tmp)
+            audio = np.concatenate([np.zeros(8000, np.float32), x, np.zeros(16000, np.float32)])
+            row = {"seconds": secs}
+            for key, options in [("exact", StreamOptions()), ("chunked", chunked)]:
+                row[key] = realtime(audio, 0.5 + secs, options)
+            res.setdefault("realtime_rows", []).append(row)
+            print(json.dumps(row), flush=True)
 
         for secs in map(float, a.lengths.split(",")):
             x = speech(secs, tmp)
