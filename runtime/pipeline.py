@@ -8,7 +8,6 @@ a new turn prefills only the ids not yet in the cache, so turn N costs its own t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable

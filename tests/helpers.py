@@ -12,6 +12,26 @@ def signal(seconds: float, *, loud_end: bool = False, seed: int = 0) -> np.ndarr
     return speech_like_signal(seconds, loud_end=loud_end, seed=seed)
 
 
+def espeak(text: str) -> np.ndarray:
+    """Speech made by espeak-ng (Debian package; .ci/run installs it) at 16 kHz, trimmed to its voiced span
+    (above −60 dBFS). Skips the calling test, with the reason, where espeak-ng is absent."""
+    import io
+    import shutil
+    import subprocess
+
+    import pytest
+    import soundfile as sf
+    import soxr
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng (Debian package) is not installed: .ci/run installs it")
+    wav = subprocess.run(["espeak-ng", "--stdout", text], capture_output=True, check=True).stdout
+    x, sr = sf.read(io.BytesIO(wav), dtype="float32")
+    x = soxr.resample(x, sr, 16000).astype(np.float32)
+    voiced = np.flatnonzero(np.abs(x) > 1e-3)
+    return x[voiced[0] : voiced[-1] + 1]
+
+
 def reference_inputs(model, wave: np.ndarray | None, prompt: str | None):
     """What transformers' processor gives for one user turn (chat template, or the raw base form)."""
     proc = model.processor

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import signal
+from helpers import espeak, signal
 
 from qwen_audio_edge.runtime.audio import IncrementalMel, num_audio_tokens
 from qwen_audio_edge.runtime.chunked import BlockStream, block_frames, chunked_utterance
@@ -120,20 +120,7 @@ def test_push_to_talk_chunked_stream_equals_offline_chunked(mha, pipelines, seco
 
 def test_chunked_with_vad_and_speculation_equals_offline_chunked(mha, pipelines):
     p = pipelines(mha)
-    x = signal(5.5, seed=9)
-    # A synthetic "speech" signal is loud enough for silero only sometimes; use the espeak fixture if present.
-    import shutil
-
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng (Debian package) is not installed: .ci/run installs it")
-    import soxr
-
-    wav = subprocess.run(["espeak-ng", "--stdout", "Hello there. What is the weather like today in the big city?"],
-                         capture_output=True, check=True).stdout
-    import io
-
-    y, sr = sf.read(io.BytesIO(wav), dtype="float32")
-    y = soxr.resample(y, sr, 16000).astype(np.float32)
+    y = espeak("Hello there. What is the weather like today in the big city?")  # real speech for silero-vad
     audio = np.concatenate([np.zeros(8000, np.float32), y, np.zeros(24000, np.float32)])
     session = p.stream(PROMPT, sampling=GREEDY, vad=VadOptions(), options=StreamOptions(mode="chunked", chunk_seconds=1.28))
     events = []
@@ -144,7 +131,6 @@ def test_chunked_with_vad_and_speculation_equals_offline_chunked(mha, pipelines)
     assert ev.result.timings["speculative"] is True
     span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
     assert ev.result.token_ids == _offline_chunked_greedy(p, span, 1.28, GREEDY.max_new_tokens)
-    del x
 
 
 def test_chunked_fidelity_vs_exact_is_measured(mha, pipelines):

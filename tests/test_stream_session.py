@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import shutil
-import subprocess
 import threading
 import time
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
-from helpers import signal
+from helpers import espeak, signal
 
 from qwen_audio_edge.runtime.errors import LimitError
 from qwen_audio_edge.runtime.generate import GenerationStats, SamplingOptions, generate
@@ -24,16 +20,7 @@ PROMPT = "What does the person say?"
 
 @pytest.fixture(scope="module")
 def words():
-    if shutil.which("espeak-ng") is None:
-        pytest.skip("espeak-ng (Debian package) is not installed: .ci/run installs it")
-    import soxr
-
-    wav = subprocess.run(["espeak-ng", "--stdout", "Hello there. What is the weather like today in the city?"],
-                         capture_output=True, check=True).stdout
-    x, sr = sf.read(io.BytesIO(wav), dtype="float32")
-    x = soxr.resample(x, sr, 16000).astype(np.float32)
-    voiced = np.flatnonzero(np.abs(x) > 1e-3)
-    return x[voiced[0] : voiced[-1] + 1]
+    return espeak("Hello there. What is the weather like today in the city?")
 
 
 def _fresh_greedy(p, ids, audio, n):
