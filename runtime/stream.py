@@ -42,7 +42,7 @@ import numpy as np
 
 from .audio import IncrementalMel, prepare_waveform
 from .chunked import BlockStream, block_frames
-from .errors import OptionsError, QwenAudioEdgeError
+from .errors import ArtifactsError, OptionsError, QwenAudioEdgeError
 from .generate import SamplingOptions
 
 
@@ -265,6 +265,9 @@ class StreamSession:
         self.clock = clock
         self.sr = pipeline.mel.config.sampling_rate
         self.block = block_frames(options.chunk_seconds, pipeline.mel) if options.mode == "chunked" else None
+        if self.block and not getattr(pipeline.encoder, "supports_pos_offset", True):
+            raise ArtifactsError("these artifacts' encoder.onnx was exported before the chunked stream mode (no "
+                                 "pos_offset input): re-export the checkpoint with this version, or use --stream-mode exact")
         self.max_utterance = int(vad.max_speech_s * self.sr) if vad else pipeline.mel.config.n_samples
         self._worker: threading.Thread | None = None
         self._worker_error: BaseException | None = None

@@ -190,3 +190,20 @@ def test_encoder_position_offset_onnx_equals_torch(mha, pipelines):
     for enc in (p.encoder, pt.encoder):
         with pytest.raises(AudioError, match="learned positions"):
             enc(mel, n, max_pos - 50)
+
+
+def test_chunked_mode_needs_an_encoder_with_position_offsets(mha, pipelines):
+    """Artifacts exported before the chunked mode (encoder without pos_offset) serve exact mode and say so."""
+    from qwen_audio_edge.runtime.errors import ArtifactsError
+
+    p = pipelines(mha)
+    p.encoder.supports_pos_offset = False  # what OnnxEncoder reports for an old two-input encoder.onnx
+    try:
+        with pytest.raises(ArtifactsError, match="re-export"):
+            p.stream(PROMPT, options=StreamOptions(mode="chunked"))
+        mel, n, off = chunked_utterance(p.mel, signal(5.0), 200)[1]
+        with pytest.raises(ArtifactsError, match="re-export"):
+            p.encoder(mel, n, off)
+        assert p.stream(PROMPT, vad=None) is not None  # exact mode still works
+    finally:
+        p.encoder.supports_pos_offset = True

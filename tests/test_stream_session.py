@@ -81,7 +81,8 @@ def test_no_vad_stream_is_cut_at_one_window(mha, pipelines):
         assert e.result.token_ids == conv.send(part, PROMPT, sampling=GREEDY).token_ids
 
 
-def test_barge_in_cancels_the_answer(mha, pipelines, words):
+@pytest.mark.parametrize("mode", ["exact", "chunked"])
+def test_barge_in_cancels_the_answer(mha, pipelines, words, mode):
     p = pipelines(mha)
     slow = threading.Event()
     slow.set()
@@ -92,7 +93,8 @@ def test_barge_in_cancels_the_answer(mha, pipelines, words):
 
     opts = SamplingOptions(max_new_tokens=150, greedy=True, repetition_penalty=1.0, ignore_eos=True)
     finished = []
-    session = p.stream(PROMPT, sampling=opts, on_text=on_text, options=StreamOptions(barge_in=True), on_event=finished.append)
+    session = p.stream(PROMPT, sampling=opts, on_text=on_text, on_event=finished.append,
+                       options=StreamOptions(barge_in=True, mode=mode, chunk_seconds=1.0))
     pause = np.zeros(int(0.9 * 16000), np.float32)  # > min silence: the first utterance ends here
     audio = np.concatenate([np.zeros(8000, np.float32), words, pause, words, np.zeros(16000, np.float32)])
     events = []
@@ -108,6 +110,9 @@ def test_barge_in_cancels_the_answer(mha, pipelines, words):
     first, second = events
     assert first.cancelled and 1 <= len(first.result.token_ids) < 150 and session.cancelled == 1
     assert not second.cancelled and len(second.result.token_ids) == 150
+    if mode == "chunked":  # blocks of the second utterance waited for the cancelled answer, then were prefilled early
+        assert second.result.timings["audio_tokens_prefilled_early"] > 0
+        return
     # The cancelled answer stays in the conversation as far as it got: replaying the two turns gives the same.
     conv = p.chat()
     span = lambda e: audio[int(round(e.speech_start_s * 16000)) : int(round(e.speech_end_s * 16000))]  # noqa: E731
