@@ -113,12 +113,16 @@ class Attention(nn.Module):
         k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        keys, values = cache.update(layer, start, k, v)
-        end = start + s
-        if s == 1:
-            mask = None  # one query attends to every cached position
+        if isinstance(start, StepPosition):  # static-shape decode step (CUDA-graph capturable)
+            keys, values = cache.update_at(layer, start.pos, k, v, start.bucket)
+            mask = start.mask
         else:
-            mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            keys, values = cache.update(layer, start, k, v)
+            end = start + s
+            if s == 1:
+                mask = None  # one query attends to every cached position
+            else:
+                mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
@@ -169,6 +173,17 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@dataclass(frozen=True)
+class StepPosition:
+    """Where a static-shape decode step writes and reads: position `pos` as a device tensor [1] (so a
+    captured CUDA graph can be replayed at every position) and attention over the first `bucket` cache
+    positions with `mask` [1, 1, 1, bucket] (True where position ≤ pos)."""
+
+    pos: torch.Tensor
+    bucket: int
+    mask: torch.Tensor
+
+
 class KVCache:
     """Static, preallocated K/V for every layer: [layers, 1, kv_heads, max_context, head_dim]."""
 
@@ -183,6 +198,13 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def update_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one position given as a device tensor; return the first `bucket` positions (static shapes)."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer, :, :, :bucket], self.v[layer, :, :, :bucket]
 
 
 class Qwen2Decoder(nn.Module):
@@ -226,6 +248,23 @@ class Qwen2Decoder(nn.Module):
         if not all_logits:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
+
+    def step(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache, bucket: int) -> torch.Tensor:
+        """One decode step with static shapes: token [1, 1] and pos [1] are device tensors; attention runs
+        over the first `bucket` cache positions, masked past `pos`. Returns logits [vocab].
+
+        Every shape is fixed for a given bucket and no value leaves the device, so the step can be
+        captured once as a CUDA graph and replayed at any position below the bucket (runtime/decode_graph.py).
+        """
+        assert self._rope is not None, "call setup_cache() first"
+        cos = self._rope[0].index_select(0, pos)[None, None]
+        sin = self._rope[1].index_select(0, pos)[None, None]
+        mask = (torch.arange(bucket, device=pos.device) <= pos)[None, None, None]
+        where = StepPosition(pos=pos, bucket=bucket, mask=mask)
+        x = self.embed(token)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, cache, i, where)
+        return self.lm_head(self.model.norm(x))[0, -1]
 
 
 def fuse_projections(model: Qwen2Decoder) -> int:

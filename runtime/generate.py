@@ -158,13 +158,15 @@ def generate(
     first_logits: torch.Tensor | None = None,
     prompt_len: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    step: Callable[[int, int], torch.Tensor] | None = None,
 ) -> Iterator[int]:
     """Prefill `prompt_embeds` [1, S, H] at position `start`, then decode; yields each new token id.
 
     `history` holds every id already in the cache plus the prompt's (for the repetition penalty); new
     ids are appended to it. Stops on a stop id (unless ignore_eos), max_new_tokens, or a full cache
     (`stats.finish_reason` is "stop", "length" or "context_full"), or when `should_stop()` (polled before
-    each decode step) returns True ("cancelled", e.g. barge-in). `first_logits` (the last-position
+    each decode step) returns True ("cancelled", e.g. barge-in). `step(token, pos) -> logits` replaces the
+    dynamic decode forward (runtime/decode_graph.py: the static, CUDA-graph-replayed step). `first_logits` (the last-position
     logits of a prefill of `prompt_len` positions already run into the cache, e.g. speculatively) skips
     the prefill; `prompt_embeds` may then be None.
     """
@@ -218,7 +220,10 @@ def generate(
             stats.finish_reason = "cancelled"
             break
         # The sampled token is fed back so the cache holds it (needed for the next chat turn too).
-        logits = model(model.embed(torch.tensor([[token]], device=device)), pos, cache)[0, -1]
+        if step is not None:
+            logits = step(token, pos)
+        else:
+            logits = model(model.embed(torch.tensor([[token]], device=device)), pos, cache)[0, -1]
         _check_finite(logits, f"decode step {n_new}")
         pos += 1
     _sync(device)

@@ -41,6 +41,7 @@ class RuntimeOptions:
     verify_hashes: bool = True
     w4_kernel: str = "auto"  # auto | ref | cpu | triton (GPTQ decoders only)
     fuse: bool = True  # q/k/v and gate/up as one matmul each (False keeps the checkpoint's modules, e.g. for hooks)
+    cuda_graphs: bool = True  # on CUDA: decode steps replayed as CUDA graphs (runtime/decode_graph.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -152,6 +153,7 @@ class Pipeline:
         self.max_context = self._resolve_max_context()
         self.cache: KVCache = self.decoder.setup_cache(self.max_context)
         self._owner: object | None = None
+        self._step = None
         self.load_s = time.perf_counter() - t0
 
     @classmethod
@@ -159,6 +161,16 @@ class Pipeline:
         """Verify the manifest (format version, files, sha256) and load everything onto `options.device`."""
         options = options or RuntimeOptions(**kwargs)
         return cls(load_manifest(path, verify_hashes=options.verify_hashes), options)
+
+    def decode_step(self):
+        """The static, graph-replayed decode step for the current decoder and cache (CUDA only), else None."""
+        if self.device.type != "cuda" or not self.options.cuda_graphs:
+            return None
+        if self._step is None or self._step.cache is not self.cache or self._step.model is not self.decoder:
+            from .decode_graph import DecodeStep
+
+            self._step = DecodeStep(self.decoder, self.cache)
+        return self._step
 
     # --- loading helpers -------------------------------------------------------------------------
     def _stop_ids(self) -> list[int]:
@@ -562,7 +574,8 @@ class Conversation:
         self.failed = True  # until the turn completes: a half-written cache must not be reused
         stats.prefill_tokens, stats.prefill_s = prefilled.n_pending, prefilled.prefill_ms / 1000
         for token in generate(p.decoder, p.cache, None, start, history, opts, p.stop_ids, stats,
-                              first_logits=prefilled.logits, prompt_len=prefilled.n_pending, should_stop=should_stop):
+                              first_logits=prefilled.logits, prompt_len=prefilled.n_pending, should_stop=should_stop,
+                              step=p.decode_step()):
             piece = detok.push(token)
             if piece:
                 pieces.append(piece)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import signal
 
-from qwen_audio_edge.runtime.decoder import ModelArgs
+from qwen_audio_edge.runtime.decoder import KVCache, ModelArgs
 from qwen_audio_edge.runtime.errors import ArtifactsError, LimitError, NumericalError
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
@@ -332,3 +332,32 @@ def test_fused_projections_equal_separate_ones(mha, w4, tmp_path):
         layer = sep.model.layers[0].mlp
         layer.up_proj.g_idx = layer.up_proj.g_idx.flip(0)
         assert fuse_linears([layer.gate_proj, layer.up_proj]) is None
+
+
+@pytest.mark.parametrize("model_name", ["mha", "gqa"])
+def test_static_decode_step_equals_dynamic_forward(model_name, request):
+    """The CUDA-graph-capturable step (token/position as device tensors, attention over a bucket of the
+    cache with a mask) is the same computation as the dynamic forward, across bucket boundaries."""
+    from qwen_audio_edge.runtime.decode_graph import DecodeStep
+    from qwen_audio_edge.runtime.decoder import load_decoder
+
+    model = request.getfixturevalue(model_name)
+    d = load_decoder(model.artifacts / "decoder", torch.float32, "cpu")
+    prompt = torch.tensor([[3, 50, 100, 7, 250, 11, 42, 9, 17, 77]])
+    with torch.inference_mode():
+        ca, cb = d.setup_cache(64), KVCache(d.args, 64, torch.float32, "cpu")
+        ref_logits = d(d.embed(prompt), 0, ca)[0, -1]
+        d(d.embed(prompt), 0, cb)
+        step = DecodeStep(d, cb, graphs=False, min_bucket=16)
+        assert [step.bucket(p) for p in (0, 15, 16, 31, 32, 63)] == [16, 16, 32, 32, 64, 64]
+        token = int(ref_logits.argmax())
+        for pos in range(prompt.shape[1], 60):  # crosses the 16 → 32 → 64 buckets
+            a = d(d.embed(torch.tensor([[token]])), pos, ca)[0, -1]
+            b = step(token, pos)
+            assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item(), pos
+            token = int(a.argmax())
+        assert torch.allclose(ca.k[:, :, :, :60], cb.k[:, :, :, :60], rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="past the KV cache"):
+            step(token, 64)
+    with pytest.raises(ValueError, match="CUDA"):
+        DecodeStep(d, cb, graphs=True)

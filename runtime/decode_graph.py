@@ -1,0 +1,81 @@
+"""Batch-1 decode with static shapes, replayed as CUDA graphs: one graph launch per token instead of ~10
+kernel launches per layer, and no host→device copy of the token or its position.
+
+A decode step at 7B W4 on a fast GPU reads ~3.4 GB in a few milliseconds, while eager PyTorch spends
+tens of microseconds of CPU time launching each of its ~350 kernels — the launches, not the bandwidth,
+would bound the tokens per second. `Qwen2Decoder.step` takes the token and position as device tensors
+and attends over a fixed-size prefix ("bucket") of the static KV cache with a mask, so its shapes depend
+only on the bucket. `DecodeStep` captures it once per bucket (powers of two from `min_bucket`, capped at
+the cache size; a graph is captured the first time the context reaches its bucket) and replays it.
+Attending over the bucket instead of the exact context reads at most twice the needed KV, a small
+share of the weights' bytes at conversational lengths.
+
+The same static step runs eagerly where CUDA graphs are unavailable (CPU, or `graphs=False`): that is
+the reference twin that tests compare with the dynamic `Qwen2Decoder.forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .decoder import KVCache, Qwen2Decoder
+
+
+class DecodeStep:
+    """`step(token, pos) -> logits [vocab]` for one batch-1 decode step at position `pos`.
+
+    The logits tensor returned on the graph path is a static buffer overwritten by the next call: read
+    it (sample) before calling again.
+    """
+
+    def __init__(self, model: Qwen2Decoder, cache: KVCache, *, graphs: bool | None = None, min_bucket: int = 256):
+        device = cache.k.device
+        self.model, self.cache = model, cache
+        self.graphs = (device.type == "cuda") if graphs is None else graphs
+        if self.graphs and device.type != "cuda":
+            raise ValueError("CUDA graphs need the model and cache on a CUDA device")
+        self.min_bucket = min_bucket
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def bucket(self, pos: int) -> int:
+        """The smallest power-of-two prefix (≥ min_bucket, ≤ the cache) that holds positions 0…pos."""
+        size = self.min_bucket
+        while size <= pos:
+            size *= 2
+        return min(size, self.cache.max_context)
+
+    def _eager(self, bucket: int) -> torch.Tensor:
+        return self.model.step(self.token, self.pos, self.cache, bucket)
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream (Triton compiles/autotunes, cuBLAS picks kernels), then capture. Both
+        # write the current position's K/V, which the replay writes again with the same values.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._eager(bucket)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._eager(bucket)
+        self._pool = graph.pool()
+        return graph, out
+
+    @torch.inference_mode()
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        if pos >= self.cache.max_context:
+            raise ValueError(f"position {pos} is past the KV cache ({self.cache.max_context})")
+        self.token.fill_(token)
+        self.pos.fill_(pos)
+        bucket = self.bucket(pos)
+        if not self.graphs:
+            return self._eager(bucket)
+        if bucket not in self._captured:
+            self._captured[bucket] = self._capture(bucket)
+        graph, out = self._captured[bucket]
+        graph.replay()
+        return out
