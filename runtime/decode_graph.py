@@ -31,6 +31,7 @@ class DecodeStep:
     def __init__(self, model: Qwen2Decoder, cache: KVCache, *, graphs: bool | None = None, min_bucket: int = 256):
         device = cache.k.device
         self.model, self.cache = model, cache
+        self.rope = model._rope  # captured graphs read these tables: a new setup_cache() needs a new DecodeStep
         self.graphs = (device.type == "cuda") if graphs is None else graphs
         if self.graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need the model and cache on a CUDA device")
@@ -60,7 +61,9 @@ class DecodeStep:
                 self._eager(bucket)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the capture may run on a stream session's answer thread while the feeding thread
+        # computes mel frames; only this thread's CUDA calls are restricted during capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self._eager(bucket)
         self._pool = graph.pool()
         return graph, out

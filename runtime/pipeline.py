@@ -166,7 +166,8 @@ class Pipeline:
         """The static, graph-replayed decode step for the current decoder and cache (CUDA only), else None."""
         if self.device.type != "cuda" or not self.options.cuda_graphs:
             return None
-        if self._step is None or self._step.cache is not self.cache or self._step.model is not self.decoder:
+        if (self._step is None or self._step.cache is not self.cache or self._step.model is not self.decoder
+                or self._step.rope is not self.decoder._rope):
             from .decode_graph import DecodeStep
 
             self._step = DecodeStep(self.decoder, self.cache)
@@ -333,7 +334,8 @@ class Conversation:
         if self.p._owner is not self:
             raise OptionsError("this conversation's KV cache was taken by a newer conversation; start a new chat()")
         if self.failed:
-            raise OptionsError("an earlier turn of this conversation failed mid-generation; start a new chat()")
+            raise OptionsError("an earlier turn of this conversation failed mid-generation; start a new chat() "
+                               "(or reset() a stream session)")
 
     def send(self, audio=None, text: str | None = None, *, sampling: SamplingOptions | None = None,
              sampling_rate: int | None = None, on_text: Callable[[str], None] | None = None) -> TurnResult:
@@ -453,10 +455,14 @@ class Conversation:
             self._open = False
         message, ids = self._turn_ids(text, n_audio)
         cut = ids.index(p.prompt.audio_token_id) if n_audio else 0
+        dropped = self.dropped_exchanges
         if dry_run_counts is not None:
             self._make_room(len(p.prompt.expand_audio(ids, dry_run_counts)), sum(dry_run_counts), reserve)
         elif cut:
             self._make_room(cut, 0, reserve)
+        if self.dropped_exchanges != dropped:  # the history changed under the rendered turn: render it again
+            message, ids = self._turn_ids(text, n_audio)
+            cut = ids.index(p.prompt.audio_token_id) if n_audio else 0
         self._exchanges.append(_Exchange(start=len(self.ids) + self._user_start(ids), base=len(self.ids)))
         self._open = True
         if cut:

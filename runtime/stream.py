@@ -183,7 +183,7 @@ class Endpointer:
                 if not self.temp_end:
                     self.temp_end = self.current
                 if self.current - self.temp_end >= self.min_silence:
-                    events.append(("end", self.temp_end + self.pad - frame, self.current))
+                    events.append(("end", min(self.current, self.temp_end + self.pad - frame), self.current))
                     self.triggered, self.temp_end = False, 0
         return events
 
@@ -304,7 +304,8 @@ class StreamSession:
         self.mel = IncrementalMel(self.p.mel)
         self.blocks = BlockStream(self.mel, self.block) if self.block else None
         self._fed = 0  # absolute sample index up to which the mel has been fed
-        self._spec = None  # (utterance end sample, audio_done, PrefilledTurn): speculative work for a possible endpoint
+        self._spec = None  # (utterance end sample, audio_done, PrefilledTurn | None): speculative work for a possible endpoint
+        self._blocks_deferred = False  # chunked blocks could not be prefilled: leave them for the end
 
     def _begin_turn(self):
         # The next turn's prompt prefix is prefilled right away, before any of its audio (work ahead).
@@ -332,10 +333,15 @@ class StreamSession:
         self._join()
         return self._drain()
 
-    def _join(self) -> None:
+    def _join(self, raise_error: bool = True) -> None:
         if self._worker is not None:
             self._worker.join()
             self._worker = None
+        if raise_error:
+            self._raise_pending()
+
+    def _raise_pending(self) -> None:
+        """Raise the error an answer ended with (kept until the feeding thread is between events)."""
         if self._worker_error is not None:
             err, self._worker_error = self._worker_error, None
             raise err
@@ -384,6 +390,7 @@ class StreamSession:
                 self._finish(cut, cut, forced=True)
             self._feed_mel_until(self._origin + len(self._samples))
             self._work_ahead()
+            self._raise_pending()
             return self._drain()
         continuation = False
         for kind, at, decided in self.endpointer.feed(chunk):
@@ -391,6 +398,7 @@ class StreamSession:
                 # Barge-in: the person speaks over the answer. Not after a forced cut: that is the same speech going on.
                 if self.options.barge_in and not continuation:
                     self.cancel()
+                at = max(at, self._origin)  # never reach back into audio an earlier utterance (or end()) consumed
                 self._utt_start = at
                 self._fed = at
                 continuation = False
@@ -405,6 +413,7 @@ class StreamSession:
             drop = len(self._samples) - self.sr
             self._samples = self._samples[drop:]
             self._origin += drop
+        self._raise_pending()
         return self._drain()
 
     # --- work while the person speaks ---------------------------------------------------------------
@@ -414,13 +423,19 @@ class StreamSession:
         if self.busy:
             return
         self._join()  # collect a finished worker (and its error, if any)
-        if self.blocks is not None:
+        if self.blocks is not None and not self._blocks_deferred:
             ready = self.blocks.ready()  # every block that became final: encoded, then prefilled in one call
             if ready:
                 import torch
 
-                self.turn = self.conv.extend_audio(self.turn, torch.cat(self.p.encode_mels(ready)),
-                                                   reserve=self.sampling.max_new_tokens)
+                try:
+                    self.turn = self.conv.extend_audio(self._ensure_turn(), torch.cat(self.p.encode_mels(ready)),
+                                                       reserve=self.sampling.max_new_tokens)
+                except QwenAudioEdgeError:
+                    # E.g. the utterance outgrew the context: the blocks stay pending for the end of the
+                    # utterance, where the turn is refused once with this error (not at every chunk).
+                    self.blocks.done -= len(ready)
+                    self._blocks_deferred = True
         if self.endpointer is not None and self.lag_s <= self.options.max_lag_s:
             self._maybe_speculate()
 
@@ -434,12 +449,22 @@ class StreamSession:
             self._spec = None
             return
         h = ep.temp_end + ep.pad - SileroVad.FRAME
-        done = self.turn.audio_done
+        done = self._ensure_turn().audio_done
         if (not self.options.speculate or self._fed < h or (self._spec and self._spec[:2] == (h, done))
                 or h <= (self._utt_start or 0)):
             return
-        self._spec = (h, done, self.conv.prefill_turn(self.turn, self._tail_inputs(), reserve=self.sampling.max_new_tokens))
-        self.speculations += 1
+        try:
+            prefilled = self.conv.prefill_turn(self.turn, self._tail_inputs(), reserve=self.sampling.max_new_tokens)
+        except QwenAudioEdgeError:
+            prefilled = None  # speculation is optional: the endpoint does the work and reports the error then
+        self._spec = (h, done, prefilled)
+        self.speculations += prefilled is not None
+
+    def _ensure_turn(self):
+        """The pending turn, begun now if beginning it after the last answer failed (e.g. context full)."""
+        if self.turn is None:
+            self.turn = self._begin_turn()
+        return self.turn
 
     def _tail_inputs(self) -> list:
         """Encoder inputs still to encode at the end of the utterance (does not consume the mel state)."""
@@ -487,10 +512,19 @@ class StreamSession:
     def _finish(self, end: int, decided: int, forced: bool = False) -> None:
         """The utterance [start, end) is over: answer it (inline, or on the worker with barge-in)."""
         t_end = time.perf_counter()
-        self._join()
+        self._join(raise_error=False)  # an earlier answer's error is raised once this utterance is committed
         start = self._utt_start or 0
-        spec = self._spec[2] if self._spec and self._spec[:2] == (end, self.turn.audio_done) else None
-        job = _Job(turn=self.turn, mels=None if spec else self._tail_inputs(), prefilled=spec, start=start, end=end,
+        turn = self.turn
+        if turn is None:  # beginning it after the last answer failed; if that fails again the user sees why
+            try:
+                turn = self._ensure_turn()
+            except QwenAudioEdgeError:
+                self._new_utterance()
+                self._samples, self._origin = self._samples[end - self._origin :], end
+                self._utt_start = end if (self.endpointer is None or forced) else None
+                raise
+        spec = self._spec[2] if self._spec and self._spec[:2] == (end, turn.audio_done) else None
+        job = _Job(turn=turn, mels=None if spec else self._tail_inputs(), prefilled=spec, start=start, end=end,
                    decided=decided, t_end=t_end, lag=self.lag_s, forced=forced)
         # The next utterance starts from here: drop consumed audio.
         keep = end - self._origin
@@ -498,8 +532,9 @@ class StreamSession:
         self._origin = end
         self._utt_start = end if (self.endpointer is None or forced) else None
         self._new_utterance()
+        self.turn = None  # the answer begins the next turn (prefix prefilled right after it)
         if not self.options.barge_in:
-            self._answer(job)
+            self._answer_safely(job)
             return
         self._cancel.clear()
         self._worker = threading.Thread(target=self._answer_safely, args=(job,), name="qae-answer", daemon=True)
@@ -508,8 +543,9 @@ class StreamSession:
     def _answer_safely(self, job: _Job) -> None:
         try:
             self._answer(job)
-        except BaseException as e:  # noqa: BLE001 — re-raised on the feeding thread by the next _join()
-            self._worker_error = e
+        except BaseException as e:  # noqa: BLE001 — raised on the feeding thread between events (_raise_pending)
+            if self._worker_error is None:
+                self._worker_error = e
 
     def _answer(self, job: _Job) -> None:
         first: list[float] = []
@@ -536,6 +572,8 @@ class StreamSession:
                             mode=self.options.mode, lag_s=job.lag, forced=job.forced)
         with self._lock:
             self._done.append(event)
-        if self.on_event:
-            self.on_event(event)
-        self.turn = self._begin_turn()
+        try:
+            if self.on_event:
+                self.on_event(event)
+        finally:
+            self.turn = self._begin_turn()  # work ahead: the next prefix, before any of its audio

@@ -203,3 +203,66 @@ def test_text_turn_between_spoken_turns_keeps_the_cache(mha, pipelines):
     session.feed(a[:8000])
     with pytest.raises(Exception, match="utterance is in progress"):
         session.send_text("hello")
+
+
+def test_dropping_every_old_exchange_renders_the_turn_from_scratch(mha, pipelines):
+    """When the policy drops all earlier exchanges, the new turn starts with the system turn again."""
+    p = pipelines(mha, max_context=300)
+    conv = p.chat("drop_oldest")
+    conv.send(signal(8.0, seed=1), PROMPT, sampling=GREEDY)
+    r = conv.send(signal(3.0, seed=2), PROMPT, sampling=GREEDY)
+    assert conv.dropped_exchanges == 1
+    fresh = p.chat()
+    assert r.token_ids == fresh.send(signal(3.0, seed=2), PROMPT, sampling=GREEDY).token_ids
+    assert conv.ids == fresh.ids  # the same rendering ("Audio 1:", system turn, no stray <|im_end|>)
+
+
+def test_end_while_speaking_then_more_speech_keeps_all_audio(mha, pipelines, words):
+    p = pipelines(mha)
+    session = p.stream(PROMPT, sampling=GREEDY, vad=VadOptions())
+    audio = np.concatenate([np.zeros(8000, np.float32), words])
+    half = 8000 + len(words) // 2
+    for i in range(0, half, 1600):
+        session.feed(audio[i : min(i + 1600, half)])
+    first = session.end()  # push-to-talk release while the person is still speaking
+    assert first is not None
+    rest = np.concatenate([audio[half:], np.zeros(16000, np.float32)])
+    events = []
+    for i in range(0, len(rest), 1600):
+        events += session.feed(rest[i : i + 1600])
+    assert len(events) == 1
+    ev = events[0]
+    assert ev.speech_start_s >= first.speech_end_s - 1e-9  # no audio counted twice…
+    spoken = (8000 + len(words) - half) / 16000
+    assert ev.result.timings["audio_tokens"] >= 25 * spoken * 0.9  # …and none lost
+
+
+def test_short_min_silence_never_runs_ahead_of_the_audio(mha, pipelines, words):
+    p = pipelines(mha)
+    session = p.stream(PROMPT, sampling=GREEDY, vad=VadOptions(min_silence_ms=0, speech_pad_ms=100))
+    audio = np.concatenate([np.zeros(8000, np.float32), words, np.zeros(8000, np.float32)] * 2)
+    fed = 0
+    for i in range(0, len(audio), 1600):
+        session.feed(audio[i : i + 1600])
+        fed += len(audio[i : i + 1600])
+        assert session._origin <= fed
+
+
+def test_a_refused_turn_in_a_vad_stream_surfaces_and_the_next_one_is_answered(mha, pipelines, words):
+    p = pipelines(mha, max_context=120)
+    session = p.stream(PROMPT, sampling=GREEDY, vad=VadOptions(), options=StreamOptions(context_policy="error"))
+    long_speech = np.concatenate([words, words, words])  # ~9 s: more audio tokens than the context holds
+    short = words[: int(1.2 * 16000)]
+    audio = np.concatenate([np.zeros(8000, np.float32), long_speech, np.zeros(16000, np.float32), short,
+                            np.zeros(16000, np.float32)])
+    events, errors = [], []
+    for i in range(0, len(audio), 1600):
+        try:
+            events += session.feed(audio[i : i + 1600])
+        except LimitError as e:
+            errors.append(e)
+    assert errors and len(events) == 1  # each too-long utterance refused once (VAD may split the long speech)
+    ev = events[0]
+    assert ev.speech_end_s - ev.speech_start_s < 2.0
+    span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    assert ev.result.token_ids == p.chat().send(span, PROMPT, sampling=GREEDY).token_ids
