@@ -153,18 +153,16 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
                    and p.scales.shape[0] == first.scales.shape[0] and torch.equal(p.g_idx, first.g_idx)
                    and (p.bias is None) == (first.bias is None) for p in parts):
             return None
-        n = sum(p.out_features for p in parts)
-        fused = QuantLinear.__new__(QuantLinear)
-        nn.Module.__init__(fused)
-        fused.in_features, fused.out_features, fused.kernel = first.in_features, n, None
-        fused.register_buffer("qweight", torch.cat([p.qweight for p in parts], dim=1))
-        fused.register_buffer("qzeros", torch.cat([p.qzeros for p in parts], dim=1))
-        fused.register_buffer("scales", torch.cat([p.scales for p in parts], dim=1))
-        fused.register_buffer("g_idx", first.g_idx)
+        groups = first.scales.shape[0]
+        with torch.device("meta"):  # shapes only; the concatenated tensors are assigned below
+            fused = QuantLinear(first.in_features, sum(p.out_features for p in parts),
+                                first.in_features // groups if groups > 1 else -1, first.bias is not None)
+        fused.qweight = torch.cat([p.qweight for p in parts], dim=1)
+        fused.qzeros = torch.cat([p.qzeros for p in parts], dim=1)
+        fused.scales = torch.cat([p.scales for p in parts], dim=1)
+        fused.g_idx = first.g_idx
         if first.bias is not None:
-            fused.register_buffer("bias", torch.cat([p.bias for p in parts]))
-        else:
-            fused.bias = None
+            fused.bias = torch.cat([p.bias for p in parts])
         return fused
     if type(first) is nn.Linear and all(type(p) is nn.Linear and p.in_features == first.in_features
                                         and (p.bias is None) == (first.bias is None) for p in parts):

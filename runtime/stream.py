@@ -519,19 +519,12 @@ class StreamSession:
             try:
                 turn = self._ensure_turn()
             except QwenAudioEdgeError:
-                self._new_utterance()
-                self._samples, self._origin = self._samples[end - self._origin :], end
-                self._utt_start = end if (self.endpointer is None or forced) else None
+                self._start_next_utterance(end, forced)
                 raise
         spec = self._spec[2] if self._spec and self._spec[:2] == (end, turn.audio_done) else None
         job = _Job(turn=turn, mels=None if spec else self._tail_inputs(), prefilled=spec, start=start, end=end,
                    decided=decided, t_end=t_end, lag=self.lag_s, forced=forced)
-        # The next utterance starts from here: drop consumed audio.
-        keep = end - self._origin
-        self._samples = self._samples[keep:]
-        self._origin = end
-        self._utt_start = end if (self.endpointer is None or forced) else None
-        self._new_utterance()
+        self._start_next_utterance(end, forced)
         self.turn = None  # the answer begins the next turn (prefix prefilled right after it)
         if not self.options.barge_in:
             self._answer_safely(job)
@@ -539,6 +532,14 @@ class StreamSession:
         self._cancel.clear()
         self._worker = threading.Thread(target=self._answer_safely, args=(job,), name="qae-answer", daemon=True)
         self._worker.start()
+
+    def _start_next_utterance(self, end: int, forced: bool) -> None:
+        """The utterance ending at `end` is consumed: drop its audio; the next one starts there (without VAD,
+        or after a forced cut) or at the next VAD start."""
+        self._samples = self._samples[end - self._origin :]
+        self._origin = end
+        self._utt_start = end if (self.endpointer is None or forced) else None
+        self._new_utterance()
 
     def _answer_safely(self, job: _Job) -> None:
         try:
