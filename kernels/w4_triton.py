@@ -1,19 +1,37 @@
-"""Triton W4A16 kernels over the GPTQ layout: a split-K GEMV for decode (M ≤ 8) and a tiled GEMM for prefill.
+"""Triton W4A16 kernels over the GPTQ layout: a split-K GEMV for decode (M ≤ 8) and a tiled tensor-core
+GEMM for prefill (M > 8), each one launch per linear (bias and output cast fused in).
 
-Repacked once at load (`TritonW4Weight.build`): with act-order the K rows are sorted by group (the
-activations' K columns are permuted per call instead — no weight gather at run time), so group g owns
-rows g·GS … (g+1)·GS−1. Weights stay 4-bit in registers until the multiply:
-w = (q − (stored_zero + 1)) · scale, accumulated in fp32.
+Why it is built this way (batch-1 decode is bound by the bytes of weights read):
+- Layout, repacked once at load (`TritonW4Weight.build`): with act-order the K rows are sorted by group,
+  so group g owns rows g·GS … (g+1)·GS−1 and scales/zeros are read once per tile, not per row. The
+  activations are gathered through the same permutation inside the kernel (no weight gather and no
+  extra launch per call). The artifact on disk keeps the standard GPTQ format.
+- Each packed int32 is loaded once and unpacked with shifts (`for j in static_range(8)`), never loaded
+  once per nibble. A nibble becomes fp32 without an int→float conversion instruction (a quarter-rate
+  unit on Hopper): q | 0x4B000000 read as fp32 is 2²³ + q exactly, and subtracting 2²³ + zero gives the
+  exact integer q − zero.
+- Decode (M ≤ 8): CUDA-core FMAs into a [M, K-rows, N] fp32 accumulator; split-K spreads a 4096-wide
+  layer over more SMs. The split partial sums are reduced deterministically inside the same launch:
+  each program writes its partial to a workspace, takes a ticket from a per-column-block counter, and
+  the last one sums the partials in split order, adds the bias, stores in the output dtype and resets
+  the counter (so no memset and no second kernel, which in a CUDA-graph decode step would cost a graph
+  node per linear; and the result does not depend on which program finished first).
+- Prefill (M > 8): for each nibble position j, an MMA of the activations' columns 8p + j with the
+  dequantized [K/8, N] slice, accumulated in fp32; grouped program order for L2 reuse.
+- Tile shapes, split and warps are chosen per problem by `Tuner` on the device (timed with L2 flushed
+  between runs) from small candidate lists; every candidate is tested on CPU under TRITON_INTERPRET=1.
 
 Shapes/dtypes: x [..., K] fp16/bf16/fp32 on the weights' device → y [..., N] in x's dtype.
-qweight int32 [K/8, N], qzeros int32 [G, N/8], scales fp16 [G, N]; K % GS == 0, N % 8 == 0.
+qweight int32 [K/8, N], qzeros int32 [G, N/8], scales fp16 [G, N]; K % GS == 0, GS % 8 == 0, N % 8 == 0.
 Tested on CPU under TRITON_INTERPRET=1 (small shapes) against kernels/w4_ref.py; timed on GPUs by
-bench/ (bench/gpu_check.sh).
+bench/kernels.py (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import triton
@@ -22,74 +40,265 @@ import triton.language as tl
 from .w4_ref import check_shapes, pack_rows, unpack_rows
 
 DECODE_MAX_M = 8
+SPLIT_MAX = 4  # the workspace holds SPLIT_MAX × N fp32 partial sums (split-K is used for M = 1 only)
+GEMM_BLOCK_K = 128  # the prefill activation layout is built for this tile depth (see prefill_columns)
+COUNTER_BLOCK = 16  # smallest BLOCK_N: one ticket counter per 16 output columns covers every config
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Decode kernel launch shape: BLOCK_N output columns × BLOCK_K input rows per tile, SPLIT_K programs along K."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Prefill kernel launch shape. BLOCK_K is fixed at 128 (the activation layout is built for it): each
+    MMA takes the 16 packed rows' nibble j, and tl.dot needs ≥ 16 along K."""
+
+    block_m: int
+    block_n: int
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+
+
+# Candidates the tuner times (the first one is the untuned default). Small on purpose: each compiles once
+# per dtype/bias/act-order variant (Triton's disk cache keeps them), and tuning happens once per shape.
+GEMV_CANDIDATES: tuple[GemvConfig, ...] = (
+    GemvConfig(64, 128, 1, 4, 3),
+    GemvConfig(32, 128, 1, 4, 4),
+    GemvConfig(32, 256, 1, 4, 3),
+    GemvConfig(64, 256, 1, 8, 3),
+    GemvConfig(128, 128, 1, 8, 3),
+    GemvConfig(32, 128, 2, 4, 4),
+    GemvConfig(64, 128, 2, 4, 3),
+    GemvConfig(32, 128, 4, 4, 4),
+    GemvConfig(64, 128, 4, 4, 3),
+    GemvConfig(32, 256, 4, 4, 3),
+    GemvConfig(16, 256, 4, 2, 4),
+    GemvConfig(64, 64, 4, 2, 4),
+)
+GEMM_CANDIDATES: tuple[GemmConfig, ...] = (
+    GemmConfig(64, 64, num_warps=4, num_stages=3),
+    GemmConfig(16, 64, num_warps=4, num_stages=3),
+    GemmConfig(32, 64, num_warps=4, num_stages=3),
+    GemmConfig(32, 128, num_warps=4, num_stages=3),
+    GemmConfig(64, 128, num_warps=8, num_stages=3),
+    GemmConfig(128, 64, num_warps=8, num_stages=3),
+    GemmConfig(128, 128, num_warps=8, num_stages=2),
+)
+
+
+def gemv_candidates(block_m: int) -> tuple[GemvConfig, ...]:
+    """Decode candidates for BLOCK_M rows: split-K only for one row (the workspace is SPLIT_MAX × N), and
+    tiles small enough that the [BLOCK_M, BLOCK_K/8, BLOCK_N] accumulator stays in registers."""
+    out = tuple(c for c in GEMV_CANDIDATES
+                if (block_m == 1 or c.split_k == 1) and block_m * (c.block_k // 8) * c.block_n <= 8192)
+    return out or (GemvConfig(32, 64, 1, 4, 2),)
+
+
+def gemm_candidates(m: int) -> tuple[GemmConfig, ...]:
+    """Prefill candidates for M rows: no tile much taller than M."""
+    return tuple(c for c in GEMM_CANDIDATES if c.block_m <= max(16, triton.next_power_of_2(m)))
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_k, offs_n, k_mask, n_mask, N, GS: tl.constexpr):
-    """W[offs_k, offs_n] in fp32 from the packed nibbles: (q − (stored_zero + 1)) · scale."""
-    mask = k_mask[:, None] & n_mask[None, :]
-    packed = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask, other=0)
-    q = (packed >> ((offs_k[:, None] % 8) * 4)) & 0xF
-    g = offs_k // GS
-    s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    zp = tl.load(z_ptr + g[:, None] * (N // 8) + offs_n[None, :] // 8, mask=mask, other=0)
-    z = ((zp >> ((offs_n[None, :] % 8) * 4)) & 0xF) + 1
-    return (q - z).to(tl.float32) * s
-
-
-@triton.jit
-def _w4_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-                    GS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _w4_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                    M, N, K, GS, stride_xm, stride_om, TILES_PER_SPLIT,
+                    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    P: tl.constexpr = BLOCK_K // 8  # packed rows per tile
     pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    k_begin = pid_k * K_PER_SPLIT
-    for k0 in range(k_begin, k_begin + K_PER_SPLIT, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_k, offs_n, k_mask, n_mask, N, GS)
-        acc += tl.sum(x[:, None] * w, axis=0)
-    tl.store(out_ptr + (pid_k * M + m) * N + offs_n, acc, mask=n_mask)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    offs_p = tl.arange(0, P)
+    z_shift = (offs_n % 8) * 4
+    acc = tl.zeros((BLOCK_M, P, BLOCK_N), dtype=tl.float32)
+    t0 = pid_k * TILES_PER_SPLIT
+    for t in range(t0, tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))):
+        rows = t * P + offs_p
+        r_mask = rows < K // 8
+        w_mask = r_mask[:, None] & n_mask[None, :]
+        packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
+        if TILE_IN_GROUP:  # the whole tile lies in one group: one row of scales/zeros
+            g = (t * BLOCK_K) // GS
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            zp = tl.load(z_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0)
+            zb = ((zp >> z_shift) & 0xF) | 0x4B000000
+            zc = (zb.to(tl.float32, bitcast=True) + 1.0)[None, :]  # 2^23 + zero
+        else:
+            g = (rows * 8) // GS
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            zp = tl.load(z_ptr + g[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=w_mask, other=0)
+            zb = ((zp >> z_shift[None, :]) & 0xF) | 0x4B000000
+            zc = zb.to(tl.float32, bitcast=True) + 1.0
+        for j in tl.static_range(8):
+            kk = rows * 8 + j
+            if HAS_PERM:
+                kk = tl.load(perm_ptr + kk, mask=r_mask, other=0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & r_mask[None, :],
+                        other=0.0).to(tl.float32)
+            qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+            w = (qf - zc) * s  # exact (q − zero), then the scale
+            acc += x[:, :, None] * w[None, :, :]
+    part = tl.sum(acc, axis=1)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            part += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], part, mask=out_mask)
+    else:
+        tl.store(ws_ptr + (pid_k * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :], part, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket (release) is taken
+        ticket = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if ticket == SPLIT_K - 1:  # the last program of this column block reduces, in split order
+            y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sk in tl.static_range(SPLIT_K):
+                y += tl.load(ws_ptr + (sk * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :], mask=out_mask,
+                             other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call (and for CUDA-graph replays)
 
 
 @triton.jit
-def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
-                    GS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GS, stride_xm, stride_om,
+                    HAS_BIAS: tl.constexpr, TILE_IN_GROUP: tl.constexpr, IEEE: tl.constexpr,
+                    EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    P: tl.constexpr = BLOCK_K // 8
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n  # GROUP_M row blocks sweep the columns together: their weight tiles stay in L2
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows_in_group
+    pid_n = (pid % per_group) // rows_in_group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
+    offs_p = tl.arange(0, P)
+    z_shift = (offs_n % 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_k, offs_n, k_mask, n_mask, N, GS)
-        acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+    for t in range(0, tl.cdiv(K, BLOCK_K)):
+        rows = t * P + offs_p
+        r_mask = rows < K // 8
+        w_mask = r_mask[:, None] & n_mask[None, :]
+        packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
+        if TILE_IN_GROUP:
+            g = (t * BLOCK_K) // GS
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            zp = tl.load(z_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0)
+            zc = ((((zp >> z_shift) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) + 1.0)[None, :]
+        else:
+            g = (rows * 8) // GS
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            zp = tl.load(z_ptr + g[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=w_mask, other=0)
+            zc = (((zp >> z_shift[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) + 1.0
+        for j in tl.static_range(8):
+            # x arrives in tile order (`prefill_columns`): the columns 8p + j of tile t are contiguous
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (t * BLOCK_K + j * P + offs_p)[None, :],
+                        mask=m_mask[:, None], other=0.0)
+            qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+            w = ((qf - zc) * s).to(x.dtype)
+            if EMULATE_BF16:  # CPU interpreter: its bf16 dot is wrong; bf16 products are exact in fp32
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE or EMULATE_BF16:  # fp32 activations: full-precision products (tl.dot would otherwise use TF32)
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+def cold_l2_seconds(fn: Callable[[], None], reps: int = 10, flush_mib: int = 128) -> float:
+    """Median device seconds of fn() with the L2 cache flushed before each run (a write of flush_mib,
+    more than twice an H100/H200 L2). The flush keeps the device busy while fn is enqueued, so the CUDA
+    events bracket the kernel, not the Python launch."""
+    fn()
+    torch.cuda.synchronize()
+    flush = torch.empty(flush_mib << 20, dtype=torch.int8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
+
+
+@dataclass(eq=False)  # identity semantics: one shared cache object
+class Tuner:
+    """Picks a launch config per problem by timing every candidate once on the device; remembers the
+    choice for the process. Candidates that fail to compile (e.g. too much shared memory on a small GPU)
+    are skipped. Inside a CUDA-graph capture nothing can be timed: an untuned problem then gets the
+    default (first) candidate, not remembered, so the next eager call still tunes."""
+
+    measure: Callable[[Callable[[], None]], float] = cold_l2_seconds
+    choices: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)  # key → [(config, seconds or None)] for reports
+
+    def choose(self, key: tuple, candidates: tuple, run: Callable[[object], None]):
+        if key in self.choices:
+            return self.choices[key]
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        results, last_error = [], None
+        for cfg in candidates:
+            try:
+                results.append((cfg, self.measure(lambda: run(cfg))))
+            except Exception as e:  # noqa: BLE001 — a config the device cannot run is skipped, not fatal
+                last_error = e
+                results.append((cfg, None))
+        timed = [(t, i) for i, (_, t) in enumerate(results) if t is not None]
+        if not timed:
+            raise RuntimeError(f"no W4 Triton kernel config ran for {key}: {last_error}") from last_error
+        best = results[min(timed)[1]][0]
+        self.choices[key], self.timings[key] = best, results
+        return best
+
+
+TUNER = Tuner()  # process-wide, like Triton's own compile cache: tuning is per device and shape, not per layer
 
 
 @dataclass
 class TritonW4Weight:
-    qweight: torch.Tensor  # rows sorted by group
+    """A GPTQ W4 linear repacked for the Triton kernels (see the module docstring)."""
+
+    qweight: torch.Tensor  # int32 [K/8, N], rows sorted by group
     qzeros: torch.Tensor
     scales: torch.Tensor
-    perm: torch.Tensor | None
+    perm: torch.Tensor | None  # int32 [K]: kernel row i reads activation column perm[i] (act-order)
     group: int
     k: int
     n: int
+    counters: torch.Tensor  # int32 tickets for the split-K reduction, one per column block (≥ N/BLOCK_N), back to 0 after each call
+    tuner: Tuner | None = TUNER  # None: the default configs, untimed
+    workspace: torch.Tensor | None = None  # fp32 [SPLIT_MAX, N], allocated at the first split-K call
+    _xcols: torch.Tensor | None = None  # the prefill gather index (see prefill_columns), built at first use
 
     @classmethod
-    def build(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> "TritonW4Weight | None":
+    def build(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+              tuner: Tuner | None = TUNER) -> "TritonW4Weight | None":
         """Repack for the kernels; None if the groups are not contiguous equal blocks even after sorting."""
         k, n, g = check_shapes(qweight, qzeros, scales, g_idx)
-        if k % g or n % 8:
+        if k % g or n % 8 or (k // g) % 8:
             return None
         gs = k // g
         gi = g_idx.long().cpu()
@@ -102,39 +311,87 @@ class TritonW4Weight:
         if not torch.equal(gi, torch.arange(k) // gs):
             return None
         return cls(qweight=qw.contiguous(), qzeros=qzeros.contiguous(), scales=scales.contiguous(),
-                   perm=None if perm is None else perm.to(qweight.device), group=gs, k=k, n=n)
+                   perm=None if perm is None else perm.to(torch.int32).to(qweight.device), group=gs, k=k, n=n,
+                   counters=torch.zeros(triton.cdiv(n, COUNTER_BLOCK), dtype=torch.int32, device=qweight.device),
+                   tuner=tuner)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, *, split_k: int | None = None) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+               config: GemvConfig | GemmConfig | None = None) -> torch.Tensor:
+        """y = x @ W + bias. `config` forces a launch shape (tests sweep them); else the tuner picks."""
         if x.shape[-1] != self.k:
             raise ValueError(f"x has {x.shape[-1]} features, the W4 weight expects {self.k}")
         if x.device != self.qweight.device:
             raise ValueError(f"x is on {x.device}, the W4 weight on {self.qweight.device}")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"x is {x.dtype}; the W4 Triton kernels take float16, bfloat16 or float32")
+        if bias is not None and (bias.shape != (self.n,) or bias.device != x.device):
+            raise ValueError(f"bias must be [{self.n}] on {x.device}, got {tuple(bias.shape)} on {bias.device}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.k)
-        if self.perm is not None:
-            x2 = x2.index_select(1, self.perm)
-        x2 = x2.contiguous()
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
         m = x2.shape[0]
-        # Blocks may straddle groups (the group is computed per row), so any group size works; blocks
-        # stay powers of two ≥ 16 as tl.arange and tl.dot require.
-        block_k = 64 if self.group >= 64 else 32 if self.group >= 32 else 16
+        out = torch.empty(m, self.n, device=x.device, dtype=x.dtype)
+        if m == 0:
+            return out.reshape(*lead, self.n)
         if m <= DECODE_MAX_M:
-            block_n = 64
-            splits = split_k or max(1, min(self.k // self.group, 8))
-            k_per = triton.cdiv(triton.cdiv(self.k, splits), block_k) * block_k
-            splits = triton.cdiv(self.k, k_per)
-            part = torch.empty(splits, m, self.n, device=x.device, dtype=torch.float32)
-            grid = (triton.cdiv(self.n, block_n), m, splits)
-            _w4_gemv_kernel[grid](x2, self.qweight, self.scales, self.qzeros, part, m, self.n, self.k, x2.stride(0), k_per,
-                                  GS=self.group, BLOCK_N=block_n, BLOCK_K=block_k)
-            y = part.sum(0)
+            bm = triton.next_power_of_2(m)
+            cands = gemv_candidates(bm)
+            run = lambda c: self._gemv(x2, bias, out, c, bm)  # noqa: E731
+            key = ("gemv", self.k, self.n, self.group, bm, x.dtype, bias is not None, self.perm is not None, str(x.device))
         else:
-            y = torch.empty(m, self.n, device=x.device, dtype=torch.float32)
-            bm, bn = 32, 64
-            grid = (triton.cdiv(m, bm), triton.cdiv(self.n, bn))
-            _w4_gemm_kernel[grid](x2, self.qweight, self.scales, self.qzeros, y, m, self.n, self.k, x2.stride(0), y.stride(0),
-                                  GS=self.group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k)
-        y = y.to(x.dtype)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.reshape(*lead, self.n)
+            cands = gemm_candidates(m)
+            run = lambda c: self._gemm(x2, bias, out, c)  # noqa: E731
+            key = ("gemm", self.k, self.n, self.group, min(triton.next_power_of_2(m), 1024), x.dtype,
+                   bias is not None, self.perm is not None, str(x.device))
+        if config is None:
+            config = cands[0] if self.tuner is None or x.device.type != "cuda" else self.tuner.choose(key, cands, run)
+        run(config)
+        return out.reshape(*lead, self.n)
+
+    def _gemv(self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemvConfig, bm: int) -> None:
+        if not isinstance(c, GemvConfig) or (c.split_k > 1 and bm > 1) or c.split_k > SPLIT_MAX or c.block_n < COUNTER_BLOCK:
+            raise ValueError(f"{c} is not a decode config for {x2.shape[0]} rows")
+        tiles = triton.cdiv(self.k, c.block_k)
+        per_split = triton.cdiv(tiles, c.split_k)
+        split = triton.cdiv(tiles, per_split)  # no empty splits
+        if split > 1 and self.workspace is None:
+            self.workspace = torch.empty(SPLIT_MAX, self.n, device=x2.device, dtype=torch.float32)
+        ws = self.workspace if split > 1 else out
+        grid = (triton.cdiv(self.n, c.block_n), split)
+        _w4_gemv_kernel[grid](x2, self.perm if self.perm is not None else x2, self.qweight, self.scales, self.qzeros,
+                              bias if bias is not None else out, out, ws, self.counters,
+                              x2.shape[0], self.n, self.k, self.group, x2.stride(0), out.stride(0), per_split,
+                              HAS_PERM=self.perm is not None, HAS_BIAS=bias is not None,
+                              TILE_IN_GROUP=self.group % c.block_k == 0,
+                              BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=split,
+                              num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def prefill_columns(self, x2: torch.Tensor) -> torch.Tensor:
+        """x [M, K] → [M, ⌈K/128⌉·128] in the prefill kernel's tile order: tile t holds, for j = 0…7, the
+        activation columns of kernel rows 128t + 8p + j (p = 0…15) side by side, act-order permutation
+        included, zeros past K. One gather per prefill call buys contiguous, vectorized activation loads."""
+        if self._xcols is None:
+            kp = triton.cdiv(self.k, GEMM_BLOCK_K) * GEMM_BLOCK_K
+            src = torch.arange(kp).view(-1, GEMM_BLOCK_K // 8, 8).transpose(1, 2).reshape(-1)  # kernel row per slot
+            cols = torch.full((kp,), self.k, dtype=torch.long)  # column K of the padded input is zero
+            valid = src < self.k
+            rows = src[valid]
+            cols[valid] = rows if self.perm is None else self.perm.cpu().long()[rows]
+            self._xcols = cols.to(device=x2.device, dtype=torch.int32)
+        return torch.nn.functional.pad(x2, (0, 1)).index_select(1, self._xcols)
+
+    def _gemm(self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemmConfig) -> None:
+        if not isinstance(c, GemmConfig) or c.block_k != GEMM_BLOCK_K or c.block_m < 16 or c.block_n < 16:
+            raise ValueError(f"{c} is not a prefill config (BLOCK_K = {GEMM_BLOCK_K}, BLOCK_M/N ≥ 16)")
+        m = x2.shape[0]
+        xt = self.prefill_columns(x2)
+        grid = (triton.cdiv(m, c.block_m) * triton.cdiv(self.n, c.block_n),)
+        _w4_gemm_kernel[grid](xt, self.qweight, self.scales, self.qzeros,
+                              bias if bias is not None else out, out, m, self.n, self.k, self.group,
+                              xt.stride(0), out.stride(0),
+                              HAS_BIAS=bias is not None,
+                              TILE_IN_GROUP=self.group % c.block_k == 0, IEEE=x2.dtype == torch.float32,
+                              EMULATE_BF16=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
+                              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
+                              num_warps=c.num_warps, num_stages=c.num_stages)

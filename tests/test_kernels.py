@@ -103,7 +103,7 @@ def test_cpu_kernel_declines_what_it_cannot_run():
 
 
 @pytest.mark.parametrize("k,n,gs,act,sym", CASES + [(136, 24, -1, True, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_kernels_match_reference(k, n, gs, act, sym, dtype):
     pytest.importorskip("triton", reason="triton is in the dev extra")
     from qwen_audio_edge.kernels.w4_triton import DECODE_MAX_M, TritonW4Weight
@@ -117,8 +117,93 @@ def test_triton_kernels_match_reference(k, n, gs, act, sym, dtype):
         ref = w4_matmul_ref(x.float(), q.qweight, q.qzeros, q.scales, q.g_idx, bias).to(dtype)
         _check(w.matmul(x, bias), ref, dtype)
     assert any(m <= DECODE_MAX_M for m in MS) and any(m > DECODE_MAX_M for m in MS)  # both kernels ran
+    x3 = torch.randn(2, 5, k).to(dtype)
+    assert w.matmul(x3).shape == (2, 5, n)
     with pytest.raises(ValueError, match="features"):
         w.matmul(torch.randn(1, k + 8))
+
+
+@pytest.mark.parametrize("k,n,gs,act", [(384, 48, 128, True), (512, 40, 32, True), (136, 24, -1, False)])
+def test_every_triton_config_matches_reference(k, n, gs, act):
+    """Every launch shape the GPU tuner may pick is correct: decode configs (split-K with the in-kernel
+    ticket reduction included) for 1/3/8 rows, prefill configs for 17/40 rows; the tickets are back to 0."""
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels.w4_triton import TritonW4Weight, gemm_candidates, gemv_candidates
+
+    q = _layer(k, n, gs, act, sym=False)
+    w = TritonW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+    bias = torch.randn(n)
+    for m, bm in ((1, 1), (3, 4), (8, 8), (17, None), (40, None)):
+        x = torch.randn(m, k).half()
+        ref = w4_matmul_ref(x.float(), q.qweight, q.qzeros, q.scales, q.g_idx, bias).half()
+        configs = gemv_candidates(bm) if bm else gemm_candidates(m)
+        assert configs
+        for config in configs:
+            _check(w.matmul(x, bias, config=config), ref, torch.float16)
+        assert int(w.counters.abs().sum()) == 0
+    if any(c.split_k > 1 for c in gemv_candidates(1)):
+        assert w.workspace is not None  # a split-K config really ran
+
+
+def test_triton_split_k_is_deterministic_and_equals_unsplit():
+    """The split-K partial sums are reduced in split order, whichever program finishes last."""
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels.w4_triton import GemvConfig, TritonW4Weight
+
+    q = _layer(1024, 64, 128, True, False)
+    w = TritonW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+    x = torch.randn(1, 1024)
+    split = [w.matmul(x, config=GemvConfig(32, 128, 4)) for _ in range(2)]
+    assert torch.equal(split[0], split[1])
+    whole = w.matmul(x, config=GemvConfig(32, 128, 1))
+    _check(split[0], whole, torch.float32)
+    assert int(w.counters.abs().sum()) == 0
+
+
+def test_triton_wrapper_rejects_bad_input():
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels.w4_triton import GemmConfig, GemvConfig, TritonW4Weight
+
+    q = _layer(256, 64, 64, False, True)
+    w = TritonW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        w.matmul(torch.ones(1, 256, dtype=torch.int64))
+    with pytest.raises(ValueError, match="bias must be"):
+        w.matmul(torch.randn(1, 256), torch.randn(63))
+    with pytest.raises(ValueError, match="not a decode config"):
+        w.matmul(torch.randn(1, 256), config=GemmConfig(16, 64))
+    with pytest.raises(ValueError, match="not a decode config"):
+        w.matmul(torch.randn(2, 256), config=GemvConfig(32, 128, split_k=2))  # split-K is for one row
+    with pytest.raises(ValueError, match="not a prefill config"):
+        w.matmul(torch.randn(20, 256), config=GemmConfig(16, 64, block_k=64))
+    assert w.matmul(torch.randn(0, 256)).shape == (0, 64)
+    bad = _layer(256, 64, 64, False, True)
+    assert TritonW4Weight.build(bad.qweight, bad.qzeros, bad.scales, bad.g_idx.flip(0) * 0 + 3) is None  # not contiguous groups
+
+
+def test_tuner_picks_the_fastest_config_that_runs_and_remembers_it():
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels.w4_triton import Tuner
+
+    seconds = {"a": 3.0, "b": 1.0, "c": 0.5, "d": 2.0}
+    ran = []
+
+    def run(cfg):
+        ran.append(cfg)
+        if cfg == "c":
+            raise RuntimeError("out of shared memory")  # e.g. a tile too big for this GPU
+
+    def measure(fn):
+        fn()
+        return seconds[ran[-1]]
+
+    tuner = Tuner(measure=measure)
+    assert tuner.choose(("k",), ("a", "b", "c", "d"), run) == "b"
+    assert [t is None for _, t in tuner.timings[("k",)]] == [False, False, True, False]
+    ran.clear()
+    assert tuner.choose(("k",), ("a", "b", "c", "d"), run) == "b" and ran == []  # remembered, not re-timed
+    with pytest.raises(RuntimeError, match="no W4 Triton kernel config ran"):
+        tuner.choose(("other",), ("c",), run)
 
 
 def test_quantlinear_paths_agree():
