@@ -76,13 +76,60 @@ def random_w4_decoder(hf_model, cfg: dict, device: torch.device, dtype: torch.dt
     return model.eval()
 
 
-def bytes_per_token(cfg: dict, context: int, head_bytes: float, act_bytes: int) -> float:
+def bytes_per_token(cfg: dict, context: int, head_bytes: float, act_bytes: int, group: int = 128) -> float:
+    """Bytes one decode step must read: W4 weights (nibbles + one fp16 scale and one 4-bit zero per
+    group of `group` rows per column, + the int32 act-order permutation per input row of each of the 4
+    matmuls), the lm_head, and the K/V cache up to `context`. Norms, biases and the embedding row are
+    under 0.01 % and left out."""
     h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     linear = layers * (h * h * 2 + 2 * h * kv + 3 * h * i)
-    w4 = linear * (0.5 + 2 * 2 / 128 + 0.5 / 128)  # nibbles + fp16 scales + packed zeros per group of 128
+    w4 = linear * (0.5 + 2 / group + 0.5 / group) + layers * 4 * (3 * h + i)
     kv_cache = 2 * layers * kv * context * act_bytes
     return w4 + head_bytes + kv_cache
+
+
+def graph_ms(fn, replays: int = 20) -> float:
+    """Milliseconds of device time per fn() call: fn captured once into a CUDA graph, replayed, CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return replay_ms(graph, replays)
+
+
+def replay_ms(graph, replays: int = 20) -> float:
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
+@torch.inference_mode()
+def breakdown_cuda(model, step, pos: int, token_ms: float, dtype: torch.dtype) -> dict:
+    """Where one decode step's time goes, each part replayed as a CUDA graph: every layer's W4 matmuls
+    alone (M = 1, in order), the lm_head alone, and the whole captured step at `pos`'s bucket. The rest
+    of the step is attention over the cache, norms, RoPE, residuals, the embedding row and graph gaps;
+    the rest of a token's wall time is host work (sampling, Python, the token fill)."""
+    from qwen_audio_edge.runtime.quant_linear import QuantLinear
+
+    lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    dev = step.cache.k.device
+    xs = [torch.randn(1, m.in_features, device=dev, dtype=dtype) for m in lins]
+    lin_ms = graph_ms(lambda: [m(x) for m, x in zip(lins, xs)])
+    h = torch.randn(1, model.args.hidden_size, device=dev, dtype=dtype)
+    head_ms = graph_ms(lambda: model.lm_head(h))
+    captured = step.captured(pos)
+    step_ms = replay_ms(captured) if captured is not None else float("nan")
+    return {"w4_matmuls_ms": lin_ms, "w4_launches": len(lins), "lm_head_ms": head_ms, "step_graph_ms": step_ms,
+            "attention_norms_rope_other_ms": step_ms - lin_ms - head_ms, "host_sampling_ms": token_ms - step_ms,
+            "token_ms": token_ms}
 
 
 def main() -> None:
@@ -144,6 +191,12 @@ def main() -> None:
                "cuda_graphs": graphs}
         if a.peak_gbps:
             row["pct_of_peak_bandwidth"] = 100 * row["achieved_gb_s"] / a.peak_gbps
+            row["roofline_tok_s"] = a.peak_gbps * 1e9 / bpt
+        if graphs:
+            row["breakdown"] = breakdown_cuda(model, step, a.prompt + a.new - 1, 1e3 / rate, cmp_dtype)
+            if a.peak_gbps:
+                w4 = bytes_per_token(cfg, 0, 0, act_bytes)
+                row["breakdown"]["w4_matmuls_pct_of_peak"] = 100 * w4 / (row["breakdown"]["w4_matmuls_ms"] / 1e3) / 1e9 / a.peak_gbps
         results["runs"][label] = row
         print(label, json.dumps(row), flush=True)
 

@@ -77,22 +77,16 @@ GEMV_CANDIDATES: tuple[GemvConfig, ...] = (
     GemvConfig(32, 128, 1, 4, 4),
     GemvConfig(32, 256, 1, 4, 3),
     GemvConfig(64, 256, 1, 8, 3),
-    GemvConfig(128, 128, 1, 8, 3),
     GemvConfig(32, 128, 2, 4, 4),
-    GemvConfig(64, 128, 2, 4, 3),
     GemvConfig(32, 128, 4, 4, 4),
     GemvConfig(64, 128, 4, 4, 3),
-    GemvConfig(32, 256, 4, 4, 3),
     GemvConfig(16, 256, 4, 2, 4),
-    GemvConfig(64, 64, 4, 2, 4),
 )
 GEMM_CANDIDATES: tuple[GemmConfig, ...] = (
     GemmConfig(64, 64, num_warps=4, num_stages=3),
     GemmConfig(16, 64, num_warps=4, num_stages=3),
-    GemmConfig(32, 64, num_warps=4, num_stages=3),
     GemmConfig(32, 128, num_warps=4, num_stages=3),
     GemmConfig(64, 128, num_warps=8, num_stages=3),
-    GemmConfig(128, 64, num_warps=8, num_stages=3),
     GemmConfig(128, 128, num_warps=8, num_stages=2),
 )
 
@@ -290,7 +284,7 @@ class TritonW4Weight:
     n: int
     counters: torch.Tensor  # int32 tickets for the split-K reduction, one per column block (≥ N/BLOCK_N), back to 0 after each call
     tuner: Tuner | None = TUNER  # None: the default configs, untimed
-    workspace: torch.Tensor | None = None  # fp32 [SPLIT_MAX, N], allocated at the first split-K call
+    workspace: torch.Tensor | None = None  # fp32 [SPLIT_MAX, N] for split-K partials (made at build on CUDA)
     _xcols: torch.Tensor | None = None  # the prefill gather index (see prefill_columns), built at first use
 
     @classmethod
@@ -310,10 +304,14 @@ class TritonW4Weight:
             qw = pack_rows(unpack_rows(qweight.cpu())[perm]).to(qweight.device)
         if not torch.equal(gi, torch.arange(k) // gs):
             return None
+        dev = qweight.device
+        # the workspace exists before any CUDA-graph capture (an allocation inside one would come from the
+        # graph's private pool); on CPU (the interpreter, tests) it is made at the first split-K call
+        ws = torch.empty(SPLIT_MAX, n, device=dev, dtype=torch.float32) if dev.type == "cuda" else None
         return cls(qweight=qw.contiguous(), qzeros=qzeros.contiguous(), scales=scales.contiguous(),
-                   perm=None if perm is None else perm.to(torch.int32).to(qweight.device), group=gs, k=k, n=n,
-                   counters=torch.zeros(triton.cdiv(n, COUNTER_BLOCK), dtype=torch.int32, device=qweight.device),
-                   tuner=tuner)
+                   perm=None if perm is None else perm.to(torch.int32).to(dev), group=gs, k=k, n=n,
+                   counters=torch.zeros(triton.cdiv(n, COUNTER_BLOCK), dtype=torch.int32, device=dev),
+                   tuner=tuner, workspace=ws)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, *,
                config: GemvConfig | GemmConfig | None = None) -> torch.Tensor:

@@ -292,7 +292,7 @@ def fuse_projections(model: Qwen2Decoder) -> int:
 
 
 def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *, lm_head_int8=None,
-                 w4_kernel: str = "ref", fuse: bool = True) -> Qwen2Decoder:
+                 w4_kernel: str = "ref", fuse: bool = True, w4_tune: bool = True) -> Qwen2Decoder:
     """Load a text-only Qwen2 checkpoint folder (config.json + safetensors, sharded or not), fp or GPTQ W4.
 
     The module is built on the meta device and each tensor is assigned as it is read, so peak memory is
@@ -300,7 +300,8 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
     and W4 biases fp16) keep their stored dtypes; other float tensors take the activation `dtype`.
     `lm_head_int8` (a side file with `weight` int8 and `scales`) replaces the fp16 head, which is then not read.
     `w4_kernel` picks the W4 matmul path (see QuantLinear.prepare); "ref" keeps the GPTQ tensors as stored.
-    `fuse` merges q/k/v and gate/up into one matmul each (fuse_projections).
+    `fuse` merges q/k/v and gate/up into one matmul each (fuse_projections). `w4_tune` lets the Triton
+    kernels time their launch configs per shape on first use (else the defaults).
     """
     import json
     from pathlib import Path
@@ -349,6 +350,6 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
     model.load_state_dict(state, assign=True, strict=lm_head_int8 is None)
     del state
     model.fused_projections = fuse_projections(model) if fuse and torch.device(device).type != "meta" else 0
-    kernels = {m.prepare(w4_kernel) for m in model.modules() if isinstance(m, QuantLinear)}
+    kernels = {m.prepare(w4_kernel, tune=w4_tune) for m in model.modules() if isinstance(m, QuantLinear)}
     model.w4_kernels = sorted(kernels)
     return model.eval()

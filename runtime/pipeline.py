@@ -40,6 +40,7 @@ class RuntimeOptions:
     threads: int | None = None
     verify_hashes: bool = True
     w4_kernel: str = "auto"  # auto | ref | cpu | triton (GPTQ decoders only)
+    w4_tune: bool = True  # Triton: time launch configs per layer shape on first use (kernels/w4_triton.py Tuner)
     fuse: bool = True  # q/k/v and gate/up as one matmul each (False keeps the checkpoint's modules, e.g. for hooks)
     cuda_graphs: bool = True  # on CUDA: decode steps replayed as CUDA graphs (runtime/decode_graph.py)
 
@@ -149,7 +150,8 @@ class Pipeline:
         head = m.get("decoder", {}).get("lm_head_int8")
         self.decoder: Qwen2Decoder = load_decoder(artifacts.path(m["files_role"]["decoder_dir"]), self.dtype, self.device,
                                                   lm_head_int8=artifacts.path(head) if head else None,
-                                                  w4_kernel=options.w4_kernel, fuse=options.fuse)
+                                                  w4_kernel=options.w4_kernel, fuse=options.fuse,
+                                                  w4_tune=options.w4_tune)
         self.max_context = self._resolve_max_context()
         self.cache: KVCache = self.decoder.setup_cache(self.max_context)
         self._owner: object | None = None

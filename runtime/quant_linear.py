@@ -8,6 +8,8 @@ weights ever exists.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -34,11 +36,12 @@ class QuantLinear(nn.Module):
             self.bias = None
         self.kernel = None  # a repacked fast-path weight (kernels/w4_cpu.py or w4_triton.py), or None = reference
 
-    def prepare(self, kernel: str = "auto") -> str:
+    def prepare(self, kernel: str = "auto", *, tune: bool = True) -> str:
         """Pick and build the matmul path once, after the weights are loaded; returns its name.
 
         auto: torch's CPU int4 op on CPU, Triton on CUDA, else the reference. The GPTQ buffers are
-        released once a fast path holds its own packed copy (weights are never held twice).
+        released once a fast path holds its own packed copy (weights are never held twice). `tune`: the
+        Triton path times its launch configs per shape on first use (kernels/w4_triton.py Tuner).
         """
         if kernel not in ("auto", "ref", "cpu", "triton"):
             raise ValueError(f"unknown W4 kernel {kernel!r}: use auto, ref, cpu or triton")
@@ -49,13 +52,14 @@ class QuantLinear(nn.Module):
             from ..kernels.w4_cpu import CpuW4Weight
 
             built = CpuW4Weight.build(self.qweight, self.qzeros, self.scales, self.g_idx)
-        elif want == "triton":
+        elif want == "triton" and (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):  # the interpreter: tests
             try:
-                from ..kernels.w4_triton import TritonW4Weight
+                from ..kernels.w4_triton import TUNER, TritonW4Weight
             except ImportError:
                 built = None
             else:
-                built = TritonW4Weight.build(self.qweight, self.qzeros, self.scales, self.g_idx)
+                built = TritonW4Weight.build(self.qweight, self.qzeros, self.scales, self.g_idx,
+                                             tuner=TUNER if tune else None)
         if built is None and kernel not in ("auto", "ref"):
             raise ArtifactsError(f"W4 kernel {kernel!r} cannot run this {self.in_features}x{self.out_features} layer "
                                  f"on {self.qweight.device}; use --w4-kernel auto or ref")

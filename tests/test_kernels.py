@@ -102,6 +102,14 @@ def test_cpu_kernel_declines_what_it_cannot_run():
         w.matmul(torch.randn(1, 127))
 
 
+# The Triton tests run on CUDA when there is a GPU, else on CPU tensors under TRITON_INTERPRET=1 (conftest).
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on_dev(q):
+    return [t.to(DEV) for t in (q.qweight, q.qzeros, q.scales, q.g_idx)]
+
+
 @pytest.mark.parametrize("k,n,gs,act,sym", CASES + [(136, 24, -1, True, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_kernels_match_reference(k, n, gs, act, sym, dtype):
@@ -109,18 +117,18 @@ def test_triton_kernels_match_reference(k, n, gs, act, sym, dtype):
     from qwen_audio_edge.kernels.w4_triton import DECODE_MAX_M, TritonW4Weight
 
     q = _layer(k, n, gs, act, sym)
-    w = TritonW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+    w = TritonW4Weight.build(*_on_dev(q), tuner=None)
     assert w is not None
-    bias = torch.randn(n)
+    bias = torch.randn(n, device=DEV)
     for m in MS:
-        x = torch.randn(m, k).to(dtype)
-        ref = w4_matmul_ref(x.float(), q.qweight, q.qzeros, q.scales, q.g_idx, bias).to(dtype)
+        x = torch.randn(m, k, device=DEV).to(dtype)
+        ref = w4_matmul_ref(x.float(), *_on_dev(q), bias).to(dtype)
         _check(w.matmul(x, bias), ref, dtype)
     assert any(m <= DECODE_MAX_M for m in MS) and any(m > DECODE_MAX_M for m in MS)  # both kernels ran
-    x3 = torch.randn(2, 5, k).to(dtype)
+    x3 = torch.randn(2, 5, k, device=DEV).to(dtype)
     assert w.matmul(x3).shape == (2, 5, n)
     with pytest.raises(ValueError, match="features"):
-        w.matmul(torch.randn(1, k + 8))
+        w.matmul(torch.randn(1, k + 8, device=DEV))
 
 
 @pytest.mark.parametrize("k,n,gs,act", [(384, 48, 128, True), (512, 40, 32, True), (136, 24, -1, False)])
@@ -131,11 +139,11 @@ def test_every_triton_config_matches_reference(k, n, gs, act):
     from qwen_audio_edge.kernels.w4_triton import TritonW4Weight, gemm_candidates, gemv_candidates
 
     q = _layer(k, n, gs, act, sym=False)
-    w = TritonW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
-    bias = torch.randn(n)
+    w = TritonW4Weight.build(*_on_dev(q), tuner=None)
+    bias = torch.randn(n, device=DEV)
     for m, bm in ((1, 1), (3, 4), (8, 8), (17, None), (40, None)):
-        x = torch.randn(m, k).half()
-        ref = w4_matmul_ref(x.float(), q.qweight, q.qzeros, q.scales, q.g_idx, bias).half()
+        x = torch.randn(m, k, device=DEV).half()
+        ref = w4_matmul_ref(x.float(), *_on_dev(q), bias).half()
         configs = gemv_candidates(bm) if bm else gemm_candidates(m)
         assert configs
         for config in configs:
@@ -151,8 +159,8 @@ def test_triton_split_k_is_deterministic_and_equals_unsplit():
     from qwen_audio_edge.kernels.w4_triton import GemvConfig, TritonW4Weight
 
     q = _layer(1024, 64, 128, True, False)
-    w = TritonW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
-    x = torch.randn(1, 1024)
+    w = TritonW4Weight.build(*_on_dev(q), tuner=None)
+    x = torch.randn(1, 1024, device=DEV)
     split = [w.matmul(x, config=GemvConfig(32, 128, 4)) for _ in range(2)]
     assert torch.equal(split[0], split[1])
     whole = w.matmul(x, config=GemvConfig(32, 128, 1))
@@ -165,20 +173,20 @@ def test_triton_wrapper_rejects_bad_input():
     from qwen_audio_edge.kernels.w4_triton import GemmConfig, GemvConfig, TritonW4Weight
 
     q = _layer(256, 64, 64, False, True)
-    w = TritonW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+    w = TritonW4Weight.build(*_on_dev(q), tuner=None)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
-        w.matmul(torch.ones(1, 256, dtype=torch.int64))
+        w.matmul(torch.ones(1, 256, dtype=torch.int64, device=DEV))
     with pytest.raises(ValueError, match="bias must be"):
-        w.matmul(torch.randn(1, 256), torch.randn(63))
+        w.matmul(torch.randn(1, 256, device=DEV), torch.randn(63, device=DEV))
     with pytest.raises(ValueError, match="not a decode config"):
-        w.matmul(torch.randn(1, 256), config=GemmConfig(16, 64))
+        w.matmul(torch.randn(1, 256, device=DEV), config=GemmConfig(16, 64))
     with pytest.raises(ValueError, match="not a decode config"):
-        w.matmul(torch.randn(2, 256), config=GemvConfig(32, 128, split_k=2))  # split-K is for one row
+        w.matmul(torch.randn(2, 256, device=DEV), config=GemvConfig(32, 128, split_k=2))  # split-K is for one row
     with pytest.raises(ValueError, match="not a prefill config"):
-        w.matmul(torch.randn(20, 256), config=GemmConfig(16, 64, block_k=64))
-    assert w.matmul(torch.randn(0, 256)).shape == (0, 64)
+        w.matmul(torch.randn(20, 256, device=DEV), config=GemmConfig(16, 64, block_k=64))
+    assert w.matmul(torch.randn(0, 256, device=DEV)).shape == (0, 64)
     bad = _layer(256, 64, 64, False, True)
-    assert TritonW4Weight.build(bad.qweight, bad.qzeros, bad.scales, bad.g_idx.flip(0) * 0 + 3) is None  # not contiguous groups
+    assert TritonW4Weight.build(*_on_dev(bad)[:3], torch.full((256,), 3, dtype=torch.int32, device=DEV)) is None  # groups not contiguous
 
 
 def test_tuner_picks_the_fastest_config_that_runs_and_remembers_it():
@@ -212,7 +220,8 @@ def test_quantlinear_paths_agree():
 
     q = _layer(256, 64, 64, True, False)
     layers = {}
-    for kernel in ("ref", "cpu", "triton"):
+    interpreted = not torch.cuda.is_available()  # CPU tensors reach Triton only through the interpreter
+    for kernel in ("ref", "cpu", "triton") if interpreted else ("ref", "cpu"):
         ql = QuantLinear(256, 64, 64, bias=True)
         ql.qweight, ql.qzeros, ql.scales, ql.g_idx = q.qweight.clone(), q.qzeros.clone(), q.scales.clone(), q.g_idx.clone()
         ql.bias = torch.randn(64, generator=torch.Generator().manual_seed(0)).half()
@@ -221,6 +230,20 @@ def test_quantlinear_paths_agree():
     x = torch.randn(5, 256)
     ref = layers["ref"](x)
     _check(layers["cpu"](x), ref, torch.float32, CPU_TOL)
-    _check(layers["triton"](x), ref, torch.float32)
+    if interpreted:
+        _check(layers["triton"](x), ref, torch.float32)
     with pytest.raises(ValueError, match="unknown W4 kernel"):
         QuantLinear(256, 64, 64, bias=False).prepare("cuda-magic")
+
+
+def test_triton_kernel_on_cpu_weights_is_refused_clearly(monkeypatch):
+    from qwen_audio_edge.runtime.errors import ArtifactsError
+    from qwen_audio_edge.runtime.quant_linear import QuantLinear
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = _layer(256, 64, 64, False, True)
+    ql = QuantLinear(256, 64, 64, bias=False)
+    ql.qweight, ql.qzeros, ql.scales, ql.g_idx = q.qweight, q.qzeros, q.scales, q.g_idx
+    with pytest.raises(ArtifactsError, match="cannot run .* on cpu; use --w4-kernel auto or ref"):
+        ql.prepare("triton")
+    assert ql.prepare("auto") == "cpu"
