@@ -247,3 +247,23 @@ def test_triton_kernel_on_cpu_weights_is_refused_clearly(monkeypatch):
     with pytest.raises(ArtifactsError, match="cannot run .* on cpu; use --w4-kernel auto or ref"):
         ql.prepare("triton")
     assert ql.prepare("auto") == "cpu"
+
+
+def test_w4_tuning_opt_out_reaches_the_kernel():
+    """--no-w4-tune → RuntimeOptions(w4_tune=False) → the Triton weight has no tuner (default configs)."""
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels.w4_triton import TUNER
+    from qwen_audio_edge.runtime.cli import _runtime_options, build_parser
+    from qwen_audio_edge.runtime.quant_linear import QuantLinear
+
+    a = build_parser().parse_args(["run", "ARTIFACTS", "--no-w4-tune"])
+    assert _runtime_options(a).w4_tune is False
+    assert _runtime_options(build_parser().parse_args(["run", "ARTIFACTS"])).w4_tune is True
+    if torch.cuda.is_available():
+        return
+    q = _layer(256, 64, 64, False, True)
+    for tune, expected in ((False, None), (True, TUNER)):
+        ql = QuantLinear(256, 64, 64, bias=False)
+        ql.qweight, ql.qzeros, ql.scales, ql.g_idx = q.qweight, q.qzeros, q.scales, q.g_idx
+        assert ql.prepare("triton", tune=tune) == "triton"
+        assert ql.kernel.tuner is expected
