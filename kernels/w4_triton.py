@@ -118,7 +118,10 @@ def _w4_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_pt
     m_mask = offs_m < M
     offs_p = tl.arange(0, P)
     z_shift = (offs_n % 8) * 4
-    acc = tl.zeros((BLOCK_M, P, BLOCK_N), dtype=tl.float32)
+    if BLOCK_M == 1:  # decode proper: a plain 2-D accumulator, one activation vector
+        acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, P, BLOCK_N), dtype=tl.float32)
     t0 = pid_k * TILES_PER_SPLIT
     for t in range(t0, tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K))):
         rows = t * P + offs_p
@@ -141,12 +144,19 @@ def _w4_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_pt
             kk = rows * 8 + j
             if HAS_PERM:
                 kk = tl.load(perm_ptr + kk, mask=r_mask, other=0)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & r_mask[None, :],
-                        other=0.0).to(tl.float32)
             qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
             w = (qf - zc) * s  # exact (q − zero), then the scale
-            acc += x[:, :, None] * w[None, :, :]
-    part = tl.sum(acc, axis=1)
+            if BLOCK_M == 1:
+                x = tl.load(x_ptr + kk, mask=r_mask, other=0.0).to(tl.float32)
+                acc += x[:, None] * w
+            else:
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & r_mask[None, :],
+                            other=0.0).to(tl.float32)
+                acc += x[:, :, None] * w[None, :, :]
+    if BLOCK_M == 1:
+        part = tl.sum(acc, axis=0)[None, :]
+    else:
+        part = tl.sum(acc, axis=1)
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
