@@ -81,8 +81,10 @@ class Int8Linear(nn.Module):
     """Weight-only int8 per output channel: y = (x @ W_int8ᵀ) · scale. Used for the lm_head side file.
 
     On CPU: torch's `_weight_int8pack_mm` in bf16 (measured on the 2-core CI machine for a 32000×1024
-    head: 1.7 ms vs 8.1 ms for the fp32 matmul and 15.9 ms for the same op in fp32). Elsewhere: row
-    chunks, so that a 156k-row head never materializes a full fp copy.
+    head: 1.7 ms vs 8.1 ms for the fp32 matmul and 15.9 ms for the same op in fp32). On CUDA, one row
+    (decode, and prefill's last position): the Triton int8 GEMV (kernels/int8_triton.py), which reads the
+    int8 bytes once. Otherwise (the reference twin): row chunks dequantized per call, so that a 156k-row
+    head never materializes a full fp copy.
     """
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor, chunk: int = 16384):
@@ -101,6 +103,21 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous(),
                                                    self.weight, self._scales_bf16)
             return y.to(x.dtype).reshape(*lead, -1)
+        if x.device.type == "cuda" and x.numel() == x.shape[-1]:
+            gemv = self._cuda_gemv()
+            if gemv is not None:
+                return gemv(x.reshape(1, -1), self.weight, self.scales).reshape(*x.shape[:-1], -1)
+        return self.reference(x)
+
+    def _cuda_gemv(self):
+        try:
+            from ..kernels.int8_triton import int8_gemv
+        except ImportError:  # no triton: the chunked path
+            return None
+        return int8_gemv
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The chunked dequantize-and-matmul twin of the fast paths."""
         outs = []
         for i in range(0, self.weight.shape[0], self.chunk):
             w = self.weight[i : i + self.chunk].to(x.dtype)

@@ -84,6 +84,18 @@ def test_triton_split_k_replayed_in_a_cuda_graph():
         assert torch.equal(y, eager)
 
 
+def test_int8_head_on_cuda_at_the_7b_shape():
+    """The int8 lm_head's one-row CUDA path (Triton GEMV) equals its chunked reference at 156,032 × 4096."""
+    from qwen_audio_edge.runtime.quant_linear import Int8Linear, quantize_int8_rows
+
+    q, s = quantize_int8_rows(torch.randn(156032, 4096, device="cuda") * 0.02)
+    head = Int8Linear(q, s)
+    x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.float16)
+    y, ref = head(x).float(), head.reference(x).float()
+    assert y.shape == (1, 1, 156032)
+    assert (y - ref).abs().max().item() <= 3e-3 * ref.abs().max().item()
+
+
 def test_fp_pipeline_on_cuda_matches_transformers(mha, pipelines):
     p = pipelines(mha, device="cuda", dtype="fp32", encoder_backend="torch")
     wave = signal(4.4)

@@ -267,3 +267,25 @@ def test_w4_tuning_opt_out_reaches_the_kernel():
         ql.qweight, ql.qzeros, ql.scales, ql.g_idx = q.qweight, q.qzeros, q.scales, q.g_idx
         assert ql.prepare("triton", tune=tune) == "triton"
         assert ql.kernel.tuner is expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_head_gemv_matches_the_chunked_reference(dtype):
+    """The Triton int8 lm_head GEMV (CUDA decode path), every candidate config, odd N and K, vs the chunked twin."""
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels.int8_triton import INT8_CANDIDATES, int8_gemv
+    from qwen_audio_edge.runtime.quant_linear import Int8Linear, quantize_int8_rows
+
+    torch.manual_seed(0)
+    q, s = quantize_int8_rows(torch.randn(1000, 200))
+    q = q.clone()
+    q[0, :4] = torch.tensor([-127, 127, -1, 0], dtype=torch.int8)  # the byte trick's edge values
+    head = Int8Linear(q.to(DEV), s.to(DEV))
+    x = torch.randn(1, 200, device=DEV).to(dtype)
+    ref = head.reference(x)
+    for config in INT8_CANDIDATES:
+        _check(int8_gemv(x, head.weight, head.scales, config=config, tuner=None), ref, dtype)
+    with pytest.raises(ValueError, match="x \\[1, 200\\]"):
+        int8_gemv(torch.randn(2, 200, device=DEV), head.weight, head.scales)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        int8_gemv(torch.ones(1, 200, dtype=torch.int32, device=DEV), head.weight, head.scales)
