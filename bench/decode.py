@@ -69,9 +69,10 @@ def random_w4_decoder(hf_model, cfg: dict, device: torch.device, dtype: torch.dt
         if key not in sd and not key.endswith(("proj.weight", "proj.bias")):
             sd[key] = t.to(device=device, dtype=dtype)
     model.load_state_dict(sd, assign=True, strict=True)
-    from qwen_audio_edge.runtime.decoder import fuse_projections
+    from qwen_audio_edge.runtime.decoder import enable_fused_kernels, fuse_projections
 
     model.fused_projections = fuse_projections(model)  # as load_decoder does
+    model.fused_kernels = device.type == "cuda" and enable_fused_kernels(model)
     model.w4_kernels = sorted({m.prepare("auto") for m in model.modules() if isinstance(m, QuantLinear)})
     return model.eval()
 

@@ -101,18 +101,26 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, a.hidden_size, bias=False)
         self.qkv_proj: nn.Module | None = None  # q, k, v fused into one matmul at load (fuse_projections)
+        self.fused_kernels = None  # kernels/fused_triton.py on CUDA (enable_fused_kernels), else torch ops
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache", layer: int, start: int) -> torch.Tensor:
         b, s, _ = x.shape
+        rotated = False
         if self.qkv_proj is not None:
             nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-            q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+            qkv = self.qkv_proj(x)
+            if self.fused_kernels is not None and b == 1:  # q and k heads rotated in place, one launch
+                self.fused_kernels.rope_qk_(qkv.view(s, -1), self.n_heads + self.n_kv, self.head_dim,
+                                            cos.reshape(s, -1), sin.reshape(s, -1))
+                rotated = True
+            q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if not rotated:
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         if isinstance(start, StepPosition):  # static-shape decode step (CUDA-graph capturable)
             keys, values = cache.update_at(layer, start.pos, k, v, start.bucket)
             mask = start.mask
@@ -152,9 +160,12 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
         self.gate_up_proj: nn.Module | None = None  # gate and up fused into one matmul at load
+        self.fused_kernels = None  # kernels/fused_triton.py on CUDA (enable_fused_kernels), else torch ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
+            if self.fused_kernels is not None:
+                return self.down_proj(self.fused_kernels.silu_mul(self.gate_up_proj(x)))
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -167,8 +178,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(a)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.fused_kernels = None  # kernels/fused_triton.py on CUDA (enable_fused_kernels), else torch ops
 
     def forward(self, x, cos, sin, cache, layer, start):
+        fk = self.fused_kernels
+        if fk is not None:  # each norm one launch; the first residual add fused into the second norm
+            n1, n2 = self.input_layernorm, self.post_attention_layernorm
+            h, _ = fk.rms_norm(x, n1.weight, n1.eps)
+            h, x = fk.rms_norm(x, n2.weight, n2.eps, delta=self.self_attn(h, cos, sin, cache, layer, start))
+            return x + self.mlp(h)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -291,6 +309,22 @@ def fuse_projections(model: Qwen2Decoder) -> int:
     return fused
 
 
+def enable_fused_kernels(model: Qwen2Decoder, module=None) -> bool:
+    """Route every layer's norms, RoPE (fused q/k/v only) and SwiGLU (fused gate/up only) through the
+    Triton kernels of kernels/fused_triton.py; returns False (torch ops kept) when Triton is missing.
+    `module` substitutes the kernel module (tests pass it to run the kernels under the interpreter)."""
+    if module is None:
+        try:
+            from ..kernels import fused_triton as module
+        except ImportError:
+            return False
+    hd = model.args.head_dim
+    for layer in model.model.layers:
+        layer.fused_kernels = layer.mlp.fused_kernels = module
+        layer.self_attn.fused_kernels = module if hd % 2 == 0 and hd & (hd - 1) == 0 else None  # RoPE: 2^n head_dim
+    return True
+
+
 def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *, lm_head_int8=None,
                  w4_kernel: str = "ref", fuse: bool = True, w4_tune: bool = True) -> Qwen2Decoder:
     """Load a text-only Qwen2 checkpoint folder (config.json + safetensors, sharded or not), fp or GPTQ W4.
@@ -300,7 +334,8 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
     and W4 biases fp16) keep their stored dtypes; other float tensors take the activation `dtype`.
     `lm_head_int8` (a side file with `weight` int8 and `scales`) replaces the fp16 head, which is then not read.
     `w4_kernel` picks the W4 matmul path (see QuantLinear.prepare); "ref" keeps the GPTQ tensors as stored.
-    `fuse` merges q/k/v and gate/up into one matmul each (fuse_projections). `w4_tune` lets the Triton
+    `fuse` merges q/k/v and gate/up into one matmul each (fuse_projections) and, on CUDA, routes norms,
+    RoPE and SwiGLU through fused Triton kernels (enable_fused_kernels). `w4_tune` lets the Triton
     kernels time their launch configs per shape on first use (else the defaults).
     """
     import json
@@ -350,6 +385,8 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
     model.load_state_dict(state, assign=True, strict=lm_head_int8 is None)
     del state
     model.fused_projections = fuse_projections(model) if fuse and torch.device(device).type != "meta" else 0
+    # on CUDA the small element-wise steps are fused too (each ~2 µs per launch, even inside a CUDA graph)
+    model.fused_kernels = fuse and torch.device(device).type == "cuda" and enable_fused_kernels(model)
     kernels = {m.prepare(w4_kernel, tune=w4_tune) for m in model.modules() if isinstance(m, QuantLinear)}
     model.w4_kernels = sorted(kernels)
     return model.eval()

@@ -41,7 +41,9 @@ class RuntimeOptions:
     verify_hashes: bool = True
     w4_kernel: str = "auto"  # auto | ref | cpu | triton (GPTQ decoders only)
     w4_tune: bool = True  # Triton: time launch configs per layer shape on first use (kernels/w4_triton.py Tuner)
-    fuse: bool = True  # q/k/v and gate/up as one matmul each (False keeps the checkpoint's modules, e.g. for hooks)
+    # q/k/v and gate/up as one matmul each, and on CUDA one Triton launch per norm / RoPE / SwiGLU
+    # (False keeps the checkpoint's modules and plain torch ops, e.g. for hooks or debugging)
+    fuse: bool = True
     cuda_graphs: bool = True  # on CUDA: decode steps replayed as CUDA graphs (runtime/decode_graph.py)
 
     def __post_init__(self) -> None:

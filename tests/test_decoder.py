@@ -361,3 +361,38 @@ def test_static_decode_step_equals_dynamic_forward(model_name, request):
             step(token, 64)
     with pytest.raises(ValueError, match="CUDA"):
         DecodeStep(d, cb, graphs=True)
+
+
+@pytest.mark.parametrize("model_name", ["mha", "gqa"])
+def test_fused_elementwise_kernels_give_the_torch_logits(model_name, request):
+    """The CUDA decoder's fused norm / RoPE / SwiGLU launches (run here by the Triton interpreter) give
+    the torch ops' logits, in prefill and in the static decode step."""
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    import copy
+
+    from qwen_audio_edge.kernels import fused_triton
+    from qwen_audio_edge.runtime.decode_graph import DecodeStep
+    from qwen_audio_edge.runtime.decoder import enable_fused_kernels, load_decoder
+
+    model = request.getfixturevalue(model_name)
+    ref = load_decoder(model.artifacts / "decoder", torch.float32, "cpu")
+    assert ref.fused_kernels is False and ref.model.layers[0].fused_kernels is None  # CPU keeps the torch ops
+    fused = copy.deepcopy(ref)
+    assert enable_fused_kernels(fused, module=fused_triton)
+    layer = fused.model.layers[0]
+    hd = fused.args.head_dim
+    assert layer.fused_kernels is fused_triton and layer.mlp.fused_kernels is fused_triton
+    assert (layer.self_attn.fused_kernels is fused_triton) == (hd & (hd - 1) == 0)
+    prompt = torch.tensor([[3, 50, 100, 7, 250, 11, 42, 9]])
+    with torch.inference_mode():
+        ca, cb = ref.setup_cache(32), fused.setup_cache(32)
+        a = ref(ref.embed(prompt), 0, ca, all_logits=True)
+        b = fused(fused.embed(prompt), 0, cb, all_logits=True)
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+        step = DecodeStep(fused, cb, graphs=False, min_bucket=16)
+        token = int(a[0, -1].argmax())
+        for pos in range(prompt.shape[1], 20):
+            la = ref(ref.embed(torch.tensor([[token]])), pos, ca)[0, -1]
+            lb = step(token, pos)
+            assert (la - lb).abs().max().item() <= 1e-5 * la.abs().max().item(), pos
+            token = int(la.argmax())

@@ -289,3 +289,44 @@ def test_int8_head_gemv_matches_the_chunked_reference(dtype):
         int8_gemv(torch.randn(2, 200, device=DEV), head.weight, head.scales)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         int8_gemv(torch.ones(1, 200, dtype=torch.int32, device=DEV), head.weight, head.scales)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_fused_elementwise_kernels_match_the_torch_ops(dtype, tol):
+    """kernels/fused_triton.py against runtime/decoder.py's torch code (RMSNorm with and without the
+    residual add, RoPE on q and k heads in place, SwiGLU), odd widths included."""
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels import fused_triton as ft
+    from qwen_audio_edge.runtime.decoder import RMSNorm, _apply_rope
+
+    torch.manual_seed(0)
+    norm = RMSNorm(200, 1e-6).to(device=DEV, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(200) + 0.5)
+    x, delta = (torch.randn(3, 5, 200, device=DEV) * 3).to(dtype), torch.randn(3, 5, 200, device=DEV).to(dtype)
+    out, s = ft.rms_norm(x, norm.weight, norm.eps)
+    _check(out, norm(x), dtype, tol)
+    assert s is not None and torch.equal(s, x)
+    out, s = ft.rms_norm(x, norm.weight, norm.eps, delta=delta)
+    if dtype == torch.bfloat16 and DEV == "cpu":  # the CPU interpreter truncates fp32 → bf16 (≤ 1 bf16 ulp)
+        _check(s, x + delta, dtype, 2 ** -7)
+    else:
+        assert torch.equal(s, x + delta)  # the residual sum is rounded as the reference adds
+    _check(out, norm(x + delta), dtype, tol)
+
+    tokens, nq, nkv, hd = 7, 4, 2, 32
+    qkv = torch.randn(tokens, (nq + 2 * nkv) * hd, device=DEV).to(dtype)
+    ang = torch.rand(tokens, hd // 2, device=DEV) * 6
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+    heads = qkv.view(tokens, nq + 2 * nkv, hd).transpose(0, 1)  # [heads, tokens, hd]
+    expected = _apply_rope(heads[: nq + nkv], cos, sin)
+    v_before = heads[nq + nkv :].clone()
+    ft.rope_qk_(qkv, nq + nkv, hd, cos, sin)
+    _check(heads[: nq + nkv], expected, dtype, tol)
+    assert torch.equal(heads[nq + nkv :], v_before)  # v untouched
+
+    gu = torch.randn(2, 3, 2 * 300, device=DEV).to(dtype)
+    gate, up = gu.chunk(2, dim=-1)
+    _check(ft.silu_mul(gu), torch.nn.functional.silu(gate) * up, dtype, tol)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        ft.rope_qk_(qkv, nq + nkv, 24, cos, sin)
