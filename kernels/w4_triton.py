@@ -30,7 +30,7 @@ bench/kernels.py (bench/gpu_check.sh).
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -40,7 +40,8 @@ import triton.language as tl
 from .w4_ref import check_shapes, pack_rows, unpack_rows
 
 DECODE_MAX_M = 8
-SPLIT_MAX = 4  # the workspace holds SPLIT_MAX × N fp32 partial sums (split-K is used for M = 1 only)
+SPLIT_MAX = 8  # the workspace holds SPLIT_MAX × N fp32 partial sums (split-K is used for M = 1 only)
+MAGIC = 0x4B000000  # fp32 bits of 2^23: OR-ing a small integer q into the mantissa gives 2^23 + q
 GEMM_BLOCK_K = 128  # the prefill activation layout is built for this tile depth (see prefill_columns)
 COUNTER_BLOCK = 16  # smallest BLOCK_N: one ticket counter per 16 output columns covers every config
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -55,6 +56,7 @@ class GemvConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    x_prep: bool = False  # one row: gather/scale the activations in a small launch first (see _x_prep_kernel)
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,23 @@ class GemmConfig:
 
 # Candidates the tuner times (the first one is the untuned default). Small on purpose: each compiles once
 # per dtype/bias/act-order variant (Triton's disk cache keeps them), and tuning happens once per shape.
+# One row (decode proper), `_w4_gemv1_kernel`: BLOCK_K is fitted to the group size (tiles never straddle
+# groups). With and without the activation prep launch, and split-K for the 4096-wide layers.
+# Compiled for sm_90 with triton 3.6 (no GPU run): the x_prep configs with 16 packed ints per thread take
+# 10.6 SASS instructions per weight byte in the loop, the in-kernel gather 15–18 (perm loads per nibble).
+ROW_CANDIDATES: tuple[GemvConfig, ...] = (
+    GemvConfig(64, 128, 4, 2, 3, x_prep=True),
+    GemvConfig(128, 128, 1, 4, 3, x_prep=True),
+    GemvConfig(64, 128, 1, 2, 3, x_prep=True),
+    GemvConfig(64, 128, 2, 2, 3, x_prep=True),
+    GemvConfig(64, 128, 1, 4, 3),
+    GemvConfig(128, 128, 4, 4, 3, x_prep=True),
+    GemvConfig(64, 128, 8, 2, 4, x_prep=True),
+    GemvConfig(32, 128, 8, 2, 4, x_prep=True),
+    GemvConfig(64, 128, 4, 4, 4),
+    GemvConfig(128, 128, 2, 4, 3),
+)
+# Two to eight rows, `_w4_gemv_kernel` (any group layout; no split-K).
 GEMV_CANDIDATES: tuple[GemvConfig, ...] = (
     GemvConfig(64, 128, 1, 4, 3),
     GemvConfig(32, 128, 1, 4, 4),
@@ -91,17 +110,112 @@ GEMM_CANDIDATES: tuple[GemmConfig, ...] = (
 )
 
 
-def gemv_candidates(block_m: int) -> tuple[GemvConfig, ...]:
-    """Decode candidates for BLOCK_M rows: split-K only for one row (the workspace is SPLIT_MAX × N), and
-    tiles small enough that the [BLOCK_M, BLOCK_K/8, BLOCK_N] accumulator stays in registers."""
-    out = tuple(c for c in GEMV_CANDIDATES
-                if (block_m == 1 or c.split_k == 1) and block_m * (c.block_k // 8) * c.block_n <= 8192)
+def fit_block_k(block_k: int, group: int, k: int) -> int:
+    """The largest BLOCK_K ≤ block_k (a power of two ≥ 8) whose tiles lie within one group."""
+    if group == k:
+        return block_k
+    b = block_k
+    while b > 8 and group % b:
+        b //= 2
+    return b
+
+
+def gemv_candidates(block_m: int, group: int = 128, k: int = 0) -> tuple[GemvConfig, ...]:
+    """Decode candidates for BLOCK_M rows. One row: ROW_CANDIDATES with BLOCK_K fitted to the group.
+    More rows: no split-K (the workspace is SPLIT_MAX × N) and tiles small enough that the
+    [BLOCK_M, BLOCK_K/8, BLOCK_N] accumulator stays in registers."""
+    if block_m == 1:
+        fitted = (replace(c, block_k=fit_block_k(c.block_k, group, k)) for c in ROW_CANDIDATES)
+        return tuple(dict.fromkeys(fitted))
+    out = tuple(c for c in GEMV_CANDIDATES if c.split_k == 1 and block_m * (c.block_k // 8) * c.block_n <= 8192)
     return out or (GemvConfig(32, 64, 1, 4, 2),)
 
 
 def gemm_candidates(m: int) -> tuple[GemmConfig, ...]:
     """Prefill candidates for M rows: no tile much taller than M."""
     return tuple(c for c in GEMM_CANDIDATES if c.block_m <= max(16, triton.next_power_of_2(m)))
+
+
+@triton.jit
+def _w4_gemv1_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
+                     N, K, TILES_PER_SPLIT, MAGIC, GS: tl.constexpr,
+                     HAS_PERM: tl.constexpr, X_PREP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """One activation row, tiles within one group (GS % BLOCK_K == 0 or one group): the decode kernel.
+
+    Per nibble: one LOP3 (mask the nibble in place and set the exponent bits: 2^23 + q·16^i for nibble
+    i of a half-word), one FADD (minus 2^23 + zero·16^i: exact (q − zero)·16^i) and one FFMA against the
+    activation pre-scaled by 16^−i (exact: powers of two). The upper half-word costs one shift per int32;
+    the scale is applied once per tile; the tile loop is software-pipelined (NUM_STAGES loads in flight).
+    """
+    P: tl.constexpr = BLOCK_K // 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_p = tl.arange(0, P)
+    z_shift = (offs_n % 8) * 4
+    acc = tl.zeros((P, BLOCK_N), dtype=tl.float32)
+    t0 = pid_k * TILES_PER_SPLIT
+    for t in tl.range(t0, tl.minimum(t0 + TILES_PER_SPLIT, tl.cdiv(K, BLOCK_K)), num_stages=NUM_STAGES):
+        rows = t * P + offs_p
+        r_mask = rows < K // 8
+        packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0)
+        g = (t * BLOCK_K) // GS
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        zp = tl.load(z_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0)
+        zf = (((zp >> z_shift) & 0xF) + 1).to(tl.float32)
+        hi = packed >> 16
+        tile = tl.zeros((P, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            if X_PREP:  # fp32, gathered, pre-scaled and in tile order by _x_prep_kernel: contiguous loads
+                x = tl.load(x_ptr + t * BLOCK_K + j * P + offs_p)
+            else:
+                kk = rows * 8 + j
+                if HAS_PERM:
+                    kk = tl.load(perm_ptr + kk, mask=r_mask, other=0)
+                x = tl.load(x_ptr + kk, mask=r_mask, other=0.0).to(tl.float32) * (1.0 / (16 ** (j % 4)))
+            half = packed if j < 4 else hi
+            # MAGIC (0x4B000000) arrives as a kernel argument so that mask-and-or stays one LOP3 (an
+            # instruction takes one immediate; two constants would split it in two)
+            qf = ((half & (0xF << (4 * (j % 4)))) | MAGIC).to(tl.float32, bitcast=True)
+            zc = 8388608.0 + zf * (16 ** (j % 4))
+            tile += x[:, None] * (qf - zc[None, :])
+        acc += tile * s[None, :]
+    part = tl.sum(acc, axis=0)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            part += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_n, part, mask=n_mask)
+    else:
+        tl.store(ws_ptr + pid_k * N + offs_n, part, mask=n_mask)
+        tl.debug_barrier()  # every thread's partial is written before the ticket (release) is taken
+        ticket = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if ticket == SPLIT_K - 1:  # the last program of this column block reduces, in split order
+            y = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for sk in tl.static_range(SPLIT_K):
+                y += tl.load(ws_ptr + sk * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs_n, y, mask=n_mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)  # ready for the next call (and for CUDA-graph replays)
+
+
+@triton.jit
+def _x_prep_kernel(x_ptr, perm_ptr, out_ptr, K, KP, HAS_PERM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t·BLOCK_K + j·P + p] = x[perm[t·BLOCK_K + 8p + j]] · 16^−(j mod 4) in fp32, zeros past K: the decode
+    kernel's activations for X_PREP (one small launch instead of a gather per nibble position in the GEMV)."""
+    P: tl.constexpr = BLOCK_K // 8
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r = i % BLOCK_K
+    j = r // P
+    kk = (i - r) + (r % P) * 8 + j
+    valid = (kk < K) & (i < KP)
+    if HAS_PERM:
+        kk = tl.load(perm_ptr + kk, mask=valid, other=0)
+    x = tl.load(x_ptr + kk, mask=valid, other=0.0).to(tl.float32)
+    scale = tl.where(j % 4 == 0, 1.0, tl.where(j % 4 == 1, 1.0 / 16, tl.where(j % 4 == 2, 1.0 / 256, 1.0 / 4096)))
+    tl.store(out_ptr + i, x * scale, mask=i < KP)
 
 
 @triton.jit
@@ -344,7 +458,7 @@ class TritonW4Weight:
             return out.reshape(*lead, self.n)
         if m <= DECODE_MAX_M:
             bm = triton.next_power_of_2(m)
-            cands = gemv_candidates(bm)
+            cands = gemv_candidates(bm, self.group, self.k)
             run = lambda c: self._gemv(x2, bias, out, c, bm)  # noqa: E731
             key = ("gemv", self.k, self.n, self.group, bm, x.dtype, bias is not None, self.perm is not None, str(x.device))
         else:
@@ -358,7 +472,8 @@ class TritonW4Weight:
         return out.reshape(*lead, self.n)
 
     def _gemv(self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemvConfig, bm: int) -> None:
-        if not isinstance(c, GemvConfig) or (c.split_k > 1 and bm > 1) or c.split_k > SPLIT_MAX or c.block_n < COUNTER_BLOCK:
+        if (not isinstance(c, GemvConfig) or (c.split_k > 1 and bm > 1) or c.split_k > SPLIT_MAX
+                or c.block_n < COUNTER_BLOCK or (c.x_prep and bm > 1)):
             raise ValueError(f"{c} is not a decode config for {x2.shape[0]} rows")
         tiles = triton.cdiv(self.k, c.block_k)
         per_split = triton.cdiv(tiles, c.split_k)
@@ -367,6 +482,23 @@ class TritonW4Weight:
             self.workspace = torch.empty(SPLIT_MAX, self.n, device=x2.device, dtype=torch.float32)
         ws = self.workspace if split > 1 else out
         grid = (triton.cdiv(self.n, c.block_n), split)
+        perm = self.perm if self.perm is not None else x2
+        in_group = self.group % c.block_k == 0 or self.group == self.k
+        if bm == 1 and in_group:
+            x = x2
+            if c.x_prep:
+                kp = tiles * c.block_k
+                x = torch.empty(kp, device=x2.device, dtype=torch.float32)
+                _x_prep_kernel[(triton.cdiv(kp, 1024),)](x2, perm, x, self.k, kp, HAS_PERM=self.perm is not None,
+                                                        BLOCK_K=c.block_k, BLOCK=1024)
+            _w4_gemv1_kernel[grid](x, perm, self.qweight, self.scales, self.qzeros, bias if bias is not None else out,
+                                   out, ws, self.counters, self.n, self.k, per_split, MAGIC, GS=self.group,
+                                   HAS_PERM=self.perm is not None and not c.x_prep, X_PREP=c.x_prep,
+                                   HAS_BIAS=bias is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=split,
+                                   NUM_STAGES=c.num_stages, num_warps=c.num_warps)
+            return
+        if c.x_prep:
+            raise ValueError(f"{c}: the activation prep needs tiles within one group (group {self.group})")
         _w4_gemv_kernel[grid](x2, self.perm if self.perm is not None else x2, self.qweight, self.scales, self.qzeros,
                               bias if bias is not None else out, out, ws, self.counters,
                               x2.shape[0], self.n, self.k, self.group, x2.stride(0), out.stride(0), per_split,

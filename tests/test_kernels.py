@@ -144,12 +144,12 @@ def test_every_triton_config_matches_reference(k, n, gs, act):
     for m, bm in ((1, 1), (3, 4), (8, 8), (17, None), (40, None)):
         x = torch.randn(m, k, device=DEV).half()
         ref = w4_matmul_ref(x.float(), *_on_dev(q), bias).half()
-        configs = gemv_candidates(bm) if bm else gemm_candidates(m)
+        configs = gemv_candidates(bm, w.group, w.k) if bm else gemm_candidates(m)
         assert configs
         for config in configs:
             _check(w.matmul(x, bias, config=config), ref, torch.float16)
         assert int(w.counters.abs().sum()) == 0
-    if any(c.split_k > 1 for c in gemv_candidates(1)):
+    if any(c.split_k > 1 for c in gemv_candidates(1, w.group, w.k)):
         assert w.workspace is not None  # a split-K config really ran
 
 
@@ -184,6 +184,10 @@ def test_triton_wrapper_rejects_bad_input():
         w.matmul(torch.randn(2, 256, device=DEV), config=GemvConfig(32, 128, split_k=2))  # split-K is for one row
     with pytest.raises(ValueError, match="not a prefill config"):
         w.matmul(torch.randn(20, 256, device=DEV), config=GemmConfig(16, 64, block_k=64))
+    with pytest.raises(ValueError, match="activation prep needs tiles within one group"):
+        w.matmul(torch.randn(1, 256, device=DEV), config=GemvConfig(32, 128, x_prep=True))  # group 64 < 128
+    x = torch.randn(1, 256, device=DEV)  # a tile straddling groups runs on the general kernel, still exact
+    _check(w.matmul(x, config=GemvConfig(32, 128, 2)), w4_matmul_ref(x, *_on_dev(q)), torch.float32)
     assert w.matmul(torch.randn(0, 256, device=DEV)).shape == (0, 64)
     bad = _layer(256, 64, 64, False, True)
     assert TritonW4Weight.build(*_on_dev(bad)[:3], torch.full((256,), 3, dtype=torch.int32, device=DEV)) is None  # groups not contiguous
