@@ -81,16 +81,18 @@ def copy_bandwidth(dev: torch.device, mib: int) -> float:
     return 2 * a.numel() / t / 1e9
 
 
-def _random_gptq(k: int, n: int, gen: torch.Generator, group: int = 128, act_order: bool = True):
-    """Random GPTQ tensors (RTN of a random weight) with an act-order-like permuted g_idx."""
-    from qwen_audio_edge.export.gptq import GPTQConfig, rtn_quantize
-    from qwen_audio_edge.kernels.w4_ref import pack_rows, unpack_rows
-
-    q = rtn_quantize(torch.randn(n, k, generator=gen) * 0.02, GPTQConfig(group_size=group, sym=False))
-    if not act_order:
-        return q.qweight, q.qzeros, q.scales, q.g_idx
-    perm = torch.randperm(k, generator=gen)
-    return pack_rows(unpack_rows(q.qweight)[perm]), q.qzeros, q.scales, q.g_idx[perm].contiguous()
+def _random_gptq(k: int, n: int, gen: torch.Generator, group: int = 128, act_order: bool = True,
+                 device: torch.device | str = "cpu"):
+    """Random GPTQ tensors made directly on `device` (the kernels' speed does not depend on the values;
+    quantizing a real 7B-sized matrix on the host would take most of a GPU session's minutes): random
+    nibbles and zero points, scales ~0.01, and an act-order-like permuted g_idx."""
+    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=gen).to(device)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), dtype=torch.int32, generator=gen).to(device)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.01 + 0.001).half().to(device)
+    g_idx = (torch.arange(k) // group).int()
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=gen)].contiguous()
+    return qweight, qzeros, scales, g_idx.to(device)
 
 
 def _nbytes(*ts: torch.Tensor) -> int:
@@ -101,8 +103,8 @@ def _tinygemm_cuda(qweight, dev, copies: int):
     """torch's CUDA int4 op on the same nibbles (its own layout, group 128, bf16 scales/zeros)."""
     from qwen_audio_edge.kernels.w4_ref import unpack_rows
 
-    nib = unpack_rows(qweight).T  # [N, K] 0..15, two per byte for the converter
-    packed_u8 = ((nib[:, ::2] << 4) | nib[:, 1::2]).to(torch.uint8).contiguous().to(dev)
+    nib = unpack_rows(qweight.to(dev)).T  # [N, K] 0..15, two per byte for the converter
+    packed_u8 = ((nib[:, ::2] << 4) | nib[:, 1::2]).to(torch.uint8).contiguous()
     k, n = nib.shape[1], nib.shape[0]
     tq = [torch.ops.aten._convert_weight_to_int4pack(packed_u8, 8) for _ in range(copies)]
     tsz = [torch.ones(k // 128, n, 2, dtype=torch.bfloat16, device=dev) for _ in range(copies)]
@@ -119,7 +121,7 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act
                 iters: int, gen: torch.Generator) -> list[dict]:
     from qwen_audio_edge.kernels.w4_ref import w4_matmul_ref
 
-    qweight, qzeros, scales, g_idx = _random_gptq(k, n, gen)
+    qweight, qzeros, scales, g_idx = _random_gptq(k, n, gen, device=dev)
     w4_bytes = _nbytes(qweight, qzeros, scales, g_idx)
     rows = []
     if dev.type == "cpu":
@@ -136,8 +138,17 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act
         from qwen_audio_edge.kernels.w4_triton import TritonW4Weight
 
         copies = max(2, -(-rotate_bytes // w4_bytes))
-        ours = [TritonW4Weight.build(qweight.to(dev), qzeros.to(dev), scales.to(dev), g_idx.to(dev)) for _ in range(copies)]
-        tiny = _tinygemm_cuda(qweight, dev, copies)
+        first = TritonW4Weight.build(qweight, qzeros, scales, g_idx)
+        ours = [first] + [TritonW4Weight.build(first.qweight.clone(), qzeros.clone(), scales.clone(),
+                                               torch.arange(k, device=dev, dtype=torch.int32) // 128)
+                          for _ in range(copies - 1)]  # copies of the repacked tensors (same bytes read)
+        for w in ours[1:]:
+            w.perm, w._xcols = first.perm, first._xcols
+        try:
+            tiny = _tinygemm_cuda(qweight, dev, copies)
+        except Exception as e:  # noqa: BLE001 — report, do not abort the whole benchmark
+            print(f"tinygemm setup failed on {name}: {e}", flush=True)
+            tiny = None
         dense_copies = max(2, -(-rotate_bytes // (k * n * 2)))
     dense = [torch.randn(n, k, dtype=act, device=dev) for _ in range(dense_copies)]
     ref_args = (qweight.to(dev), qzeros.to(dev), scales.to(dev), g_idx.to(dev))
@@ -153,6 +164,8 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act
             t_ours = graph_seconds([lambda w=w: w.matmul(x) for w in ours])
             t_dense = graph_seconds([lambda d=d: x @ d.T for d in dense])
         try:
+            if tiny is None:
+                raise RuntimeError("no tinygemm weights")
             if dev.type == "cpu":
                 t_tiny = cpu_seconds([lambda: tiny(x, 0)], iters)
             else:
@@ -178,7 +191,7 @@ def bench_layer(dev: torch.device, act: torch.dtype, rotate_bytes: int, gen: tor
 
     parts = []
     for name, k, n, bias in LAYER:
-        qweight, qzeros, scales, g_idx = _random_gptq(k, n, gen)
+        qweight, qzeros, scales, g_idx = _random_gptq(k, n, gen, device=dev)
         parts.append((name, k, n, bias, (qweight, qzeros, scales, g_idx), _nbytes(qweight, qzeros, scales, g_idx)))
     layer_bytes = sum(p[5] for p in parts)
     copies = max(2, -(-rotate_bytes // layer_bytes))
@@ -241,17 +254,26 @@ def main() -> None:
     unknown = [s for s in names if s not in SHAPES]
     if unknown:
         ap.error(f"unknown shape(s) {unknown}: choose from {list(SHAPES)}")
+    def save() -> None:  # after every shape: a run cut off by a time limit keeps what it measured
+        if a.peak_gbps:
+            for row in res["rows"]:
+                row["ours_pct_peak"] = 100 * row["ours_gbps"] / a.peak_gbps
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(res, indent=2))
+
+    save()
     for name in names:
         k, n = SHAPES[name]
         res["rows"] += bench_shape(name, k, n, [int(m) for m in a.ms.split(",")], dev, act, rotate, a.iters, gen)
+        save()
     if dev.type == "cuda" and not a.no_layer:
-        res["rows"].append(bench_layer(dev, act, rotate, gen))
-    if a.peak_gbps:
-        for row in res["rows"]:
-            row["ours_pct_peak"] = 100 * row["ours_gbps"] / a.peak_gbps
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=2))
+        try:
+            res["rows"].append(bench_layer(dev, act, rotate, gen))
+        except Exception as e:  # noqa: BLE001 — the per-shape rows are already saved
+            res["layer_error"] = f"{type(e).__name__}: {e}"
+            print("layer row failed:", res["layer_error"], flush=True)
+        save()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def _calls(impl: str, k: int, n: int):
     """(list of zero-arg calls over weight copies, bytes each call reads)."""
     dev = torch.device("cuda" if CUDA else "cpu")
     act = torch.float16 if CUDA else torch.bfloat16
-    qweight, qzeros, scales, g_idx = _random_gptq(k, n, torch.Generator().manual_seed(0))
+    qweight, qzeros, scales, g_idx = _random_gptq(k, n, torch.Generator().manual_seed(0), device=dev)
     w4_bytes = _nbytes(qweight, qzeros, scales, g_idx)
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size if CUDA else 0
     x = torch.randn(1, k, dtype=act, device=dev)
@@ -46,7 +46,7 @@ def _calls(impl: str, k: int, n: int):
     if CUDA:
         from qwen_audio_edge.kernels.w4_triton import TritonW4Weight
 
-        ws = [TritonW4Weight.build(qweight.to(dev), qzeros.to(dev), scales.to(dev), g_idx.to(dev)) for _ in range(copies)]
+        ws = [TritonW4Weight.build(qweight, qzeros, scales, g_idx) for _ in range(copies)]
     else:
         from qwen_audio_edge.kernels.w4_cpu import CpuW4Weight
 

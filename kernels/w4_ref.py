@@ -28,7 +28,7 @@ def pack_rows(q: torch.Tensor) -> torch.Tensor:
     if k % PACK:
         raise ValueError(f"in_features {k} must be a multiple of {PACK} to pack 4-bit rows")
     q64 = q.to(torch.int64).reshape(k // PACK, PACK, n)
-    shifts = (torch.arange(PACK, dtype=torch.int64) * BITS).view(1, PACK, 1)
+    shifts = (torch.arange(PACK, dtype=torch.int64, device=q.device) * BITS).view(1, PACK, 1)
     return _to_int32((q64 << shifts).sum(dim=1))
 
 
@@ -45,7 +45,7 @@ def pack_cols(z: torch.Tensor) -> torch.Tensor:
     if n % PACK:
         raise ValueError(f"out_features {n} must be a multiple of {PACK} to pack 4-bit zeros")
     z64 = z.to(torch.int64).reshape(g, n // PACK, PACK)
-    shifts = (torch.arange(PACK, dtype=torch.int64) * BITS).view(1, 1, PACK)
+    shifts = (torch.arange(PACK, dtype=torch.int64, device=z.device) * BITS).view(1, 1, PACK)
     return _to_int32((z64 << shifts).sum(dim=2))
 
 

@@ -344,7 +344,7 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GS, st
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
-def cold_l2_seconds(fn: Callable[[], None], reps: int = 10, flush_mib: int = 128) -> float:
+def cold_l2_seconds(fn: Callable[[], None], reps: int = 10, flush_mib: int = 256) -> float:
     """Median device seconds of fn() with the L2 cache flushed before each run (a write of flush_mib,
     more than twice an H100/H200 L2). The flush keeps the device busy while fn is enqueued, so the CUDA
     events bracket the kernel, not the Python launch."""
@@ -395,6 +395,15 @@ class Tuner:
 TUNER = Tuner()  # process-wide, like Triton's own compile cache: tuning is per device and shape, not per layer
 
 
+def permute_rows(qweight: torch.Tensor, perm: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Packed int32 [K/8, N] with its K rows reordered by perm, on qweight's device, in column chunks so
+    the unpacked temporaries stay ~K × chunk × 16 bytes (a 4096 × 22016 layer would need 1.4 GB at once)."""
+    out = torch.empty_like(qweight)
+    for c in range(0, qweight.shape[1], chunk):
+        out[:, c : c + chunk] = pack_rows(unpack_rows(qweight[:, c : c + chunk])[perm])
+    return out
+
+
 @dataclass
 class TritonW4Weight:
     """A GPTQ W4 linear repacked for the Triton kernels (see the module docstring)."""
@@ -425,17 +434,19 @@ class TritonW4Weight:
         if not bool((gi[1:] >= gi[:-1]).all()):
             perm = torch.argsort(gi, stable=True)
             gi = gi[perm]
-            qw = pack_rows(unpack_rows(qweight.cpu())[perm]).to(qweight.device)
+            qw = permute_rows(qweight, perm.to(qweight.device))
         if not torch.equal(gi, torch.arange(k) // gs):
             return None
         dev = qweight.device
         # the workspace exists before any CUDA-graph capture (an allocation inside one would come from the
         # graph's private pool); on CPU (the interpreter, tests) it is made at the first split-K call
         ws = torch.empty(SPLIT_MAX, n, device=dev, dtype=torch.float32) if dev.type == "cuda" else None
-        return cls(qweight=qw.contiguous(), qzeros=qzeros.contiguous(), scales=scales.contiguous(),
-                   perm=None if perm is None else perm.to(torch.int32).to(dev), group=gs, k=k, n=n,
-                   counters=torch.zeros(triton.cdiv(n, COUNTER_BLOCK), dtype=torch.int32, device=dev),
-                   tuner=tuner, workspace=ws)
+        w = cls(qweight=qw.contiguous(), qzeros=qzeros.contiguous(), scales=scales.contiguous(),
+                perm=None if perm is None else perm.to(torch.int32).to(dev), group=gs, k=k, n=n,
+                counters=torch.zeros(triton.cdiv(n, COUNTER_BLOCK), dtype=torch.int32, device=dev),
+                tuner=tuner, workspace=ws)
+        w._xcols = w._prefill_index()  # built here, never inside a CUDA-graph capture
+        return w
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, *,
                config: GemvConfig | GemmConfig | None = None) -> torch.Tensor:
@@ -512,14 +523,15 @@ class TritonW4Weight:
         activation columns of kernel rows 128t + 8p + j (p = 0…15) side by side, act-order permutation
         included, zeros past K. One gather per prefill call buys contiguous, vectorized activation loads."""
         if self._xcols is None:
-            kp = triton.cdiv(self.k, GEMM_BLOCK_K) * GEMM_BLOCK_K
-            src = torch.arange(kp).view(-1, GEMM_BLOCK_K // 8, 8).transpose(1, 2).reshape(-1)  # kernel row per slot
-            cols = torch.full((kp,), self.k, dtype=torch.long)  # column K of the padded input is zero
-            valid = src < self.k
-            rows = src[valid]
-            cols[valid] = rows if self.perm is None else self.perm.cpu().long()[rows]
-            self._xcols = cols.to(device=x2.device, dtype=torch.int32)
+            self._xcols = self._prefill_index()
         return torch.nn.functional.pad(x2, (0, 1)).index_select(1, self._xcols)
+
+    def _prefill_index(self) -> torch.Tensor:
+        dev = self.qweight.device
+        kp = triton.cdiv(self.k, GEMM_BLOCK_K) * GEMM_BLOCK_K
+        src = torch.arange(kp, device=dev).view(-1, GEMM_BLOCK_K // 8, 8).transpose(1, 2).reshape(-1)  # row per slot
+        base = src if self.perm is None else self.perm.long()[src.clamp(max=self.k - 1)]
+        return torch.where(src < self.k, base, self.k).to(torch.int32)  # column K of the padded input is zero
 
     def _gemm(self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemmConfig) -> None:
         if not isinstance(c, GemmConfig) or c.block_k != GEMM_BLOCK_K or c.block_m < 16 or c.block_n < 16:

@@ -334,3 +334,13 @@ def test_fused_elementwise_kernels_match_the_torch_ops(dtype, tol):
     _check(ft.silu_mul(gu), torch.nn.functional.silu(gate) * up, dtype, tol)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         ft.rope_qk_(qkv, nq + nkv, 24, cos, sin)
+
+
+def test_permute_rows_in_column_chunks_equals_the_whole_repack():
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels.w4_ref import pack_rows, unpack_rows
+    from qwen_audio_edge.kernels.w4_triton import permute_rows
+
+    qweight = torch.randint(-2**31, 2**31 - 1, (32, 40), dtype=torch.int32)
+    perm = torch.randperm(256)
+    assert torch.equal(permute_rows(qweight, perm, chunk=16), pack_rows(unpack_rows(qweight)[perm]))
