@@ -309,6 +309,8 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GS, st
     m_mask = offs_m < M
     n_mask = offs_n < N
     offs_p = tl.arange(0, P)
+    offs_k = tl.arange(0, BLOCK_K)
+    shifts = tl.arange(0, 8) * 4
     z_shift = (offs_n % 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(0, tl.cdiv(K, BLOCK_K)):
@@ -318,27 +320,26 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GS, st
         packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)
         if TILE_IN_GROUP:
             g = (t * BLOCK_K) // GS
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, None, :]
             zp = tl.load(z_ptr + g * (N // 8) + offs_n // 8, mask=n_mask, other=0)
-            zc = ((((zp >> z_shift) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) + 1.0)[None, :]
+            zc = ((((zp >> z_shift) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) + 1.0)[None, None, :]
         else:
             g = (rows * 8) // GS
-            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=w_mask, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=w_mask, other=0.0).to(tl.float32)[None, :, :]
             zp = tl.load(z_ptr + g[:, None] * (N // 8) + (offs_n // 8)[None, :], mask=w_mask, other=0)
-            zc = (((zp >> z_shift[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) + 1.0
-        for j in tl.static_range(8):
-            # x arrives in tile order (`prefill_columns`): the columns 8p + j of tile t are contiguous
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (t * BLOCK_K + j * P + offs_p)[None, :],
-                        mask=m_mask[:, None], other=0.0)
-            qf = (((packed >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-            w = ((qf - zc) * s).to(x.dtype)
-            if EMULATE_BF16:  # CPU interpreter: its bf16 dot is wrong; bf16 products are exact in fp32
-                x = x.to(tl.float32)
-                w = w.to(tl.float32)
-            if IEEE or EMULATE_BF16:  # fp32 activations: full-precision products (tl.dot would otherwise use TF32)
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
+            zc = ((((zp >> z_shift[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) + 1.0)[None, :, :]
+        # the 8 nibble positions stacked j-major, [8, P, BN] → [BLOCK_K, BN]: row j·P + p is kernel row 8p + j,
+        # the order in which `prefill_columns` laid out the activations, so one MMA takes the whole tile
+        qf = (((packed[None, :, :] >> shifts[:, None, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (t * BLOCK_K + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+        w = tl.reshape(((qf - zc) * s).to(x.dtype), (BLOCK_K, BLOCK_N))
+        if EMULATE_BF16:  # CPU interpreter: its bf16 dot is wrong; bf16 products are exact in fp32
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE or EMULATE_BF16:  # fp32 activations: full-precision products (tl.dot would otherwise use TF32)
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
