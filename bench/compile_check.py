@@ -117,10 +117,13 @@ def variants(quick: bool) -> Iterator[tuple[str, object, tuple, dict]]:
                                                                     num_warps=c.num_warps, num_stages=c.num_stages)
     for dt in dtypes:
         x = _e(1, 4096, dtype=dt)
-        yield (f"rms_norm {dt}", F._rms_norm_kernel, (x, x, _e(4096, dtype=dt), x, x, 4096, 1e-6),
-               dict(HAS_DELTA=True, BLOCK=4096, num_warps=8))
-        yield (f"rope {dt}", F._rope_kernel, (_e(1, 12288, dtype=dt), _e(1, 128, dtype=dt), _e(1, 128, dtype=dt), 12288, 64),
-               dict(HALF=64, BLOCK_H=16))
+        for delta in (True, False):
+            yield (f"rms_norm {dt} delta={delta}", F._rms_norm_kernel, (x, x, _e(4096, dtype=dt), x, x, 4096, 1e-6),
+                   dict(HAS_DELTA=delta, BLOCK=4096, num_warps=8))
+        cache = _e(1, 32, 4096, 128, dtype=dt)
+        yield (f"rope_kv_cache {dt}", F._rope_cache_kernel,
+               (_e(1, 12288, dtype=dt), _e(1, 128, dtype=dt), _e(1, 128, dtype=dt), cache, cache, _e(1, dtype=torch.int64),
+                0, 12288, 32, 32, 4096), dict(POS_FROM_PTR=True, HALF=64, BLOCK_H=16))
         yield f"silu_mul {dt}", F._silu_mul_kernel, (_e(1, 22016, dtype=dt), _e(1, 11008, dtype=dt), 11008), dict(BLOCK=1024)
 
 

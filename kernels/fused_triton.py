@@ -7,7 +7,9 @@ couple of µs, so 32 layers add ~2 ms per token. These kernels do each step in o
 
 - `rms_norm`: Qwen2 RMSNorm of each row, optionally after a residual add (`x + delta`, rounded to the
   activation dtype first, as the reference adds) whose sum is also returned for the next residual;
-- `rope_qk_`: rotary embedding of the q and k heads, in place in the fused q/k/v projection output;
+- `rope_kv_cache_`: rotary embedding of the q heads in place in the fused q/k/v projection output, and
+  of the k heads, written with the v heads straight into the KV cache at their positions (a device
+  tensor in the CUDA-graph decode step): one launch for what was ten RoPE ops and two cache copies;
 - `silu_mul`: SwiGLU's silu(gate) · up from the fused gate/up projection output.
 
 Arithmetic runs in fp32 with a rounding to the activation dtype wherever the reference rounds: a product
@@ -45,26 +47,42 @@ def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, D, eps, HAS_DELTA: t
 
 
 @triton.jit
-def _rope_kernel(qkv_ptr, cos_ptr, sin_ptr, row_stride, HEADS, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, start, row_stride, NQ, NKV, max_ctx,
+                       POS_FROM_PTR: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
     token = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_mask = heads < HEADS
     d = tl.arange(0, HALF)
-    base = qkv_ptr + token * row_stride + heads[:, None] * (2 * HALF) + d[None, :]
-    m = h_mask[:, None]
-    x1r = tl.load(base, mask=m, other=0.0)
+    if POS_FROM_PTR:
+        pos = tl.load(pos_ptr) + token
+    else:
+        pos = start + token
+    src = qkv_ptr + token * row_stride + heads[:, None] * (2 * HALF) + d[None, :]
+    is_q = heads < NQ
+    is_k = (heads >= NQ) & (heads < NQ + NKV)
+    is_v = (heads >= NQ + NKV) & (heads < NQ + 2 * NKV)
+    live = (is_q | is_k | is_v)[:, None]
+    x1r = tl.load(src, mask=live, other=0.0)
     dt = x1r.dtype
     x1 = x1r.to(tl.float32)
-    x2 = tl.load(base + HALF, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=live, other=0.0).to(tl.float32)
     c1 = tl.load(cos_ptr + token * (2 * HALF) + d).to(tl.float32)[None, :]
     c2 = tl.load(cos_ptr + token * (2 * HALF) + HALF + d).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + token * (2 * HALF) + d).to(tl.float32)[None, :]
     s2 = tl.load(sin_ptr + token * (2 * HALF) + HALF + d).to(tl.float32)[None, :]
-    # reference: x·cos + rotate_half(x)·sin, each product rounded to the activation dtype, then the sum
-    y1 = (x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)
-    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-    tl.store(base, y1, mask=m)
-    tl.store(base + HALF, y2, mask=m)
+    rot = (is_q | is_k)[:, None]
+    y1 = tl.where(rot, (x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32), x1)
+    y2 = tl.where(rot, (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32), x2)
+    q_mask = is_q[:, None]
+    tl.store(src, y1, mask=q_mask)
+    tl.store(src + HALF, y2, mask=q_mask)
+    kv_head = tl.where(is_k, heads - NQ, heads - NQ - NKV)
+    dst = (kv_head[:, None] * max_ctx + pos) * (2 * HALF) + d[None, :]
+    k_mask = is_k[:, None]
+    v_mask = is_v[:, None]
+    tl.store(k_ptr + dst, y1, mask=k_mask)
+    tl.store(k_ptr + dst + HALF, y2, mask=k_mask)
+    tl.store(v_ptr + dst, y1, mask=v_mask)
+    tl.store(v_ptr + dst + HALF, y2, mask=v_mask)
 
 
 @triton.jit
@@ -96,16 +114,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out.view(x.shape), s.view(x.shape)
 
 
-def rope_qk_(qkv: torch.Tensor, n_rot_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate the first `n_rot_heads` heads (q then k) of qkv [tokens, width] in place; cos/sin [tokens, head_dim]."""
+def rope_kv_cache_(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+                   cache_k: torch.Tensor, cache_v: torch.Tensor, start: int | torch.Tensor) -> None:
+    """qkv [tokens, (n_q + 2·n_kv)·head_dim]: rotate the q heads in place; write the rotated k heads and the
+    v heads into cache_k / cache_v [1, n_kv, max_context, head_dim] (one layer's slice, contiguous) at
+    positions start … start + tokens − 1. `start` is an int, or a device tensor [1] (graph replays)."""
     if qkv.ndim != 2 or qkv.stride(-1) != 1 or head_dim % 2 or head_dim & (head_dim - 1):
-        raise ValueError(f"rope_qk_: qkv must be 2-D, last dim contiguous, power-of-two head_dim (got {head_dim})")
+        raise ValueError(f"rope_kv_cache_: qkv must be 2-D, last dim contiguous, power-of-two head_dim (got {head_dim})")
     tokens = qkv.shape[0]
     if cos.shape != (tokens, head_dim) or sin.shape != cos.shape:
-        raise ValueError(f"rope_qk_: cos/sin must be [{tokens}, {head_dim}], got {tuple(cos.shape)}")
-    block_h = min(16, triton.next_power_of_2(n_rot_heads))
-    _rope_kernel[(tokens, triton.cdiv(n_rot_heads, block_h))](qkv, cos.contiguous(), sin.contiguous(), qkv.stride(0),
-                                                              n_rot_heads, HALF=head_dim // 2, BLOCK_H=block_h)
+        raise ValueError(f"rope_kv_cache_: cos/sin must be [{tokens}, {head_dim}], got {tuple(cos.shape)}")
+    if (cache_k.shape != cache_v.shape or cache_k.ndim != 4 or cache_k.shape[1] != n_kv or cache_k.shape[3] != head_dim
+            or not cache_k.is_contiguous() or not cache_v.is_contiguous()):
+        raise ValueError(f"rope_kv_cache_: caches must be contiguous [1, {n_kv}, max_context, {head_dim}]")
+    from_ptr = isinstance(start, torch.Tensor)
+    heads = n_q + 2 * n_kv
+    block_h = min(16, triton.next_power_of_2(heads))
+    _rope_cache_kernel[(tokens, triton.cdiv(heads, block_h))](
+        qkv, cos.contiguous(), sin.contiguous(), cache_k, cache_v, start if from_ptr else qkv, 0 if from_ptr else start,
+        qkv.stride(0), n_q, n_kv, cache_k.shape[2], POS_FROM_PTR=from_ptr, HALF=head_dim // 2, BLOCK_H=block_h)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -105,27 +105,33 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache", layer: int, start: int) -> torch.Tensor:
         b, s, _ = x.shape
-        rotated = False
-        if self.qkv_proj is not None:
-            nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        step = isinstance(start, StepPosition)  # static-shape decode step (CUDA-graph capturable)
+        if self.qkv_proj is not None and self.fused_kernels is not None and b == 1:
+            # one launch: q rotated in place, rotated k and v written straight into the cache
             qkv = self.qkv_proj(x)
-            if self.fused_kernels is not None and b == 1:  # q and k heads rotated in place, one launch
-                self.fused_kernels.rope_qk_(qkv.view(s, -1), self.n_heads + self.n_kv, self.head_dim,
-                                            cos.reshape(s, -1), sin.reshape(s, -1))
-                rotated = True
-            q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+            self.fused_kernels.rope_kv_cache_(qkv.view(s, -1), self.n_heads, self.n_kv, self.head_dim,
+                                              cos.reshape(s, -1), sin.reshape(s, -1), cache.k[layer], cache.v[layer],
+                                              start.pos if step else start)
+            q = qkv[..., : self.n_heads * self.head_dim].view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+            end = start.bucket if step else start + s
+            keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        if not rotated:
+            if self.qkv_proj is not None:
+                nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+                q, k, v = self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+            else:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = q.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+            v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        if isinstance(start, StepPosition):  # static-shape decode step (CUDA-graph capturable)
-            keys, values = cache.update_at(layer, start.pos, k, v, start.bucket)
+            if step:
+                keys, values = cache.update_at(layer, start.pos, k, v, start.bucket)
+            else:
+                keys, values = cache.update(layer, start, k, v)
+        if step:
             mask = start.mask
         else:
-            keys, values = cache.update(layer, start, k, v)
             end = start + s
             if s == 1:
                 mask = None  # one query attends to every cached position
@@ -181,14 +187,20 @@ class DecoderLayer(nn.Module):
         self.fused_kernels = None  # kernels/fused_triton.py on CUDA (enable_fused_kernels), else torch ops
 
     def forward(self, x, cos, sin, cache, layer, start):
-        fk = self.fused_kernels
-        if fk is not None:  # each norm one launch; the first residual add fused into the second norm
-            n1, n2 = self.input_layernorm, self.post_attention_layernorm
-            h, _ = fk.rms_norm(x, n1.weight, n1.eps)
-            h, x = fk.rms_norm(x, n2.weight, n2.eps, delta=self.self_attn(h, cos, sin, cache, layer, start))
-            return x + self.mlp(h)
+        if self.fused_kernels is not None:
+            x, delta = self.forward_fused(x, None, cos, sin, cache, layer, start)
+            return x + delta
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_fused(self, x, delta, cos, sin, cache, layer, start):
+        """The layer on the fused kernels, with the residual stream carried as (x, delta): the input is
+        x + delta (delta None: x), the output (x', delta') means x' + delta'. Each norm is one launch that
+        also does the residual add before it."""
+        fk, n1, n2 = self.fused_kernels, self.input_layernorm, self.post_attention_layernorm
+        h, x = fk.rms_norm(x, n1.weight, n1.eps, delta=delta)
+        h, x = fk.rms_norm(x, n2.weight, n2.eps, delta=self.self_attn(h, cos, sin, cache, layer, start))
+        return x, self.mlp(h)
 
 
 @dataclass(frozen=True)
@@ -260,12 +272,25 @@ class Qwen2Decoder(nn.Module):
         assert self._rope is not None, "call setup_cache() first"
         cos = self._rope[0][start : start + s][None, None]
         sin = self._rope[1][start : start + s][None, None]
-        x = embeds
+        return self._layers_and_head(embeds, cos, sin, cache, start, last_only=not all_logits)
+
+    def _layers_and_head(self, x, cos, sin, cache, start, *, last_only: bool) -> torch.Tensor:
+        fk = self.model.layers[0].fused_kernels if len(self.model.layers) else None
+        if fk is None:
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, cache, i, start)
+            if last_only:
+                x = x[:, -1:]
+            return self.lm_head(self.model.norm(x))
+        # fused kernels: each layer's closing residual add is done inside the next norm (and the last
+        # layer's inside the final norm), so no layer ends with a separate add launch
+        delta = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, start)
-        if not all_logits:
-            x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+            x, delta = layer.forward_fused(x, delta, cos, sin, cache, i, start)
+        if last_only:
+            x, delta = x[:, -1:], delta[:, -1:]
+        h, _ = fk.rms_norm(x, self.model.norm.weight, self.model.norm.eps, delta=delta)
+        return self.lm_head(h)
 
     def step(self, token: torch.Tensor, pos: torch.Tensor, cache: KVCache, bucket: int) -> torch.Tensor:
         """One decode step with static shapes: token [1, 1] and pos [1] are device tensors; attention runs
@@ -279,10 +304,7 @@ class Qwen2Decoder(nn.Module):
         sin = self._rope[1].index_select(0, pos)[None, None]
         mask = (torch.arange(bucket, device=pos.device) <= pos)[None, None, None]
         where = StepPosition(pos=pos, bucket=bucket, mask=mask)
-        x = self.embed(token)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, cache, i, where)
-        return self.lm_head(self.model.norm(x))[0, -1]
+        return self._layers_and_head(self.embed(token), cos, sin, cache, where, last_only=False)[0, -1]
 
 
 def fuse_projections(model: Qwen2Decoder) -> int:

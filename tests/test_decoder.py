@@ -396,3 +396,5 @@ def test_fused_elementwise_kernels_give_the_torch_logits(model_name, request):
             lb = step(token, pos)
             assert (la - lb).abs().max().item() <= 1e-5 * la.abs().max().item(), pos
             token = int(la.argmax())
+        for a_, b_ in ((ca.k, cb.k), (ca.v, cb.v)):  # K/V written into the cache by the RoPE kernel
+            assert (a_[:, :, :, :20] - b_[:, :, :, :20]).abs().max() <= 1e-5 * a_[:, :, :, :20].abs().max()

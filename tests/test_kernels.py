@@ -318,22 +318,29 @@ def test_fused_elementwise_kernels_match_the_torch_ops(dtype, tol):
         assert torch.equal(s, x + delta)  # the residual sum is rounded as the reference adds
     _check(out, norm(x + delta), dtype, tol)
 
-    tokens, nq, nkv, hd = 7, 4, 2, 32
-    qkv = torch.randn(tokens, (nq + 2 * nkv) * hd, device=DEV).to(dtype)
-    ang = torch.rand(tokens, hd // 2, device=DEV) * 6
-    cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
-    heads = qkv.view(tokens, nq + 2 * nkv, hd).transpose(0, 1)  # [heads, tokens, hd]
-    expected = _apply_rope(heads[: nq + nkv], cos, sin)
-    v_before = heads[nq + nkv :].clone()
-    ft.rope_qk_(qkv, nq + nkv, hd, cos, sin)
-    _check(heads[: nq + nkv], expected, dtype, tol)
-    assert torch.equal(heads[nq + nkv :], v_before)  # v untouched
+    tokens, nq, nkv, hd, ctx = 7, 4, 2, 32, 20
+    for start in (3, torch.tensor([5], device=DEV)):  # an int (prefill) or a device tensor (graph step)
+        qkv = torch.randn(tokens, (nq + 2 * nkv) * hd, device=DEV).to(dtype)
+        ang = torch.rand(tokens, hd // 2, device=DEV) * 6
+        cos, sin = torch.cat([ang.cos()] * 2, -1).to(dtype), torch.cat([ang.sin()] * 2, -1).to(dtype)
+        heads = qkv.view(tokens, nq + 2 * nkv, hd).transpose(0, 1)  # [heads, tokens, hd]
+        expected = _apply_rope(heads[: nq + nkv], cos, sin)
+        v = heads[nq + nkv :].clone()
+        ck, cv = torch.zeros(1, nkv, ctx, hd, device=DEV, dtype=dtype), torch.zeros(1, nkv, ctx, hd, device=DEV, dtype=dtype)
+        ft.rope_kv_cache_(qkv, nq, nkv, hd, cos, sin, ck, cv, start)
+        p0 = int(start)
+        _check(heads[:nq], expected[:nq], dtype, tol)  # q rotated in place
+        _check(ck[0, :, p0 : p0 + tokens], expected[nq:], dtype, tol)  # k rotated into the cache
+        assert torch.equal(cv[0, :, p0 : p0 + tokens], v)  # v copied into the cache
+        assert not ck[0, :, :p0].any() and not cv[0, :, p0 + tokens :].any()  # nothing else written
 
     gu = torch.randn(2, 3, 2 * 300, device=DEV).to(dtype)
     gate, up = gu.chunk(2, dim=-1)
     _check(ft.silu_mul(gu), torch.nn.functional.silu(gate) * up, dtype, tol)
     with pytest.raises(ValueError, match="power-of-two head_dim"):
-        ft.rope_qk_(qkv, nq + nkv, 24, cos, sin)
+        ft.rope_kv_cache_(qkv, nq, nkv, 24, cos, sin, ck, cv, 0)
+    with pytest.raises(ValueError, match="caches must be contiguous"):
+        ft.rope_kv_cache_(qkv, nq, nkv, hd, cos, sin, ck[:, :1], cv, 0)
 
 
 def test_permute_rows_in_column_chunks_equals_the_whole_repack():
@@ -365,6 +372,6 @@ def test_triton_kernels_compile_for_hopper():
     script = Path(__file__).parents[1] / "bench" / "compile_check.py"
     r = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for kernel in ("gemv1", "x_prep", "gemv m=2", "gemm", "int8", "rms_norm", "rope", "silu_mul"):
+    for kernel in ("gemv1", "x_prep", "gemv m=2", "gemm", "int8", "rms_norm", "rope_kv_cache", "silu_mul"):
         assert f"OK    {kernel}" in r.stdout, kernel
     assert "0 failed to compile" in r.stdout
