@@ -10,16 +10,21 @@ Why it is built this way (batch-1 decode is bound by the bytes of weights read):
   once per nibble. A nibble becomes fp32 without an int→float conversion instruction (a quarter-rate
   unit on Hopper): q | 0x4B000000 read as fp32 is 2²³ + q exactly, and subtracting 2²³ + zero gives the
   exact integer q − zero.
-- Decode (M ≤ 8): CUDA-core FMAs into a [M, K-rows, N] fp32 accumulator; split-K spreads a 4096-wide
-  layer over more SMs. The split partial sums are reduced deterministically inside the same launch:
+- Decode, one row (`_w4_gemv1_kernel`): per nibble one LOP3, one FADD, one FFMA (see its docstring),
+  the scale once per tile, tile loads software-pipelined; optionally a small launch first gathers and
+  pre-scales the activations (`_x_prep_kernel`, config `x_prep`), which the tuner weighs against the
+  in-kernel gather. 2–8 rows (`_w4_gemv_kernel`): CUDA-core FMAs into a [M, K-rows, N] accumulator.
+  Split-K spreads a 4096-wide layer over more SMs. The split partial sums are reduced deterministically inside the same launch:
   each program writes its partial to a workspace, takes a ticket from a per-column-block counter, and
   the last one sums the partials in split order, adds the bias, stores in the output dtype and resets
   the counter (so no memset and no second kernel, which in a CUDA-graph decode step would cost a graph
   node per linear; and the result does not depend on which program finished first).
-- Prefill (M > 8): for each nibble position j, an MMA of the activations' columns 8p + j with the
-  dequantized [K/8, N] slice, accumulated in fp32; grouped program order for L2 reuse.
+- Prefill (M > 8): the 8 nibble positions of a 128-row tile are stacked j-major into one [128, N]
+  operand, matching the order `prefill_columns` gave the activations, so each tile is one MMA
+  (fp32 accumulation); grouped program order for L2 reuse.
 - Tile shapes, split and warps are chosen per problem by `Tuner` on the device (timed with L2 flushed
-  between runs) from small candidate lists; every candidate is tested on CPU under TRITON_INTERPRET=1.
+  between runs) from small candidate lists; every candidate is tested on CPU under TRITON_INTERPRET=1,
+  and bench/compile_check.py compiles every variant for sm_90 without a GPU.
 
 Shapes/dtypes: x [..., K] fp16/bf16/fp32 on the weights' device → y [..., N] in x's dtype.
 qweight int32 [K/8, N], qzeros int32 [G, N/8], scales fp16 [G, N]; K % GS == 0, GS % 8 == 0, N % 8 == 0.
