@@ -68,10 +68,12 @@ pack
 PARTS="${PARTS:-tests kernels decode stream}"
 touch "$RAW/gpu-tests.txt" "$RAW/kernels.txt" "$RAW/decode.txt" "$RAW/stream.txt"
 case " $PARTS " in *" tests "*)
-  timeout 100 "$PY" -m pytest -q -m gpu tests/test_gpu.py >"$RAW/gpu-tests.txt" 2>&1
+  # the GPU tests, and the kernel tests that run on CUDA when there is one (fused kernels, int8 head)
+  timeout 140 "$PY" -m pytest -q tests/test_gpu.py tests/test_kernels.py -k "gpu or cuda or fused or int8_head" \
+    >"$RAW/gpu-tests.txt" 2>&1
   echo "gpu tests exit $?" >>"$RAW/gpu-tests.txt"; pack ;; esac
 case " $PARTS " in *" kernels "*)
-  timeout 150 "$PY" bench/kernels.py --device cuda $PEAKARG --shapes all --ms 1,2,8,64,800 --out "$RAW/kernels.json" >"$RAW/kernels.txt" 2>&1
+  timeout 140 "$PY" bench/kernels.py --device cuda $PEAKARG --shapes all --ms 1,2,8,64,800 --out "$RAW/kernels.json" >"$RAW/kernels.txt" 2>&1
   echo "kernels exit $?" >>"$RAW/kernels.txt"; pack ;; esac
 case " $PARTS " in *" decode "*)
   timeout 150 "$PY" bench/decode.py --preset 7b --device cuda --prompt 800 --new 64 --repeats 3 --int8-head $PEAKARG \

@@ -199,7 +199,7 @@ def bench_layer(dev: torch.device, act: torch.dtype, rotate_bytes: int, gen: tor
     for name, k, n, bias, t, _ in parts:
         b = torch.randn(n, device=dev, dtype=act) if bias else None
         x = torch.randn(1, k, device=dev, dtype=act)
-        ws = [TritonW4Weight.build(*(a.to(dev) for a in t)) for _ in range(copies)]
+        ws = [TritonW4Weight.build(*(a.clone() for a in t)) for _ in range(copies)]  # every copy cold, scales too
         tg = _tinygemm_cuda(t[0], dev, copies)
         dn = [torch.randn(n, k, dtype=act, device=dev) for _ in range(copies)]
         ours.append((ws, x, b))

@@ -46,7 +46,7 @@ def _calls(impl: str, k: int, n: int):
     if CUDA:
         from qwen_audio_edge.kernels.w4_triton import TritonW4Weight
 
-        ws = [TritonW4Weight.build(qweight, qzeros, scales, g_idx) for _ in range(copies)]
+        ws = [TritonW4Weight.build(qweight.clone(), qzeros.clone(), scales.clone(), g_idx) for _ in range(copies)]
     else:
         from qwen_audio_edge.kernels.w4_cpu import CpuW4Weight
 

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .w4_triton import on_device
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, D, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
@@ -109,8 +111,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     s = torch.empty_like(x2) if delta is not None else x2
     dl = delta.reshape(-1, d).contiguous() if delta is not None else x2
     block = triton.next_power_of_2(d)
-    _rms_norm_kernel[(x2.shape[0],)](x2, dl, weight, s, out, d, eps, HAS_DELTA=delta is not None, BLOCK=block,
-                                     num_warps=8 if block >= 4096 else 4)
+    with on_device(x2):
+        _rms_norm_kernel[(x2.shape[0],)](x2, dl, weight, s, out, d, eps, HAS_DELTA=delta is not None, BLOCK=block,
+                                         num_warps=8 if block >= 4096 else 4)
     return out.view(x.shape), s.view(x.shape)
 
 
@@ -127,12 +130,18 @@ def rope_kv_cache_(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, cos: t
     if (cache_k.shape != cache_v.shape or cache_k.ndim != 4 or cache_k.shape[1] != n_kv or cache_k.shape[3] != head_dim
             or not cache_k.is_contiguous() or not cache_v.is_contiguous()):
         raise ValueError(f"rope_kv_cache_: caches must be contiguous [1, {n_kv}, max_context, {head_dim}]")
-    from_ptr = isinstance(start, torch.Tensor)
     heads = n_q + 2 * n_kv
+    if qkv.shape[1] != heads * head_dim:
+        raise ValueError(f"rope_kv_cache_: qkv width {qkv.shape[1]} != ({n_q} + 2·{n_kv}) × {head_dim}")
+    from_ptr = isinstance(start, torch.Tensor)
+    if not from_ptr and not 0 <= start <= cache_k.shape[2] - tokens:
+        raise ValueError(f"rope_kv_cache_: positions {start}…{start + tokens - 1} are outside the cache ({cache_k.shape[2]})")
+    # a device-tensor position is not read on the host (graph replays); DecodeStep checks it before each step
     block_h = min(16, triton.next_power_of_2(heads))
-    _rope_cache_kernel[(tokens, triton.cdiv(heads, block_h))](
-        qkv, cos.contiguous(), sin.contiguous(), cache_k, cache_v, start if from_ptr else qkv, 0 if from_ptr else start,
-        qkv.stride(0), n_q, n_kv, cache_k.shape[2], POS_FROM_PTR=from_ptr, HALF=head_dim // 2, BLOCK_H=block_h)
+    with on_device(qkv):
+        _rope_cache_kernel[(tokens, triton.cdiv(heads, block_h))](
+            qkv, cos.contiguous(), sin.contiguous(), cache_k, cache_v, start if from_ptr else qkv, 0 if from_ptr else start,
+            qkv.stride(0), n_q, n_kv, cache_k.shape[2], POS_FROM_PTR=from_ptr, HALF=head_dim // 2, BLOCK_H=block_h)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -144,5 +153,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     g2 = gate_up.reshape(-1, two_i).contiguous()
     out = torch.empty(g2.shape[0], i, device=g2.device, dtype=g2.dtype)
     block = min(1024, triton.next_power_of_2(i))
-    _silu_mul_kernel[(g2.shape[0], triton.cdiv(i, block))](g2, out, i, BLOCK=block)
+    with on_device(g2):
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(i, block))](g2, out, i, BLOCK=block)
     return out.view(*gate_up.shape[:-1], i)

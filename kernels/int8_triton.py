@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4_triton import TUNER, Tuner
+from .w4_triton import TUNER, Tuner, on_device
 
 
 @dataclass(frozen=True)
@@ -80,10 +80,11 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, co
                                                         BLOCK_K=c.block_k, num_warps=c.num_warps,
                                                         num_stages=c.num_stages)
 
-    if config is None:
-        if tuner is None or x.device.type != "cuda":
-            config = INT8_CANDIDATES[0]
-        else:
-            config = tuner.choose(("int8_gemv", k, n, x.dtype, str(x.device)), INT8_CANDIDATES, run)
-    run(config)
+    with on_device(x):
+        if config is None:
+            if tuner is None or x.device.type != "cuda":
+                config = INT8_CANDIDATES[0]
+            else:
+                config = tuner.choose(("int8_gemv", k, n, x.dtype, str(x.device)), INT8_CANDIDATES, run)
+        run(config)
     return out

@@ -34,6 +34,7 @@ bench/kernels.py (bench/gpu_check.sh).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -350,6 +351,12 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GS, st
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
+def on_device(t: torch.Tensor):
+    """Context that makes t's GPU the current one: Triton launches on the current device, so without it a
+    model on cuda:1 would have its kernels sent to cuda:0."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def cold_l2_seconds(fn: Callable[[], None], reps: int = 10, flush_mib: int = 256) -> float:
     """Median device seconds of fn() with the L2 cache flushed before each run (a write of flush_mib,
     more than twice an H100/H200 L2). The flush keeps the device busy while fn is enqueued, so the CUDA
@@ -392,7 +399,7 @@ class Tuner:
                 results.append((cfg, None))
         timed = [(t, i) for i, (_, t) in enumerate(results) if t is not None]
         if not timed:
-            raise RuntimeError(f"no W4 Triton kernel config ran for {key}: {last_error}") from last_error
+            raise RuntimeError(f"no Triton kernel config ran for {key[0]} {key[1:]}: {last_error}") from last_error
         best = results[min(timed)[1]][0]
         self.choices[key], self.timings[key] = best, results
         return best
@@ -483,9 +490,10 @@ class TritonW4Weight:
             run = lambda c: self._gemm(x2, bias, out, c)  # noqa: E731
             key = ("gemm", self.k, self.n, self.group, min(triton.next_power_of_2(m), 1024), x.dtype,
                    bias is not None, self.perm is not None, str(x.device))
-        if config is None:
-            config = cands[0] if self.tuner is None or x.device.type != "cuda" else self.tuner.choose(key, cands, run)
-        run(config)
+        with on_device(x):
+            if config is None:
+                config = cands[0] if self.tuner is None or x.device.type != "cuda" else self.tuner.choose(key, cands, run)
+            run(config)
         return out.reshape(*lead, self.n)
 
     def _gemv(self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemvConfig, bm: int) -> None:

@@ -29,6 +29,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
     g.add_argument("--w4-kernel", default="auto", choices=["auto", "ref", "cpu", "triton"],
                    help="W4 matmul path for GPTQ decoders (auto: CPU int4 op on CPU, Triton on CUDA)")
+    g.add_argument("--no-fuse", action="store_true",
+                   help="keep the checkpoint's separate q/k/v and gate/up projections and plain torch ops (no fused "
+                        "Triton kernels on CUDA): for debugging, hooks, or a GPU where Triton does not work")
     g.add_argument("--no-w4-tune", action="store_true",
                    help="CUDA: use the default Triton launch configs instead of timing candidates per layer shape "
                         "on first use (faster first start, slower decode)")
@@ -148,7 +151,7 @@ def _runtime_options(a: argparse.Namespace):
     dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
     return RuntimeOptions(device=a.device, dtype=dtype, max_context=a.max_context, encoder_backend=a.encoder_backend,
                           encoder_precision=a.encoder_precision, threads=a.threads, verify_hashes=not a.no_verify,
-                          w4_kernel=a.w4_kernel, w4_tune=not a.no_w4_tune)
+                          w4_kernel=a.w4_kernel, w4_tune=not a.no_w4_tune, fuse=not a.no_fuse)
 
 
 def _sampling(pipeline, a: argparse.Namespace):

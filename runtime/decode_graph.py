@@ -52,19 +52,22 @@ class DecodeStep:
         return self.model.step(self.token, self.pos, self.cache, bucket)
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream (Triton compiles/autotunes, cuBLAS picks kernels), then capture. Both
-        # write the current position's K/V, which the replay writes again with the same values.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._eager(bucket)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the capture may run on a stream session's answer thread while the feeding thread
-        # computes mel frames; only this thread's CUDA calls are restricted during capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            out = self._eager(bucket)
+        # The model's GPU is made current (also when it is not cuda:0): streams, the capture and Triton's
+        # launches all follow the current device.
+        with torch.cuda.device(self.cache.k.device):
+            # Warm up on a side stream (Triton compiles/autotunes, cuBLAS picks kernels), then capture. Both
+            # write the current position's K/V, which the replay writes again with the same values.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._eager(bucket)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the capture may run on a stream session's answer thread while the feeding thread
+            # computes mel frames; only this thread's CUDA calls are restricted during capture.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self._eager(bucket)
         self._pool = graph.pool()
         return graph, out
 
@@ -85,5 +88,6 @@ class DecodeStep:
         if bucket not in self._captured:
             self._captured[bucket] = self._capture(bucket)
         graph, out = self._captured[bucket]
-        graph.replay()
+        with torch.cuda.device(self.cache.k.device):
+            graph.replay()
         return out

@@ -334,17 +334,48 @@ def fuse_projections(model: Qwen2Decoder) -> int:
 def enable_fused_kernels(model: Qwen2Decoder, module=None) -> bool:
     """Route every layer's norms, RoPE (fused q/k/v only) and SwiGLU (fused gate/up only) through the
     Triton kernels of kernels/fused_triton.py; returns False (torch ops kept) when Triton is missing.
-    `module` substitutes the kernel module (tests pass it to run the kernels under the interpreter)."""
+    `module` substitutes the kernel module (tests pass it to run the kernels under the interpreter).
+    The real kernels are first launched once on the model's device: if Triton cannot compile or run
+    them there (no C compiler for its launcher, an unsupported GPU), a warning names the reason and the
+    torch ops stay, rather than the first forward failing deep inside Triton."""
     if module is None:
         try:
             from ..kernels import fused_triton as module
         except ImportError:
+            return False
+        problem = _fused_kernels_problem(model, module)
+        if problem is not None:
+            import warnings
+
+            warnings.warn(f"fused Triton kernels unavailable ({problem}); the decoder uses plain torch ops "
+                          "(correct, slower decode)", RuntimeWarning, stacklevel=2)
             return False
     hd = model.args.head_dim
     for layer in model.model.layers:
         layer.fused_kernels = layer.mlp.fused_kernels = module
         layer.self_attn.fused_kernels = module if hd % 2 == 0 and hd & (hd - 1) == 0 else None  # RoPE: 2^n head_dim
     return True
+
+
+def _fused_kernels_problem(model: Qwen2Decoder, module) -> str | None:
+    """None if each fused kernel compiles and runs on the model's device, else the first error."""
+    a, w = model.args, model.model.norm.weight
+    try:
+        x = torch.zeros(1, 1, a.hidden_size, device=w.device, dtype=w.dtype)
+        module.rms_norm(x, w, a.rms_norm_eps, delta=x)
+        module.rms_norm(x, w, a.rms_norm_eps)
+        module.silu_mul(torch.zeros(1, 1, 2 * a.intermediate_size, device=w.device, dtype=w.dtype))
+        hd = a.head_dim
+        if hd % 2 == 0 and hd & (hd - 1) == 0:
+            cache = torch.zeros(1, a.num_key_value_heads, 1, hd, device=w.device, dtype=w.dtype)
+            qkv = torch.zeros(1, (a.num_attention_heads + 2 * a.num_key_value_heads) * hd, device=w.device, dtype=w.dtype)
+            rope = torch.zeros(1, hd, device=w.device, dtype=w.dtype)
+            module.rope_kv_cache_(qkv, a.num_attention_heads, a.num_key_value_heads, hd, rope, rope, cache, cache.clone(), 0)
+        if w.is_cuda:
+            torch.cuda.synchronize(w.device)
+    except Exception as e:  # noqa: BLE001 — any failure means: keep the torch ops
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    return None
 
 
 def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *, lm_head_int8=None,
@@ -403,7 +434,7 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
         from safetensors.torch import load_file
 
         side = load_file(str(lm_head_int8))
-        model.lm_head = Int8Linear(side["weight"].to(device), side["scales"].to(device))
+        model.lm_head = Int8Linear(side["weight"].to(device), side["scales"].to(device), tune=w4_tune)
     model.load_state_dict(state, assign=True, strict=lm_head_int8 is None)
     del state
     model.fused_projections = fuse_projections(model) if fuse and torch.device(device).type != "meta" else 0

@@ -87,13 +87,14 @@ class Int8Linear(nn.Module):
     head never materializes a full fp copy.
     """
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, chunk: int = 16384):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, chunk: int = 16384, *, tune: bool = True):
         super().__init__()
         if weight.dtype != torch.int8 or weight.ndim != 2 or scales.shape != (weight.shape[0],):
             raise ArtifactsError("int8 lm_head: expected weight int8 [vocab, hidden] and scales [vocab]")
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.chunk = chunk
+        self.tune = tune  # CUDA: time the Triton GEMV's launch configs on first use (else its default)
         self._cpu_op = weight.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         self._scales_bf16 = scales.to(torch.bfloat16) if self._cpu_op else None
 
@@ -106,7 +107,10 @@ class Int8Linear(nn.Module):
         if x.device.type == "cuda" and x.numel() == x.shape[-1]:
             gemv = self._cuda_gemv()
             if gemv is not None:
-                return gemv(x.reshape(1, -1), self.weight, self.scales).reshape(*x.shape[:-1], -1)
+                from ..kernels.w4_triton import TUNER
+
+                y = gemv(x.reshape(1, -1), self.weight, self.scales, tuner=TUNER if self.tune else None)
+                return y.reshape(*x.shape[:-1], -1)
         return self.reference(x)
 
     def _cuda_gemv(self):

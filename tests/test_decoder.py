@@ -398,3 +398,28 @@ def test_fused_elementwise_kernels_give_the_torch_logits(model_name, request):
             token = int(la.argmax())
         for a_, b_ in ((ca.k, cb.k), (ca.v, cb.v)):  # K/V written into the cache by the RoPE kernel
             assert (a_[:, :, :, :20] - b_[:, :, :, :20]).abs().max() <= 1e-5 * a_[:, :, :, :20].abs().max()
+        more = torch.tensor([[5, 60, 7, 8, 99]])  # a second turn: several positions prefilled at start > 0
+        a = ref(ref.embed(more), 20, ca, all_logits=True)
+        b = fused(fused.embed(more), 20, cb, all_logits=True)
+        assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
+
+
+def test_fused_kernels_fall_back_to_torch_ops_with_a_warning(mha, monkeypatch):
+    """If Triton cannot compile or run the fused kernels on the device, loading warns and keeps the torch ops."""
+    pytest.importorskip("triton", reason="triton is in the dev extra")
+    from qwen_audio_edge.kernels import fused_triton
+    from qwen_audio_edge.runtime.cli import _runtime_options, build_parser
+    from qwen_audio_edge.runtime.decoder import enable_fused_kernels, load_decoder
+
+    d = load_decoder(mha.artifacts / "decoder", torch.float32, "cpu")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("failed to compile the launcher: no C compiler")
+
+    monkeypatch.setattr(fused_triton, "rms_norm", broken)
+    with pytest.warns(RuntimeWarning, match="fused Triton kernels unavailable .*no C compiler"):
+        assert enable_fused_kernels(d) is False
+    assert d.model.layers[0].fused_kernels is None
+    monkeypatch.undo()
+    assert enable_fused_kernels(d) is True  # the interpreter runs them here (TRITON_INTERPRET=1)
+    assert _runtime_options(build_parser().parse_args(["run", "A", "--no-fuse"])).fuse is False
