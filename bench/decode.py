@@ -90,28 +90,6 @@ def bytes_per_token(cfg: dict, context: int, head_bytes: float, act_bytes: int, 
     return w4 + head_bytes + kv_cache
 
 
-def graph_ms(fn, replays: int = 20) -> float:
-    """Milliseconds of device time per fn() call: fn captured once into a CUDA graph, replayed, CUDA events."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return replay_ms(graph, replays)
-
-
-def replay_ms(graph, replays: int = 20) -> float:
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
-
-
 @torch.inference_mode()
 def breakdown_cuda(model, step, pos: int, token_ms: float, dtype: torch.dtype) -> dict:
     """Where one decode step's time goes, each part replayed as a CUDA graph: every layer's W4 matmuls
@@ -123,11 +101,13 @@ def breakdown_cuda(model, step, pos: int, token_ms: float, dtype: torch.dtype) -
     lins = [m for m in model.modules() if isinstance(m, QuantLinear)]
     dev = step.cache.k.device
     xs = [torch.randn(1, m.in_features, device=dev, dtype=dtype) for m in lins]
-    lin_ms = graph_ms(lambda: [m(x) for m, x in zip(lins, xs)])
+    from kernels import graph_seconds, replay_seconds  # bench/kernels.py: the same CUDA-graph timing
+
+    lin_ms = 1e3 * graph_seconds([lambda: [m(x) for m, x in zip(lins, xs)]])
     h = torch.randn(1, model.args.hidden_size, device=dev, dtype=dtype)
-    head_ms = graph_ms(lambda: model.lm_head(h))
+    head_ms = 1e3 * graph_seconds([lambda: model.lm_head(h)])
     captured = step.captured(pos)
-    step_ms = replay_ms(captured) if captured is not None else float("nan")
+    step_ms = 1e3 * replay_seconds(captured) if captured is not None else float("nan")
     return {"w4_matmuls_ms": lin_ms, "w4_launches": len(lins), "lm_head_ms": head_ms, "step_graph_ms": step_ms,
             "attention_norms_rope_other_ms": step_ms - lin_ms - head_ms, "host_sampling_ms": token_ms - step_ms,
             "token_ms": token_ms}

@@ -107,18 +107,22 @@ class Int8Linear(nn.Module):
         if x.device.type == "cuda" and x.numel() == x.shape[-1]:
             gemv = self._cuda_gemv()
             if gemv is not None:
-                from ..kernels.w4_triton import TUNER
-
-                y = gemv(x.reshape(1, -1), self.weight, self.scales, tuner=TUNER if self.tune else None)
-                return y.reshape(*x.shape[:-1], -1)
+                return gemv(x.reshape(1, -1), self.weight, self.scales).reshape(*x.shape[:-1], -1)
         return self.reference(x)
 
     def _cuda_gemv(self):
-        try:
-            from ..kernels.int8_triton import int8_gemv
-        except ImportError:  # no triton: the chunked path
-            return None
-        return int8_gemv
+        """The Triton GEMV bound to this head's tuning choice, resolved once (None without triton)."""
+        if not hasattr(self, "_gemv"):
+            try:
+                from functools import partial
+
+                from ..kernels.int8_triton import int8_gemv
+                from ..kernels.w4_triton import TUNER
+            except ImportError:  # no triton: the chunked path
+                self._gemv = None
+            else:
+                self._gemv = partial(int8_gemv, tuner=TUNER if self.tune else None)
+        return self._gemv
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The chunked dequantize-and-matmul twin of the fast paths."""
