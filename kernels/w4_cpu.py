@@ -22,14 +22,19 @@ about 0.2 ms per row for a 4096×4096 layer, 2.4× slower than a dense bf16 matm
 bf16 [K, N] matrix (the same (q − 8)·scale + zero, in bf16) and runs one dense matmul. Measured with
 bench/kernels.py on the CI machine (2 cores, torch 2.13, weights rotated so they come from memory):
 at M = 800, 107 vs 153 ms (4096×4096), 271 vs 416 ms (4096×11008), 284 vs 414 ms (11008×4096); at
-M = 256 the op is still faster (49 vs 58 ms on 4096×4096); the two cross at about 290–340 rows. This reads torch's packed layout (blocks of
-64 output rows; byte [k, j] holds row j in its low nibble and row j + 32 in its high one), which is
-checked against the op on a probe matrix once per process; if a future torch changes it, the dense path
-is disabled and the op is used for every M.
+M = 256 the op is still faster (49 vs 58 ms on 4096×4096); the two cross at about 290–340 rows.
+
+torch's packed layout depends on the CPU build path that runs (AVX-512: blocks of 64 output rows, byte
+[k, j] holding rows j and j + 32; AVX2 and plain builds: blocks of 32, rows j and j + 16; other builds
+may differ). Rather than assume one, `packed_layout()` infers it once per process from the packing op
+itself — four probe packings whose nibbles spell out each value's row and column — and checks the
+inferred decoder against the op on a probe matrix. If no block layout explains the probe, or the check
+fails, a warning says so once and the op is used for every M (correct, but slower prefill).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +43,6 @@ from .w4_ref import check_shapes, unpack_cols, unpack_rows
 
 _GROUPS = (256, 128, 64, 32)
 DENSE_MIN_ROWS = 320  # from this many rows on, dequantize once + dense bf16 matmul beats the int4 op
-_LAYOUT_OK: bool | None = None  # the packed layout probe's verdict, once per process
 
 
 def available() -> bool:
@@ -82,19 +86,27 @@ class CpuW4Weight:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().to(torch.int32), 1)
         return cls(packed=packed, scales_zeros=sz, group=sub, perm=perm, k=k, n=n)
 
-    def dequantize_t(self) -> torch.Tensor:
+    def dequantize_t(self, layout: "PackedLayout | None" = None) -> torch.Tensor:
         """The weight as bf16 [K, N] (K in the activation-permuted order), decoded from the packed layout."""
-        n64, k, g = self.n // 64, self.k, self.group
-        packed = self.packed.view(n64, k, 32).permute(1, 0, 2)  # [K, N/64, 32]: rows j and j + 32 of each block
-        w = torch.empty(k, n64, 64, dtype=torch.bfloat16)
-        w[..., :32].copy_(packed & 15)
-        w[..., 32:].copy_(packed >> 4)
-        wv = w.view(k // g, g, self.n)
+        layout = layout or packed_layout()
+        if layout is None or self.n % layout.block:
+            raise RuntimeError("torch's packed int4 layout is not readable here; use the int4 op")
+        w = layout.unpack(self.packed, self.n, self.k)  # [K, N] bf16, nibbles 0…15
+        g = self.group
+        wv = w.view(self.k // g, g, self.n)
         torch.addcmul(self.scales_zeros[..., 1].unsqueeze(1), wv.sub_(8), self.scales_zeros[..., 0].unsqueeze(1), out=wv)
-        return w.view(k, self.n)
+        return w
 
     def _dense_ok(self) -> bool:
-        return self.n % 64 == 0 and _packed_layout_ok()
+        layout = packed_layout()
+        if layout is None:
+            return False
+        if self.n % layout.block:
+            _warn_once(f"n{layout.block}", f"CPU W4: a layer with N = {self.n} output rows is not a whole number of torch's "
+                       f"{layout.block}-row int4 blocks; its large-M prefill uses the int4 op (slower) instead of "
+                       "dequantize + dense matmul")
+            return False
+        return True
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] != self.k:
@@ -113,17 +125,109 @@ class CpuW4Weight:
         return y.reshape(*lead, self.n)
 
 
-def _packed_layout_ok() -> bool:
-    """Does `dequantize_t` read torch's packed layout right? Checked once against the op on a probe."""
-    global _LAYOUT_OK
-    if _LAYOUT_OK is None:
-        gen = torch.Generator().manual_seed(0)
-        n, k, g = 128, 64, 32
-        q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
-        sz = (torch.rand(k // g, n, 2, generator=gen) + 0.5).to(torch.bfloat16)
-        probe = CpuW4Weight(packed=torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros=sz,
-                            group=g, perm=None, k=k, n=n)
-        eye = torch.eye(k, dtype=torch.bfloat16)
-        via_op = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, probe.packed, g, sz)  # = W^T
-        _LAYOUT_OK = bool(torch.allclose(probe.dequantize_t().float(), via_op.float(), rtol=1e-2, atol=1e-2))
-    return _LAYOUT_OK
+@dataclass(frozen=True)
+class PackedLayout:
+    """torch's CPU int4 layout for N a multiple of `block`: bytes [N / block, K, block / 2]; byte j of a
+    block row holds output row `lo[j]` of the block in its low nibble and row `hi[j]` in its high one."""
+
+    block: int
+    lo: tuple[int, ...]
+    hi: tuple[int, ...]
+
+    def unpack(self, packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """Nibbles of a packed [N, K] weight as bf16 [K, N] (values 0…15)."""
+        b, half = self.block, self.block // 2
+        p = packed.reshape(n // b, k, half).permute(1, 0, 2)  # [K, N/block, block/2]
+        w = torch.empty(k, n // b, b, dtype=torch.bfloat16)
+        if self.lo == tuple(range(half)) and self.hi == tuple(range(half, b)):  # AVX-512 / AVX2: no gather
+            w[..., :half].copy_(p & 15)
+            w[..., half:].copy_(p >> 4)
+        else:
+            order = torch.tensor(self.lo + self.hi)
+            w[..., order[:half]] = (p & 15).to(torch.bfloat16)
+            w[..., order[half:]] = (p >> 4).to(torch.bfloat16)
+        return w.view(k, n)
+
+
+_LAYOUT: PackedLayout | None = None
+_LAYOUT_DONE = False
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def infer_packed_layout(pack=None, n: int = 128, k: int = 32) -> PackedLayout | None:
+    """Infer the block layout of `pack` (default: torch's `_convert_weight_to_int4pack_for_cpu`).
+
+    Packs four probe matrices whose values are the low and high nibbles of each element's row and column,
+    reads back where every (row, column) landed, and returns the block layout that explains every byte,
+    or None if none does. `pack` maps int32 [n, k] values 0…15 to uint8 bytes; tests pass their own.
+    """
+    pack = pack or (lambda q: torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    rows = torch.arange(n, dtype=torch.int32).unsqueeze(1).expand(n, k)
+    cols = torch.arange(k, dtype=torch.int32).unsqueeze(0).expand(n, k)
+    probes = [rows & 15, rows >> 4, cols & 15, cols >> 4]
+    try:
+        planes = [pack(p.contiguous()).reshape(-1).to(torch.int32) for p in probes]
+    except RuntimeError:
+        return None
+    if planes[0].numel() * 2 != n * k:
+        return None
+    lo_row = (planes[0] & 15) | ((planes[1] & 15) << 4)
+    hi_row = (planes[0] >> 4) | ((planes[1] >> 4) << 4)
+    lo_col = (planes[2] & 15) | ((planes[3] & 15) << 4)
+    hi_col = (planes[2] >> 4) | ((planes[3] >> 4) << 4)
+    for block in (64, 32, 16, 8, 4, 2):
+        if n % block:
+            continue
+        half = block // 2
+        byte = torch.arange(planes[0].numel())
+        nb, kk, j = byte // (k * half), (byte // half) % k, byte % half
+        lo, hi = lo_row[:half] % block, hi_row[:half] % block
+        if not (torch.equal(lo_col, kk) and torch.equal(hi_col, kk)
+                and torch.equal(lo_row, nb * block + lo[j]) and torch.equal(hi_row, nb * block + hi[j])):
+            continue
+        if sorted(lo.tolist() + hi.tolist()) != list(range(block)):
+            continue
+        return PackedLayout(block, tuple(lo.tolist()), tuple(hi.tolist()))
+    return None
+
+
+def packed_layout() -> PackedLayout | None:
+    """torch's CPU int4 layout on this machine, inferred and checked against the op once per process.
+
+    None (after one warning) when it cannot be read: the caller then uses the int4 op for every M.
+    """
+    global _LAYOUT, _LAYOUT_DONE
+    if not _LAYOUT_DONE:
+        _LAYOUT_DONE = True
+        cap = torch.backends.cpu.get_cpu_capability()
+        layout = infer_packed_layout() if available() else None
+        if layout is None:
+            _warn_once("layout", f"CPU W4: torch {torch.__version__}'s packed int4 layout on this CPU ({cap}) matches no "
+                       "known block layout; large-M prefill uses the int4 op (slower) instead of dequantize + dense matmul")
+        elif not _check_against_op(layout):
+            _warn_once("layout", f"CPU W4: the inferred int4 layout (blocks of {layout.block} rows, {cap}) disagrees with "
+                       "torch's int4 op on a probe; large-M prefill uses the int4 op (slower) instead of dequantize + dense")
+            layout = None
+        _LAYOUT = layout
+    return _LAYOUT
+
+
+def _check_against_op(layout: PackedLayout) -> bool:
+    """Does `layout` decode what the op computes? The op times an identity gives Wᵀ scaled and shifted."""
+    gen = torch.Generator().manual_seed(0)
+    n, k, g = 128, 64, 32
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+    sz = (torch.rand(k // g, n, 2, generator=gen) + 0.5).to(torch.bfloat16)
+    probe = CpuW4Weight(packed=torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros=sz,
+                        group=g, perm=None, k=k, n=n)
+    if not torch.equal(layout.unpack(probe.packed, n, k).T.to(torch.int32), q):
+        return False
+    eye = torch.eye(k, dtype=torch.bfloat16)
+    via_op = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, probe.packed, g, sz)  # = dequantized Wᵀ
+    return bool(torch.allclose(probe.dequantize_t(layout).float(), via_op.float(), rtol=1e-2, atol=1e-2))

@@ -80,7 +80,7 @@ def test_cpu_dense_prefill_path_matches_the_int4_op():
     """The large-M path decodes torch's packed layout itself: it must agree with the op row for row."""
     from qwen_audio_edge.kernels import w4_cpu
 
-    assert w4_cpu._packed_layout_ok()
+    assert w4_cpu.packed_layout() is not None, "the fast prefill path must be active on this CPU"
     for k, n, gs, act, sym in [(256, 64, 64, True, True), (224, 192, 32, True, False), (512, 128, -1, False, True)]:
         q = _layer(k, n, gs, act, sym)
         w = CpuW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
@@ -91,6 +91,88 @@ def test_cpu_dense_prefill_path_matches_the_int4_op():
         _check(dense, op, torch.float32, 1e-2)
         ref = w4_matmul_ref(x, q.qweight, q.qzeros, q.scales, q.g_idx)
         _check(dense, ref, torch.float32, CPU_TOL)
+
+
+_LAYOUT_SCRIPT = """
+import warnings, torch
+warnings.simplefilter("error")  # a refused fast path warns: that must fail this check
+from qwen_audio_edge.kernels import w4_cpu
+layout = w4_cpu.packed_layout()
+assert layout is not None
+gen = torch.Generator().manual_seed(1)
+k, n = 256, 192
+q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
+sz = (torch.rand(k // 64, n, 2, generator=gen) + 0.5).to(torch.bfloat16)
+w = w4_cpu.CpuW4Weight(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz, 64, None, k, n)
+x = torch.randn(w4_cpu.DENSE_MIN_ROWS, k, generator=gen).to(torch.bfloat16)
+op = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, 64, sz).float()
+dense = w.matmul(x).float()
+err = ((dense - op).abs().max() / op.abs().max()).item()
+assert err < 1e-2, err
+print(torch.backends.cpu.get_cpu_capability(), layout.block, f"{err:.2e}")
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_cpu_dense_prefill_path_on_every_torch_cpu_build_path(capability):
+    """torch packs int4 differently per instruction set; ATEN_CPU_CAPABILITY selects each build path
+    (one above the CPU's own falls back to the highest it has), and the fast path must read each."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run([sys.executable, "-c", _LAYOUT_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cap, block, _ = out.stdout.split()
+    assert int(block) == (64 if cap == "AVX512" else 32)
+
+
+def _pack_blocks(q: torch.Tensor, block: int, lo: list[int], hi: list[int]) -> torch.Tensor:
+    """A reference packer for a hypothetical block layout (written from the layout's definition)."""
+    n, k = q.shape
+    half = block // 2
+    out = torch.empty(n // block, k, half, dtype=torch.uint8)
+    for nb in range(n // block):
+        for j in range(half):
+            out[nb, :, j] = (q[nb * block + lo[j]] | (q[nb * block + hi[j]] << 4)).to(torch.uint8)
+    return out.reshape(n, k // 2)
+
+
+def test_packed_layout_inference_reads_any_block_layout_and_refuses_others():
+    from qwen_audio_edge.kernels.w4_cpu import infer_packed_layout
+
+    gen = torch.Generator().manual_seed(0)
+    for block in (64, 32, 16):
+        rows = torch.randperm(block, generator=gen).tolist()
+        lo, hi = rows[: block // 2], rows[block // 2:]
+        layout = infer_packed_layout(lambda q, b=block, lo=lo, hi=hi: _pack_blocks(q, b, lo, hi))
+        assert layout is not None and (layout.block, list(layout.lo), list(layout.hi)) == (block, lo, hi)
+        q = torch.randint(0, 16, (2 * block, 48), dtype=torch.int32, generator=gen)
+        assert torch.equal(layout.unpack(_pack_blocks(q, block, lo, hi), 2 * block, 48).T.to(torch.int32), q)
+    # a layout that is no block layout (columns scrambled) is refused, not guessed
+    scramble = torch.randperm(128 * 16, generator=gen)
+    assert infer_packed_layout(lambda q: _pack_blocks(q, 32, list(range(16)), list(range(16, 32))).reshape(-1)[scramble]) is None
+
+
+def test_unreadable_layout_warns_once_and_uses_the_int4_op(monkeypatch):
+    from qwen_audio_edge.kernels import w4_cpu
+
+    monkeypatch.setattr(w4_cpu, "_LAYOUT_DONE", False)
+    monkeypatch.setattr(w4_cpu, "_LAYOUT", None)
+    monkeypatch.setattr(w4_cpu, "_WARNED", set())
+    monkeypatch.setattr(w4_cpu, "infer_packed_layout", lambda *a, **k: None)
+    q = _layer(256, 64, 64, False, True)
+    w = CpuW4Weight.build(q.qweight, q.qzeros, q.scales, q.g_idx)
+    x = torch.randn(w4_cpu.DENSE_MIN_ROWS, 256)
+    with pytest.warns(RuntimeWarning, match="matches no known block layout"):
+        y = w.matmul(x)
+    _check(y, w4_matmul_ref(x, q.qweight, q.qzeros, q.scales, q.g_idx), torch.float32, CPU_TOL)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w.matmul(x)  # once only
 
 
 def test_cpu_kernel_declines_what_it_cannot_run():
