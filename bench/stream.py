@@ -83,6 +83,9 @@ def main() -> None:
     # otherwise the forced endpoint (correctly) splits it.
     ap.add_argument("--lengths", default="2,5,10,20,30")
     ap.add_argument("--chunk-seconds", type=float, default=2.0)
+    ap.add_argument("--lookahead-seconds", type=float, default=0.5, help="chunked mode's look-ahead per block")
+    ap.add_argument("--ptt-only", action="store_true",
+                    help="only the push-to-talk rows (exact and chunked stream, offline run): the flatness check")
     ap.add_argument("--realtime-lengths", default="5,29.5",
                     help="utterances also fed at real-time pace (VAD, speculative): wall time from the true end of "
                     "speech to the first token, and how much of it is compute beyond the VAD's own wait")
@@ -110,7 +113,7 @@ def main() -> None:
         hf = Qwen2AudioForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32).eval()
         proc = AutoProcessor.from_pretrained(str(ckpt))
         p.run(np.zeros(16000, np.float32) + 0.01, prompt, sampling=one)  # warm-up
-        chunked = StreamOptions(mode="chunked", chunk_seconds=a.chunk_seconds)
+        chunked = StreamOptions(mode="chunked", chunk_seconds=a.chunk_seconds, lookahead_seconds=a.lookahead_seconds)
 
         def vad_latency(audio: np.ndarray, options: StreamOptions) -> float:
             s = StreamSession(p, prompt, sampling=one, vad=VadOptions(), options=options)
@@ -142,7 +145,7 @@ def main() -> None:
                     "beyond_vad_wait_ms": user_ms - vad_wait_ms, "speculative": ev.result.timings["speculative"],
                     "lag_s": ev.lag_s}
 
-        for secs in map(float, a.realtime_lengths.split(",")) if a.realtime_lengths else []:
+        for secs in map(float, a.realtime_lengths.split(",")) if a.realtime_lengths and not a.ptt_only else []:
             x = speech(secs, tmp)
             audio = np.concatenate([np.zeros(8000, np.float32), x, np.zeros(16000, np.float32)])
             row = {"seconds": secs}
@@ -156,6 +159,16 @@ def main() -> None:
             vad_secs = min(secs, 29.5)
             stream_audio = np.concatenate([np.zeros(8000, np.float32), x[: int(vad_secs * 16000)], np.zeros(16000, np.float32)])
             row = {"seconds": secs, "vad_speech_seconds": vad_secs}
+            if a.ptt_only:
+                samples = {k: [] for k in ("offline_run_ttft_ms", "push_to_talk_exact_ttft_ms", "push_to_talk_chunked_ttft_ms")}
+                for _ in range(a.repeats):
+                    samples["offline_run_ttft_ms"].append(p.run(x, prompt, sampling=one).timings["ttft_ms"])
+                    samples["push_to_talk_exact_ttft_ms"].append(push_to_talk(x, StreamOptions()))
+                    samples["push_to_talk_chunked_ttft_ms"].append(push_to_talk(x, chunked))
+                row.update({k: statistics.median(v) for k, v in samples.items()})
+                res["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                continue
             for key, options in [("vad_endpoint_to_first_token_ms_spec", StreamOptions()),
                                  ("vad_endpoint_to_first_token_ms_nospec", StreamOptions(speculate=False)),
                                  ("vad_chunked_endpoint_to_first_token_ms_spec", chunked)]:
@@ -189,6 +202,7 @@ def main() -> None:
         if 5.0 in by_len and 30.0 in by_len:
             res["chunked_flatness_30s_over_5s"] = by_len[30.0]["push_to_talk_chunked_ttft_ms"] / by_len[5.0]["push_to_talk_chunked_ttft_ms"]
         res["chunk_seconds"] = a.chunk_seconds
+        res["lookahead_seconds"] = a.lookahead_seconds
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
@@ -205,7 +219,8 @@ def main() -> None:
                        ("push_to_talk_exact_ttft_ms", "push-to-talk exact stream"),
                        ("push_to_talk_chunked_ttft_ms", f"push-to-talk chunked ({a.chunk_seconds:g} s blocks)"),
                        ("offline_run_ttft_ms", "offline run"), ("transformers_offline_ttft_ms", "transformers offline")]:
-        ax.plot(xs, [r[key] for r in res["rows"]], marker="o", label=label)
+        if all(key in r for r in res["rows"]):
+            ax.plot(xs, [r[key] for r in res["rows"]], marker="o", label=label)
     ax.set_xlabel("utterance length (s)")
     ax.set_ylabel("first token after end of speech (ms)")
     ax.set_yscale("log")

@@ -6,11 +6,18 @@ continuation greedily decoded by A; both models score the same ids. Reported: pe
 relative output error ‖h_B − h_A‖ / ‖h_A‖ (all positions), top-1 agreement and mean KL(A ‖ B) of the
 next-token distributions over the continuation positions. This is also how a user with the real
 weights verifies that our runtime matches transformers on them (compare HF_DIR ARTIFACTS).
+
+Given reference transcripts (`--transcripts`, or `--librispeech DIR`), each side also transcribes every file
+(greedy, no repetition penalty, stopping at the generation config's eos ids, with eval's instruction) and
+the report adds each side's WER (Whisper English normalizer + jiwer, as `eval`) and the relative change
+(WER_B − WER_A) / WER_A: e.g. `compare ARTIFACTS --chunked 2 --librispeech test-clean` is the chunked vs
+exact study in one command.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,8 +77,9 @@ class OurModel:
         d = self.p.decoder
         t = torch.tensor([ids], device=self.p.device)
         emb = d.embed(t)
-        if audio is not None:
-            emb[0, t[0] == self.p.prompt.audio_token_id] = audio.to(emb.device, emb.dtype)
+        if audio is not None:  # the prompt's audio slots (a continuation may hold the audio token id too)
+            slots = (t[0] == self.p.prompt.audio_token_id).nonzero().flatten()[: audio.shape[0]]
+            emb[0, slots] = audio.to(emb.device, emb.dtype)
         outs, handles = _hook_layers(d.model.layers)
         try:
             logits = d(emb, 0, d.setup_cache(len(ids)), all_logits=True)[0].float().cpu()
@@ -95,6 +103,23 @@ class OurModel:
         out = list(generate(d, cache, emb, 0, list(ids), opts, self.p.stop_ids, GenerationStats()))
         self.p.cache = d.setup_cache(self.p.max_context)
         return out
+
+    @torch.inference_mode()
+    def transcribe(self, audio, instruction: str, max_new_tokens: int) -> str:
+        """Greedy answer to `instruction` about `audio` (exactly or chunked encoded), stopping at the stop ids."""
+        from ..runtime import generate as g
+
+        ids, embeds = self.prompt(audio, instruction)
+        d = self.p.decoder
+        t = torch.tensor([ids], device=self.p.device)
+        emb = d.embed(t)
+        if embeds is not None:
+            emb[0, t[0] == self.p.prompt.audio_token_id] = embeds.to(emb.device, emb.dtype)
+        opts = g.SamplingOptions(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
+        # Into the pipeline's own cache from position 0, as a new conversation would.
+        tokens = list(g.generate(d, self.p.cache, emb, 0, list(ids), opts, self.p.stop_ids, g.GenerationStats()))
+        detok = g.IncrementalDetokenizer(self.p.prompt.tokenizer)
+        return "".join(detok.push(tok) for tok in tokens) + detok.flush()
 
 
 class HFModel:
@@ -146,6 +171,18 @@ class HFModel:
             out = self.model.generate(**f, generation_config=cfg)
         return out[0, len(ids):].tolist()
 
+    def transcribe(self, audio, instruction: str, max_new_tokens: int) -> str:
+        """Greedy answer, no repetition penalty; eos ids from the checkpoint's generation config (as ours)."""
+        from transformers import GenerationConfig
+
+        ids, _ = self.prompt(audio, instruction)
+        cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, repetition_penalty=1.0,
+                               no_repeat_ngram_size=0, min_new_tokens=0)
+        with torch.no_grad():
+            out = self.model.generate(**self._features, generation_config=cfg)
+        vocab = len(self.proc.tokenizer)
+        return self.proc.tokenizer.decode([i for i in out[0, len(ids):].tolist() if i < vocab], skip_special_tokens=True)
+
 
 def open_model(path: str | Path, chunk_seconds: float | None = None, **options):
     p = Path(path)
@@ -165,19 +202,34 @@ def audio_cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> list[float] 
     return F.cosine_similarity(a.float(), b.float(), dim=-1).tolist()
 
 
-def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32) -> dict:
+def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32, *, transcripts: list[str] | None = None,
+            instruction: str | None = None, max_new_tokens: int = 256, progress: bool = False) -> dict:
     """Run the comparison over `audio_files` (paths, or arrays of 16 kHz samples); returns the aggregated
-    report (and per-file rows). With two runtime models the audio embeddings' cosine similarity is reported too."""
+    report (and per-file rows). With two runtime models the audio embeddings' cosine similarity is reported too.
+
+    transcripts (one per file): each side also transcribes each file greedily with `instruction` (default:
+    eval's) up to `max_new_tokens`, and the report gets `wer` (see `wer_report`), each row its transcript,
+    both hypotheses and both per-utterance WERs."""
+    from tqdm import tqdm
+
+    from .evaluate import DEFAULT_INSTRUCTION
+
     if not audio_files:
         raise OptionsError("compare needs at least one --audio file")
     if new_tokens < 1:
         raise OptionsError(f"--new-tokens must be ≥ 1, got {new_tokens}")
+    if transcripts is not None and len(transcripts) != len(audio_files):
+        raise OptionsError(f"{len(transcripts)} transcripts for {len(audio_files)} audio files")
+    if max_new_tokens < 1:
+        raise OptionsError(f"--max-new-tokens must be ≥ 1, got {max_new_tokens}")
+    instruction = instruction or DEFAULT_INSTRUCTION
+    hyps: list[tuple[str, str]] = []
     rows = []
     all_kl: list[float] = []
     all_agree: list[float] = []
     layer_sums: list[float] = []
     all_cos: list[float] = []
-    for f in audio_files:
+    for i, f in enumerate(tqdm(audio_files, desc="compare", disable=not progress, file=sys.stderr, dynamic_ncols=True)):
         ids_a, audio_a = a.prompt(f, prompt)
         ids_b, audio_b = b.prompt(f, prompt)
         if ids_a != ids_b:
@@ -197,6 +249,9 @@ def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32) -> dict:
         if cos is not None:
             row.update(audio_cosine_mean=sum(cos) / len(cos), audio_cosine_min=min(cos))
             all_cos += cos
+        if transcripts is not None:
+            hyps.append((a.transcribe(f, instruction, max_new_tokens), b.transcribe(f, instruction, max_new_tokens)))
+            row.update(transcript=transcripts[i], hypotheses={"reference": hyps[-1][0], "candidate": hyps[-1][1]})
         rows.append(row)
         all_kl += r["kl"]
         all_agree += r["agree"]
@@ -207,6 +262,31 @@ def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32) -> dict:
               "layer_rel_err": [x / n for x in layer_sums], "rows": rows}
     if all_cos:
         report.update(audio_cosine_mean=sum(all_cos) / len(all_cos), audio_cosine_min=min(all_cos))
+    if transcripts is not None:
+        report["wer"] = wer_report(transcripts, hyps, rows)
+        report["wer"].update(instruction=instruction, max_new_tokens=max_new_tokens)
+    return report
+
+
+def wer_report(transcripts: list[str], hyps: list[tuple[str, str]], rows: list[dict]) -> dict:
+    """WER of each side (normalized as `eval`), the relative change (WER_B − WER_A) / WER_A (None when WER_A
+    is 0 or nothing was scored), and per-row WERs (None for an empty normalized transcript)."""
+    import jiwer
+
+    from .evaluate import normalizer, wer_stats
+
+    norm = normalizer()
+    refs = [norm(t) for t in transcripts]
+    report: dict = {"normalizer": "whisper-english"}
+    for k, side in enumerate(("reference", "candidate")):
+        out = [norm(h[k]) for h in hyps]
+        stats = wer_stats(refs, out)
+        report.update(utterances=stats["utterances"], words=stats["words"])  # the same for both sides
+        report[side] = {"wer_percent": stats["wer_percent"], "errors": stats["errors"]}
+        for row, ref, hyp in zip(rows, refs, out):
+            row.setdefault("wer", {})[side] = jiwer.wer(ref, hyp) if ref else None
+    a, b = report["reference"]["wer_percent"], report["candidate"]["wer_percent"]
+    report["relative_change"] = (b - a) / a if a > 0 and math.isfinite(b) else None
     return report
 
 
@@ -221,4 +301,12 @@ def format_table(report: dict) -> str:
     lines += [f"{i:5d}  {e:.3e}" for i, e in enumerate(report["layer_rel_err"])]
     if not all(math.isfinite(e) for e in report["layer_rel_err"]):
         lines.append("warning: non-finite layer errors")
+    w = report.get("wer")
+    if w:
+        rel = w["relative_change"]
+        lines += ["", (f"WER on {w['utterances']} utterance(s), {w['words']} words (instruction {w['instruction']!r}, "
+                       f"greedy, ≤ {w['max_new_tokens']} tokens; Whisper English normalizer):"),
+                  f"  reference  {w['reference']['wer_percent']:7.2f} %  ({w['reference']['errors']} errors)",
+                  f"  candidate  {w['candidate']['wer_percent']:7.2f} %  ({w['candidate']['errors']} errors)",
+                  "  relative change  " + (f"{100 * rel:+.1f} %" if rel is not None else "n/a (reference WER is 0)")]
     return "\n".join(lines)

@@ -47,10 +47,55 @@ def read_librispeech(root: str | Path, limit: int | None = None) -> list[Utteran
     return utts[:limit] if limit else utts
 
 
+def read_transcripts(source: str | Path, audio_files: list) -> list[str]:
+    """Reference transcripts of `audio_files`, matched by file name without extension (NAME for NAME.flac).
+
+    source: a text file of `NAME TEXT` lines (the LibriSpeech *.trans.txt format), or a directory holding
+    NAME.txt (the whole file is the transcript) or *.trans.txt files, searched recursively. Every audio file
+    needs one."""
+    source = Path(source)
+    refs: dict[str, str] = {}
+    if source.is_file():
+        files = [source]
+    elif source.is_dir():
+        files = sorted(source.rglob("*.trans.txt"))
+        for name in {Path(f).stem for f in audio_files}:
+            single = source / f"{name}.txt"
+            if single.is_file():
+                refs[name] = " ".join(single.read_text().split())
+    else:
+        raise OptionsError(f"transcripts not found: {source} (a file of `NAME TEXT` lines, or a directory of NAME.txt files)")
+    for f in files:
+        for line in f.read_text().splitlines():
+            uid, _, text = line.strip().partition(" ")
+            if uid:
+                refs.setdefault(uid, text.strip())
+    missing = [str(f) for f in audio_files if Path(f).stem not in refs]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise OptionsError(f"{source} has no transcript for {shown}: give a `NAME TEXT` line (or NAME.txt) per audio file NAME.*")
+    return [refs[Path(f).stem] for f in audio_files]
+
+
 def normalizer():
     from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
     return EnglishTextNormalizer({})  # the spelling map ships with Whisper checkpoints; none is needed offline
+
+
+def wer_stats(references: list[str], hypotheses: list[str]) -> dict:
+    """Corpus WER (jiwer) of normalized texts; pairs whose reference is empty are left out, as in `evaluate`.
+
+    Returns wer_percent (NaN with nothing to score), errors (substitutions + deletions + insertions), words
+    (reference words) and utterances (pairs scored)."""
+    import jiwer
+
+    pairs = [(r, h) for r, h in zip(references, hypotheses) if r]
+    if not pairs:
+        return {"wer_percent": float("nan"), "errors": 0, "words": 0, "utterances": 0}
+    out = jiwer.process_words([r for r, _ in pairs], [h for _, h in pairs])
+    return {"wer_percent": 100 * out.wer, "errors": out.substitutions + out.deletions + out.insertions,
+            "words": out.hits + out.substitutions + out.deletions, "utterances": len(pairs)}
 
 
 def evaluate(pipeline, utterances: list[Utterance], instruction: str, out_jsonl: Path | None,
@@ -76,7 +121,6 @@ def evaluate(pipeline, utterances: list[Utterance], instruction: str, out_jsonl:
     finally:
         if sink:
             sink.close()
-    pairs = [(r, h) for r, h in zip(refs, hyps) if r]
-    wer = jiwer.wer([r for r, _ in pairs], [h for _, h in pairs]) if pairs else float("nan")
-    return {"utterances": len(utterances), "wer_percent": 100 * wer, "instruction": instruction,
-            "published_wer_percent": PUBLISHED}
+    stats = wer_stats(refs, hyps)
+    return {"utterances": len(utterances), "wer_percent": stats["wer_percent"], "errors": stats["errors"],
+            "words": stats["words"], "instruction": instruction, "published_wer_percent": PUBLISHED}

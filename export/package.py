@@ -25,7 +25,7 @@ from ..runtime.errors import ArtifactsError, CheckpointError, ExportError, Optio
 from .calibrate import CalibrationOptions
 from .checkpoint import SourceCheckpoint
 from .gptq import GPTQConfig
-from .encoder_onnx import export_encoder_onnx, reference_embeddings, verify_encoder
+from .encoder_onnx import EncoderTolerances, export_encoder_onnx, reference_embeddings, verify_encoder
 
 DECODER_DTYPES = {16: torch.float16, 32: torch.float32}
 ENCODER_DTYPES = ("fp32", "fp16")
@@ -276,7 +276,8 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
             onnx_files["fp16"] = "encoder.fp16.onnx"
             fp16_path = tmp / "encoder.fp16.onnx"
             bar.update(1)
-        verification = verify_encoder(tmp / "encoder.onnx", reference, front, signal, fp16_path)
+        verification = verify_encoder(tmp / "encoder.onnx", reference, front, signal, fp16_path,
+                                      tolerances=EncoderTolerances.for_config(enc_cfg))
     verification["mel_max_abs_err_vs_feature_extractor"] = mel_err
     # The torch backend's master copy: the verified fp32 weights (cast to fp16 at load on a GPU if asked).
     save_file({k: v.float().contiguous() for k, v in enc_state.items()}, str(tmp / "encoder.safetensors"))

@@ -1,7 +1,8 @@
 """Audio in: load/resample/validate, split into ≤ 30 s segments, and the Whisper log-mel front end.
 
-The log-mel reproduces transformers' `WhisperFeatureExtractor(feature_size=128)` (torch path) on the
-valid frames while computing only ~the valid frames instead of a 30 s window (DESIGN §1):
+The log-mel reproduces transformers' `WhisperFeatureExtractor` (torch path; feature_size = the
+checkpoint's mel bins: 128 for Qwen2-Audio, 80 for a Whisper tiny.en encoder) on the valid frames
+while computing only ~the valid frames instead of a 30 s window (DESIGN §1):
 the reference zero-pads every utterance to 30 s, takes a centred STFT, drops the last frame, applies
 log10, clamps to (global max − 8) and maps (x + 4) / 4. Frames past L + 1 (L = valid frames) are
 pure padding and sit below the max, so the max over frames 0…L+1 is the same; frames L and L+1 still
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import AudioError
+from .errors import ArtifactsError, AudioError
 
 # Fewest samples that give one audio token: L = ceil(n / hop) valid frames must be ≥ 3.
 MIN_TOKEN_FRAMES = 3
@@ -27,7 +28,11 @@ MEL_BLOCK = 16
 
 @dataclass(frozen=True)
 class MelConfig:
-    """The front end's constants, read from the artifacts (preprocessor values), never hard-coded."""
+    """The front end's constants, read from the artifacts (preprocessor values), never hard-coded.
+
+    The defaults are Qwen2-Audio's; `from_dict` takes every value, n_mels included, from the
+    preprocessor config (`feature_size`), so other mel counts (Whisper's 80) work unchanged.
+    """
 
     sampling_rate: int = 16000
     n_fft: int = 400
@@ -59,6 +64,14 @@ class MelFrontEnd:
 
     config: MelConfig
     filters: torch.Tensor = field(repr=False)  # float32 [n_freq, n_mels]
+
+    def __post_init__(self) -> None:
+        expected = (self.config.n_fft // 2 + 1, self.config.n_mels)
+        if tuple(self.filters.shape) != expected:
+            raise ArtifactsError(
+                f"mel filter bank has shape {tuple(self.filters.shape)}, but the preprocessor config needs {expected} "
+                f"(n_fft {self.config.n_fft}, {self.config.n_mels} mel bins): re-export the artifacts"
+            )
 
     def valid_frames(self, n_samples: int) -> int:
         """Valid mel frames of an utterance of `n_samples` (the extractor's attention-mask sum)."""

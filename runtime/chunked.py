@@ -1,25 +1,30 @@
-"""Chunked stream mode: a block-wise encoder whose finished blocks are final, so they can be prefilled early.
+"""Chunked stream mode: a block-causal encoder whose finished blocks are final, so they can be prefilled early.
 
 Exact mode must wait for the end of the utterance, because the encoder attends over the whole window and
 the Whisper clamp uses the utterance's global max. Chunked mode (opt-in) changes the computation so that
-work can be done while the person speaks, in the manner of Qwen2.5-Omni's block-wise audio encoder:
+work can be done while the person speaks:
 
 - **blocks**: the valid mel frames are cut into blocks of `block` frames (`chunk_seconds` × 100; a
-  multiple of 4, so each full block gives exactly block/4 audio tokens). Each block is encoded on its
-  own — attention stays inside the block — but keeps its learned positions in the utterance (block k
-  starts at position k·block/2). Qwen2.5-Omni restarts positions per block, but it was trained that way;
-  Qwen2-Audio was trained on whole 30 s windows, and on the fixture models restarting measured a mean
-  audio-embedding cosine of 0.67–0.75 to exact mode against 0.96–0.97 with kept positions. A block
-  also receives the two frames after it (as the exact recipe gives the last valid frames their right
-  neighbours), so a full block is final once frames up to block end + 2 are.
-- **clamp rule (running max)**: block k is clamped at (max over all frames from the start of the
-  utterance up to the end of block k's input) − 8. Later, louder audio cannot change a finished block.
+  multiple of 4, so each full block gives exactly block/4 audio tokens). A block's tokens attend to the
+  cached keys/values of every earlier block, to their own block and to `lookahead` frames after it
+  (runtime/block_encoder.py), and keep their learned positions in the utterance. The convolutions see
+  two real frames on each side. So a block is final once frames up to its end + lookahead + 2 exist.
+- **clamp rule**: block k is clamped at max(running max up to its last input frame, CLAMP_FLOOR) − 8.
+  Later, louder audio cannot change a finished block. The floor matters: an utterance that starts in
+  digital silence has a running max of −10 (the 1e-10 power floor), and clamping its first block
+  against that amplified the silence into loud noise (bench/fidelity.py measured 122 % WER with 2 s
+  blocks on tiny.en against 13.6 % with the floor).
 - the last, partial block is encoded at the end of the utterance from the same zero-padded tail as the
-  exact recipe; one of ≤ 2 frames (≤ 20 ms) yields no token and is dropped, as the encoder would.
+  exact recipe.
 
-The audio token count is always the same as in exact mode (blocks are multiples of 4 frames), so the
-prompt ids are identical and the two modes can be compared token by token (`qwen-audio-edge compare
-A --chunked 2`). How far the answers move is model- and data-dependent: check it on your own audio.
+Why this rule (measured by bench/fidelity.py on trained Whisper tiny.en weights, its own decoder
+reading the states; figures in docs/streaming and bench/results/cpu/fidelity_tiny_en.json): the first
+rule, attention inside each block only, as Qwen2.5-Omni's encoder (trained that way), cost 32 % WER
+against 12.9 % exact with 2 s blocks. Attending to all earlier blocks plus a short look-ahead brings the
+states back to exact-mode quality at the cost of that look-ahead's latency per block.
+
+The audio token count is always the same as in exact mode, so the prompt ids are identical and the two
+modes can be compared token by token (`qwen-audio-edge compare A --chunked 2`).
 """
 
 from __future__ import annotations
@@ -28,8 +33,23 @@ import math
 
 import torch
 
-from .audio import IncrementalMel, MelFrontEnd, num_audio_tokens
+from .audio import IncrementalMel, MelFrontEnd
+from .block_encoder import BlockInput
 from .errors import OptionsError
+
+
+CLAMP_FLOOR = -1.0  # log10 mel power; the running max is held at least here (see the module docstring)
+DEFAULT_LOOKAHEAD_S = 0.5
+
+
+def lookahead_frames(seconds: float, front: MelFrontEnd) -> int:
+    """Look-ahead frames for `seconds` (whole frames, ≥ 0)."""
+    cfg = front.config
+    frames = seconds * cfg.sampling_rate / cfg.hop_length
+    if not math.isfinite(frames) or frames < 0 or abs(frames - round(frames)) > 1e-6:
+        raise OptionsError(f"--lookahead-seconds must be ≥ 0 and a whole number of {cfg.hop_length / cfg.sampling_rate:g} s "
+                           f"frames, got {seconds}")
+    return int(round(frames))
 
 
 def block_frames(chunk_seconds: float, front: MelFrontEnd) -> int:
@@ -48,63 +68,64 @@ def block_frames(chunk_seconds: float, front: MelFrontEnd) -> int:
     return frames
 
 
-def block_input(front: MelFrontEnd, logspec: torch.Tensor, n_valid: int, block: int, index: int) -> tuple[torch.Tensor, int, int]:
-    """Encoder input (mel, valid frames, position offset) of block `index` from unclamped frames `logspec` [n_mels, T].
+def causal_block_input(front: MelFrontEnd, logspec: torch.Tensor, n_valid: int, block: int, index: int,
+                       lookahead: int) -> BlockInput:
+    """Block-causal encoder input of block `index` (runtime/block_encoder.py) from unclamped frames [n_mels, T].
 
-    `logspec` must hold at least the block's frames plus its two right neighbours (or run to the end of
-    the utterance). The clamp uses the running max up to the end of this block's input.
+    Two real frames before the block feed the convolutions (none for the first block), then the block,
+    up to `lookahead` frames after it (fewer at the utterance's end) and two more for the convolutions.
+    The clamp is the running max up to the last frame used, so later audio never changes the block.
     """
     first = index * block
     count = min(block, n_valid - first)
-    stop = min(first + count + 2, logspec.shape[1])
-    return front.normalize(logspec[:, first:stop], logspec[:, :stop].max()), count, first // 2
+    ahead = max(0, min(lookahead, n_valid - first - count))
+    start = max(first - 2, 0)
+    stop = min(first + count + ahead + 2, logspec.shape[1])
+    rows = (count - 1) // 2 + 1
+    extra = (count + ahead - 1) // 2 + 1 - rows
+    mel = front.normalize(logspec[:, start:stop], torch.clamp(logspec[:, :stop].max(), min=CLAMP_FLOOR))
+    return BlockInput(mel=mel, left=first - start, rows=rows, extra_rows=extra, pos_offset=first // 2)
 
 
-def chunked_mels(front: MelFrontEnd, logspec: torch.Tensor, n_valid: int, block: int, first_index: int = 0) -> list[tuple[torch.Tensor, int, int]]:
-    """All blocks from `first_index` to the end of an utterance whose unclamped frames are `logspec`.
-
-    Blocks that would give no audio token (a tail of ≤ 2 frames) are left out.
-    """
-    out = []
-    for index in range(first_index, -(-n_valid // block)):
-        item = block_input(front, logspec, n_valid, block, index)
-        if num_audio_tokens(item[1]) > 0:
-            out.append(item)
-    return out
+def causal_blocks(front: MelFrontEnd, logspec: torch.Tensor, n_valid: int, block: int, lookahead: int,
+                  first_index: int = 0) -> list[BlockInput]:
+    """Block-causal inputs of every block from `first_index` to the end of the utterance."""
+    return [causal_block_input(front, logspec, n_valid, block, i, lookahead) for i in range(first_index, -(-n_valid // block))]
 
 
-def chunked_utterance(front: MelFrontEnd, waveform, block: int) -> list[tuple[torch.Tensor, int, int]]:
-    """The batch twin of `BlockStream`: block encoder inputs of one ≤ 30 s utterance."""
+def causal_utterance(front: MelFrontEnd, waveform, block: int, lookahead: int) -> list[BlockInput]:
+    """The batch twin of a streamed block-causal utterance (≤ 30 s)."""
     logspec, n_valid = front.log_spectrogram(waveform)
-    return chunked_mels(front, logspec, n_valid, block)
+    return causal_blocks(front, logspec, n_valid, block, lookahead)
 
 
 class BlockStream:
-    """Block encoder inputs of a streamed utterance, handed out as soon as each block is final.
+    """Block-causal encoder inputs of a streamed utterance, handed out as soon as each block is final.
 
     Reads the unclamped frames of an `IncrementalMel`; `ready()` returns the blocks that became final
     since the last call, `tail()` the rest once the utterance has ended. Together they equal
-    `chunked_utterance` of the same audio, tensor for tensor.
+    `causal_utterance` of the same audio, tensor for tensor.
     """
 
-    def __init__(self, mel: IncrementalMel, block: int):
+    def __init__(self, mel: IncrementalMel, block: int, lookahead: int):
         self.mel = mel
         self.block = block
+        self.lookahead = lookahead
         self.done = 0  # blocks handed out by ready()
 
-    def ready(self) -> list[tuple[torch.Tensor, int, int]]:
+    def ready(self) -> list[BlockInput]:
         out = []
         logspec = None
         cap = self.mel.cfg.nb_max_frames
-        while (self.done + 1) * self.block + 2 <= min(self.mel.frames_ready, cap):
+        while (self.done + 1) * self.block + self.lookahead + 2 <= min(self.mel.frames_ready, cap):
             if logspec is None:
                 logspec = self.mel.ready_logspec()
-            end = (self.done + 1) * self.block  # the utterance has more than `end` valid frames already
-            out.append(block_input(self.mel.front, logspec, end, self.block, self.done))
+            known = (self.done + 1) * self.block + self.lookahead  # the utterance has at least this many valid frames
+            out.append(causal_block_input(self.mel.front, logspec, known, self.block, self.done, self.lookahead))
             self.done += 1
         return out
 
-    def tail(self) -> list[tuple[torch.Tensor, int, int]]:
+    def tail(self) -> list[BlockInput]:
         """The blocks not handed out yet, computed from the utterance's end (does not consume the state)."""
         logspec, n_valid = self.mel.finish_unclamped()
-        return chunked_mels(self.mel.front, logspec, n_valid, self.block, self.done)
+        return causal_blocks(self.mel.front, logspec, n_valid, self.block, self.lookahead, self.done)

@@ -39,16 +39,21 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (defaults from the checkpoint's generation_config.json)")
+    g = p.add_argument_group(
+        "generation", "Defaults come from the checkpoint's generation_config.json, read as transformers reads it: "
+        "a key it does not set means transformers' default (greedy, no repetition penalty, …). A flag overrides it.")
     g.add_argument("--prompt", default=None, help="text after the audio in the user turn")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--greedy", action="store_true", help="argmax decoding")
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS/<|im_end|>")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length limit (default: the generation config's max_new_tokens, else 256)")
+    g.add_argument("--greedy", action="store_true",
+                   help="argmax decoding (do_sample=false) even where the generation config samples")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; --temperature, --top-k or --top-p turn sampling on (not with --greedy)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1: off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="1.0: off (applies to greedy decoding too)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampler (a fresh random seed by default)")
+    g.add_argument("--ignore-eos", action="store_true", help="do not stop at the generation config's eos_token_id")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,10 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate: artifacts dir or Hugging Face checkpoint (default: A again, with --chunked)")
     c.add_argument("--chunked", type=float, default=None, metavar="SECONDS",
                    help="run the candidate in the chunked stream mode with SECONDS blocks (e.g. compare ART --chunked 2)")
-    c.add_argument("--audio", action="append", required=True, help="audio file (repeat for several)")
+    c.add_argument("--audio", action="append", default=None, help="audio file (repeat for several)")
     c.add_argument("--prompt", default="What does the person say?")
     c.add_argument("--new-tokens", type=int, default=32, help="continuation length decoded by A and teacher-forced")
     c.add_argument("--json", action="store_true")
+    w = c.add_argument_group("WER (needs reference transcripts)",
+                             "Each side also transcribes every file (greedy, eval's instruction); the report adds both "
+                             "WERs and the relative change (WER_B - WER_A) / WER_A.")
+    w.add_argument("--transcripts", default=None, metavar="FILE_OR_DIR",
+                   help="transcripts of the --audio files: a file of `NAME TEXT` lines (LibriSpeech .trans.txt format; "
+                        "NAME = audio file name without extension) or a directory of NAME.txt / *.trans.txt files")
+    w.add_argument("--librispeech", default=None, metavar="DIR",
+                   help="LibriSpeech-format dir (*/*/*.flac + *.trans.txt): its utterances replace --audio")
+    w.add_argument("--limit", type=int, default=None, help="first N LibriSpeech utterances (sorted by id)")
+    w.add_argument("--instruction", default=None,
+                   help="transcription instruction (default: eval's 'Recognize the speech and give me the transcription.')")
+    w.add_argument("--max-new-tokens", type=int, default=256, help="transcription length limit (default 256)")
 
     v = sub.add_parser("eval", help="LibriSpeech WER of an artifacts dir (needs the [export] extra)")
     v.add_argument("artifacts")
@@ -154,12 +171,24 @@ def _runtime_options(a: argparse.Namespace):
                           w4_kernel=a.w4_kernel, w4_tune=not a.no_w4_tune, fuse=not a.no_fuse)
 
 
+def _sampling_flags(a: argparse.Namespace) -> list[str]:
+    """The sampling flags given; refused with --greedy (checked before any loading)."""
+    flags = [f for f, v in (("--temperature", a.temperature), ("--top-k", a.top_k), ("--top-p", a.top_p)) if v is not None]
+    if a.greedy and flags:
+        raise OptionsError(f"--greedy picks the most likely token, so {', '.join(flags)} would have no "
+                           "effect: drop --greedy to sample, or drop the sampling flags")
+    return flags
+
+
 def _sampling(pipeline, a: argparse.Namespace):
+    """The generation config's options (Pipeline.default_sampling) with the flags given on top: --greedy forces
+    argmax; --temperature/--top-k/--top-p force sampling (with the config's values for the others)."""
+    sampling_flags = _sampling_flags(a)
     over = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                repetition_penalty=a.repetition_penalty, seed=a.seed, ignore_eos=a.ignore_eos)
+                repetition_penalty=a.repetition_penalty, seed=a.seed, ignore_eos=a.ignore_eos or None)
     if a.greedy:
         over["greedy"] = True
-    elif a.temperature is not None:
+    elif sampling_flags:
         over["greedy"] = False
     return pipeline.default_sampling(**over)
 
@@ -208,6 +237,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_run(a: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
+    _sampling_flags(a)
     pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
     _run_turn(pipeline, a.audio, a)
     return 0
@@ -242,6 +272,7 @@ def cmd_stream(a: argparse.Namespace) -> int:
 
     if a.chunk_ms < 1:
         raise OptionsError(f"--chunk-ms must be ≥ 1, got {a.chunk_ms}")
+    _sampling_flags(a)
     if a.mic:
         return _stream_mic(a)
     pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
@@ -305,9 +336,28 @@ def cmd_compare(a: argparse.Namespace) -> int:
         raise OptionsError(f"compare needs the [export] extra ({e.name} is missing)") from e
     if a.b is None and a.chunked is None:
         raise OptionsError("compare needs a candidate B, or --chunked SECONDS to compare A's chunked stream mode with A")
+    if a.librispeech and (a.audio or a.transcripts):
+        raise OptionsError("--librispeech DIR brings its own audio files and transcripts: give it without --audio/--transcripts")
+    if not a.librispeech and not a.audio:
+        raise OptionsError("compare needs --audio FILE (repeat for several) or --librispeech DIR")
+    if a.limit is not None and not a.librispeech:
+        raise OptionsError("--limit applies to --librispeech")
+    transcripts = None
+    if a.librispeech:
+        from ..export.evaluate import read_librispeech
+
+        utts = read_librispeech(a.librispeech, a.limit)
+        files, transcripts = [u.audio for u in utts], [u.reference for u in utts]
+    else:
+        files = [Path(x) for x in a.audio]
+        if a.transcripts:
+            from ..export.evaluate import read_transcripts
+
+            transcripts = read_transcripts(a.transcripts, files)
     ref = open_model(a.a)
     cand = open_model(a.b or a.a, chunk_seconds=a.chunked)
-    report = compare(ref, cand, [Path(x) for x in a.audio], a.prompt, a.new_tokens)
+    report = compare(ref, cand, files, a.prompt, a.new_tokens, transcripts=transcripts, instruction=a.instruction,
+                     max_new_tokens=a.max_new_tokens, progress=True)
     print(json.dumps(report) if a.json else format_table(report))
     return 0
 
@@ -365,7 +415,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # warnings print as one `warning: …` line, like errors
     parser = build_parser()
     a = parser.parse_args(argv)
     handlers = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "compare": cmd_compare, "eval": cmd_eval,

@@ -20,9 +20,11 @@ import torch
 from .artifacts import Artifacts, load_manifest
 from .audio import MelConfig, MelFrontEnd, load_audio, num_audio_tokens, prepare_waveform, split_segments
 from .decoder import KVCache, Qwen2Decoder, load_decoder
+from .block_encoder import BlockBatch, BlockCausalEncoder
 from .encoder import EncoderConfig, OnnxEncoder, TorchEncoder, load_encoder_module
 from .errors import ArtifactsError, AudioError, LimitError, NumericalError, OptionsError
 from .generate import GenerationStats, IncrementalDetokenizer, SamplingOptions, generate
+from .generation_config import effective_generation_config, resolve_sampling, stop_token_ids
 from .prompt import PromptFormat, user_message
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -146,9 +148,11 @@ class Pipeline:
         template_rel = m["files_role"].get("chat_template")
         template = artifacts.path(template_rel).read_text() if template_rel else None
         self.prompt = PromptFormat(tokenizer, template, artifacts.audio_token_id)
-        self.generation_config = m.get("generation_config") or {}
-        self.stop_ids = self._stop_ids()
+        # What transformers would use (generation_config.json, else derived from config.json): generation_config.py
+        self.generation_config = effective_generation_config(m.get("generation_config"), m.get("source", {}).get("config"))
+        self.stop_ids = stop_token_ids(self.generation_config, str(artifacts.root))
         self.encoder = self._load_encoder()
+        self._block_module: tuple | None = None  # the torch encoder for chunked streaming, loaded on first use
         head = m.get("decoder", {}).get("lm_head_int8")
         self.decoder: Qwen2Decoder = load_decoder(artifacts.path(m["files_role"]["decoder_dir"]), self.dtype, self.device,
                                                   lm_head_int8=artifacts.path(head) if head else None,
@@ -178,15 +182,6 @@ class Pipeline:
         return self._step
 
     # --- loading helpers -------------------------------------------------------------------------
-    def _stop_ids(self) -> list[int]:
-        eos = self.generation_config.get("eos_token_id")
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        for tok in ("<|im_end|>", "<|endoftext|>"):
-            tid = self.prompt.token_id(tok)
-            if tid is not None:
-                ids.add(tid)
-        return sorted(ids)
-
     def _load_encoder(self):
         m = self.artifacts.manifest
         enc = m["encoder"]
@@ -204,6 +199,25 @@ class Pipeline:
         state = load_file(str(self.artifacts.path(enc["weights"])))
         dtype = torch.float32 if self.device.type == "cpu" else (torch.float16 if precision == "fp16" else torch.float32)
         return TorchEncoder(load_encoder_module(cfg, state, dtype), self.device)
+
+    def block_encoder(self) -> BlockCausalEncoder:
+        """A fresh block-causal encoder (chunked stream mode) over the artifacts' torch encoder weights.
+
+        It needs the torch module: with the torch backend that is the encoder itself; with ONNX Runtime the
+        weights (encoder.safetensors) are loaded once, on first use, in fp32 on CPU (the encoder's size
+        again in memory: about 2.5 GB for Qwen2-Audio-7B's, 33 MB for tiny.en-sized ones).
+        """
+        if self._block_module is None:
+            if isinstance(self.encoder, TorchEncoder):
+                self._block_module = (self.encoder.module, self.encoder.device)
+            else:
+                from safetensors.torch import load_file
+
+                cfg = EncoderConfig.from_dict(self.artifacts.audio_config, self.artifacts.text_config["hidden_size"])
+                state = load_file(str(self.artifacts.path(self.artifacts.manifest["encoder"]["weights"])))
+                self._block_module = (load_encoder_module(cfg, state, torch.float32), torch.device("cpu"))
+        module, device = self._block_module
+        return BlockCausalEncoder(module, device)
 
     def _resolve_max_context(self) -> int:
         args = self.decoder.args
@@ -240,21 +254,21 @@ class Pipeline:
     def encode_mels(self, mels: list[tuple]) -> list[torch.Tensor]:
         """Encoder outputs [N_i, hidden] per (mel, valid frames[, position offset]) input, checked finite."""
         out = []
-        for mel, n_valid, *offset in mels:
-            emb = self.encoder(mel, n_valid, *offset)
+        for item in mels:
+            emb = item.encode() if isinstance(item, BlockBatch) else self.encoder(*item)
             if not torch.isfinite(emb).all():
                 raise NumericalError("the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32")
             out.append(emb)
         return out
 
     def single_turn(self, audio=None, text: str | None = None, sampling_rate: int | None = None,
-                    chunk_seconds: float | None = None) -> tuple[list[int], torch.Tensor | None]:
+                    chunk_seconds: float | None = None, lookahead_seconds: float | None = None) -> tuple[list[int], torch.Tensor | None]:
         """Prompt ids and audio embeddings (concatenated, prompt order) of a one-turn conversation — no decoding.
 
-        chunk_seconds: encode each segment with the chunked stream mode's block-wise rule (runtime/chunked.py)
-        instead of exactly; the ids are the same either way.
+        chunk_seconds: encode each segment with the chunked stream mode's block-causal rule (runtime/chunked.py,
+        `lookahead_seconds` of look-ahead) instead of exactly; the ids are the same either way.
         """
-        from .chunked import block_frames, chunked_utterance
+        from .chunked import DEFAULT_LOOKAHEAD_S, block_frames, causal_utterance, lookahead_frames
 
         self.prompt.check_user_text(text)
         segments = split_segments(self.load_waveform(audio, sampling_rate), self.mel.config) if audio is not None else []
@@ -264,7 +278,9 @@ class Pipeline:
             embeds = self.encode_mels([self.mel.log_mel(s) for s in segments])
         else:
             block = block_frames(chunk_seconds, self.mel)
-            embeds = [e for s in segments for e in self.encode_mels(chunked_utterance(self.mel, s, block))]
+            ahead = lookahead_frames(DEFAULT_LOOKAHEAD_S if lookahead_seconds is None else lookahead_seconds, self.mel)
+            embeds = self.encode_mels([BlockBatch(self.block_encoder(), tuple(causal_utterance(self.mel, s, block, ahead)))
+                                       for s in segments])
         return ids, (torch.cat(embeds) if embeds else None)
 
     def stream(self, prompt: str | None = None, *, sampling: SamplingOptions | None = None, vad="default",
@@ -293,7 +309,10 @@ class Pipeline:
         return self.chat().send(audio, prompt, sampling=sampling, sampling_rate=sampling_rate, on_text=on_text)
 
     def default_sampling(self, **overrides) -> SamplingOptions:
-        return SamplingOptions.from_generation_config(self.generation_config, **overrides)
+        """The checkpoint's generation config with transformers' meaning for every key (absent: transformers'
+        default; keys we do not implement, when active: OptionsError), then `overrides` (SamplingOptions
+        fields, None = not given). What every run without explicit `sampling=` uses; see generation_config.py."""
+        return resolve_sampling(self.generation_config, str(self.artifacts.root), **overrides)
 
 
 CONTEXT_POLICIES = ("error", "drop_oldest")
@@ -306,6 +325,9 @@ class _Exchange:
     start: int
     base: int  # len(ids) before the turn was begun (an abandoned turn is rolled back to it)
     audio: list[torch.Tensor] = field(default_factory=list)
+    # [from, to) of the generated answer in the ids: an answer may contain the audio token id itself, which
+    # must not be taken for an audio slot when the conversation is re-prefilled.
+    answer: tuple[int, int] | None = None
 
 
 class Conversation:
@@ -417,6 +439,8 @@ class Conversation:
         for e in kept:
             e.start -= removed
             e.base = max(first, e.base - removed)
+            if e.answer is not None:
+                e.answer = (e.answer[0] - removed, e.answer[1] - removed)
         p = self.p
         self.failed = True  # until the cache holds the compacted conversation again
         # With nothing kept the next turn renders from scratch (system turn included): drop that too.
@@ -430,6 +454,9 @@ class Conversation:
                 embeds = p.decoder.embed(ids_t)
                 audio = [a for e in kept for a in e.audio]
                 mask = ids_t[0] == p.prompt.audio_token_id
+                for e in kept:
+                    if e.answer is not None:
+                        mask[e.answer[0] : e.answer[1]] = False
                 if int(mask.sum()) != sum(a.shape[0] for a in audio):
                     raise NumericalError("internal error: kept audio embeddings do not match the conversation's audio slots")
                 if audio:
@@ -518,7 +545,7 @@ class Conversation:
         """
         self._check_usable()
         p = self.p
-        counts = [num_audio_tokens(m[1]) for m in mels]
+        counts = [m.tokens if isinstance(m, BlockBatch) else num_audio_tokens(m[1]) for m in mels]
         if turn.blockwise:
             slot_counts = [turn.audio_done + sum(counts)]
             new_ids = p.prompt.expand_audio(turn.rest, slot_counts)[turn.audio_done :]
@@ -582,6 +609,7 @@ class Conversation:
         if prefilled.audio_embeds is not None:
             self._exchanges[-1].audio.append(prefilled.audio_embeds)
         self.failed = True  # until the turn completes: a half-written cache must not be reused
+        answer_from = len(history)
         stats.prefill_tokens, stats.prefill_s = prefilled.n_pending, prefilled.prefill_ms / 1000
         for token in generate(p.decoder, p.cache, None, start, history, opts, p.stop_ids, stats,
                               first_logits=prefilled.logits, prompt_len=prefilled.n_pending, should_stop=should_stop,
@@ -602,6 +630,7 @@ class Conversation:
             # conversation text: drop it so the next turn continues exactly as the template renders it.
             self.ids.pop()
         text_out = "".join(pieces)
+        self._exchanges[-1].answer = (answer_from, len(self.ids))
         self.messages += [turn.message, {"role": "assistant", "content": text_out}]
         self._open = False
         self.failed = False

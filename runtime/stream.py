@@ -32,6 +32,7 @@ Memory stays bounded: silence is trimmed, an utterance is at most one window, th
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -41,8 +42,9 @@ from pathlib import Path
 import numpy as np
 
 from .audio import IncrementalMel, prepare_waveform
-from .chunked import BlockStream, block_frames
-from .errors import ArtifactsError, OptionsError, QwenAudioEdgeError
+from .block_encoder import BlockBatch
+from .chunked import BlockStream, block_frames, lookahead_frames
+from .errors import OptionsError, QwenAudioEdgeError
 from .generate import SamplingOptions
 
 
@@ -75,7 +77,9 @@ class StreamOptions:
     """How a stream session works; see the module docstring.
 
     mode: "exact" (output equals the offline run) or "chunked" (block-wise encoder, opt-in).
-    chunk_seconds: chunked-mode block length, a multiple of 0.04 s (default 2 s, as Qwen2.5-Omni).
+    chunk_seconds: chunked-mode block length, a multiple of 0.04 s (default 2 s).
+    lookahead_seconds: chunked mode: audio after a block that its tokens also attend to (default 0.5 s); a
+      block is final, and prefilled, that long after it ends. See runtime/chunked.py for the measurements.
     speculate: with VAD, encode + prefill in the endpointer's silence window (exact and chunked).
     barge_in: generate answers on a worker thread; speech during an answer cancels it.
     context_policy: "drop_oldest" (default) or "error" when a turn does not fit in max_context.
@@ -84,6 +88,7 @@ class StreamOptions:
 
     mode: str = "exact"
     chunk_seconds: float = 2.0
+    lookahead_seconds: float = 0.5
     speculate: bool = True
     barge_in: bool = False
     context_policy: str = "drop_oldest"
@@ -94,6 +99,8 @@ class StreamOptions:
             raise OptionsError(f"stream mode must be exact or chunked, got {self.mode!r}")
         if not self.chunk_seconds > 0:
             raise OptionsError(f"--chunk-seconds must be > 0, got {self.chunk_seconds}")
+        if not (self.lookahead_seconds >= 0 and math.isfinite(self.lookahead_seconds)):
+            raise OptionsError(f"--lookahead-seconds must be ≥ 0, got {self.lookahead_seconds}")
         if self.context_policy not in ("drop_oldest", "error"):
             raise OptionsError(f"context policy must be drop_oldest or error, got {self.context_policy!r}")
         if not self.max_lag_s > 0:
@@ -265,9 +272,7 @@ class StreamSession:
         self.clock = clock
         self.sr = pipeline.mel.config.sampling_rate
         self.block = block_frames(options.chunk_seconds, pipeline.mel) if options.mode == "chunked" else None
-        if self.block and not getattr(pipeline.encoder, "supports_pos_offset", True):
-            raise ArtifactsError("these artifacts' encoder.onnx was exported before the chunked stream mode (no "
-                                 "pos_offset input): re-export the checkpoint with this version, or use --stream-mode exact")
+        self.lookahead = lookahead_frames(options.lookahead_seconds, pipeline.mel) if self.block else 0
         self.max_utterance = int(vad.max_speech_s * self.sr) if vad else pipeline.mel.config.n_samples
         self._worker: threading.Thread | None = None
         self._worker_error: BaseException | None = None
@@ -302,7 +307,8 @@ class StreamSession:
 
     def _new_utterance(self) -> None:
         self.mel = IncrementalMel(self.p.mel)
-        self.blocks = BlockStream(self.mel, self.block) if self.block else None
+        self.blocks = BlockStream(self.mel, self.block, self.lookahead) if self.block else None
+        self.block_encoder = self.p.block_encoder() if self.block else None  # holds the final blocks' keys/values
         self._fed = 0  # absolute sample index up to which the mel has been fed
         self._spec = None  # (utterance end sample, audio_done, PrefilledTurn | None): speculative work for a possible endpoint
         self._blocks_deferred = False  # chunked blocks could not be prefilled: leave them for the end
@@ -428,9 +434,11 @@ class StreamSession:
             if ready:
                 import torch
 
+                encoder = self.block_encoder.fork()  # committed only once the blocks are in the KV cache
                 try:
-                    self.turn = self.conv.extend_audio(self._ensure_turn(), torch.cat(self.p.encode_mels(ready)),
+                    self.turn = self.conv.extend_audio(self._ensure_turn(), torch.cat(self.p.encode_mels([BlockBatch(encoder, tuple(ready))])),
                                                        reserve=self.sampling.max_new_tokens)
+                    self.block_encoder = encoder
                 except QwenAudioEdgeError:
                     # E.g. the utterance outgrew the context: the blocks stay pending for the end of the
                     # utterance, where the turn is refused once with this error (not at every chunk).
@@ -468,7 +476,9 @@ class StreamSession:
 
     def _tail_inputs(self) -> list:
         """Encoder inputs still to encode at the end of the utterance (does not consume the mel state)."""
-        return self.blocks.tail() if self.blocks is not None else [self.mel.finish()]
+        if self.blocks is None:
+            return [self.mel.finish()]
+        return [BlockBatch(self.block_encoder.fork(), tuple(self.blocks.tail()))]
 
     def send_text(self, text: str):
         """A typed (text-only) turn in the same conversation, between spoken ones; returns its TurnResult.

@@ -58,6 +58,8 @@ def test_run_streams_text(mha, wav):
         (lambda a, t: ["run", a, "--audio", t / "garbage.wav"], "cannot read"),
         (lambda a, t: ["run", a], "give --audio FILE and/or --prompt TEXT"),
         (lambda a, t: ["run", a, "--prompt", "hi", "--temperature", "0"], "temperature must be > 0"),
+        (lambda a, t: ["run", a, "--prompt", "hi", "--greedy", "--temperature", "0.5"], "drop --greedy to sample"),
+        (lambda a, t: ["compare", a, "--chunked", "2"], "--audio FILE (repeat for several) or --librispeech DIR"),
         (lambda a, t: ["run", a, "--prompt", "hi", "--max-context", "999999999"], "max_position_embeddings"),
         (lambda a, t: ["run", a, "--audio", t / "long.wav", "--max-context", "200"], "context holds 200"),
     ],

@@ -14,7 +14,8 @@ import torch
 from helpers import espeak, signal
 
 from qwen_audio_edge.runtime.audio import IncrementalMel, num_audio_tokens
-from qwen_audio_edge.runtime.chunked import BlockStream, block_frames, chunked_utterance
+from qwen_audio_edge.runtime.block_encoder import BlockInput
+from qwen_audio_edge.runtime.chunked import CLAMP_FLOOR, BlockStream, block_frames, causal_utterance
 from qwen_audio_edge.runtime.errors import OptionsError
 from qwen_audio_edge.runtime.generate import SamplingOptions
 from qwen_audio_edge.runtime.stream import StreamOptions, VadOptions
@@ -23,41 +24,48 @@ GREEDY = SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0,
 PROMPT = "What does the person say?"
 
 
-def _stream_blocks(front, x, block, seed=0):
+def _stream_blocks(front, x, block, lookahead=50, seed=0):
     """Feed x in random chunks; returns (blocks handed out while streaming, with the sample count at which
     each became final), and the tail at the end."""
     mel = IncrementalMel(front)
-    bs = BlockStream(mel, block)
+    bs = BlockStream(mel, block, lookahead)
     rng = np.random.default_rng(seed)
     early, i = [], 0
     while i < len(x):
         k = int(rng.integers(1, 4000))
         mel.feed(x[i : i + k])
         i += k
-        early += [(m, n, o, i) for m, n, o in bs.ready()]
+        early += [(b, i) for b in bs.ready()]
     return early, bs.tail()
 
 
-@pytest.mark.parametrize("seconds,chunk", [(0.9, 0.32), (4.37, 2.0), (7.123, 1.28), (29.99, 2.0), (30.0, 2.0)])
-def test_block_stream_equals_batch_rule(mha, pipelines, seconds, chunk):
+def _same(a: BlockInput, b: BlockInput) -> bool:
+    return (a.left, a.rows, a.extra_rows, a.pos_offset) == (b.left, b.rows, b.extra_rows, b.pos_offset) and torch.equal(a.mel, b.mel)
+
+
+@pytest.mark.parametrize("seconds,chunk,ahead", [(0.9, 0.32, 50), (4.37, 2.0, 50), (7.123, 1.28, 0), (7.123, 1.28, 37),
+                                                 (29.99, 2.0, 50), (30.0, 2.0, 100)])
+def test_block_stream_equals_batch_rule(mha, pipelines, seconds, chunk, ahead):
     front = pipelines(mha).mel
     block = block_frames(chunk, front)
     x = signal(seconds, loud_end=True, seed=int(seconds))
-    ref = chunked_utterance(front, x, block)
-    early, tail = _stream_blocks(front, x, block)
-    got = [(m, n, o) for m, n, o, _ in early] + tail
+    ref = causal_utterance(front, x, block, ahead)
+    early, tail = _stream_blocks(front, x, block, ahead)
+    got = [b for b, _ in early] + tail
     assert len(got) == len(ref)
-    for k, ((m, n, o), (rm, rn, ro)) in enumerate(zip(got, ref)):
-        assert n == rn and o == ro == k * block // 2 and torch.equal(m, rm)
-    # Blocks are handed out while the audio arrives: block k once its frames + 2 lookahead frames are final
-    # (mel frames become final in aligned groups of 16), at most one feed (< 4000 samples) later.
-    for k, (_, _, _, at) in enumerate(early):
-        frames = -(-((k + 1) * block + 2) // 16) * 16
-        assert at < 160 * (frames - 1) + 200 + 4000
-    if seconds > 2 * chunk + 0.5:
-        assert len(early) >= int(seconds / chunk) - 1
+    for k, (g, r) in enumerate(zip(got, ref)):
+        assert _same(g, r) and r.pos_offset == k * block // 2 and r.left == (0 if k == 0 else 2)
+    # Blocks are handed out while the audio arrives: block k once its frames, its look-ahead and 2 more frames
+    # are final (mel frames become final in aligned groups of 16), at most one feed (< 4000 samples) later.
+    for k, (b, at) in enumerate(early):
+        frames = -(-((k + 1) * block + ahead + 2) // 16) * 16
+        assert at < 160 * (frames - 1) + 200 + 4000 and b.extra_rows == (ahead + 1) // 2
+    if seconds > 2 * chunk + ahead / 100 + 0.5:
+        assert len(early) >= int(seconds / chunk) - 2
     # Same audio tokens as exact mode, so the prompt ids are the same.
-    assert sum(num_audio_tokens(n) for _, n, _ in ref) == num_audio_tokens(front.valid_frames(len(x)))
+    rows = [r.rows for r in ref]
+    assert all(n % 2 == 0 for n in rows[:-1])
+    assert sum(n // 2 for n in rows) == num_audio_tokens(front.valid_frames(len(x)))
 
 
 def test_finished_blocks_are_final_under_louder_later_audio(mha, pipelines):
@@ -68,14 +76,85 @@ def test_finished_blocks_are_final_under_louder_later_audio(mha, pipelines):
     loud = np.clip(20 * signal(4.0, seed=2), -1, 1).astype(np.float32)
     early_quiet, _ = _stream_blocks(front, quiet, block)
     both = np.concatenate([quiet, loud])
-    ref_both = chunked_utterance(front, both, block)
+    ref_both = causal_utterance(front, both, block, 50)
     assert len(early_quiet) >= 2
-    for (m, n, o, _), (rm, rn, ro) in zip(early_quiet, ref_both):
-        assert n == rn and o == ro and torch.equal(m, rm)
+    for (b, _), r in zip(early_quiet, ref_both):
+        assert _same(b, r)
     # …whereas the exact clamp (global max) moves: the quiet part's frames are clamped differently.
     exact_quiet, _ = front.log_mel(quiet)
     exact_both, _ = front.log_mel(both)
     assert not torch.equal(exact_quiet[:, :400], exact_both[:, :400])
+
+
+def test_clamp_floor_keeps_leading_silence_flat(mha, pipelines):
+    """A block of digital silence is clamped against CLAMP_FLOOR, not against its own max of −10 (which
+    turned silence into loud noise); once speech is louder than the floor the running max takes over."""
+    front = pipelines(mha).mel
+    x = np.concatenate([np.zeros(48000, np.float32), signal(3.0, seed=2)])  # block 0 + look-ahead: silence
+    first = causal_utterance(front, x, 200, 50)[0]
+    assert float(first.mel.max()) == float(first.mel.min()) == (CLAMP_FLOOR - 8 + 4) / 4
+    later = causal_utterance(front, x, 200, 50)[2]  # speech: its own running max, above the floor
+    assert float(later.mel.min()) > (CLAMP_FLOOR - 8 + 4) / 4
+
+
+def _reference_block_causal(module, blocks):
+    """The rule written from its definition, without a cache: one masked pass over every block's rows and
+    its private look-ahead rows. Block rows attend to all earlier blocks' rows, their own block's rows and
+    their look-ahead; look-ahead rows likewise; nobody attends to another block's look-ahead."""
+    import torch.nn.functional as F
+
+    tower = module.audio_tower
+    xs, owner, is_block = [], [], []
+    for k, b in enumerate(blocks):
+        h = F.gelu(tower.conv2(F.gelu(tower.conv1(b.mel[None])))).transpose(1, 2)[0]
+        n = b.rows + b.extra_rows
+        h = h[(1 if b.left else 0) :][:n] + tower.embed_positions.weight[b.pos_offset : b.pos_offset + n]
+        xs.append(h)
+        owner += [k] * n
+        is_block += [True] * b.rows + [False] * b.extra_rows
+    x = torch.cat(xs)
+    owner, is_block = torch.tensor(owner), torch.tensor(is_block)
+    allowed = (owner[None, :] < owner[:, None]) & is_block[None, :] | (owner[None, :] == owner[:, None])
+    for layer in tower.layers:
+        h = layer.self_attn_layer_norm(x)
+        a, heads = layer.self_attn, layer.n_heads
+        q, k, v = (p(h).view(len(x), heads, -1).transpose(0, 1) for p in (a.q_proj, a.k_proj, a.v_proj))
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=allowed)[0]
+        x = x + a.out_proj(o.transpose(0, 1).reshape(len(x), -1))
+        x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+    out = []
+    for kk in range(len(blocks)):
+        rows = x[(owner == kk) & is_block]
+        rows = rows[: rows.shape[0] // 2 * 2].view(-1, 2, rows.shape[1]).mean(1)
+        out.append(module.multi_modal_projector.linear(tower.layer_norm(rows)))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("ahead", [0, 50])
+def test_block_causal_encoder_equals_its_masked_reference(mha, pipelines, ahead):
+    from qwen_audio_edge.runtime.block_encoder import BlockBatch
+
+    p = pipelines(mha)
+    blocks = causal_utterance(p.mel, signal(7.3, seed=4), 128, ahead)
+    got = BlockBatch(p.block_encoder(), tuple(blocks)).encode()
+    with torch.inference_mode():
+        ref = _reference_block_causal(p.block_encoder().module, blocks)
+    assert got.shape == ref.shape == (num_audio_tokens(p.mel.valid_frames(int(7.3 * 16000))), p.decoder.args.hidden_size)
+    err = float((got - ref).abs().max() / ref.abs().max())
+    assert err < 1e-5, err  # fp32; measured ~3e-7
+    # and the cache really carries context: without it (each block alone) the result differs
+    from qwen_audio_edge.runtime.block_encoder import tower_block
+
+    alone = tower_block(p.block_encoder().module.audio_tower, blocks[2], None)
+    with_ctx = tower_block(p.block_encoder().module.audio_tower, blocks[2], _cache_after(p, blocks[:2]))
+    assert float((alone - with_ctx).abs().max()) > 1e-3
+
+
+def _cache_after(p, blocks):
+    enc = p.block_encoder()
+    for b in blocks:
+        enc.encode(b)
+    return enc.cache
 
 
 def test_block_length_is_checked(mha, pipelines):
@@ -88,6 +167,11 @@ def test_block_length_is_checked(mha, pipelines):
         pipelines(mha).stream(PROMPT, options=StreamOptions(mode="chunked", chunk_seconds=1.0001))
     with pytest.raises(OptionsError, match="stream mode"):
         StreamOptions(mode="fast")
+    for bad in (-0.5, float("inf")):
+        with pytest.raises(OptionsError, match="lookahead"):
+            StreamOptions(mode="chunked", lookahead_seconds=bad)
+    with pytest.raises(OptionsError, match="lookahead"):
+        pipelines(mha).stream(PROMPT, options=StreamOptions(mode="chunked", lookahead_seconds=0.0055))
 
 
 def _offline_chunked_greedy(p, x, chunk, n):
@@ -105,17 +189,18 @@ def test_push_to_talk_chunked_stream_equals_offline_chunked(mha, pipelines, seco
     session = p.stream(PROMPT, sampling=GREEDY, vad=None, options=StreamOptions(mode="chunked", chunk_seconds=2.0))
     for i in range(0, len(x), chunk_samples):
         session.feed(x[i : i + chunk_samples])
-        if (i + chunk_samples) / 16000 > 2.2:
+        if min(i + chunk_samples, len(x)) / 16000 > 2.75:  # block 0 (2 s) + its 0.5 s look-ahead + conv frames
             assert session.turn.audio_done > 0  # blocks were prefilled while the audio arrived
     ev = session.end()
     assert ev.mode == "chunked"
     t = ev.result.timings
     assert t["audio_tokens"] == num_audio_tokens(p.mel.valid_frames(len(x)))  # the same count as exact mode
     assert ev.result.token_ids == _offline_chunked_greedy(p, x, 2.0, GREEDY.max_new_tokens)
-    # Every full block whose lookahead frames arrived before end() was prefilled early; only the rest remains.
-    full_blocks = (p.mel.valid_frames(len(x)) - 2 - 16) // 200
+    # Every full block whose look-ahead (0.5 s) + 2 frames arrived before end() was prefilled early; only the
+    # rest remains: at most one block plus the look-ahead (12 tokens) plus a frame group's worth.
+    full_blocks = (p.mel.valid_frames(len(x)) - 50 - 2 - 16) // 200
     assert t["audio_tokens_prefilled_early"] >= 50 * full_blocks and t["audio_tokens_prefilled_early"] % 50 == 0
-    assert t["audio_tokens"] - t["audio_tokens_prefilled_early"] <= 50 + 12
+    assert t["audio_tokens"] - t["audio_tokens_prefilled_early"] <= 50 + 13 + 4
 
 
 def test_chunked_with_vad_and_speculation_equals_offline_chunked(mha, pipelines):
@@ -179,31 +264,12 @@ def test_encoder_position_offset_onnx_equals_torch(mha, pipelines):
 
     p, pt = pipelines(mha), pipelines(mha, encoder_backend="torch")
     assert p.encoder.supports_pos_offset
-    front = p.mel
-    blocks = chunked_utterance(front, signal(9.0, seed=5), 200)
-    for mel, n, off in blocks:
+    mel, n = p.mel.log_mel(signal(2.0, seed=5))
+    for off in (0, 100, 500):
         a, b = p.encoder(mel, n, off), pt.encoder(mel, n, off)
-        assert a.shape == (n // 4, p.decoder.args.hidden_size) and float((a - b).abs().max()) < 1e-4
-    mel, n, _ = blocks[1]
+        assert a.shape == (num_audio_tokens(n), p.decoder.args.hidden_size) and float((a - b).abs().max()) < 1e-4
     assert not torch.allclose(p.encoder(mel, n, 0), p.encoder(mel, n, 100))  # the offset is really applied
     max_pos = p.artifacts.audio_config["max_source_positions"]
     for enc in (p.encoder, pt.encoder):
         with pytest.raises(AudioError, match="learned positions"):
             enc(mel, n, max_pos - 50)
-
-
-def test_chunked_mode_needs_an_encoder_with_position_offsets(mha, pipelines):
-    """Artifacts exported before the chunked mode (encoder without pos_offset) serve exact mode and say so."""
-    from qwen_audio_edge.runtime.errors import ArtifactsError
-
-    p = pipelines(mha)
-    p.encoder.supports_pos_offset = False  # what OnnxEncoder reports for an old two-input encoder.onnx
-    try:
-        with pytest.raises(ArtifactsError, match="re-export"):
-            p.stream(PROMPT, options=StreamOptions(mode="chunked"))
-        mel, n, off = chunked_utterance(p.mel, signal(5.0), 200)[1]
-        with pytest.raises(ArtifactsError, match="re-export"):
-            p.encoder(mel, n, off)
-        assert p.stream(PROMPT, vad=None) is not None  # exact mode still works
-    finally:
-        p.encoder.supports_pos_offset = True

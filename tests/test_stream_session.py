@@ -266,3 +266,25 @@ def test_a_refused_turn_in_a_vad_stream_surfaces_and_the_next_one_is_answered(mh
     assert ev.speech_end_s - ev.speech_start_s < 2.0
     span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
     assert ev.result.token_ids == p.chat().send(span, PROMPT, sampling=GREEDY).token_ids
+
+
+def test_an_answer_holding_the_audio_token_id_survives_the_context_policy(mha, pipelines, monkeypatch):
+    """A (random) model may generate the <|AUDIO|> id as text. Re-prefilling the kept conversation must
+    not take that answer token for an audio slot (it once raised "kept audio embeddings do not match")."""
+    import qwen_audio_edge.runtime.generate as gen
+
+    p = pipelines(mha, max_context=300)
+    real_pick, calls = gen.pick_token, []
+
+    def pick(scores, opts, generator):
+        calls.append(1)
+        return p.prompt.audio_token_id if len(calls) == 2 else real_pick(scores, opts, generator)
+
+    conv = p.chat("drop_oldest")
+    conv.send(signal(2.0, seed=1), PROMPT, sampling=GREEDY)
+    monkeypatch.setattr(gen, "pick_token", pick)
+    second = conv.send(signal(2.0, seed=2), PROMPT, sampling=GREEDY)
+    assert second.token_ids[1] == p.prompt.audio_token_id
+    monkeypatch.setattr(gen, "pick_token", real_pick)
+    r = conv.send(signal(3.0, seed=3), PROMPT, sampling=GREEDY)  # forces the oldest exchange out, keeps the second
+    assert conv.dropped_exchanges == 1 and len(conv._exchanges) == 2 and len(r.token_ids) == GREEDY.max_new_tokens

@@ -1,0 +1,1 @@
+"""Test- and benchmark-time tools (not part of the installed package; the runtime never imports them)."""
