@@ -190,16 +190,33 @@ def label(row: str) -> str:
     return f"chunked {seconds} s, block-causal" + (f" + {ahead} s look-ahead" if ahead else "")
 
 
+def _order(name: str) -> tuple:
+    """Table order: references, precisions, the first chunked rule, then block-causal; by block and look-ahead."""
+    if "-" not in name or name.startswith("onnx-"):
+        return (0, ["ref30", "exact", "onnx-fp32", "onnx-fp16", "onnx-int8"].index(name) if name in LABELS else 9, 0.0)
+    kind, spec = name.split("-", 1)
+    seconds, _, ahead = spec.partition("+")
+    return (1 if kind == "blockdiag" else 2, float(seconds), float(ahead or 0))
+
+
 def markdown_table(result: dict) -> str:
-    """The results as a markdown table, WER relative to the exact row."""
+    """The results as a markdown table, WER relative to the exact row ("–": condition not run)."""
     rows = result["rows"]
-    ex = rows.get("exact")
+    ex = rows.get("exact", {})
+
+    def cell(r: dict, key: str, fmt: str) -> str:
+        return format(r[key], fmt) if r.get(key) is not None else "–"
+
+    def ratio(r: dict, cond: str) -> str:
+        k = f"wer_{cond}"
+        return f"{r[k] / ex[k]:.2f}" if k in r and ex.get(k) else "–"
+
     lines = ["| encoder states | WER clean | WER noisy (10 dB) | × exact (clean / noisy) | cosine vs exact (clean / noisy) |",
              "|---|---|---|---|---|"]
-    for name, r in rows.items():
-        rel = (f"{r['wer_clean'] / ex['wer_clean']:.2f} / {r['wer_noisy'] / ex['wer_noisy']:.2f}" if ex else "–")
-        cos = (f"{r['cosine_clean']:.4f} / {r['cosine_noisy']:.4f}" if r.get("cosine_clean") is not None else "–")
-        lines.append(f"| {label(name)} | {r['wer_clean']:.1%} | {r['wer_noisy']:.1%} | {rel} | {cos} |")
+    for name in sorted(rows, key=_order):
+        r = rows[name]
+        lines.append(f"| {label(name)} | {cell(r, 'wer_clean', '.1%')} | {cell(r, 'wer_noisy', '.1%')} | "
+                     f"{ratio(r, 'clean')} / {ratio(r, 'noisy')} | {cell(r, 'cosine_clean', '.4f')} / {cell(r, 'cosine_noisy', '.4f')} |")
     return "\n".join(lines)
 
 
@@ -214,9 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--conditions", default="clean,noisy")
     ap.add_argument("--table", action="store_true", help="print the markdown table of --out's rows and exit")
+    ap.add_argument("--write-docs", action="store_true", help="with --table: also write it into docs/fidelity.md")
     args = ap.parse_args(argv)
     if args.table:
-        print(markdown_table(json.loads(args.out.read_text())))
+        table = markdown_table(json.loads(args.out.read_text()))
+        print(table)
+        doc = ROOT / "docs" / "fidelity.md"
+        if args.write_docs:
+            text = doc.read_text()
+            a, b = text.index("<!-- fidelity-table -->"), text.index("<!-- /fidelity-table -->")
+            doc.write_text(text[:a] + "<!-- fidelity-table -->\n" + table + "\n" + text[b:])
         return 0
     torch.set_num_threads(2)
     study = Study()
@@ -237,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():  # keep the rows of an earlier run that this one does not recompute
         old = json.loads(args.out.read_text())
         if old.get("utterances") == len(items):
-            result["rows"] = {k: v for k, v in old.get("rows", {}).items() if k not in rows}
+            result["rows"] = old.get("rows", {})
     exact_states = {k: study.exact(w) for k, w in waves.items() if k[1] in args.conditions.split(",")}
     for row in rows:
         t0 = time.perf_counter()
@@ -256,11 +280,19 @@ def main(argv: list[str] | None = None) -> int:
             entry[f"cosine_{cond}"] = float(np.mean(cos)) if cos else None
             entry[f"hyps_{cond}"] = hyps
         entry["seconds"] = time.perf_counter() - t0
-        result["rows"][row] = entry
+        result["rows"][row] = {**result["rows"].get(row, {}), **entry}  # other conditions of an earlier run stay
         print(f"{row:16s} " + "  ".join(f"{c}: WER {entry[f'wer_{c}']:6.1%} cos {entry[f'cosine_{c}'] or float('nan'):.4f}"
                                         for c in args.conditions.split(",")) + f"  ({entry['seconds']:.0f} s)", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        if args.out.exists():  # another run may have added rows meanwhile: merge into the file as it is now
+            now = json.loads(args.out.read_text())
+            if now.get("utterances") == len(items):
+                now_rows = now.get("rows", {})
+                now_rows[row] = {**now_rows.get(row, {}), **entry}
+                result["rows"] = now_rows
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(args.out)
     return 0
 
 

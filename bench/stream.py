@@ -104,6 +104,7 @@ def main() -> None:
     prompt = "What does the person say?"
     one = SamplingOptions(max_new_tokens=1, greedy=True, repetition_penalty=1.0, ignore_eos=True)
     res = {"preset": a.preset, "machine": platform.platform(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+           "load_average_at_start": __import__("os").getloadavg(),
            "torch": torch.__version__, "rows": []}
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)

@@ -57,20 +57,24 @@ def layer_error_and_kl(ref: Scored, cand: Scored, start: int) -> dict:
 class OurModel:
     """An artifacts directory run through our runtime (fp32 activations on CPU by default).
 
-    chunk_seconds: encode the audio with the chunked stream mode's block-wise rule (what
-    `stream --stream-mode chunked` computes) instead of exactly.
+    chunk_seconds: encode the audio with the chunked stream mode's block-causal rule (what
+    `stream --stream-mode chunked` computes; `lookahead_seconds` as its look-ahead, default 2) instead of exactly.
     """
 
-    def __init__(self, path: Path | None = None, *, pipeline=None, chunk_seconds: float | None = None, **options):
+    def __init__(self, path: Path | None = None, *, pipeline=None, chunk_seconds: float | None = None,
+                 lookahead_seconds: float | None = None, **options):
+        from ..runtime.chunked import DEFAULT_LOOKAHEAD_S
         from ..runtime.pipeline import Pipeline, RuntimeOptions
 
         self.p = pipeline if pipeline is not None else Pipeline.from_artifacts(path, RuntimeOptions(**options))
         self.chunk_seconds = chunk_seconds
+        self.lookahead_seconds = DEFAULT_LOOKAHEAD_S if lookahead_seconds is None else lookahead_seconds
         self.name = str(path if path is not None else self.p.artifacts.root) + (
-            f" (chunked stream mode, {chunk_seconds:g} s blocks)" if chunk_seconds else "")
+            f" (chunked stream mode, {chunk_seconds:g} s blocks, {self.lookahead_seconds:g} s look-ahead)" if chunk_seconds else "")
 
     def prompt(self, audio, text: str) -> tuple[list[int], torch.Tensor | None]:
-        return self.p.single_turn(audio if not isinstance(audio, Path) else str(audio), text, chunk_seconds=self.chunk_seconds)
+        return self.p.single_turn(audio if not isinstance(audio, Path) else str(audio), text, chunk_seconds=self.chunk_seconds,
+                                  lookahead_seconds=self.lookahead_seconds)
 
     @torch.inference_mode()
     def score(self, ids: list[int], audio: torch.Tensor | None) -> Scored:
@@ -184,10 +188,10 @@ class HFModel:
         return self.proc.tokenizer.decode([i for i in out[0, len(ids):].tolist() if i < vocab], skip_special_tokens=True)
 
 
-def open_model(path: str | Path, chunk_seconds: float | None = None, **options):
+def open_model(path: str | Path, chunk_seconds: float | None = None, lookahead_seconds: float | None = None, **options):
     p = Path(path)
     if (p / "manifest.json").is_file():
-        return OurModel(p, chunk_seconds=chunk_seconds, **options)
+        return OurModel(p, chunk_seconds=chunk_seconds, lookahead_seconds=lookahead_seconds, **options)
     if chunk_seconds is not None:
         raise OptionsError(f"{p}: --chunked applies to an artifacts directory (our runtime), not a Hugging Face checkpoint")
     if (p / "config.json").is_file():

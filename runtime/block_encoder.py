@@ -2,8 +2,8 @@
 
 Why: the first chunked rule encoded each block on its own (attention inside the block only, as
 Qwen2.5-Omni's encoder, which was trained that way). On trained Whisper weights that wrecked
-recognition — 32 % WER with 2 s blocks against 12.9 % exact (bench/fidelity.py) — because every token
-lost all context outside its block. Here a block's tokens attend to the keys/values of all earlier
+recognition — 52.4 % WER with 2 s blocks against 11.5 % exact (bench/fidelity.py, docs/fidelity.md) —
+because every token lost all context outside its block. Here a block's tokens attend to the keys/values of all earlier
 blocks (cached per layer, like a decoder's KV cache, so a block costs O(block × utterance), not a
 re-encode), to their own block, and to `lookahead` frames after the block. The look-ahead rows are
 computed with the block and thrown away; the block's rows and cached keys/values are final once the

@@ -111,7 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--stream-mode", default="exact", choices=["exact", "chunked"],
                     help="exact (default): output equals the offline run; chunked: block-wise encoder, each finished "
                     "block prefilled while the person speaks (changes the output: check it with compare --chunked)")
-    st.add_argument("--chunk-seconds", type=float, default=2.0, help="chunked mode block length (multiple of 0.04 s, default 2)")
+    st.add_argument("--chunk-seconds", type=float, default=3.0, help="chunked mode block length (multiple of 0.04 s, default 3)")
+    st.add_argument("--lookahead-seconds", type=float, default=2.0,
+                    help="chunked mode: audio after each block its tokens also attend to (default 2; a block is "
+                    "prefilled that long after it ends)")
     st.add_argument("--barge-in", action="store_true",
                     help="answer on a worker thread; speech detected during an answer cancels it (VAD mode)")
     st.add_argument("--no-speculation", action="store_true", help="do not encode/prefill in the endpointing silence window")
@@ -127,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="candidate: artifacts dir or Hugging Face checkpoint (default: A again, with --chunked)")
     c.add_argument("--chunked", type=float, default=None, metavar="SECONDS",
                    help="run the candidate in the chunked stream mode with SECONDS blocks (e.g. compare ART --chunked 2)")
+    c.add_argument("--lookahead-seconds", type=float, default=None,
+                   help="with --chunked: the chunked mode's look-ahead per block (default 2, as stream)")
     c.add_argument("--audio", action="append", default=None, help="audio file (repeat for several)")
     c.add_argument("--prompt", default="What does the person say?")
     c.add_argument("--new-tokens", type=int, default=32, help="continuation length decoded by A and teacher-forced")
@@ -246,7 +251,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 def _stream_session(pipeline, a: argparse.Namespace, on_event=None):
     from .stream import StreamOptions, VadOptions
 
-    options = StreamOptions(mode=a.stream_mode, chunk_seconds=a.chunk_seconds, speculate=not a.no_speculation,
+    options = StreamOptions(mode=a.stream_mode, chunk_seconds=a.chunk_seconds, lookahead_seconds=a.lookahead_seconds,
+                            speculate=not a.no_speculation,
                             barge_in=a.barge_in, context_policy=a.context_policy)
     on_text = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     vad = None if a.no_vad else VadOptions(threshold=a.vad_threshold, min_silence_ms=a.min_silence_ms,
@@ -355,7 +361,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
             transcripts = read_transcripts(a.transcripts, files)
     ref = open_model(a.a)
-    cand = open_model(a.b or a.a, chunk_seconds=a.chunked)
+    if a.lookahead_seconds is not None and a.chunked is None:
+        raise OptionsError("--lookahead-seconds applies to --chunked")
+    cand = open_model(a.b or a.a, chunk_seconds=a.chunked, lookahead_seconds=a.lookahead_seconds)
     report = compare(ref, cand, files, a.prompt, a.new_tokens, transcripts=transcripts, instruction=a.instruction,
                      max_new_tokens=a.max_new_tokens, progress=True)
     print(json.dumps(report) if a.json else format_table(report))

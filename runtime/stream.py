@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ import numpy as np
 
 from .audio import IncrementalMel, prepare_waveform
 from .block_encoder import BlockBatch
-from .chunked import BlockStream, block_frames, lookahead_frames
+from .chunked import DEFAULT_CHUNK_S, DEFAULT_LOOKAHEAD_S, BlockStream, block_frames, fidelity_note, lookahead_frames
 from .errors import OptionsError, QwenAudioEdgeError
 from .generate import SamplingOptions
 
@@ -77,9 +78,10 @@ class StreamOptions:
     """How a stream session works; see the module docstring.
 
     mode: "exact" (output equals the offline run) or "chunked" (block-wise encoder, opt-in).
-    chunk_seconds: chunked-mode block length, a multiple of 0.04 s (default 2 s).
-    lookahead_seconds: chunked mode: audio after a block that its tokens also attend to (default 0.5 s); a
-      block is final, and prefilled, that long after it ends. See runtime/chunked.py for the measurements.
+    chunk_seconds: chunked-mode block length, a multiple of 0.04 s (default 3 s).
+    lookahead_seconds: chunked mode: audio after a block that its tokens also attend to (default 2 s); a
+      block is final, and prefilled, that long after it ends, so at most block + look-ahead of audio is
+      left at the end of an utterance. Measured trade-offs: runtime/chunked.py, docs/fidelity.md.
     speculate: with VAD, encode + prefill in the endpointer's silence window (exact and chunked).
     barge_in: generate answers on a worker thread; speech during an answer cancels it.
     context_policy: "drop_oldest" (default) or "error" when a turn does not fit in max_context.
@@ -87,8 +89,8 @@ class StreamOptions:
     """
 
     mode: str = "exact"
-    chunk_seconds: float = 2.0
-    lookahead_seconds: float = 0.5
+    chunk_seconds: float = DEFAULT_CHUNK_S
+    lookahead_seconds: float = DEFAULT_LOOKAHEAD_S
     speculate: bool = True
     barge_in: bool = False
     context_policy: str = "drop_oldest"
@@ -273,6 +275,9 @@ class StreamSession:
         self.sr = pipeline.mel.config.sampling_rate
         self.block = block_frames(options.chunk_seconds, pipeline.mel) if options.mode == "chunked" else None
         self.lookahead = lookahead_frames(options.lookahead_seconds, pipeline.mel) if self.block else 0
+        note = fidelity_note(options.chunk_seconds, options.lookahead_seconds) if self.block else None
+        if note:
+            warnings.warn(note, UserWarning, stacklevel=2)
         self.max_utterance = int(vad.max_speech_s * self.sr) if vad else pipeline.mel.config.n_samples
         self._worker: threading.Thread | None = None
         self._worker_error: BaseException | None = None

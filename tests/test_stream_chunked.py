@@ -174,10 +174,10 @@ def test_block_length_is_checked(mha, pipelines):
         pipelines(mha).stream(PROMPT, options=StreamOptions(mode="chunked", lookahead_seconds=0.0055))
 
 
-def _offline_chunked_greedy(p, x, chunk, n):
+def _offline_chunked_greedy(p, x, chunk, n, lookahead=None):
     from qwen_audio_edge.export.compare import OurModel
 
-    m = OurModel(pipeline=p, chunk_seconds=chunk)
+    m = OurModel(pipeline=p, chunk_seconds=chunk, lookahead_seconds=lookahead)
     ids, audio = m.prompt(x, PROMPT)
     return m.greedy(ids, audio, n)
 
@@ -186,7 +186,8 @@ def _offline_chunked_greedy(p, x, chunk, n):
 def test_push_to_talk_chunked_stream_equals_offline_chunked(mha, pipelines, seconds, chunk_samples):
     p = pipelines(mha)
     x = signal(seconds, seed=7)
-    session = p.stream(PROMPT, sampling=GREEDY, vad=None, options=StreamOptions(mode="chunked", chunk_seconds=2.0))
+    session = p.stream(PROMPT, sampling=GREEDY, vad=None, options=StreamOptions(mode="chunked", chunk_seconds=2.0,
+                                                                               lookahead_seconds=0.5))
     for i in range(0, len(x), chunk_samples):
         session.feed(x[i : i + chunk_samples])
         if min(i + chunk_samples, len(x)) / 16000 > 2.75:  # block 0 (2 s) + its 0.5 s look-ahead + conv frames
@@ -195,7 +196,7 @@ def test_push_to_talk_chunked_stream_equals_offline_chunked(mha, pipelines, seco
     assert ev.mode == "chunked"
     t = ev.result.timings
     assert t["audio_tokens"] == num_audio_tokens(p.mel.valid_frames(len(x)))  # the same count as exact mode
-    assert ev.result.token_ids == _offline_chunked_greedy(p, x, 2.0, GREEDY.max_new_tokens)
+    assert ev.result.token_ids == _offline_chunked_greedy(p, x, 2.0, GREEDY.max_new_tokens, lookahead=0.5)
     # Every full block whose look-ahead (0.5 s) + 2 frames arrived before end() was prefilled early; only the
     # rest remains: at most one block plus the look-ahead (12 tokens) plus a frame group's worth.
     full_blocks = (p.mel.valid_frames(len(x)) - 50 - 2 - 16) // 200
@@ -273,3 +274,31 @@ def test_encoder_position_offset_onnx_equals_torch(mha, pipelines):
     for enc in (p.encoder, pt.encoder):
         with pytest.raises(AudioError, match="learned positions"):
             enc(mel, n, max_pos - 50)
+
+
+def test_measured_loss_table_matches_the_committed_results():
+    """The figures the chunked-mode warning prints come from bench/results/cpu/fidelity_tiny_en.json."""
+    from pathlib import Path
+
+    from qwen_audio_edge.runtime import chunked
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "bench/results/cpu/fidelity_tiny_en.json").read_text())
+    rows = res["rows"]
+    assert chunked.EXACT_WER == (rows["exact"]["wer_clean"], rows["exact"]["wer_noisy"])
+    assert chunked.MEASURED_WER, "no measured setting"
+    for (block, ahead), wer in chunked.MEASURED_WER.items():
+        row = rows[f"causal-{block:g}+{ahead:g}"]
+        assert wer == (row["wer_clean"], row["wer_noisy"])
+
+
+def test_chunked_stream_warns_with_the_measured_loss(mha, pipelines):
+    from qwen_audio_edge.runtime import chunked
+
+    p = pipelines(mha)
+    for (block, ahead) in chunked.MEASURED_WER:
+        note = chunked.fidelity_note(block, ahead)
+        if note:
+            with pytest.warns(UserWarning, match="measured WER"):
+                p.stream(PROMPT, vad=None, options=StreamOptions(mode="chunked", chunk_seconds=block, lookahead_seconds=ahead))
+    with pytest.warns(UserWarning, match="not measured"):
+        p.stream(PROMPT, vad=None, options=StreamOptions(mode="chunked", chunk_seconds=1.28, lookahead_seconds=0.33))
