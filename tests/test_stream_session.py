@@ -94,9 +94,10 @@ def test_barge_in_cancels_the_answer(mha, pipelines, words, mode):
     opts = SamplingOptions(max_new_tokens=150, greedy=True, repetition_penalty=1.0, ignore_eos=True)
     finished = []
     session = p.stream(PROMPT, sampling=opts, on_text=on_text, on_event=finished.append,
-                       options=StreamOptions(barge_in=True, mode=mode, chunk_seconds=1.0))
+                       options=StreamOptions(barge_in=True, mode=mode, chunk_seconds=1.0, lookahead_seconds=0.5))
     pause = np.zeros(int(0.9 * 16000), np.float32)  # > min silence: the first utterance ends here
-    audio = np.concatenate([np.zeros(8000, np.float32), words, pause, words, np.zeros(16000, np.float32)])
+    # the second utterance is long enough for its 1 s blocks (+ 0.5 s look-ahead) to become final while it goes on
+    audio = np.concatenate([np.zeros(8000, np.float32), words, pause, words, words, np.zeros(16000, np.float32)])
     events = []
     first_end = 8000 + len(words) + int(0.8 * 16000)
     for i in range(0, len(audio), 1600):
