@@ -14,7 +14,6 @@ these tests fail under CI=true and skip elsewhere. ~30 s on 2 cores.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from importlib.util import find_spec
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import require
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,6 @@ for _p in (str(ROOT), str(ROOT / "bench")):
     if _p not in sys.path:  # bench/ and tools/ are repository folders, not part of the installed package
         sys.path.insert(0, _p)
 
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 IDS = ("u00", "u04")
 
 # Measured on u00 / u04 (AMD EPYC with AVX512-VNNI, onnxruntime 1.32, 2 threads); bounds leave ~4× room.
@@ -52,13 +51,7 @@ INT8_SPEECH_MIN_COSINE = 0.98
 INT8_MIN_COSINE = 0.5
 
 
-def _require(ok: bool, reason: str) -> None:
-    """Skip outside CI; in CI (CI=true) a missing requirement is a failure, not a silent skip."""
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"{reason} — CI must run this test (pip install -e .[dev]; apt-get install espeak-ng)")
-    pytest.skip(reason)
+_require = require  # helpers.require: skip outside CI, fail in CI
 
 
 @pytest.fixture(scope="module")

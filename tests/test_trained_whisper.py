@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import require
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # tools/ is a repository folder, not part of the installed package
@@ -32,7 +33,6 @@ if str(ROOT) not in sys.path:  # tools/ is a repository folder, not part of the 
 
 from tools import ct2_whisper  # noqa: E402
 
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 CLI = [sys.executable, "-m", "qwen_audio_edge.runtime.cli"]
 
 # (text, espeak-ng voice, words per minute): several voices and speeds.
@@ -47,13 +47,7 @@ RUNTIME_MAX_REL_ERR = 2e-5
 MIN_COSINE = 0.99999
 
 
-def _require(ok: bool, reason: str) -> None:
-    """Skip outside CI; in CI (CI=true) a missing requirement is a failure, not a silent skip."""
-    if ok:
-        return
-    if IN_CI:
-        pytest.fail(f"{reason} — CI must run this test (pip install -e .[dev]; apt-get install espeak-ng)")
-    pytest.skip(reason)
+_require = require  # helpers.require: skip outside CI, fail in CI
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
