@@ -141,7 +141,7 @@ def test_block_causal_encoder_equals_its_masked_reference(mha, pipelines, ahead)
         ref = _reference_block_causal(p.block_encoder().module, blocks)
     assert got.shape == ref.shape == (num_audio_tokens(p.mel.valid_frames(int(7.3 * 16000))), p.decoder.args.hidden_size)
     err = float((got - ref).abs().max() / ref.abs().max())
-    assert err < 1e-5, err  # fp32; measured ~3e-7
+    assert err < 2e-6, err  # fp32 with cached vs masked attention; measured 3.6e-7 / 3.7e-7 (look-ahead 0 / 0.5 s)
     # and the cache really carries context: without it (each block alone) the result differs
     from qwen_audio_edge.runtime.block_encoder import tower_block
 
