@@ -19,6 +19,7 @@ per-frame encoder states.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -74,12 +75,13 @@ def tower_block(tower: _AudioTower, block: BlockInput, cache: LayerCache | None)
             keys, values = torch.cat([cache.keys[i], k], 1), torch.cat([cache.values[i], v], 1)
         else:
             keys, values = k, v
-        if cache is not None:
+        if cache is not None:  # keep everything but the look-ahead rows: they are recomputed with the next block
+            kept = keys.shape[1] - block.extra_rows
             if i < len(cache.keys):
-                cache.keys[i], cache.values[i] = keys[:, : keys.shape[1] - block.extra_rows], values[:, : values.shape[1] - block.extra_rows]
+                cache.keys[i], cache.values[i] = keys[:, :kept], values[:, :kept]
             else:
-                cache.keys.append(k[:, : block.rows])
-                cache.values.append(v[:, : block.rows])
+                cache.keys.append(keys[:, :kept])
+                cache.values.append(values[:, :kept])
         o = F.scaled_dot_product_attention(q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0))[0]
         x = x + a.out_proj(o.transpose(0, 1).reshape(n, -1))
         x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
@@ -114,8 +116,7 @@ class BlockCausalEncoder:
         if block.pos_offset != self.next_pos:
             raise ValueError(f"block at position {block.pos_offset} does not follow the previous one ({self.next_pos})")
         tower = self.module.audio_tower
-        mel = block.mel.to(self.device)
-        h = tower_block(tower, BlockInput(mel, block.left, block.rows, block.extra_rows, block.pos_offset), self.cache)
+        h = tower_block(tower, dataclasses.replace(block, mel=block.mel.to(self.device)), self.cache)
         self.next_pos += block.rows
         if h.shape[0] < 2:  # a last block of one position: the pool drops it, as the exact encoder does
             return h.new_zeros(0, self.module.config.output_dim).float()

@@ -198,18 +198,22 @@ def _attention(t: dict, src: str, dst: str, fused: str, names: tuple[str, ...]) 
     return out
 
 
+def _layer(t: dict, src: str, dst: str) -> dict[str, torch.Tensor]:
+    """Self-attention and feed-forward of one Whisper layer (shared by encoder and decoder layers)."""
+    sd = _attention(t, f"{src}/self_attention", f"{dst}.self_attn", "linear_0", ("q", "k", "v"))
+    sd |= _linear(t, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+    sd |= _norm(t, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+    sd |= _linear(t, f"{src}/ffn/linear_0", f"{dst}.fc1") | _linear(t, f"{src}/ffn/linear_1", f"{dst}.fc2")
+    return sd | _norm(t, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+
+
 def encoder_state_dict(model: CT2Model) -> dict[str, torch.Tensor]:
     """The Whisper encoder in transformers' names (also `Qwen2AudioEncoder`'s), float32, no prefix."""
     t = model.tensors
     sd = {**_linear(t, "encoder/conv1", "conv1"), **_linear(t, "encoder/conv2", "conv2"),
           "embed_positions.weight": t["encoder/position_encodings/encodings"], **_norm(t, "encoder/layer_norm", "layer_norm")}
     for i in range(model.n_layers("encoder")):
-        src, dst = f"encoder/layer_{i}", f"layers.{i}"
-        sd |= _attention(t, f"{src}/self_attention", f"{dst}.self_attn", "linear_0", ("q", "k", "v"))
-        sd |= _linear(t, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
-        sd |= _norm(t, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
-        sd |= _linear(t, f"{src}/ffn/linear_0", f"{dst}.fc1") | _linear(t, f"{src}/ffn/linear_1", f"{dst}.fc2")
-        sd |= _norm(t, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+        sd |= _layer(t, f"encoder/layer_{i}", f"layers.{i}")
     return {k: v.float().contiguous() for k, v in sd.items()}
 
 
@@ -220,15 +224,11 @@ def decoder_state_dict(model: CT2Model) -> dict[str, torch.Tensor]:
           "embed_positions.weight": t["decoder/position_encodings/encodings"], **_norm(t, "decoder/layer_norm", "layer_norm")}
     for i in range(model.n_layers("decoder")):
         src, dst = f"decoder/layer_{i}", f"layers.{i}"
-        sd |= _attention(t, f"{src}/self_attention", f"{dst}.self_attn", "linear_0", ("q", "k", "v"))
-        sd |= _linear(t, f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
-        sd |= _norm(t, f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+        sd |= _layer(t, src, dst)
         sd |= _linear(t, f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj")
         sd |= _attention(t, f"{src}/attention", f"{dst}.encoder_attn", "linear_1", ("k", "v"))
         sd |= _linear(t, f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj")
         sd |= _norm(t, f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm")
-        sd |= _linear(t, f"{src}/ffn/linear_0", f"{dst}.fc1") | _linear(t, f"{src}/ffn/linear_1", f"{dst}.fc2")
-        sd |= _norm(t, f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
     if not torch.equal(t["decoder/projection/weight"], t["decoder/embeddings/weight"]):
         raise ValueError("decoder projection is not tied to the embeddings: transformers' Whisper ties them")
     return {k: v.float().contiguous() for k, v in sd.items()}
