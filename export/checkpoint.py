@@ -3,12 +3,15 @@
 Weights are streamed one tensor at a time from each safetensors shard (mmap), so exporting a 16 GB
 checkpoint never holds it twice in RAM. Keys are mapped to runtime names:
 `audio_tower.*`/`multi_modal_projector.*` → encoder, `language_model.model.*` → decoder `model.*`,
-`language_model.lm_head.weight` → `lm_head.weight` (transformers-5 internal names accepted too).
+`language_model.lm_head.weight` → `lm_head.weight`. transformers 5.0–5.17 write the decoder as
+`language_model.model.model.*` and 5.x's internal names are `model.language_model.*`: all are accepted,
+and a key that maps to no runtime tensor name is refused here, before anything is written.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ _PREFIXES = (
     ("model.audio_tower.", "encoder", "audio_tower."),
     ("multi_modal_projector.", "encoder", "multi_modal_projector."),
     ("model.multi_modal_projector.", "encoder", "multi_modal_projector."),
+    ("language_model.model.model.", "decoder", "model."),  # transformers ≤ 5.17's save_pretrained
     ("language_model.model.", "decoder", "model."),
     ("model.language_model.", "decoder", "model."),
     ("language_model.lm_head.", "decoder", "lm_head."),
@@ -29,12 +33,25 @@ _PREFIXES = (
 )
 
 
+# The runtime names each part can hold (the loaders check shapes; this catches a foreign key at export).
+_RUNTIME_KEY = {
+    "encoder": re.compile(r"audio_tower\.(conv[12]|embed_positions|layer_norm|layers\.\d+)\.|multi_modal_projector\.linear\."),
+    "decoder": re.compile(r"model\.(embed_tokens|norm|layers\.\d+)\.|lm_head\."),
+}
+
+
 def map_key(key: str) -> tuple[str, str]:
     """Checkpoint key → (part, runtime key); part is "encoder" or "decoder"."""
     for prefix, part, new in _PREFIXES:
         if key.startswith(prefix):
-            return part, new + key[len(prefix) :]
-    raise CheckpointError(f"unexpected tensor {key!r}: not a Qwen2-Audio audio_tower/projector/language_model weight")
+            mapped = new + key[len(prefix) :]
+            if _RUNTIME_KEY[part].match(mapped):
+                return part, mapped
+            break
+    raise CheckpointError(
+        f"unexpected tensor {key!r}: not a Qwen2-Audio weight (expected audio_tower.*, multi_modal_projector.*, "
+        "language_model.model[.model].* or language_model.lm_head.*); is this a Qwen2-Audio checkpoint?"
+    )
 
 
 @dataclass(frozen=True)

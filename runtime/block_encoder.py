@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .encoder import AudioEncoderWithProjector, _AudioTower
+from .encoder import AudioEncoderWithProjector, _AudioTower, pool_pairs
 
 
 @dataclass
@@ -120,7 +120,7 @@ class BlockCausalEncoder:
         self.next_pos += block.rows
         if h.shape[0] < 2:  # a last block of one position: the pool drops it, as the exact encoder does
             return h.new_zeros(0, self.module.config.output_dim).float()
-        pooled = F.avg_pool1d(h.T.unsqueeze(0), kernel_size=2, stride=2)[0].T  # an odd last row is dropped
+        pooled = pool_pairs(h.unsqueeze(0))[0]  # an odd last row is dropped
         return self.module.multi_modal_projector.linear(tower.layer_norm(pooled)).float()
 
 

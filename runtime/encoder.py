@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ArtifactsError, AudioError
+from .selfcheck import warn_once
 
 
 @dataclass(frozen=True)
@@ -136,9 +137,19 @@ class AudioEncoderWithProjector(nn.Module):
         x = _take_prefix(x, n_pos)
         for layer in tower.layers:
             x = layer(x)
-        x = F.avg_pool1d(x.transpose(1, 2), kernel_size=2, stride=2).transpose(1, 2)
-        x = tower.layer_norm(x)
+        x = tower.layer_norm(pool_pairs(x))
         return self.multi_modal_projector.linear(x)
+
+
+def pool_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Mean of consecutive position pairs, [B, T, d] → [B, T // 2, d]; an odd last position is dropped.
+
+    Bit-identical to Whisper's `avg_pool1d(kernel_size=2, stride=2)` (pair sum, then /2), written with
+    index_select because torch 2.11's ONNX exporter refuses avg_pool1d on a data-dependent length
+    (it guards on the length's parity); this form exports under torch 2.11 and 2.13 alike.
+    """
+    even = torch.arange(x.shape[1] // 2, device=x.device) * 2
+    return (x.index_select(1, even) + x.index_select(1, even + 1)) / 2
 
 
 def _take_prefix(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -218,6 +229,12 @@ class OnnxEncoder:
         except Exception as e:  # noqa: BLE001 — ORT raises its own exception types
             raise ArtifactsError(f"ONNX Runtime cannot load {Path(path).name}: {e}; re-export") from e
         self.providers = self.session.get_providers()
+        if device.startswith("cuda") and self.providers[0] != "CUDAExecutionProvider":
+            why = ("no CUDA GPU is visible" if not cuda_available() else
+                   "this onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu, i.e. the [gpu] "
+                   "extra instead of [cpu])")
+            warn_once("onnx/cpu-ep", f"--device {device}: the ONNX encoder runs on the CPU because {why}; "
+                      "--encoder-backend torch runs it on the GPU instead")
         inputs = {i.name: i for i in self.session.get_inputs()}
         # Exports before the chunked stream mode have no pos_offset input; they serve exact mode only.
         if set(inputs) not in ({"mel", "n_valid"}, {"mel", "n_valid", "pos_offset"}):

@@ -177,3 +177,62 @@ def test_manifest_missing_sections_is_an_artifacts_error(mha, tmp_path):
     (art / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ArtifactsError, match="lacks files_role"):
         load_manifest(art)
+
+
+def _rename_decoder_keys(src, dst, rename) -> None:
+    """Copy a checkpoint with every decoder key renamed (rewriting shards and index)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(dst.glob("model-*.safetensors")):
+        save_file({rename(k): v for k, v in load_file(str(shard)).items()}, str(shard), metadata={"format": "pt"})
+    index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+
+
+def test_both_decoder_key_forms_of_transformers_5_export_the_same_model(mha, pipelines, tmp_path):
+    """transformers ≤ 5.17 saves `language_model.model.model.*`, later 5.x `language_model.model.*`:
+    whichever this transformers wrote, the other form exports to the same tensors and tokens."""
+    from safetensors.torch import load_file
+
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+
+    index = json.loads((mha.checkpoint / "model.safetensors.index.json").read_text())
+    doubled = any(k.startswith("language_model.model.model.") for k in index["weight_map"])
+    if doubled:
+        rename = lambda k: k.replace("language_model.model.model.", "language_model.model.", 1)  # noqa: E731
+    else:
+        rename = lambda k: k.replace("language_model.model.", "language_model.model.model.", 1)  # noqa: E731
+    other = tmp_path / "other_form"
+    _rename_decoder_keys(mha.checkpoint, other, rename)
+    export_checkpoint(other, tmp_path / "art", ExportOptions(bits=32, progress=False))  # as the mha fixture
+    mine, theirs = load_file(str(mha.artifacts / "decoder" / "model.safetensors")), load_file(
+        str(tmp_path / "art" / "decoder" / "model.safetensors"))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    from qwen_audio_edge.runtime.generate import SamplingOptions
+    from qwen_audio_edge.runtime.pipeline import Pipeline
+
+    wave, greedy = signal(2.0), SamplingOptions(max_new_tokens=8, greedy=True, ignore_eos=True)
+    ref = pipelines(mha).run(wave, "What is said?", sampling=greedy).token_ids
+    assert Pipeline.from_artifacts(tmp_path / "art").run(wave, "What is said?", sampling=greedy).token_ids == ref
+
+
+@pytest.mark.parametrize("key", ["language_model.model.model.model.norm.weight", "language_model.model.vision.weight",
+                                 "audio_tower.extra.weight", "text_model.embed_tokens.weight"])
+def test_foreign_checkpoint_keys_are_refused_by_name(key):
+    from qwen_audio_edge.export.checkpoint import map_key
+
+    with pytest.raises(CheckpointError, match=f"unexpected tensor '{key}'.*Qwen2-Audio"):
+        map_key(key)
+
+
+def test_checkpoint_key_forms_map_to_runtime_names():
+    from qwen_audio_edge.export.checkpoint import map_key
+
+    for prefix in ("language_model.model.", "language_model.model.model.", "model.language_model."):
+        assert map_key(prefix + "layers.3.mlp.up_proj.weight") == ("decoder", "model.layers.3.mlp.up_proj.weight")
+    assert map_key("language_model.lm_head.weight") == ("decoder", "lm_head.weight")
+    assert map_key("model.audio_tower.layers.0.fc1.bias") == ("encoder", "audio_tower.layers.0.fc1.bias")
+    assert map_key("multi_modal_projector.linear.weight") == ("encoder", "multi_modal_projector.linear.weight")
