@@ -205,7 +205,8 @@ def _run_turn(pipeline, audio, a: argparse.Namespace) -> dict:
     stream = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     result = pipeline.run(audio, a.prompt, sampling=sampling, on_text=stream)
     if a.json:
-        print(json.dumps(result.to_json(), ensure_ascii=False))
+        # which kernel/encoder paths ran, self-check verdicts included (Pipeline.active_paths)
+        print(json.dumps({**result.to_json(), "paths": pipeline.active_paths()}, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
         if result.finish_reason == "context_full":

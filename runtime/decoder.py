@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ArtifactsError, LimitError
+from .selfcheck import TOLERANCE, SelfCheck, relative_error, warn_once
 
 
 @dataclass(frozen=True)
@@ -333,23 +334,26 @@ def fuse_projections(model: Qwen2Decoder) -> int:
 
 def enable_fused_kernels(model: Qwen2Decoder, module=None) -> bool:
     """Route every layer's norms, RoPE (fused q/k/v only) and SwiGLU (fused gate/up only) through the
-    Triton kernels of kernels/fused_triton.py; returns False (torch ops kept) when Triton is missing.
-    `module` substitutes the kernel module (tests pass it to run the kernels under the interpreter).
-    The real kernels are first launched once on the model's device: if Triton cannot compile or run
-    them there (no C compiler for its launcher, an unsupported GPU), a warning names the reason and the
-    torch ops stay, rather than the first forward failing deep inside Triton."""
+    Triton kernels of kernels/fused_triton.py; returns False (torch ops kept, with one warning) when
+    Triton is missing or a kernel fails its self-check.
+    `module` substitutes the kernel module (tests pass it to run the kernels under the interpreter, or a
+    broken one). Each kernel is first run once on the model's device, on random rows through the model's
+    own norm weight, and compared with the torch code it replaces (runtime/selfcheck.py tolerances): if
+    Triton cannot compile or run it there (no C compiler for its launcher, an unsupported GPU) or it
+    computes something else, a warning names the kernel and the reason and the torch ops stay, rather
+    than the first forward failing deep inside Triton or decoding wrong tokens."""
     if module is None:
         try:
             from ..kernels import fused_triton as module
         except ImportError:
+            warn_once("fused/no-triton", "fused decoder kernels: triton is not installed; norms, RoPE and SwiGLU "
+                      "run as plain torch ops (correct, slower decode): pip install triton")
             return False
-        problem = _fused_kernels_problem(model, module)
-        if problem is not None:
-            import warnings
-
-            warnings.warn(f"fused Triton kernels unavailable ({problem}); the decoder uses plain torch ops "
-                          "(correct, slower decode)", RuntimeWarning, stacklevel=2)
-            return False
+    problem = fused_kernels_problem(model, module)
+    if problem is not None:
+        warn_once(f"fused/{problem}", f"fused Triton kernels failed their self-check ({problem}); the decoder uses "
+                  "plain torch ops (correct, slower decode)")
+        return False
     hd = model.args.head_dim
     for layer in model.model.layers:
         layer.fused_kernels = layer.mlp.fused_kernels = module
@@ -357,25 +361,43 @@ def enable_fused_kernels(model: Qwen2Decoder, module=None) -> bool:
     return True
 
 
-def _fused_kernels_problem(model: Qwen2Decoder, module) -> str | None:
-    """None if each fused kernel compiles and runs on the model's device, else the first error."""
-    a, w = model.args, model.model.norm.weight
+@torch.no_grad()
+def fused_kernels_problem(model: Qwen2Decoder, module) -> str | None:
+    """None if each fused kernel runs on the model's device and matches its torch twin, else what failed."""
+    a, norm = model.args, model.model.norm
+    w = norm.weight
+    dev, dt = w.device, w.dtype
+    gen = torch.Generator(device=dev).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, device=dev, generator=gen).to(dt)
+
+    def check(name: str, got: torch.Tensor, want: torch.Tensor) -> str | None:
+        err, tol = relative_error(got, want), TOLERANCE.get(dt, 1e-3)
+        return None if err <= tol else f"{name}: max error {err:.3g} of max |reference|, over the {tol:g} allowed"
+
     try:
-        x = torch.zeros(1, 1, a.hidden_size, device=w.device, dtype=w.dtype)
-        module.rms_norm(x, w, a.rms_norm_eps, delta=x)
-        module.rms_norm(x, w, a.rms_norm_eps)
-        module.silu_mul(torch.zeros(1, 1, 2 * a.intermediate_size, device=w.device, dtype=w.dtype))
-        hd = a.head_dim
+        x, delta = rand(2, a.hidden_size), rand(2, a.hidden_size)
+        problems = [check("rms_norm", module.rms_norm(x, w, norm.eps)[0], norm(x)),
+                    check("rms_norm+residual", module.rms_norm(x, w, norm.eps, delta=delta)[0], norm(x + delta))]
+        gu = rand(2, 2 * a.intermediate_size)
+        gate, up = gu.chunk(2, dim=-1)
+        problems.append(check("silu_mul", module.silu_mul(gu), F.silu(gate) * up))
+        hd, nq, nkv = a.head_dim, a.num_attention_heads, a.num_key_value_heads
         if hd % 2 == 0 and hd & (hd - 1) == 0:
-            cache = torch.zeros(1, a.num_key_value_heads, 1, hd, device=w.device, dtype=w.dtype)
-            qkv = torch.zeros(1, (a.num_attention_heads + 2 * a.num_key_value_heads) * hd, device=w.device, dtype=w.dtype)
-            rope = torch.zeros(1, hd, device=w.device, dtype=w.dtype)
-            module.rope_kv_cache_(qkv, a.num_attention_heads, a.num_key_value_heads, hd, rope, rope, cache, cache.clone(), 0)
-        if w.is_cuda:
-            torch.cuda.synchronize(w.device)
+            qkv = rand(2, (nq + 2 * nkv) * hd)
+            ang = torch.rand(2, hd // 2, device=dev, generator=gen) * 6
+            cos, sin = torch.cat([ang.cos()] * 2, -1).to(dt), torch.cat([ang.sin()] * 2, -1).to(dt)
+            heads = qkv.view(2, nq + 2 * nkv, hd).transpose(0, 1)
+            expected = _apply_rope(heads[: nq + nkv], cos, sin)
+            ck, cv = torch.zeros(1, nkv, 4, hd, device=dev, dtype=dt), torch.zeros(1, nkv, 4, hd, device=dev, dtype=dt)
+            module.rope_kv_cache_(qkv, nq, nkv, hd, cos, sin, ck, cv, 1)
+            problems += [check("rope q", heads[:nq], expected[:nq]), check("rope k→cache", ck[0, :, 1:3], expected[nq:])]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
     except Exception as e:  # noqa: BLE001 — any failure means: keep the torch ops
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-    return None
+    return next((p for p in problems if p is not None), None)
 
 
 def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *, lm_head_int8=None,
@@ -430,16 +452,18 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
     for name, t in state.items():
         if t.shape != reference[name].shape:
             raise ArtifactsError(f"{d}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(reference[name].shape)}")
+    checks = SelfCheck()  # the fast paths' per-shape verdicts, shared by all layers (runtime/selfcheck.py)
+    model.selfcheck = checks
     if lm_head_int8 is not None:
         from safetensors.torch import load_file
 
         side = load_file(str(lm_head_int8))
-        model.lm_head = Int8Linear(side["weight"].to(device), side["scales"].to(device), tune=w4_tune)
+        model.lm_head = Int8Linear(side["weight"].to(device), side["scales"].to(device), tune=w4_tune, checks=checks)
     model.load_state_dict(state, assign=True, strict=lm_head_int8 is None)
     del state
     model.fused_projections = fuse_projections(model) if fuse and torch.device(device).type != "meta" else 0
     # on CUDA the small element-wise steps are fused too (each ~2 µs per launch, even inside a CUDA graph)
     model.fused_kernels = fuse and torch.device(device).type == "cuda" and enable_fused_kernels(model)
-    kernels = {m.prepare(w4_kernel, tune=w4_tune) for m in model.modules() if isinstance(m, QuantLinear)}
+    kernels = {m.prepare(w4_kernel, tune=w4_tune, checks=checks) for m in model.modules() if isinstance(m, QuantLinear)}
     model.w4_kernels = sorted(kernels)
     return model.eval()

@@ -26,6 +26,7 @@ from .errors import ArtifactsError, AudioError, LimitError, NumericalError, Opti
 from .generate import GenerationStats, IncrementalDetokenizer, SamplingOptions, generate
 from .generation_config import effective_generation_config, resolve_sampling, stop_token_ids
 from .prompt import PromptFormat, user_message
+from .quant_linear import Int8Linear
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -307,6 +308,27 @@ class Pipeline:
             sampling_rate: int | None = None, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """One user turn (audio and/or text) in a fresh conversation."""
         return self.chat().send(audio, prompt, sampling=sampling, sampling_rate=sampling_rate, on_text=on_text)
+
+    def active_paths(self) -> dict:
+        """Which implementation runs each stage on this machine. Self-checked fast paths are decided on
+        first use per shape class, so after a run this also says which path each shape class took
+        (runtime/selfcheck.py); `run --json` prints it under "paths"."""
+        enc, dec = self.encoder, self.decoder
+        head = dec.lm_head
+        if isinstance(head, Int8Linear):
+            lm_head = "int8: torch CPU op" if head._cpu_op and self.device.type == "cpu" else "int8: Triton GEMV (self-checked)"
+        else:
+            lm_head = f"dense {self.options.dtype}"
+        return {
+            "device": str(self.device),
+            "encoder": f"onnxruntime {enc.providers[0]}" if isinstance(enc, OnnxEncoder) else f"torch {enc.device}",
+            "decoder_w4": list(getattr(dec, "w4_kernels", [])) or None,  # None: dense (fp16/fp32) decoder weights
+            "fused_projections": int(getattr(dec, "fused_projections", 0)),
+            "fused_kernels": bool(getattr(dec, "fused_kernels", False)),
+            "lm_head": lm_head,
+            "cuda_graphs": self.device.type == "cuda" and self.options.cuda_graphs,
+            "self_check": dec.selfcheck.report() if hasattr(dec, "selfcheck") else {},
+        }
 
     def default_sampling(self, **overrides) -> SamplingOptions:
         """The checkpoint's generation config with transformers' meaning for every key (absent: transformers'

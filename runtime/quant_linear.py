@@ -15,6 +15,7 @@ from torch import nn
 
 from ..kernels.w4_ref import PACK, w4_matmul_ref
 from .errors import ArtifactsError
+from .selfcheck import Candidate, CheckedChain, SelfCheck, warn_once
 
 
 class QuantLinear(nn.Module):
@@ -35,19 +36,21 @@ class QuantLinear(nn.Module):
         else:
             self.bias = None
         self.kernel = None  # a repacked fast-path weight (kernels/w4_cpu.py or w4_triton.py), or None = reference
+        self.chain: CheckedChain | None = None  # Triton → tinygemm → reference, self-checked (runtime/selfcheck.py)
 
-    def prepare(self, kernel: str = "auto", *, tune: bool = True) -> str:
+    def prepare(self, kernel: str = "auto", *, tune: bool = True, checks: SelfCheck | None = None) -> str:
         """Pick and build the matmul path once, after the weights are loaded; returns its name.
 
         auto: torch's CPU int4 op on CPU, Triton on CUDA, else the reference. The GPTQ buffers are
         released once a fast path holds its own packed copy (weights are never held twice). `tune`: the
-        Triton path times its launch configs per shape on first use (kernels/w4_triton.py Tuner).
+        Triton path times its launch configs per shape on first use (kernels/w4_triton.py Tuner). `checks`:
+        the verdicts the Triton path's self-check shares with the other layers (a private one if None).
         """
         if kernel not in ("auto", "ref", "cpu", "triton"):
             raise ValueError(f"unknown W4 kernel {kernel!r}: use auto, ref, cpu or triton")
         on_cuda = self.qweight.device.type == "cuda"
         want = ("triton" if on_cuda else "cpu") if kernel == "auto" else kernel
-        built = None
+        built, triton_missing = None, False
         if want == "cpu" and not on_cuda:
             from ..kernels.w4_cpu import CpuW4Weight
 
@@ -56,14 +59,24 @@ class QuantLinear(nn.Module):
             try:
                 from ..kernels.w4_triton import TUNER, TritonW4Weight
             except ImportError:
-                built = None
+                triton_missing = True
+                if kernel == "auto":
+                    warn_once("w4/no-triton", "W4 on CUDA: triton is not installed, so the Triton W4 kernels are off; "
+                              "the reference dequantize-matmul runs instead (correct, much slower decode): pip install triton")
             else:
                 built = TritonW4Weight.build(self.qweight, self.qzeros, self.scales, self.g_idx,
                                              tuner=TUNER if tune else None)
         if built is None and kernel not in ("auto", "ref"):
             raise ArtifactsError(f"W4 kernel {kernel!r} cannot run this {self.in_features}x{self.out_features} layer "
                                  f"on {self.qweight.device}; use --w4-kernel auto or ref")
+        if built is None and kernel == "auto" and (want == "cpu" or on_cuda) and not triton_missing:
+            shape = f"{self.in_features}x{self.out_features}"
+            warn_once(f"w4/{want}/{shape}", f"W4 {shape}: the {want} fast path cannot run this layer on {self.qweight.device} "
+                      "(its groups are not equal contiguous blocks, or its sizes or this torch build are not supported); "
+                      "the reference dequantize-matmul runs for it (correct, slower)")
         self.kernel = built
+        if want == "triton" and built is not None:
+            self.chain = _triton_chain(built, f"W4 {self.in_features}x{self.out_features}", checks or SelfCheck())
         if built is not None:
             empty = torch.empty(0, dtype=torch.int32, device=self.qweight.device)
             self.qweight, self.qzeros, self.g_idx = empty, empty, empty
@@ -72,9 +85,42 @@ class QuantLinear(nn.Module):
         return "ref"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chain is not None:
+            return self.chain(_shape_class(x, self.bias), x, self.bias)
         if self.kernel is not None:
             return self.kernel.matmul(x, self.bias)
         return w4_matmul_ref(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias)
+
+
+def _shape_class(x: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """What selects a Triton launch config: decode GEMV rows (power of two) or prefill GEMM bucket, dtype, bias."""
+    from ..kernels.w4_triton import DECODE_MAX_M
+
+    m = x.numel() // x.shape[-1]
+    bucket = 1 << max(m - 1, 0).bit_length()
+    kind = f"gemv m≤{bucket}" if m <= DECODE_MAX_M else f"gemm m≤{min(bucket, 1024)}" + ("+" if bucket > 1024 else "")
+    return f"{kind} {str(x.dtype).removeprefix('torch.')}{' +bias' if bias is not None else ''}"
+
+
+def _triton_chain(w, label: str, checks: SelfCheck) -> CheckedChain:
+    """Triton first, then torch's CUDA int4 op built from the same repacked tensors, over the reference
+    dequantize-matmul of those tensors (rows in group order, activations permuted as the kernel does)."""
+    from ..kernels.w4_tinygemm import TinygemmW4Weight
+
+    g_idx = (torch.arange(w.k, device=w.qweight.device) // w.group).to(torch.int32)
+
+    def reference(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        xp = x if w.perm is None else x.index_select(-1, w.perm.long())
+        return w4_matmul_ref(xp.float(), w.qweight, w.qzeros, w.scales, g_idx, bias).to(x.dtype)
+
+    def tinygemm():
+        t = TinygemmW4Weight.build(w.qweight, w.qzeros, w.scales, g_idx)
+        if t is None:
+            return None
+        perm = w.perm.long() if w.perm is not None else None
+        return lambda x, bias: t.matmul(x if perm is None else x.index_select(-1, perm), bias)
+
+    return CheckedChain(label, [Candidate("triton", lambda: w.matmul), Candidate("tinygemm", tinygemm)], reference, checks)
 
 
 class Int8Linear(nn.Module):
@@ -87,7 +133,8 @@ class Int8Linear(nn.Module):
     head never materializes a full fp copy.
     """
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, chunk: int = 16384, *, tune: bool = True):
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, chunk: int = 16384, *, tune: bool = True,
+                 checks: SelfCheck | None = None):
         super().__init__()
         if weight.dtype != torch.int8 or weight.ndim != 2 or scales.shape != (weight.shape[0],):
             raise ArtifactsError("int8 lm_head: expected weight int8 [vocab, hidden] and scales [vocab]")
@@ -97,6 +144,9 @@ class Int8Linear(nn.Module):
         self.tune = tune  # CUDA: time the Triton GEMV's launch configs on first use (else its default)
         self._cpu_op = weight.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         self._scales_bf16 = scales.to(torch.bfloat16) if self._cpu_op else None
+        # one row on CUDA (decode; prefill's last position): the Triton GEMV, self-checked on first use
+        self.chain = CheckedChain(f"int8 lm_head {weight.shape[0]}x{weight.shape[1]}",
+                                  [Candidate("triton", self._cuda_gemv)], self.reference, checks or SelfCheck())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cpu_op and x.device.type == "cpu":
@@ -104,25 +154,23 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous(),
                                                    self.weight, self._scales_bf16)
             return y.to(x.dtype).reshape(*lead, -1)
-        if x.device.type == "cuda" and x.numel() == x.shape[-1]:
-            gemv = self._cuda_gemv()
-            if gemv is not None:
-                return gemv(x.reshape(1, -1), self.weight, self.scales).reshape(*x.shape[:-1], -1)
+        if (x.device.type == "cuda" or _interpreted()) and x.numel() == x.shape[-1]:
+            return self.chain(f"gemv {str(x.dtype).removeprefix('torch.')}", x)
         return self.reference(x)
 
     def _cuda_gemv(self):
-        """The Triton GEMV bound to this head's tuning choice, resolved once (None without triton)."""
-        if not hasattr(self, "_gemv"):
-            try:
-                from functools import partial
+        """The Triton GEMV bound to this head's tuning choice (None without triton: a warning, the chunked path)."""
+        try:
+            from functools import partial
 
-                from ..kernels.int8_triton import int8_gemv
-                from ..kernels.w4_triton import TUNER
-            except ImportError:  # no triton: the chunked path
-                self._gemv = None
-            else:
-                self._gemv = partial(int8_gemv, tuner=TUNER if self.tune else None)
-        return self._gemv
+            from ..kernels.int8_triton import int8_gemv
+            from ..kernels.w4_triton import TUNER
+        except ImportError:
+            warn_once("int8/no-triton", "int8 lm_head on CUDA: triton is not installed, so the int8 GEMV kernel is off; "
+                      "the chunked dequantize-matmul runs instead (slower decode): pip install triton")
+            return None
+        gemv = partial(int8_gemv, tuner=TUNER if self.tune else None)
+        return lambda x: gemv(x.reshape(1, -1), self.weight, self.scales).reshape(*x.shape[:-1], -1)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The chunked dequantize-and-matmul twin of the fast paths."""
@@ -131,6 +179,11 @@ class Int8Linear(nn.Module):
             w = self.weight[i : i + self.chunk].to(x.dtype)
             outs.append((x @ w.T) * self.scales[i : i + self.chunk].to(x.dtype))
         return torch.cat(outs, dim=-1)
+
+
+def _interpreted() -> bool:
+    """Triton's CPU interpreter (tests): the CUDA-only Triton paths then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def quantize_int8_rows(weight: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,6 +78,20 @@ def mha(tmp_path_factory) -> Model:
 
 
 @pytest.fixture(scope="session")
+def w4(mha, tmp_path_factory):
+    """The mha fixture exported as GPTQ W4 with the int8 lm_head (and the transformers-loadable GPTQ copy):
+    (root, manifest); artifacts in root / "artifacts"."""
+    from qwen_audio_edge.export.calibrate import CalibrationOptions
+    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+
+    root = tmp_path_factory.mktemp("w4")
+    opts = ExportOptions(bits=4, progress=False, calibration=CalibrationOptions(num_samples=10), lm_head="int8",
+                         hf_checkpoint=root / "hf-gptq", threads=2)
+    manifest = export_checkpoint(mha.checkpoint, root / "artifacts", opts)
+    return root, manifest
+
+
+@pytest.fixture(scope="session")
 def gqa(tmp_path_factory) -> Model:
     return _build(tmp_path_factory, "gqa", "gqa")
 

@@ -417,9 +417,16 @@ def test_fused_kernels_fall_back_to_torch_ops_with_a_warning(mha, monkeypatch):
         raise RuntimeError("failed to compile the launcher: no C compiler")
 
     monkeypatch.setattr(fused_triton, "rms_norm", broken)
-    with pytest.warns(RuntimeWarning, match="fused Triton kernels unavailable .*no C compiler"):
+    with pytest.warns(RuntimeWarning, match="fused Triton kernels failed their self-check .*no C compiler.*plain torch ops"):
         assert enable_fused_kernels(d) is False
     assert d.model.layers[0].fused_kernels is None
+    monkeypatch.undo()
+    # a kernel that runs but computes something else (5 % off) is caught by the comparison
+    real_silu_mul = fused_triton.silu_mul
+    monkeypatch.setattr(fused_triton, "silu_mul", lambda gu: real_silu_mul(gu) * 1.05)
+    with pytest.warns(RuntimeWarning, match=r"silu_mul: max error 0\.0[45]\d* of max \|reference\|, over the 0\.001"):
+        assert enable_fused_kernels(d) is False
+    assert d.model.layers[0].mlp.fused_kernels is None
     monkeypatch.undo()
     assert enable_fused_kernels(d) is True  # the interpreter runs them here (TRITON_INTERPRET=1)
     assert _runtime_options(build_parser().parse_args(["run", "A", "--no-fuse"])).fuse is False

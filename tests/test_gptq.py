@@ -125,17 +125,6 @@ def test_gptq_beats_rtn_and_matches_gptqmodel_on_every_layer(mha, pipelines, cfg
 
 
 # --- export, format, runtime ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def w4(mha, tmp_path_factory):
-    from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
-
-    root = tmp_path_factory.mktemp("w4")
-    opts = ExportOptions(bits=4, progress=False, calibration=CalibrationOptions(num_samples=10), lm_head="int8",
-                         hf_checkpoint=root / "hf-gptq", threads=2)
-    manifest = export_checkpoint(mha.checkpoint, root / "artifacts", opts)
-    return root, manifest
-
-
 def test_w4_decoder_is_a_standard_gptq_checkpoint(w4):
     root, manifest = w4
     dec = root / "artifacts" / "decoder"

@@ -35,6 +35,24 @@ def test_triton_real_shapes_on_cuda(k, n, dtype, tol):
         assert (y - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("k,n", [(4096, 4096), (11008, 4096)])
+def test_tinygemm_fallback_matches_the_reference_on_cuda(k, n):
+    """torch's CUDA int4 op over our repack (the Triton kernels' fallback) computes the same layer, act-order
+    included; it runs in bf16, so the bound is bf16's (measured on the GPU run: see bench/results/<gpu>/)."""
+    from qwen_audio_edge.kernels.w4_ref import w4_matmul_ref
+    from qwen_audio_edge.kernels.w4_tinygemm import TinygemmW4Weight
+
+    qweight, qzeros, scales, g_idx = _real_layer(k, n)
+    t = TinygemmW4Weight.build(qweight, qzeros, scales, g_idx)
+    assert t is not None and t.perm is not None
+    for m in (1, 8, 64):
+        x = torch.randn(m, k, device="cuda")
+        ref = w4_matmul_ref(x, qweight, qzeros, scales, g_idx)
+        err = ((t.matmul(x.half()).float() - ref).abs().max() / ref.abs().max()).item()
+        print(f"tinygemm {k}x{n} m={m}: relative error {err:.2e}")
+        assert err <= 2e-2
+
+
 def _real_layer(k: int, n: int):
     from qwen_audio_edge.export.gptq import GPTQConfig, rtn_quantize
     from qwen_audio_edge.kernels.w4_ref import pack_rows, unpack_rows
