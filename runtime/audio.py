@@ -161,8 +161,10 @@ def load_audio(path: str | Path, sampling_rate: int = 16000) -> np.ndarray:
 
 
 def _read_soundfile(p: Path) -> tuple[np.ndarray | None, int]:
-    import soundfile as sf
-
+    try:
+        import soundfile as sf
+    except ImportError:  # a machine without libsndfile's binding (e.g. a bare GPU image): PCM WAV via the stdlib
+        return _read_wav_stdlib(p)
     try:
         data, sr = sf.read(str(p), dtype="float32", always_2d=True)
     except Exception:  # noqa: BLE001 — any libsndfile failure means "try PyAV"
@@ -170,11 +172,27 @@ def _read_soundfile(p: Path) -> tuple[np.ndarray | None, int]:
     return data, int(sr)
 
 
+def _read_wav_stdlib(p: Path) -> tuple[np.ndarray | None, int]:
+    """PCM WAV (8/16/32-bit integer) with Python's wave module; None for anything else (then PyAV)."""
+    import wave
+
+    try:
+        with wave.open(str(p), "rb") as w:
+            width, channels, sr, frames = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.readframes(w.getnframes())
+    except (wave.Error, EOFError, OSError):
+        return None, 0
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
+    if dtype is None:
+        return None, 0
+    return _pcm_to_float(np.frombuffer(frames, dtype=np.dtype(dtype).newbyteorder("<")).reshape(-1, channels)), int(sr)
+
+
 def _read_pyav(p: Path) -> tuple[np.ndarray, int]:
     try:
         import av
-    except ImportError as e:  # pragma: no cover - av is a dependency
-        raise AudioError(f"cannot read {p}: libsndfile does not know the format and PyAV is not installed") from e
+    except ImportError as e:  # av is a dependency, but a bare machine may lack it (and soundfile)
+        raise AudioError(f"cannot read {p}: neither soundfile nor PyAV can decode it here (without them only PCM WAV "
+                         "is read); pip install soundfile av") from e
     try:
         with av.open(str(p)) as container:
             streams = [s for s in container.streams if s.type == "audio"]

@@ -139,3 +139,25 @@ def test_long_audio_splits_into_equal_windows_without_loss(n):
     assert len(segs) == -(-n // CFG.n_samples)
     assert all(CFG.min_samples <= len(s) <= CFG.n_samples for s in segs)
     np.testing.assert_array_equal(np.concatenate(segs), x)
+
+
+@pytest.mark.parametrize("subtype,width", [("PCM_16", 2), ("PCM_32", 4), ("PCM_U8", 1)])
+def test_pcm_wav_is_read_without_soundfile_and_pyav(tmp_path, monkeypatch, subtype, width):
+    """A bare machine (the GPU image has neither binding): PCM WAV still loads, to the same samples, via the
+    stdlib; anything else is refused with what to install."""
+    import sys
+
+    wave = (signal(1.5) * 0.8).astype(np.float32)
+    stereo = np.stack([wave, 0.5 * wave], axis=1)
+    path = tmp_path / f"a_{subtype}.wav"
+    sf.write(str(path), stereo, 22050, subtype=subtype)
+    with_libs = load_audio(path)
+    monkeypatch.setitem(sys.modules, "soundfile", None)
+    monkeypatch.setitem(sys.modules, "av", None)
+    without = load_audio(path)
+    assert np.abs(with_libs).max() > 0.1
+    np.testing.assert_array_equal(without, with_libs)
+    flac = tmp_path / "a.flac"
+    sf.write(str(flac), wave, 16000, format="FLAC")
+    with pytest.raises(AudioError, match="neither soundfile nor PyAV can decode it here .*pip install soundfile av"):
+        load_audio(flac)

@@ -116,13 +116,17 @@ def test_self_check_tolerance_is_what_a_correct_kernel_needs(w4):
 
 
 def test_run_json_reports_the_active_paths(w4, capsys):
-    from qwen_audio_edge.runtime.cli import main
+    import wave
 
-    import soundfile as sf
+    import numpy as np
+
+    from qwen_audio_edge.runtime.cli import main
 
     root, _ = w4
     wav = root / "a.wav"
-    sf.write(str(wav), signal(2.0), 16000)
+    with wave.open(str(wav), "wb") as w:  # the stdlib: this test also runs on the GPU machine (no soundfile there)
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes((np.clip(signal(2.0), -1, 1) * 32767).astype("<i2").tobytes())
     assert main(["run", str(root / "artifacts"), "--audio", str(wav), "--max-new-tokens", "4", "--greedy", "--json",
                  "--w4-kernel", "triton", "--no-w4-tune"]) in (0, None)
     paths = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["paths"]
