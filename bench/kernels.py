@@ -16,25 +16,40 @@ the layer's weights were evicted by the 31 others), replayed, timed with CUDA ev
 the number of calls. The Triton configs are tuned first (kernels/w4_triton.py `Tuner`, L2 flushed).
 A device-to-device copy figure is measured beside the datasheet peak.
 
+`--preset tiny` swaps in small shapes of the same kinds (and a small layer) and `--kernel triton` takes the
+Triton path on CPU too, under the Triton interpreter (TRITON_INTERPRET=1, set here): the GPU
+run's code path (weight copies, tinygemm beside ours, the whole-layer row, tuned-config report) in a few
+seconds, timed by wall clock instead of CUDA graphs — what `bench/gpu_check.sh --dry-run` runs so that a
+slip in this script can never cost a GPU session. `--out` is rewritten (atomically) after every row, so a
+run cut off by a time limit leaves valid JSON with what it measured.
+
     python bench/kernels.py --device cpu --out bench/results/cpu/kernels.json
     python bench/kernels.py --device cuda --peak-gbps 3350 --out $OUT/kernels.json   (see gpu_check.sh)
+    python bench/kernels.py --device cpu --preset tiny --kernel triton --iters 2      (the dry run)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 SHAPES = {"qkvo_4096x4096": (4096, 4096), "gate_up_4096x11008": (4096, 11008), "down_11008x4096": (11008, 4096),
           "qkv_fused_4096x12288": (4096, 12288), "gate_up_fused_4096x22016": (4096, 22016)}
 LAYER = (("qkv", 4096, 12288, True), ("o", 4096, 4096, False), ("gate_up", 4096, 22016, False), ("down", 11008, 4096, False))
+# --preset tiny: the same kinds of shape at a size the Triton interpreter runs in well under a second per call
+# (K a multiple of the group size 128, N of 8 (GPTQ packing) and 16 (the CPU int4 op)).
+TINY_SHAPES = {"qkvo_256x256": (256, 256), "gate_up_256x512": (256, 512), "down_512x256": (512, 256)}
+TINY_LAYER = (("qkv", 256, 768, True), ("o", 256, 256, False), ("gate_up", 256, 1024, False), ("down", 512, 256, False))
+PRESETS = {"7b": (SHAPES, LAYER), "tiny": (TINY_SHAPES, TINY_LAYER)}
 
 
 def cpu_seconds(fns: list[Callable[[], None]], iters: int) -> float:
@@ -77,6 +92,11 @@ def replay_seconds(graph, replays: int = 20) -> float:
     return statistics.median(samples)
 
 
+def seconds_per_call(fns: list[Callable[[], None]], dev: torch.device, iters: int) -> float:
+    """Seconds per call of fns (cycled): a CUDA graph of all of them on CUDA, the wall-clock median on CPU."""
+    return graph_seconds(fns) if dev.type == "cuda" else cpu_seconds(fns, iters)
+
+
 def copy_bandwidth(dev: torch.device, mib: int) -> float:
     """Device-to-device copy GB/s (read + write counted)."""
     a = torch.empty(mib << 20, dtype=torch.uint8, device=dev)
@@ -115,28 +135,51 @@ def _tinygemm_cuda(qweight, dev, copies: int):
     return lambda x, i: torch.ops.aten._weight_int4pack_mm(x, tq[i], 128, tsz[i])
 
 
+def _tinygemm_cpu(qweight, copies: int):
+    """torch's CPU int4 op on the same nibbles (its own layout, group 128, bf16 scales/zeros)."""
+    from qwen_audio_edge.kernels.w4_ref import unpack_rows
+
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    tq = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_rows(qweight).T.contiguous(), 1) for _ in range(copies)]
+    tsz = [torch.ones(k // 128, n, 2, dtype=torch.bfloat16) for _ in range(copies)]
+    return lambda x, i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, tq[i], 128, tsz[i])
+
+
+def _tinygemm(qweight, dev: torch.device, copies: int):
+    """torch's int4 op (tinygemm) for `copies` weight copies: call(x_bf16, copy index)."""
+    return _tinygemm_cuda(qweight, dev, copies) if dev.type == "cuda" else _tinygemm_cpu(qweight.cpu(), copies)
+
+
 def _chosen(k: int, n: int) -> list[str]:
+    """The launch configs the tuner picked for this K × N (it times candidates on CUDA only: empty on CPU)."""
     from qwen_audio_edge.kernels.w4_triton import TUNER
 
     return [f"{key[0]} m≤{key[4]}: {cfg}" for key, cfg in TUNER.choices.items() if key[1] == k and key[2] == n]
 
 
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write obj as JSON atomically (temporary file, then rename): a reader, or a run killed mid-write by its
+    time limit, sees the previous complete file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act: torch.dtype, rotate_bytes: int,
-                iters: int, gen: torch.Generator) -> list[dict]:
+                iters: int, gen: torch.Generator, triton_path: bool, strict: bool = False) -> Iterator[dict]:
+    """One row per M (yielded as soon as it is measured). `triton_path`: ours is the Triton kernel over
+    rotating weight copies (CUDA; CPU under the interpreter), else the CPU int4 path (one copy). `strict`:
+    a tinygemm failure is raised instead of reported."""
     from qwen_audio_edge.kernels.w4_ref import w4_matmul_ref
 
     qweight, qzeros, scales, g_idx = _random_gptq(k, n, gen, device=dev)
     w4_bytes = _nbytes(qweight, qzeros, scales, g_idx)
-    rows = []
-    if dev.type == "cpu":
+    if not triton_path:
         from qwen_audio_edge.kernels.w4_cpu import CpuW4Weight
 
         ours = [CpuW4Weight.build(qweight, qzeros, scales, g_idx)]
-        from qwen_audio_edge.kernels.w4_ref import unpack_rows
-
-        tiny_q = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_rows(qweight).T.contiguous(), 1)
-        tiny_sz = torch.ones(k // 128, n, 2, dtype=act)
-        tiny = lambda x, i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, tiny_q, 128, tiny_sz)  # noqa: E731
         copies = dense_copies = 1
     else:
         from qwen_audio_edge.kernels.w4_triton import TritonW4Weight
@@ -148,33 +191,30 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act
                           for _ in range(copies - 1)]  # copies of the repacked tensors (same bytes read)
         for w in ours[1:]:
             w.perm, w._xcols = first.perm, first._xcols
-        try:
-            tiny = _tinygemm_cuda(qweight, dev, copies)
-        except Exception as e:  # noqa: BLE001 — report, do not abort the whole benchmark
-            print(f"tinygemm setup failed on {name}: {e}", flush=True)
-            tiny = None
         dense_copies = max(2, -(-rotate_bytes // (k * n * 2)))
+    try:
+        tiny = _tinygemm(qweight, dev, copies)
+    except Exception as e:  # noqa: BLE001 — report, do not abort the whole benchmark
+        if strict:
+            raise
+        print(f"tinygemm setup failed on {name}: {e}", flush=True)
+        tiny = None
     dense = [torch.randn(n, k, dtype=act, device=dev) for _ in range(dense_copies)]
     ref_args = (qweight.to(dev), qzeros.to(dev), scales.to(dev), g_idx.to(dev))
     for m in ms:
         x = torch.randn(m, k, dtype=act, device=dev)
-        xb = x.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)  # tinygemm takes bf16 activations
         ref = w4_matmul_ref(x.float(), *ref_args)
         err = ((ours[0].matmul(x).float() - ref).abs().max() / ref.abs().max()).item()
-        if dev.type == "cpu":
-            t_ours = cpu_seconds([lambda: ours[0].matmul(x)], iters)
-            t_dense = cpu_seconds([lambda: x @ dense[0].T], iters)
-        else:
-            t_ours = graph_seconds([lambda w=w: w.matmul(x) for w in ours])
-            t_dense = graph_seconds([lambda d=d: x @ d.T for d in dense])
+        t_ours = seconds_per_call([lambda w=w: w.matmul(x) for w in ours], dev, iters)
+        t_dense = seconds_per_call([lambda d=d: x @ d.T for d in dense], dev, iters)
         try:
             if tiny is None:
                 raise RuntimeError("no tinygemm weights")
-            if dev.type == "cpu":
-                t_tiny = cpu_seconds([lambda: tiny(x, 0)], iters)
-            else:
-                t_tiny = graph_seconds([lambda i=i: tiny(xb, i) for i in range(copies)])
+            t_tiny = seconds_per_call([lambda i=i: tiny(xb, i) for i in range(copies)], dev, iters)
         except Exception as e:  # noqa: BLE001 — report, do not abort the whole benchmark
+            if strict:
+                raise
             t_tiny = None
             print(f"tinygemm failed on {name} M={m}: {e}", flush=True)
         row = {"shape": name, "k": k, "n": n, "m": m, "ours_ms": 1e3 * t_ours, "dense_ms": 1e3 * t_dense,
@@ -182,43 +222,40 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act
                "ours_gbps": w4_bytes / t_ours / 1e9, "speedup_vs_dense": t_dense / t_ours,
                "speedup_vs_tinygemm": None if t_tiny is None else t_tiny / t_ours, "max_rel_err": err,
                "weight_copies": copies}
-        if dev.type == "cuda":
+        if triton_path:
             row["configs"] = _chosen(k, n)
-        rows.append(row)
         print(json.dumps(row), flush=True)
-    return rows
+        yield row
 
 
-def bench_layer(dev: torch.device, act: torch.dtype, rotate_bytes: int, gen: torch.Generator) -> dict:
-    """One decoder layer's four W4 matmuls at M = 1, back to back, cold weights (GPU only)."""
+def bench_layer(layer: tuple, dev: torch.device, act: torch.dtype, rotate_bytes: int, iters: int,
+                gen: torch.Generator) -> dict:
+    """One decoder layer's four W4 matmuls at M = 1, back to back, cold weights (the Triton path)."""
     from qwen_audio_edge.kernels.w4_triton import TritonW4Weight
 
     parts = []
-    for name, k, n, bias in LAYER:
+    for name, k, n, bias in layer:
         qweight, qzeros, scales, g_idx = _random_gptq(k, n, gen, device=dev)
         parts.append((name, k, n, bias, (qweight, qzeros, scales, g_idx), _nbytes(qweight, qzeros, scales, g_idx)))
     layer_bytes = sum(p[5] for p in parts)
     copies = max(2, -(-rotate_bytes // layer_bytes))
-    ours, tiny, dense, calls_ours, calls_tiny, calls_dense = [], [], [], [], [], []
+    ours, tiny, dense = [], [], []
     for name, k, n, bias, t, _ in parts:
         b = torch.randn(n, device=dev, dtype=act) if bias else None
         x = torch.randn(1, k, device=dev, dtype=act)
         ws = [TritonW4Weight.build(*(a.clone() for a in t)) for _ in range(copies)]  # every copy cold, scales too
-        tg = _tinygemm_cuda(t[0], dev, copies)
+        tg = _tinygemm(t[0], dev, copies)
         dn = [torch.randn(n, k, dtype=act, device=dev) for _ in range(copies)]
         ours.append((ws, x, b))
         tiny.append((tg, x.to(torch.bfloat16)))
         dense.append((dn, x, b))
-    for c in range(copies):
-        for ws, x, b in ours:
-            calls_ours.append(lambda w=ws[c], x=x, b=b: w.matmul(x, b))
-        for tg, xb in tiny:
-            calls_tiny.append(lambda tg=tg, xb=xb, c=c: tg(xb, c))
-        for dn, x, b in dense:
-            calls_dense.append(lambda d=dn[c], x=x, b=b: torch.nn.functional.linear(x, d, b))
-    t_ours = graph_seconds(calls_ours) * len(LAYER)  # per layer
-    t_tiny = graph_seconds(calls_tiny) * len(LAYER)
-    t_dense = graph_seconds(calls_dense) * len(LAYER)
+    # one call = the whole layer on copy c (a CUDA graph of all copies in order on CUDA), so time per call = per layer
+    calls_ours = [lambda c=c: [ws[c].matmul(x, b) for ws, x, b in ours] for c in range(copies)]
+    calls_tiny = [lambda c=c: [tg(xb, c) for tg, xb in tiny] for c in range(copies)]
+    calls_dense = [lambda c=c: [torch.nn.functional.linear(x, dn[c], b) for dn, x, b in dense] for c in range(copies)]
+    t_ours = seconds_per_call(calls_ours, dev, iters)
+    t_tiny = seconds_per_call(calls_tiny, dev, iters)
+    t_dense = seconds_per_call(calls_dense, dev, iters)
     row = {"shape": "layer", "parts": [p[0] for p in parts], "m": 1, "ours_ms": 1e3 * t_ours, "tinygemm_ms": 1e3 * t_tiny,
            "dense_ms": 1e3 * t_dense, "w4_bytes": layer_bytes, "ours_gbps": layer_bytes / t_ours / 1e9,
            "speedup_vs_dense": t_dense / t_ours, "speedup_vs_tinygemm": t_tiny / t_ours, "weight_copies": copies}
@@ -226,59 +263,83 @@ def bench_layer(dev: torch.device, act: torch.dtype, rotate_bytes: int, gen: tor
     return row
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--preset", default="7b", choices=sorted(PRESETS),
+                    help="7b: the real layer shapes; tiny: small ones of the same kinds (a check of this script)")
+    ap.add_argument("--kernel", default="auto", choices=("auto", "triton", "cpu"),
+                    help="ours: auto = Triton on CUDA, the CPU int4 path on CPU; triton on CPU runs the Triton "
+                         "kernels under the interpreter (TRITON_INTERPRET=1; slow: with --preset tiny)")
     ap.add_argument("--ms", default="1,8,64")
-    ap.add_argument("--shapes", default="qkvo_4096x4096,gate_up_4096x11008,down_11008x4096",
-                    help=f"comma list from {', '.join(SHAPES)}; 'all' for every one")
+    ap.add_argument("--shapes", default=None,
+                    help="comma list of the preset's shapes (7b: " + ", ".join(SHAPES) + "; tiny: "
+                         + ", ".join(TINY_SHAPES) + "); 'all' for every one; default: the unfused ones")
     ap.add_argument("--iters", type=int, default=20, help="CPU timing iterations")
     ap.add_argument("--rotate-mib", type=int, default=0, help="weight copies cycled through on GPU (default 3× L2)")
-    ap.add_argument("--no-layer", action="store_true", help="skip the whole-layer row (GPU)")
+    ap.add_argument("--no-layer", action="store_true", help="skip the whole-layer row (Triton path)")
     ap.add_argument("--peak-gbps", type=float, default=None)
+    ap.add_argument("--strict", action="store_true",
+                    help="fail on the errors a real run reports and works around (tinygemm, the layer row): "
+                         "gpu_check.sh --dry-run uses it, so that a slip cannot hide behind them")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
     dev = torch.device(a.device)
-    act = torch.bfloat16 if dev.type == "cpu" else torch.float16
+    triton_path = a.kernel == "triton" or (a.kernel == "auto" and dev.type == "cuda")
+    if a.kernel == "cpu" and dev.type != "cpu":
+        ap.error("--kernel cpu runs on --device cpu only")
+    if triton_path and dev.type == "cpu":
+        # read when the kernels are defined (kernels/w4_triton.py import, below): Triton then runs on CPU tensors
+        os.environ["TRITON_INTERPRET"] = "1"
+    shapes, layer = PRESETS[a.preset]
+    act = torch.float16 if triton_path else torch.bfloat16  # the CPU int4 op computes in bf16
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size if dev.type == "cuda" else 0
     rotate = max(a.rotate_mib << 20, 3 * l2)
     res = {"device": str(dev), "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+           "preset": a.preset, "kernel": "triton" if triton_path else "cpu",
            "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
            "activation_dtype": str(act), "peak_gbps": a.peak_gbps, "l2_bytes": l2, "rotate_bytes": rotate,
-           "timing": "CUDA graph of calls over rotating weight copies, CUDA events" if dev.type == "cuda" else "wall clock, median",
-           "copy_gbps": copy_bandwidth(dev, 256 if dev.type == "cpu" else 1024), "rows": []}
-    if dev.type == "cuda":
+           "timing": "CUDA graph of calls over rotating weight copies, CUDA events" if dev.type == "cuda" else
+                     "wall clock, median" + (" (Triton interpreter: a check of the code path, not a speed)" if triton_path else ""),
+           "copy_gbps": copy_bandwidth(dev, 1024 if dev.type == "cuda" else 16 if a.preset == "tiny" else 256),
+           "complete": False, "rows": []}
+    if triton_path:
         import triton
 
         res["triton"] = triton.__version__
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}), flush=True)
     gen = torch.Generator().manual_seed(0)
-    names = list(SHAPES) if a.shapes == "all" else a.shapes.split(",")
-    unknown = [s for s in names if s not in SHAPES]
+    names = list(shapes) if a.shapes == "all" else list(shapes)[:3] if a.shapes is None else a.shapes.split(",")
+    unknown = [s for s in names if s not in shapes]
     if unknown:
-        ap.error(f"unknown shape(s) {unknown}: choose from {list(SHAPES)}")
-    def save() -> None:  # after every shape: a run cut off by a time limit keeps what it measured
+        ap.error(f"unknown shape(s) {unknown} for --preset {a.preset}: choose from {list(shapes)}")
+
+    def save() -> None:  # after every row: a run cut off by a time limit keeps what it measured, as valid JSON
         if a.peak_gbps:
             for row in res["rows"]:
                 row["ours_pct_peak"] = 100 * row["ours_gbps"] / a.peak_gbps
         if a.out:
-            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.out).write_text(json.dumps(res, indent=2))
+            write_json(a.out, res)
 
     save()
     for name in names:
-        k, n = SHAPES[name]
-        res["rows"] += bench_shape(name, k, n, [int(m) for m in a.ms.split(",")], dev, act, rotate, a.iters, gen)
-        save()
-    if dev.type == "cuda" and not a.no_layer:
+        k, n = shapes[name]
+        for row in bench_shape(name, k, n, [int(m) for m in a.ms.split(",")], dev, act, rotate, a.iters, gen, triton_path, a.strict):
+            res["rows"].append(row)
+            save()
+    if triton_path and not a.no_layer:
         try:
-            res["rows"].append(bench_layer(dev, act, rotate, gen))
+            res["rows"].append(bench_layer(layer, dev, act, rotate, a.iters, gen))
         except Exception as e:  # noqa: BLE001 — the per-shape rows are already saved
+            if a.strict:
+                raise
             res["layer_error"] = f"{type(e).__name__}: {e}"
             print("layer row failed:", res["layer_error"], flush=True)
-        save()
+    res["complete"] = True
+    save()
+    return 1 if "layer_error" in res else 0  # the rows are saved either way; the part is reported as failed
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

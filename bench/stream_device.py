@@ -12,14 +12,21 @@ it measures the time from `end()` to the first token of:
 with a component breakdown (encoder ms, prefill ms) from the turn timings. Issue #5's GPU target:
 30 s exact push-to-talk ≤ 60 ms.
 
+`--gpu-path` on CPU takes the CUDA run's code path (Triton W4 and fused kernels under the Triton
+interpreter, TRITON_INTERPRET=1, set here); with `--shape tiny` it is `bench/gpu_check.sh --dry-run`'s
+check of this script, not a speed. `--out` is rewritten (atomically) after every utterance length, so a
+run cut off by a time limit leaves valid JSON with the lengths that finished.
+
     python bench/stream_device.py --shape 7b --device cuda --out gpu-out/stream_7b.json
     python bench/stream_device.py --shape small --device cpu          # quick check of the script
+    python bench/stream_device.py --shape tiny --device cpu --gpu-path --lengths 1,2 --repeats 1 --warmups 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -31,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import random_w4_decoder  # noqa: E402
+from kernels import write_json  # noqa: E402
 
 SHAPES = {
     "7b": dict(text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -39,6 +47,10 @@ SHAPES = {
     "small": dict(text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                             num_key_value_heads=8, vocab_size=8192),
                   audio=dict(d_model=256, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=1024)),
+    # the dry run's: bench/decode.py's tiny decoder (vocab ≥ the fixture tokenizer's 512 ids) and a one-layer encoder
+    "tiny": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=2, vocab_size=1024),
+                 audio=dict(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128)),
 }
 
 
@@ -47,8 +59,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_pipeline(shape: str, device: torch.device, tmp: Path):
-    """The tiny fixture pipeline with a random encoder + W4 decoder of `shape` swapped in on `device`."""
+def build_pipeline(shape: str, device: torch.device, tmp: Path, gpu_path: bool = False):
+    """The tiny fixture pipeline with a random encoder + W4 decoder of `shape` swapped in on `device`.
+    `gpu_path`: fp16 and the Triton W4 + fused kernels, as on CUDA (on CPU: under the interpreter)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from qwen_audio_edge.export.fixtures import build_tiny_checkpoint
@@ -58,7 +71,7 @@ def build_pipeline(shape: str, device: torch.device, tmp: Path):
 
     build_tiny_checkpoint(tmp / "ckpt", "mha")
     export_checkpoint(tmp / "ckpt", tmp / "art", ExportOptions(progress=False))
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = torch.float16 if device.type == "cuda" or gpu_path else torch.float32
     p = Pipeline.from_artifacts(tmp / "art", RuntimeOptions(device=str(device), dtype="fp16" if dtype == torch.float16 else "fp32",
                                                             encoder_backend="torch", max_context=64))
     s = SHAPES[shape]
@@ -71,7 +84,7 @@ def build_pipeline(shape: str, device: torch.device, tmp: Path):
         enc = AudioEncoderWithProjector(EncoderConfig(num_mel_bins=p.mel.config.n_mels, max_source_positions=1500,
                                                       output_dim=cfg["hidden_size"], **s["audio"])).eval()
     torch.set_default_dtype(default)
-    p.decoder = random_w4_decoder(hf, cfg, device, dtype)
+    p.decoder = random_w4_decoder(hf, cfg, device, dtype, w4_kernel="triton" if gpu_path else "auto", fused=gpu_path)
     del hf
     p.encoder = TorchEncoder(enc, device)
     p.max_context = 2048
@@ -88,24 +101,51 @@ def main() -> None:
     ap.add_argument("--lengths", default="2,5,10,20,30")
     ap.add_argument("--chunk-seconds", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmups", type=int, default=2, help="untimed offline + chunked turns on a 3 s signal first")
+    ap.add_argument("--gpu-path", action="store_true",
+                    help="on CPU, the CUDA run's code path: fp16, Triton W4 + fused kernels under the Triton "
+                         "interpreter (implied on CUDA; a check, not a speed)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    device = torch.device(a.device)
+    gpu_path = device.type == "cuda" or a.gpu_path
+    if gpu_path and device.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernels are defined (first import, below)
     from qwen_audio_edge.export.fixtures import speech_like_signal
     from qwen_audio_edge.runtime.generate import SamplingOptions
     from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession
 
-    device = torch.device(a.device)
     prompt = "What does the person say?"
     one = SamplingOptions(max_new_tokens=1, greedy=True, repetition_penalty=1.0, ignore_eos=True)
     res = {"shape": a.shape, "device": str(device), "machine": platform.platform(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "chunk_seconds": a.chunk_seconds, "threads": torch.get_num_threads(),
-           "weights": "random (real-config encoder, W4 g128 decoder with act-order-like g_idx)", "rows": []}
+           "weights": "random (real-config encoder, W4 g128 decoder with act-order-like g_idx)", "gpu_path": gpu_path,
+           "complete": False, "rows": []}
     if device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(device)
+    elif gpu_path:
+        res["note"] = "CPU, Triton interpreter: a check of the GPU run's code path, not a speed"
+
+    built: list = []  # the pipeline, once built: its active paths (self-check verdicts) go with every save
+
+    def save() -> None:  # after every length: a run cut off by a time limit keeps what finished, as valid JSON
+        if built:
+            res["paths"] = built[0].active_paths()
+        by = {r["seconds"]: r for r in res["rows"]}
+        if 30.0 in by:
+            res["exact_30s_push_to_talk_ms"] = by[30.0]["exact_ttft_ms"]
+            if 5.0 in by:
+                res["chunked_flatness_30s_over_5s"] = by[30.0]["chunked_ttft_ms"] / by[5.0]["chunked_ttft_ms"]
+        if a.out:
+            write_json(a.out, res)
+
+    save()
     with tempfile.TemporaryDirectory() as tmpd:
-        p, cfg = build_pipeline(a.shape, device, Path(tmpd))
+        p, cfg = build_pipeline(a.shape, device, Path(tmpd), gpu_path)
         res["config"] = cfg
-        res["w4_kernels"] = p.decoder.w4_kernels
+        built.append(p)
+        res["w4_kernels"], res["fused_kernels"] = p.decoder.w4_kernels, bool(p.decoder.fused_kernels)
+        save()
 
         def push_to_talk(x, options: StreamOptions) -> dict:
             s = StreamSession(p, prompt, sampling=one, vad=None, options=options)
@@ -118,7 +158,7 @@ def main() -> None:
                     "prefill_ms": t["prefill_ms"]}
 
         warm = speech_like_signal(3.0)
-        for _ in range(2):
+        for _ in range(a.warmups):
             p.run(warm, prompt, sampling=one)
             push_to_talk(warm, StreamOptions(mode="chunked", chunk_seconds=a.chunk_seconds))
         for secs in map(float, a.lengths.split(",")):
@@ -135,17 +175,12 @@ def main() -> None:
                     row[f"{mode}_{key}"] = statistics.median(v[key] for v in vals)
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
-        if device.type == "cuda":
-            res["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    by = {r["seconds"]: r for r in res["rows"]}
-    if 30.0 in by:
-        res["exact_30s_push_to_talk_ms"] = by[30.0]["exact_ttft_ms"]
-        if 5.0 in by:
-            res["chunked_flatness_30s_over_5s"] = by[30.0]["chunked_ttft_ms"] / by[5.0]["chunked_ttft_ms"]
+            if device.type == "cuda":
+                res["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            save()
+    res["complete"] = True
+    save()
     print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "config")}, indent=1))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":
