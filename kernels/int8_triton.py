@@ -15,13 +15,14 @@ TRITON_INTERPRET=1 on CPU, timed on GPUs by bench/decode.py.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .w4_triton import TUNER, Tuner, on_device
+from .w4_triton import TUNER, Tuner, device_arch, fitting, on_device
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ INT8_CANDIDATES: tuple[Int8GemvConfig, ...] = (
     Int8GemvConfig(16, 512, 4, 4),
     Int8GemvConfig(64, 256, 8, 3),
 )
+
+
+@functools.cache
+def int8_candidates(arch: int | None = None, dtype: torch.dtype = torch.float16) -> tuple[Int8GemvConfig, ...]:
+    """INT8_CANDIDATES that fit sm_<arch> (all of them when arch is None; see w4_triton.fitting)."""
+    return fitting("int8", INT8_CANDIDATES, arch, dtype)
 
 
 @triton.jit
@@ -82,9 +89,10 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, co
 
     with on_device(x):
         if config is None:
+            cands = int8_candidates(device_arch(x.device), x.dtype)
             if tuner is None or x.device.type != "cuda":
-                config = INT8_CANDIDATES[0]
+                config = cands[0]
             else:
-                config = tuner.choose(("int8_gemv", k, n, x.dtype, str(x.device)), INT8_CANDIDATES, run)
+                config = tuner.choose(("int8_gemv", k, n, x.dtype, str(x.device)), cands, run)
         run(config)
     return out

@@ -24,7 +24,9 @@ Why it is built this way (batch-1 decode is bound by the bytes of weights read):
   (fp32 accumulation); grouped program order for L2 reuse.
 - Tile shapes, split and warps are chosen per problem by `Tuner` on the device (timed with L2 flushed
   between runs) from small candidate lists; every candidate is tested on CPU under TRITON_INTERPRET=1,
-  and bench/compile_check.py compiles every variant for sm_90 without a GPU.
+  and bench/compile_check.py compiles every variant for sm_80, sm_86, sm_89 and sm_90 without a GPU. On
+  each GPU the lists leave out what was compiled not to fit it (GPU_LIMITS, COMPILED: shared memory per
+  block — 99 KB on RTX 30xx/40xx — and registers, i.e. spills), so the untuned default always launches.
 
 Shapes/dtypes: x [..., K] fp16/bf16/fp32 on the weights' device → y [..., N] in x's dtype.
 qweight int32 [K/8, N], qzeros int32 [G, N/8], scales fp16 [G, N]; K % GS == 0, GS % 8 == 0, N % 8 == 0.
@@ -35,8 +37,10 @@ bench/kernels.py (bench/gpu_check.sh).
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
-from dataclasses import dataclass, field, replace
+import warnings
+from dataclasses import astuple, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -113,6 +117,111 @@ GEMM_CANDIDATES: tuple[GemmConfig, ...] = (
 )
 
 
+@dataclass(frozen=True)
+class GpuLimits:
+    """What one CUDA architecture grants a thread block, as far as a launch config can exceed it. A config
+    over a limit compiles but cannot launch (Triton raises OutOfResources at load), so the candidate lists
+    leave it out on that architecture: inside a CUDA-graph capture, and with `--no-w4-tune`, the first
+    candidate runs untimed and must launch."""
+
+    arch: int  # compute capability × 10 (86 = 8.6)
+    gpus: str
+    shared_per_block: int  # bytes of shared memory one block may use, static + dynamic (the opt-in maximum)
+    regs_per_thread: int = 255
+    regs_per_block: int = 65536
+
+    def fits(self, shared: int, regs: int = 0, threads: int = 0) -> bool:
+        """Whether a kernel using `shared` bytes (static + dynamic), `regs` registers per thread and
+        `threads` per block can launch. Registers are allocated per warp in units of 256 (8 per thread)."""
+        regs_allocated = -(-regs // 8) * 8
+        return (shared <= self.shared_per_block and regs <= self.regs_per_thread
+                and regs_allocated * threads <= self.regs_per_block)
+
+
+# CUDA C++ Programming Guide, 5.1 "Compute Capabilities", Table 31 "Memory Information per Compute
+# Capability" (https://docs.nvidia.com/cuda/cuda-programming-guide/05-appendices/compute-capabilities.html):
+# maximum shared memory per thread block 163 KB on 8.0, 99 KB on 8.6 and 8.9, 227 KB on 9.0 (1 KB of each
+# SM's 164/100/228 KB is reserved for the system); 64 K 32-bit registers per SM and per thread block, and at
+# most 255 per thread, on all four. bench/compile_check.py compiles every variant for these targets.
+GPU_LIMITS: dict[int, GpuLimits] = {lim.arch: lim for lim in (
+    GpuLimits(80, "A100, A30", 163 * 1024),
+    GpuLimits(86, "RTX 30xx, A10, A40, RTX A-series", 99 * 1024),
+    GpuLimits(89, "RTX 40xx, L4, L40, RTX Ada", 99 * 1024),
+    GpuLimits(90, "H100, H200", 227 * 1024),
+)}
+
+
+@functools.cache
+def gpu_limits(arch: int) -> GpuLimits:
+    """The limits of compute capability `arch` (× 10). An architecture nothing was compiled for gets the
+    smallest limits of the table (99 KB of shared memory: right for 12.x consumer Blackwell, cautious for
+    8.7 Orin's 163 KB), with one warning per architecture."""
+    if arch in GPU_LIMITS:
+        return GPU_LIMITS[arch]
+    smallest = min(GPU_LIMITS.values(), key=lambda lim: lim.shared_per_block)
+    warnings.warn(f"Triton kernel configs were not compiled for sm_{arch} (bench/compile_check.py covers "
+                  f"{', '.join(f'sm_{a}' for a in GPU_LIMITS)}): using sm_{smallest.arch}'s limits, "
+                  f"{smallest.shared_per_block} B of shared memory per block", stacklevel=2)
+    return replace(smallest, arch=arch, gpus="unknown")
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def device_arch(device: torch.device) -> int | None:
+    """Compute capability × 10 of a CUDA device (89 for an RTX 4090); None off CUDA, where no limit applies
+    (the CPU interpreter runs every config)."""
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def estimate_shared(kernel: str, config, dtype: torch.dtype = torch.float16) -> int:
+    """An upper bound of a config's shared memory in bytes, for a config COMPILED lacks (a new candidate
+    before bench/compile_check.py has measured it). Triton keeps NUM_STAGES − 1 tiles of the loop's loads
+    in flight in shared memory; the prefill GEMM also stages its dot operands there. compile_check counts
+    the compiled variants above their estimate."""
+    act = torch.finfo(dtype).bits // 8
+    if kernel == "int8":
+        return config.num_stages * config.block_n * config.block_k * (1 + act) + 1024
+    if kernel.startswith("gemv"):  # gemv<BLOCK_M>
+        rows = int(kernel.removeprefix("gemv"))
+        per_stage = config.block_k // 8 * config.block_n * 8 + config.block_k * rows * 4
+        return config.num_stages * per_stage + 1024
+    if kernel == "gemm":
+        per_stage = config.block_m * config.block_k * act + config.block_k // 8 * config.block_n * 4 * 2
+        return config.num_stages * per_stage + config.block_k * config.block_n * 4 + 1024
+    raise ValueError(f"no shared-memory estimate for kernel {kernel!r}")
+
+
+def fits_target(kernel: str, config, dtype: torch.dtype, arch: int) -> bool:
+    """Whether `config` of `kernel` can launch on sm_<arch> without spilling: by its compiled figures
+    (COMPILED; for an architecture nothing was compiled for, the worst over those that were), else by the
+    shared-memory estimate. Spills are tolerated with fp32 activations only, a correctness mode."""
+    limits = gpu_limits(arch)
+    measured = COMPILED.get((kernel, astuple(config), _dtype_name(dtype)))
+    if not measured:
+        return limits.fits(estimate_shared(kernel, config, dtype))
+    shared, spill = measured.get(arch) or tuple(map(max, zip(*measured.values())))
+    return limits.fits(shared) and (spill == 0 or dtype == torch.float32)
+
+
+def fitting(kernel: str, candidates: tuple, arch: int | None, dtype: torch.dtype) -> tuple:
+    """The candidates that fit sm_<arch> (fits_target), in their order; every candidate when arch is None.
+    Never empty: if none fits, the one with the smallest shared-memory estimate."""
+    if arch is None:
+        return candidates
+    kept = tuple(c for c in candidates if fits_target(kernel, c, dtype, arch))
+    return kept or (min(candidates, key=lambda c: estimate_shared(kernel, c, dtype)),)
+
+
 def fit_block_k(block_k: int, group: int, k: int) -> int:
     """The largest BLOCK_K ≤ block_k (a power of two ≥ 8) whose tiles lie within one group."""
     if group == k:
@@ -123,20 +232,28 @@ def fit_block_k(block_k: int, group: int, k: int) -> int:
     return b
 
 
-def gemv_candidates(block_m: int, group: int = 128, k: int = 0) -> tuple[GemvConfig, ...]:
-    """Decode candidates for BLOCK_M rows. One row: ROW_CANDIDATES with BLOCK_K fitted to the group.
-    More rows: no split-K (the workspace is SPLIT_MAX × N) and tiles small enough that the
-    [BLOCK_M, BLOCK_K/8, BLOCK_N] accumulator stays in registers."""
+@functools.cache  # asked at every call (the tuner's key lookup comes after): ~100 µs uncached
+def gemv_candidates(block_m: int, group: int = 128, k: int = 0, arch: int | None = None,
+                    dtype: torch.dtype = torch.float16) -> tuple[GemvConfig, ...]:
+    """Decode candidates for BLOCK_M rows on sm_<arch> (every one when arch is None). One row:
+    ROW_CANDIDATES with BLOCK_K fitted to the group (kernel "gemv1"). More rows (kernel "gemv<BLOCK_M>": what
+    spills differs with BLOCK_M): no split-K (the workspace is SPLIT_MAX × N) and tiles small enough that
+    the [BLOCK_M, BLOCK_K/8, BLOCK_N] accumulator stays in registers."""
     if block_m == 1:
         fitted = (replace(c, block_k=fit_block_k(c.block_k, group, k)) for c in ROW_CANDIDATES)
-        return tuple(dict.fromkeys(fitted))
+        return fitting("gemv1", tuple(dict.fromkeys(fitted)), arch, dtype)
     out = tuple(c for c in GEMV_CANDIDATES if c.split_k == 1 and block_m * (c.block_k // 8) * c.block_n <= 8192)
-    return out or (GemvConfig(32, 64, 1, 4, 2),)
+    return fitting(f"gemv{block_m}", out or (GemvConfig(32, 64, 1, 4, 2),), arch, dtype)
 
 
-def gemm_candidates(m: int) -> tuple[GemmConfig, ...]:
-    """Prefill candidates for M rows: no tile much taller than M."""
-    return tuple(c for c in GEMM_CANDIDATES if c.block_m <= max(16, triton.next_power_of_2(m)))
+def gemm_candidates(m: int, arch: int | None = None, dtype: torch.dtype = torch.float16) -> tuple[GemmConfig, ...]:
+    """Prefill candidates for M rows on sm_<arch> (every one when arch is None): no tile much taller than M."""
+    return _gemm_candidates(max(16, triton.next_power_of_2(m)), arch, dtype)
+
+
+@functools.cache
+def _gemm_candidates(tallest: int, arch: int | None, dtype: torch.dtype) -> tuple[GemmConfig, ...]:
+    return fitting("gemm", tuple(c for c in GEMM_CANDIDATES if c.block_m <= tallest), arch, dtype)
 
 
 @triton.jit
@@ -477,13 +594,14 @@ class TritonW4Weight:
         out = torch.empty(m, self.n, device=x.device, dtype=x.dtype)
         if m == 0:
             return out.reshape(*lead, self.n)
+        arch = device_arch(x.device)  # candidates that do not fit this GPU are left out
         if m <= DECODE_MAX_M:
             bm = triton.next_power_of_2(m)
-            cands = gemv_candidates(bm, self.group, self.k)
+            cands = gemv_candidates(bm, self.group, self.k, arch, x.dtype)
             run = lambda c: self._gemv(x2, bias, out, c, bm)  # noqa: E731
             key = ("gemv", self.k, self.n, self.group, bm, x.dtype, bias is not None, self.perm is not None, str(x.device))
         else:
-            cands = gemm_candidates(m)
+            cands = gemm_candidates(m, arch, x.dtype)
             run = lambda c: self._gemm(x2, bias, out, c)  # noqa: E731
             key = ("gemm", self.k, self.n, self.group, min(triton.next_power_of_2(m), 1024), x.dtype,
                    bias is not None, self.perm is not None, str(x.device))
@@ -558,3 +676,124 @@ class TritonW4Weight:
                               EMULATE_BF16=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
                               BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
                               num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+# What bench/compile_check.py measured for each tuner candidate: (kernel, config fields in order, activation
+# dtype) → {compute capability × 10: (shared memory bytes static + dynamic, bytes of registers spilled)},
+# the largest over the 7B launches and triton versions compiled (bench/results/compile/). Generated by
+# `python bench/compile_check.py --table bench/results/compile/triton-*`; fits_target reads it.
+COMPILED: dict[tuple[str, tuple, str], dict[int, tuple[int, int]]] = {
+    ('gemm', (16, 64, 128, 4, 3, 8), 'bfloat16'): {80: (33280, 0), 86: (33280, 0), 89: (33280, 0), 90: (34304, 0)},
+    ('gemm', (32, 128, 128, 4, 3, 8), 'bfloat16'): {80: (66560, 16), 86: (66560, 0), 89: (66560, 0), 90: (67584, 0)},
+    ('gemm', (64, 64, 128, 4, 3, 8), 'bfloat16'): {80: (57856, 0), 86: (57856, 0), 89: (57856, 0), 90: (75264, 0)},
+    ('gemm', (64, 128, 128, 8, 3, 8), 'bfloat16'): {80: (82944, 0), 86: (82944, 0), 89: (82944, 0), 90: (100352, 0)},
+    ('gemm', (128, 128, 128, 8, 2, 8), 'bfloat16'): {80: (74240, 64), 86: (74240, 80), 89: (74240, 80), 90: (108032, 0)},
+    ('gemm', (16, 64, 128, 4, 3, 8), 'float16'): {80: (45056, 0), 86: (45056, 0), 89: (45056, 0), 90: (46080, 0)},
+    ('gemm', (32, 128, 128, 4, 3, 8), 'float16'): {80: (90112, 16), 86: (90112, 16), 89: (90112, 16), 90: (91136, 24)},
+    ('gemm', (64, 64, 128, 4, 3, 8), 'float16'): {80: (69632, 0), 86: (69632, 0), 89: (69632, 0), 90: (87040, 0)},
+    ('gemm', (64, 128, 128, 8, 3, 8), 'float16'): {80: (106496, 0), 86: (106496, 0), 89: (106496, 0), 90: (123904, 0)},
+    ('gemm', (128, 128, 128, 8, 2, 8), 'float16'): {80: (86016, 216), 86: (86016, 168), 89: (86016, 168), 90: (119808, 0)},
+    ('gemm', (16, 64, 128, 4, 3, 8), 'float32'): {80: (57856, 3472), 86: (57856, 2872), 89: (57856, 2872), 90: (58880, 2560)},
+    ('gemm', (32, 128, 128, 4, 3, 8), 'float32'): {80: (115712, 10568), 86: (115712, 8152), 89: (115712, 8152), 90: (116736, 9592)},
+    ('gemm', (64, 64, 128, 4, 3, 8), 'float32'): {80: (107008, 8704), 86: (107008, 7048), 89: (107008, 7048), 90: (108032, 7928)},
+    ('gemm', (64, 128, 128, 8, 3, 8), 'float32'): {80: (148480, 8952), 86: (148480, 7208), 89: (148480, 7208), 90: (149504, 8032)},
+    ('gemm', (128, 128, 128, 8, 2, 8), 'float32'): {80: (139776, 26664), 86: (139776, 19440), 89: (139776, 19440), 90: (140800, 20816)},
+    ('gemv1', (32, 128, 8, 2, 4, True), 'bfloat16'): {80: (8256, 0), 86: (8256, 0), 89: (8256, 0), 90: (9280, 0)},
+    ('gemv1', (64, 128, 1, 2, 3, True), 'bfloat16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 1, 4, 3, False), 'bfloat16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 2, 2, 3, True), 'bfloat16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 4, 2, 3, True), 'bfloat16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 4, 4, 4, False), 'bfloat16'): {80: (14976, 0), 86: (14976, 0), 89: (14976, 0), 90: (16000, 0)},
+    ('gemv1', (64, 128, 8, 2, 4, True), 'bfloat16'): {80: (14848, 0), 86: (14848, 0), 89: (14848, 0), 90: (15872, 0)},
+    ('gemv1', (128, 128, 1, 4, 3, True), 'bfloat16'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ('gemv1', (128, 128, 2, 4, 3, False), 'bfloat16'): {80: (18944, 8), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ('gemv1', (128, 128, 4, 4, 3, True), 'bfloat16'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ('gemv1', (32, 32, 8, 2, 4, True), 'float16'): {80: (2496, 0), 86: (2496, 0), 89: (2496, 0), 90: (3520, 0)},
+    ('gemv1', (32, 64, 8, 2, 4, True), 'float16'): {80: (4416, 0), 86: (4416, 0), 89: (4416, 0), 90: (5440, 0)},
+    ('gemv1', (32, 128, 8, 2, 4, True), 'float16'): {80: (8256, 0), 86: (8256, 0), 89: (8256, 0), 90: (9280, 0)},
+    ('gemv1', (64, 32, 1, 2, 3, True), 'float16'): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
+    ('gemv1', (64, 32, 1, 4, 3, False), 'float16'): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
+    ('gemv1', (64, 32, 2, 2, 3, True), 'float16'): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
+    ('gemv1', (64, 32, 4, 2, 3, True), 'float16'): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
+    ('gemv1', (64, 32, 4, 4, 4, False), 'float16'): {80: (4608, 0), 86: (4608, 0), 89: (4608, 0), 90: (5632, 0)},
+    ('gemv1', (64, 32, 8, 2, 4, True), 'float16'): {80: (4480, 0), 86: (4480, 0), 89: (4480, 0), 90: (5504, 0)},
+    ('gemv1', (64, 64, 1, 2, 3, True), 'float16'): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 0)},
+    ('gemv1', (64, 64, 1, 4, 3, False), 'float16'): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 0)},
+    ('gemv1', (64, 64, 2, 2, 3, True), 'float16'): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 8)},
+    ('gemv1', (64, 64, 4, 2, 3, True), 'float16'): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 8)},
+    ('gemv1', (64, 64, 4, 4, 4, False), 'float16'): {80: (8064, 0), 86: (8064, 0), 89: (8064, 0), 90: (9088, 0)},
+    ('gemv1', (64, 64, 8, 2, 4, True), 'float16'): {80: (7936, 0), 86: (7936, 0), 89: (7936, 0), 90: (8960, 0)},
+    ('gemv1', (64, 128, 1, 2, 3, True), 'float16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 1, 4, 3, False), 'float16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 2, 2, 3, True), 'float16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 4, 2, 3, True), 'float16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 4, 4, 4, False), 'float16'): {80: (14976, 0), 86: (14976, 0), 89: (14976, 0), 90: (16000, 0)},
+    ('gemv1', (64, 128, 8, 2, 4, True), 'float16'): {80: (14848, 0), 86: (14848, 0), 89: (14848, 0), 90: (15872, 0)},
+    ('gemv1', (128, 32, 1, 4, 3, True), 'float16'): {80: (5888, 0), 86: (5888, 0), 89: (5888, 0), 90: (6912, 0)},
+    ('gemv1', (128, 32, 2, 4, 3, False), 'float16'): {80: (5888, 0), 86: (5888, 0), 89: (5888, 0), 90: (6912, 0)},
+    ('gemv1', (128, 32, 4, 4, 3, True), 'float16'): {80: (5888, 0), 86: (5888, 0), 89: (5888, 0), 90: (6912, 0)},
+    ('gemv1', (128, 64, 1, 4, 3, True), 'float16'): {80: (10240, 0), 86: (10240, 0), 89: (10240, 0), 90: (11264, 0)},
+    ('gemv1', (128, 64, 2, 4, 3, False), 'float16'): {80: (10240, 0), 86: (10240, 0), 89: (10240, 0), 90: (11264, 0)},
+    ('gemv1', (128, 64, 4, 4, 3, True), 'float16'): {80: (10240, 0), 86: (10240, 0), 89: (10240, 0), 90: (11264, 0)},
+    ('gemv1', (128, 128, 1, 4, 3, True), 'float16'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ('gemv1', (128, 128, 2, 4, 3, False), 'float16'): {80: (18944, 8), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ('gemv1', (128, 128, 4, 4, 3, True), 'float16'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ('gemv1', (32, 128, 8, 2, 4, True), 'float32'): {80: (8256, 0), 86: (8256, 0), 89: (8256, 0), 90: (9280, 0)},
+    ('gemv1', (64, 128, 1, 2, 3, True), 'float32'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 1, 4, 3, False), 'float32'): {80: (11008, 0), 86: (11008, 0), 89: (11008, 0), 90: (12032, 8)},
+    ('gemv1', (64, 128, 2, 2, 3, True), 'float32'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 4, 2, 3, True), 'float32'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ('gemv1', (64, 128, 4, 4, 4, False), 'float32'): {80: (16512, 0), 86: (16512, 0), 89: (16512, 0), 90: (17536, 0)},
+    ('gemv1', (64, 128, 8, 2, 4, True), 'float32'): {80: (14848, 0), 86: (14848, 0), 89: (14848, 0), 90: (15872, 0)},
+    ('gemv1', (128, 128, 1, 4, 3, True), 'float32'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ('gemv1', (128, 128, 2, 4, 3, False), 'float32'): {80: (19968, 0), 86: (19968, 0), 89: (19968, 0), 90: (20992, 0)},
+    ('gemv1', (128, 128, 4, 4, 3, True), 'float32'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ('gemv2', (32, 64, 1, 2, 3, False), 'bfloat16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ('gemv2', (32, 128, 1, 4, 4, False), 'bfloat16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ('gemv2', (64, 128, 1, 4, 3, False), 'bfloat16'): {80: (2048, 8), 86: (2048, 0), 89: (2048, 0), 90: (3072, 8)},
+    ('gemv2', (128, 128, 1, 8, 3, False), 'bfloat16'): {80: (4096, 8), 86: (4096, 0), 89: (4096, 0), 90: (5120, 16)},
+    ('gemv2', (32, 64, 1, 2, 3, False), 'float16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ('gemv2', (32, 128, 1, 4, 4, False), 'float16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ('gemv2', (64, 128, 1, 4, 3, False), 'float16'): {80: (4096, 56), 86: (4096, 16), 89: (4096, 16), 90: (5120, 8)},
+    ('gemv2', (128, 128, 1, 8, 3, False), 'float16'): {80: (8192, 112), 86: (8192, 24), 89: (8192, 24), 90: (9216, 40)},
+    ('gemv2', (32, 64, 1, 2, 3, False), 'float32'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ('gemv2', (32, 128, 1, 4, 4, False), 'float32'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ('gemv2', (64, 128, 1, 4, 3, False), 'float32'): {80: (2048, 8), 86: (2048, 0), 89: (2048, 0), 90: (3072, 8)},
+    ('gemv2', (128, 128, 1, 8, 3, False), 'float32'): {80: (4096, 8), 86: (4096, 0), 89: (4096, 0), 90: (5120, 8)},
+    ('gemv4', (32, 64, 1, 2, 3, False), 'bfloat16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ('gemv4', (32, 128, 1, 4, 4, False), 'bfloat16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ('gemv4', (64, 128, 1, 4, 3, False), 'bfloat16'): {80: (2048, 776), 86: (2048, 792), 89: (2048, 792), 90: (3072, 776)},
+    ('gemv4', (128, 128, 1, 8, 3, False), 'bfloat16'): {80: (4096, 1872), 86: (4096, 800), 89: (4096, 800), 90: (5120, 776)},
+    ('gemv4', (32, 64, 1, 2, 3, False), 'float16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ('gemv4', (32, 128, 1, 4, 4, False), 'float16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ('gemv4', (64, 128, 1, 4, 3, False), 'float16'): {80: (4096, 776), 86: (4096, 792), 89: (4096, 792), 90: (5120, 776)},
+    ('gemv4', (128, 128, 1, 8, 3, False), 'float16'): {80: (8192, 1872), 86: (8192, 800), 89: (8192, 800), 90: (9216, 776)},
+    ('gemv4', (32, 64, 1, 2, 3, False), 'float32'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ('gemv4', (32, 128, 1, 4, 4, False), 'float32'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ('gemv4', (64, 128, 1, 4, 3, False), 'float32'): {80: (2048, 3672), 86: (2048, 632), 89: (2048, 632), 90: (3072, 632)},
+    ('gemv4', (128, 128, 1, 8, 3, False), 'float32'): {80: (4096, 3672), 86: (4096, 632), 89: (4096, 632), 90: (5120, 632)},
+    ('gemv8', (32, 64, 1, 2, 3, False), 'bfloat16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ('gemv8', (32, 128, 1, 4, 4, False), 'bfloat16'): {80: (4096, 32), 86: (4096, 0), 89: (4096, 0), 90: (5120, 0)},
+    ('gemv8', (64, 128, 1, 4, 3, False), 'bfloat16'): {80: (4096, 16), 86: (4096, 40), 89: (4096, 40), 90: (5120, 0)},
+    ('gemv8', (32, 64, 1, 2, 3, False), 'float16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 8)},
+    ('gemv8', (32, 128, 1, 4, 4, False), 'float16'): {80: (4096, 32), 86: (4096, 0), 89: (4096, 0), 90: (5120, 0)},
+    ('gemv8', (64, 128, 1, 4, 3, False), 'float16'): {80: (4096, 16), 86: (4096, 32), 89: (4096, 32), 90: (5120, 16)},
+    ('gemv8', (32, 64, 1, 2, 3, False), 'float32'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ('gemv8', (32, 128, 1, 4, 4, False), 'float32'): {80: (4096, 32), 86: (4096, 0), 89: (4096, 0), 90: (5120, 0)},
+    ('gemv8', (64, 128, 1, 4, 3, False), 'float32'): {80: (4096, 8), 86: (4096, 24), 89: (4096, 24), 90: (5120, 0)},
+    ('int8', (16, 512, 4, 4), 'bfloat16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (1536, 0)},
+    ('int8', (32, 256, 4, 3), 'bfloat16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (1536, 0)},
+    ('int8', (64, 128, 4, 3), 'bfloat16'): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
+    ('int8', (64, 256, 8, 3), 'bfloat16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ('int8', (128, 128, 8, 3), 'bfloat16'): {80: (256, 0), 86: (256, 0), 89: (256, 0), 90: (1280, 0)},
+    ('int8', (16, 512, 4, 4), 'float16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (1536, 0)},
+    ('int8', (32, 256, 4, 3), 'float16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (1536, 0)},
+    ('int8', (64, 128, 4, 3), 'float16'): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
+    ('int8', (64, 256, 8, 3), 'float16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ('int8', (128, 128, 8, 3), 'float16'): {80: (256, 0), 86: (256, 0), 89: (256, 0), 90: (1280, 0)},
+    ('int8', (16, 512, 4, 4), 'float32'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (1536, 0)},
+    ('int8', (32, 256, 4, 3), 'float32'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (1536, 0)},
+    ('int8', (64, 128, 4, 3), 'float32'): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
+    ('int8', (64, 256, 8, 3), 'float32'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ('int8', (128, 128, 8, 3), 'float32'): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
+}
