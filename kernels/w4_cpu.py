@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .w4_ref import check_shapes, unpack_cols, unpack_rows
+from .w4_ref import check_shapes, group_sort, int4pack_scales_zeros, unpack_rows
 
 _GROUPS = (256, 128, 64, 32)
 DENSE_MIN_ROWS = 320  # from this many rows on, dequantize once + dense bf16 matmul beats the int4 op
@@ -67,12 +67,8 @@ class CpuW4Weight:
         if n % 16 or k % g:
             return None
         gs = k // g
-        gi = g_idx.long()
-        perm = None
-        if not bool((gi[1:] >= gi[:-1]).all()):
-            perm = torch.argsort(gi, stable=True)
-            gi = gi[perm]
-        if not torch.equal(gi, torch.arange(k) // gs):
+        ok, perm = group_sort(g_idx, gs)
+        if not ok:
             return None  # groups are not contiguous equal blocks even after sorting
         sub = next((t for t in _GROUPS if gs % t == 0), None)
         if sub is None:
@@ -80,9 +76,7 @@ class CpuW4Weight:
         q = unpack_rows(qweight)  # [K, N]
         if perm is not None:
             q = q[perm]
-        z = (unpack_cols(qzeros) + 1).float()  # [G, N]
-        s = scales.float()
-        sz = torch.stack([s, s * (8.0 - z)], dim=-1).repeat_interleave(gs // sub, dim=0).to(torch.bfloat16).contiguous()
+        sz = int4pack_scales_zeros(qzeros, scales, gs, sub)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().to(torch.int32), 1)
         return cls(packed=packed, scales_zeros=sz, group=sub, perm=perm, k=k, n=n)
 

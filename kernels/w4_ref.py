@@ -89,3 +89,24 @@ def w4_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
         raise ValueError(f"x has {x.shape[-1]} features, the W4 weight expects {w.shape[0]}")
     y = x @ w
     return y + bias.to(y.dtype) if bias is not None else y
+
+
+def group_sort(g_idx: torch.Tensor, group_size: int) -> tuple[bool, torch.Tensor | None]:
+    """(ok, perm): whether the rows form contiguous equal groups of `group_size` once sorted by group (GPTQ
+    act-order stores them permuted), and that stable sort (None when already in order). The repacked fast
+    paths (CPU and CUDA int4 ops) need the groups contiguous and permute the activations instead."""
+    gi = g_idx.long()
+    perm = None
+    if not bool((gi[1:] >= gi[:-1]).all()):
+        perm = torch.argsort(gi, stable=True)
+        gi = gi[perm]
+    return torch.equal(gi, torch.arange(gi.numel(), device=gi.device) // group_size), perm
+
+
+def int4pack_scales_zeros(qzeros: torch.Tensor, scales: torch.Tensor, group_size: int, sub: int) -> torch.Tensor:
+    """torch's int4 ops' bf16 [K / sub, N, 2] table of (scale, offset) for GPTQ zeros/scales: they compute
+    (q − 8)·s + offset, so offset = s·(8 − z) gives (q − z)·s; each group's row is repeated for its
+    group_size / sub sub-groups (the ops support fewer group sizes than GPTQ)."""
+    z = (unpack_cols(qzeros) + 1).float()
+    s = scales.float()
+    return torch.stack([s, s * (8.0 - z)], dim=-1).repeat_interleave(group_size // sub, dim=0).to(torch.bfloat16).contiguous()

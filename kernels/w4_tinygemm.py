@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .w4_ref import check_shapes, unpack_cols, unpack_rows
+from .w4_ref import check_shapes, group_sort, int4pack_scales_zeros, unpack_rows
 
 GROUPS = (32, 64, 128, 256)  # the group sizes tinygemm supports
 INNER_K_TILES = 8
@@ -41,12 +41,8 @@ class TinygemmW4Weight:
         if k % g or n % 8 or k % (INNER_K_TILES * 16):
             return None
         gs = k // g
-        gi = g_idx.long()
-        perm = None
-        if not bool((gi[1:] >= gi[:-1]).all()):
-            perm = torch.argsort(gi, stable=True)
-            gi = gi[perm]
-        if not torch.equal(gi, torch.arange(k, device=gi.device) // gs):
+        ok, perm = group_sort(g_idx, gs)
+        if not ok:
             return None
         sub = next((t for t in reversed(GROUPS) if gs % t == 0), None)  # tinygemm group dividing ours
         if sub is None:
@@ -57,9 +53,7 @@ class TinygemmW4Weight:
         nib = q.T.contiguous()  # [N, K]
         packed_u8 = ((nib[:, ::2] << 4) | nib[:, 1::2]).to(torch.uint8).contiguous()
         packed = torch.ops.aten._convert_weight_to_int4pack(packed_u8, INNER_K_TILES)
-        z = (unpack_cols(qzeros) + 1).float()
-        s = scales.float()
-        sz = torch.stack([s, s * (8.0 - z)], dim=-1).repeat_interleave(gs // sub, dim=0).to(torch.bfloat16).contiguous()
+        sz = int4pack_scales_zeros(qzeros, scales, gs, sub)
         return cls(packed=packed, scales_zeros=sz, group=sub, perm=perm, k=k, n=n)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,35 +66,38 @@ def test_every_triton_decode_config_on_cuda():
     """Each config the tuner may pick compiles and is correct on this GPU at a real shape (fp16, M = 1),
     and the tuner's pick is one of them."""
     from qwen_audio_edge.kernels.w4_ref import w4_matmul_ref
-    from qwen_audio_edge.kernels.w4_triton import Tuner, TritonW4Weight, gemv_candidates
+    from qwen_audio_edge.kernels.w4_triton import Tuner, TritonW4Weight, device_arch, gemv_candidates
 
+    arch = device_arch(torch.device("cuda"))  # the candidates the tuner may pick on this GPU
     t = _real_layer(4096, 4096)
     tuner = Tuner()
     w = TritonW4Weight.build(*t, tuner=tuner)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     bias = torch.randn(4096, device="cuda", dtype=torch.float16)
     ref = w4_matmul_ref(x.float(), *t, bias.float())
-    for config in gemv_candidates(1, 128, 4096):
+    for config in gemv_candidates(1, 128, 4096, arch, torch.float16):
         y = w.matmul(x, bias, config=config).float()
         assert (y - ref).abs().max().item() <= 3e-3 * ref.abs().max().item(), config
     y = w.matmul(x, bias).float()
     assert (y - ref).abs().max().item() <= 3e-3 * ref.abs().max().item()
     (choice,) = tuner.choices.values()
-    assert choice in gemv_candidates(1, 128, 4096)
+    assert choice in gemv_candidates(1, 128, 4096, arch, torch.float16)
     assert int(w.counters.abs().sum()) == 0
 
 
 def test_every_triton_prefill_and_small_batch_config_on_cuda():
     """The prefill GEMM configs (M = 64, 800), the 2–8-row GEMV configs and the int8 head GEMV configs the
     tuner may pick are each correct on this GPU (fp16, a real 7B shape)."""
-    from qwen_audio_edge.kernels.int8_triton import INT8_CANDIDATES, int8_gemv
+    from qwen_audio_edge.kernels.int8_triton import int8_candidates, int8_gemv
     from qwen_audio_edge.kernels.w4_ref import w4_matmul_ref
-    from qwen_audio_edge.kernels.w4_triton import TritonW4Weight, gemm_candidates, gemv_candidates
+    from qwen_audio_edge.kernels.w4_triton import TritonW4Weight, device_arch, gemm_candidates, gemv_candidates
     from qwen_audio_edge.runtime.quant_linear import Int8Linear, quantize_int8_rows
 
+    arch, fp16 = device_arch(torch.device("cuda")), torch.float16  # what the tuner may pick on this GPU
     t = _real_layer(4096, 4096)
     w = TritonW4Weight.build(*t, tuner=None)
-    for m, configs in ((64, gemm_candidates(64)), (800, gemm_candidates(800)), (8, gemv_candidates(8, 128, 4096))):
+    for m, configs in ((64, gemm_candidates(64, arch, fp16)), (800, gemm_candidates(800, arch, fp16)),
+                       (8, gemv_candidates(8, 128, 4096, arch, fp16))):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         ref = w4_matmul_ref(x.float(), *t)
         for config in configs:
@@ -104,7 +107,7 @@ def test_every_triton_prefill_and_small_batch_config_on_cuda():
     head = Int8Linear(q, s)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
     ref = head.reference(x).float()
-    for config in INT8_CANDIDATES:
+    for config in int8_candidates(arch, fp16):
         y = int8_gemv(x, q, s, config=config, tuner=None).float()
         assert (y - ref).abs().max().item() <= 3e-3 * ref.abs().max().item(), config
 
