@@ -8,6 +8,7 @@ weights ever exists.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -86,20 +87,20 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chain is not None:
-            return self.chain(_shape_class(x, self.bias), x, self.bias)
+            return self.chain(_shape_class(x.numel() // x.shape[-1], x.dtype, self.bias is not None), x, self.bias)
         if self.kernel is not None:
             return self.kernel.matmul(x, self.bias)
         return w4_matmul_ref(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bias)
 
 
-def _shape_class(x: torch.Tensor, bias: torch.Tensor | None) -> str:
+@functools.lru_cache(maxsize=1024)  # on every W4 call (eager decode: 224 per token): formatted once per class
+def _shape_class(m: int, dtype: torch.dtype, has_bias: bool) -> str:
     """What selects a Triton launch config: decode GEMV rows (power of two) or prefill GEMM bucket, dtype, bias."""
     from ..kernels.w4_triton import DECODE_MAX_M
 
-    m = x.numel() // x.shape[-1]
     bucket = 1 << max(m - 1, 0).bit_length()
     kind = f"gemv m≤{bucket}" if m <= DECODE_MAX_M else f"gemm m≤{min(bucket, 1024)}" + ("+" if bucket > 1024 else "")
-    return f"{kind} {str(x.dtype).removeprefix('torch.')}{' +bias' if bias is not None else ''}"
+    return f"{kind} {str(dtype).removeprefix('torch.')}{' +bias' if has_bias else ''}"
 
 
 def _triton_chain(w, label: str, checks: SelfCheck) -> CheckedChain:
