@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from kernels import cpu_seconds, graph_seconds, replay_seconds, write_json  # bench/kernels.py
+from kernel_bench import cpu_seconds, graph_seconds, replay_seconds, write_json  # bench/kernel_bench.py
 
 PRESETS = {
     "cpu-mid": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,

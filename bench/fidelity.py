@@ -223,7 +223,7 @@ def markdown_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import jiwer
 
-    from qwen_audio_edge.export.evaluate import normalizer
+    from qwen_audio_edge.evaluation.librispeech import normalizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu" / "fidelity_tiny_en.json")

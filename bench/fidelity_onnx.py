@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1))
     if not args.no_wer:
         import jiwer
-        from qwen_audio_edge.export.evaluate import normalizer
+        from qwen_audio_edge.evaluation.librispeech import normalizer
 
         norm = normalizer()
         tr = {"truth": [norm(it["text"]) for it in chosen]}

@@ -13,7 +13,7 @@
 #   tests    tests/test_gpu.py, the Triton tests of tests/test_kernels.py (TEST_K below) and, if present,
 #            tests/test_kernel_selfcheck.py, in TEST_SHARDS parallel pytest processes (Triton compiles are
 #            CPU-bound: ~0.9 CPU-s per kernel variant, ~310 variants, 16 cores)
-#   kernels  bench/kernels.py: W4 kernels on the 7B shapes, CUDA-graph timed, vs tinygemm and dense fp16
+#   kernels  bench/kernel_bench.py: W4 kernels on the 7B shapes, CUDA-graph timed, vs tinygemm and dense fp16
 #   decode   bench/decode.py: 7B-shape decode (CUDA graphs, eager, int8 head) vs transformers fp16
 #   stream   bench/stream_device.py: 7B-shape push-to-talk latency, 2-30 s utterances
 #   pybench  (opt-in, outside the budget) the pytest-benchmark view, bench/test_bench_kernels.py
@@ -445,7 +445,7 @@ part_kernels() {
   if [ "$DRY" = 1 ]; then args=(--device cpu --preset tiny --kernel triton --shapes qkvo_256x256 --ms 1,2,64 --iters 2 --strict)
   elif [ "$QUICK" = 1 ]; then args=(--device cuda "${PEAKARG[@]}" --shapes qkv_fused_4096x12288,down_11008x4096 --ms 1,64)
   else args=(--device cuda "${PEAKARG[@]}" --shapes all --ms 1,2,8,64,800); fi
-  limited "$PY" bench/kernels.py "${args[@]}" --out "$RAW/kernels.json" >"$RAW/kernels.txt" 2>&1
+  limited "$PY" bench/kernel_bench.py "${args[@]}" --out "$RAW/kernels.json" >"$RAW/kernels.txt" 2>&1
 }
 
 part_decode() {

@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/cpu/quantize_memory.json")
     ap.add_argument("--num-samples", type=int, default=32)
     a = ap.parse_args()
-    from qwen_audio_edge.export.fixtures import TinyShape, build_tiny_checkpoint
+    from qwen_audio_edge.random_checkpoint import TinyShape, build_tiny_checkpoint
 
     shapes = {
         "tiny": TinyShape(name="tiny"),

@@ -94,11 +94,11 @@ def main() -> None:
     a = ap.parse_args()
     from transformers import AutoProcessor, GenerationConfig, Qwen2AudioForConditionalGeneration
 
-    from qwen_audio_edge.export.fixtures import TinyShape, build_tiny_checkpoint
+    from qwen_audio_edge.random_checkpoint import TinyShape, build_tiny_checkpoint
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
     from qwen_audio_edge.runtime.generate import SamplingOptions
     from qwen_audio_edge.runtime.pipeline import Pipeline
-    from qwen_audio_edge.export.compare import OurModel, compare
+    from qwen_audio_edge.evaluation.compare import OurModel, compare
     from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession, VadOptions
 
     prompt = "What does the person say?"

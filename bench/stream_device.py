@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import random_w4_decoder  # noqa: E402
-from kernels import write_json  # noqa: E402
+from kernel_bench import write_json  # noqa: E402
 
 SHAPES = {
     "7b": dict(text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -64,7 +64,7 @@ def build_pipeline(shape: str, device: torch.device, tmp: Path, gpu_path: bool =
     `gpu_path`: fp16 and the Triton W4 + fused kernels, as on CUDA (on CPU: under the interpreter)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from qwen_audio_edge.export.fixtures import build_tiny_checkpoint
+    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
     from qwen_audio_edge.runtime.encoder import AudioEncoderWithProjector, EncoderConfig, TorchEncoder
     from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
@@ -111,7 +111,7 @@ def main() -> None:
     gpu_path = device.type == "cuda" or a.gpu_path
     if gpu_path and device.type == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"  # read when the Triton kernels are defined (first import, below)
-    from qwen_audio_edge.export.fixtures import speech_like_signal
+    from qwen_audio_edge.export.synthetic_audio import speech_like_signal
     from qwen_audio_edge.runtime.generate import SamplingOptions
     from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession
 

@@ -6,14 +6,14 @@ On CUDA each benchmarked call replays one CUDA graph of REPEAT calls that cycle 
 totalling > 3× L2 (cold weights, no Python launch in the timing), so per-call time = reported time ÷
 REPEAT (also in extra_info as `per_call_us` and `gbps`). On CPU each call is one matmul. Compared: ours
 (Triton on CUDA, the CPU int4 path on CPU), torch's int4 op (tinygemm), and the dense matmul.
-bench/kernels.py gives the full table (more M, the whole-layer row, % of peak) as JSON.
+bench/kernel_bench.py gives the full table (more M, the whole-layer row, % of peak) as JSON.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernels import _nbytes, _random_gptq, _tinygemm_cuda
+from kernel_bench import _nbytes, _random_gptq, _tinygemm_cuda
 
 SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": (11008, 4096)}
 CUDA = torch.cuda.is_available()

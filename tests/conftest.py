@@ -1,6 +1,6 @@
 """Session fixtures: tiny real-layout checkpoints, their exported artifacts, and transformers references.
 
-Everything is built here from `qwen_audio_edge.export.fixtures` (the same helper `demo` uses), so the
+Everything is built here from `qwen_audio_edge.random_checkpoint` (the same helper `demo` uses), so the
 suite needs no downloads. Exports are session-scoped: each is a few seconds on 2 cores.
 """
 
@@ -62,7 +62,7 @@ class Model:
 
 def _build(tmp_path_factory, name: str, shape: str, *, chat_template: bool = True, bits: int = 32,
            encoder_dtype: str = "fp32") -> Model:
-    from qwen_audio_edge.export.fixtures import build_tiny_checkpoint
+    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
 
     root = tmp_path_factory.mktemp(name)

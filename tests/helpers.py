@@ -7,7 +7,7 @@ import torch
 
 
 def signal(seconds: float, *, loud_end: bool = False, seed: int = 0) -> np.ndarray:
-    from qwen_audio_edge.export.fixtures import speech_like_signal
+    from qwen_audio_edge.export.synthetic_audio import speech_like_signal
 
     return speech_like_signal(seconds, loud_end=loud_end, seed=seed)
 

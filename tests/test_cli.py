@@ -14,7 +14,7 @@ from helpers import signal
 
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
-CLI = [sys.executable, "-m", "qwen_audio_edge.runtime.cli"]
+CLI = [sys.executable, "-m", "qwen_audio_edge.cli"]
 
 
 def _cli(*args, timeout=300):
@@ -95,7 +95,7 @@ def test_demo_runs(tmp_path):
 def test_runtime_never_imports_transformers():
     code = (
         "import sys; import qwen_audio_edge, qwen_audio_edge.runtime, qwen_audio_edge.runtime.pipeline, "
-        "qwen_audio_edge.runtime.cli, qwen_audio_edge.runtime.encoder, qwen_audio_edge.runtime.generate; "
+        "qwen_audio_edge.cli, qwen_audio_edge.runtime.encoder, qwen_audio_edge.runtime.generate; "
         "from qwen_audio_edge import Pipeline; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'onnx', 'onnxscript')]; "
         "print(bad); sys.exit(1 if bad else 0)"

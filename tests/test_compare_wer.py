@@ -13,12 +13,12 @@ import pytest
 import soundfile as sf
 from helpers import signal
 
-from qwen_audio_edge.export.compare import OurModel, compare, format_table
-from qwen_audio_edge.export.evaluate import DEFAULT_INSTRUCTION, normalizer, read_transcripts, wer_stats
+from qwen_audio_edge.evaluation.compare import OurModel, compare, format_table
+from qwen_audio_edge.evaluation.librispeech import DEFAULT_INSTRUCTION, normalizer, read_transcripts, wer_stats
 from qwen_audio_edge.runtime.errors import OptionsError
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
-CLI = [sys.executable, "-m", "qwen_audio_edge.runtime.cli"]
+CLI = [sys.executable, "-m", "qwen_audio_edge.cli"]
 WER_KEYS = {"utterances", "words", "normalizer", "reference", "candidate", "relative_change", "instruction", "max_new_tokens"}
 
 

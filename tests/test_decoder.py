@@ -408,7 +408,7 @@ def test_fused_kernels_fall_back_to_torch_ops_with_a_warning(mha, monkeypatch):
     """If Triton cannot compile or run the fused kernels on the device, loading warns and keeps the torch ops."""
     pytest.importorskip("triton", reason="triton is in the dev extra")
     from qwen_audio_edge.kernels import fused_triton
-    from qwen_audio_edge.runtime.cli import _runtime_options, build_parser
+    from qwen_audio_edge.cli import _runtime_options, build_parser
     from qwen_audio_edge.runtime.decoder import enable_fused_kernels, load_decoder
 
     d = load_decoder(mha.artifacts / "decoder", torch.float32, "cpu")

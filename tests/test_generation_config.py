@@ -371,7 +371,7 @@ def test_malformed_values_are_clear_errors(gen, match):
 
 # --- CLI flags -------------------------------------------------------------------------------------
 
-CLI = [sys.executable, "-m", "qwen_audio_edge.runtime.cli"]
+CLI = [sys.executable, "-m", "qwen_audio_edge.cli"]
 
 
 def _cli(*args, env_warnings="ignore"):

@@ -166,7 +166,7 @@ def test_transformers_optimum_gptqmodel_load_our_decoder(w4, pipelines):
 
 def test_w4_runtime_end_to_end_agreement_with_fp(w4, mha, pipelines):
     """W4 greedy tokens vs fp tokens (teacher-forced agreement + KL) on held-out audio."""
-    from qwen_audio_edge.export.compare import OurModel, compare
+    from qwen_audio_edge.evaluation.compare import OurModel, compare
 
     a, b = OurModel(mha.artifacts), OurModel(w4[0] / "artifacts")
     import soundfile as sf
@@ -347,7 +347,7 @@ def test_calibration_directory_with_prompts_and_transcripts(mha, pipelines, tmp_
 @pytest.fixture(scope="module")
 def loud_audio(tmp_path_factory):
     """Projector outputs ~8x the scale of token embeddings (statistically unlike them, as in the real model)."""
-    from qwen_audio_edge.export.fixtures import build_tiny_checkpoint
+    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
 
     root = tmp_path_factory.mktemp("loud")
@@ -372,7 +372,7 @@ def _w4_decoder(fp_decoder, state_dir):
 
 
 def _score(decoder, pipeline, sample):
-    from qwen_audio_edge.export.compare import Scored, _hook_layers
+    from qwen_audio_edge.evaluation.compare import Scored, _hook_layers
 
     t = torch.tensor([sample.ids])
     with torch.inference_mode():
@@ -388,7 +388,7 @@ def _score(decoder, pipeline, sample):
 
 def test_audio_aware_calibration_beats_text_only(loud_audio, tmp_path):
     from qwen_audio_edge.export.checkpoint import SourceCheckpoint
-    from qwen_audio_edge.export.compare import layer_error_and_kl
+    from qwen_audio_edge.evaluation.compare import layer_error_and_kl
     from qwen_audio_edge.export.quantize import quantize_decoder
     from qwen_audio_edge.runtime.pipeline import Pipeline
 

@@ -120,7 +120,7 @@ def test_run_json_reports_the_active_paths(w4, capsys):
 
     import numpy as np
 
-    from qwen_audio_edge.runtime.cli import main
+    from qwen_audio_edge.cli import main
 
     root, _ = w4
     wav = root / "a.wav"

@@ -339,7 +339,7 @@ def test_w4_tuning_opt_out_reaches_the_kernel():
     """--no-w4-tune → RuntimeOptions(w4_tune=False) → the Triton weight has no tuner (default configs)."""
     pytest.importorskip("triton", reason="triton is in the dev extra")
     from qwen_audio_edge.kernels.w4_triton import TUNER
-    from qwen_audio_edge.runtime.cli import _runtime_options, build_parser
+    from qwen_audio_edge.cli import _runtime_options, build_parser
     from qwen_audio_edge.runtime.quant_linear import QuantLinear
 
     a = build_parser().parse_args(["run", "ARTIFACTS", "--no-w4-tune"])

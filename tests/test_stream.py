@@ -152,7 +152,7 @@ def test_stream_cli_json(mha, speech, tmp_path):
     audio, _, _ = speech
     wav = tmp_path / "speech.wav"
     sf.write(str(wav), audio, 16000)
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
                         "--json", "--greedy", "--max-new-tokens", "6", "--ignore-eos"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
@@ -160,16 +160,16 @@ def test_stream_cli_json(mha, speech, tmp_path):
     s = rows[0]["stream"]
     assert s["ttft_after_endpoint_ms"] > 0 and s["endpoint_decided_at_s"] >= s["speech_end_s"]
     # VAD options from the command line: a bad value is a one-line error, not a traceback.
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
                         "--vad-threshold", "1.5"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "threshold" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
                         "--json", "--greedy", "--max-new-tokens", "2", "--max-speech-s", "1"], capture_output=True, text=True, timeout=120)
     rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert r.returncode == 0 and len(rows) >= 2 and any(row["stream"]["forced_endpoint"] for row in rows)
     silent = tmp_path / "silence.wav"
     sf.write(str(silent), np.zeros(32000, np.float32), 16000)
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(silent),
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(silent),
                         "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and json.loads(r.stdout.strip())["no_speech"] is True
 
@@ -228,7 +228,7 @@ def test_stream_cli_barge_in(mha, speech, tmp_path):
     two = np.concatenate([np.zeros(8000, np.float32), words, np.zeros(16000, np.float32), words, np.zeros(16000, np.float32)])
     wav = tmp_path / "two.wav"
     sf.write(str(wav), two, 16000)
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
                         "--barge-in", "--json", "--greedy", "--max-new-tokens", "4", "--ignore-eos"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -240,7 +240,7 @@ def test_stream_cli_barge_in(mha, speech, tmp_path):
 def test_mic_without_sounddevice_is_a_clear_error(mha):
     import importlib.util
 
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--mic"],
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--mic"],
                        capture_output=True, text=True, timeout=120)
     if importlib.util.find_spec("sounddevice") is None:
         assert r.returncode == 2 and "sounddevice" in r.stderr and "Traceback" not in r.stderr

@@ -175,7 +175,7 @@ def test_block_length_is_checked(mha, pipelines):
 
 
 def _offline_chunked_greedy(p, x, chunk, n, lookahead=None):
-    from qwen_audio_edge.export.compare import OurModel
+    from qwen_audio_edge.evaluation.compare import OurModel
 
     m = OurModel(pipeline=p, chunk_seconds=chunk, lookahead_seconds=lookahead)
     ids, audio = m.prompt(x, PROMPT)
@@ -221,7 +221,7 @@ def test_chunked_with_vad_and_speculation_equals_offline_chunked(mha, pipelines)
 
 def test_chunked_fidelity_vs_exact_is_measured(mha, pipelines):
     """The report the README quotes: how far chunked mode moves from exact mode on fixture audio."""
-    from qwen_audio_edge.export.compare import OurModel, compare
+    from qwen_audio_edge.evaluation.compare import OurModel, compare
 
     p = pipelines(mha)
     files = [signal(s, seed=s) for s in (3, 7, 12)]
@@ -236,7 +236,7 @@ def test_chunked_fidelity_vs_exact_is_measured(mha, pipelines):
 def test_compare_cli_chunked(mha, tmp_path):
     wav = tmp_path / "a.wav"
     sf.write(str(wav), signal(4.2, seed=3), 16000)
-    cmd = [sys.executable, "-m", "qwen_audio_edge.runtime.cli", "compare", str(mha.artifacts)]
+    cmd = [sys.executable, "-m", "qwen_audio_edge.cli", "compare", str(mha.artifacts)]
     r = subprocess.run(cmd + ["--chunked", "2", "--audio", str(wav), "--json", "--new-tokens", "8"],
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
@@ -251,7 +251,7 @@ def test_compare_cli_chunked(mha, tmp_path):
 def test_stream_cli_chunked_json(mha, tmp_path):
     wav = tmp_path / "a.wav"
     sf.write(str(wav), signal(6.1, seed=4), 16000)
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.runtime.cli", "stream", str(mha.artifacts), "--audio", str(wav),
+    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
                         "--no-vad", "--stream-mode", "chunked", "--chunk-seconds", "2", "--json", "--greedy",
                         "--max-new-tokens", "5", "--ignore-eos"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

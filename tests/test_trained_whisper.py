@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:  # tools/ is a repository folder, not part of the 
 
 from tools import ct2_whisper  # noqa: E402
 
-CLI = [sys.executable, "-m", "qwen_audio_edge.runtime.cli"]
+CLI = [sys.executable, "-m", "qwen_audio_edge.cli"]
 
 # (text, espeak-ng voice, words per minute): several voices and speeds.
 SENTENCES = [

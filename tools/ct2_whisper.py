@@ -8,7 +8,7 @@ the reference the tests compare against) and writes
 
 (a) a transformers `WhisperForConditionalGeneration` + `WhisperProcessor` directory (80 mel bins,
     tokenizer from the shipped tokenizer.json, a generation config for the English-only model), and
-(b) a Qwen2-Audio checkpoint in the published layout (export/fixtures.py's tiny random checkpoint:
+(b) a Qwen2-Audio checkpoint in the published layout (random_checkpoint.py's tiny random checkpoint:
     tokenizer, chat template, processor files, sharded safetensors) whose `audio_tower` is the real
     tiny.en encoder (num_mel_bins 80, d_model 384, 4 layers, 6 heads, ffn 1536, 1500 positions),
     with the fixture's small random projector and Qwen2 decoder.
@@ -290,7 +290,7 @@ def write_qwen2_audio_checkpoint(model: CT2Model, out_dir: str | Path, *, seed: 
                                  max_shard_size: str = "4MB") -> Path:
     """A Qwen2-Audio checkpoint (published layout) whose audio tower is this Whisper's encoder.
 
-    Built by export/fixtures.py's `build_tiny_checkpoint` (tokenizer, chat template, processor files,
+    Built by random_checkpoint.py's `build_tiny_checkpoint` (tokenizer, chat template, processor files,
     small random projector and Qwen2 decoder, sharded safetensors + index) with the encoder dimensions of
     this model; then the random tower's tensors are replaced in their shards by the trained ones, and
     `num_mel_bins` / `feature_size` are set to the model's mel bins in config.json,
@@ -299,7 +299,7 @@ def write_qwen2_audio_checkpoint(model: CT2Model, out_dir: str | Path, *, seed: 
     """
     from safetensors.torch import load_file, save_file
 
-    from qwen_audio_edge.export.fixtures import TinyShape, build_tiny_checkpoint
+    from qwen_audio_edge.random_checkpoint import TinyShape, build_tiny_checkpoint
 
     cfg = whisper_config(model)
     if cfg.max_source_positions != 1500:

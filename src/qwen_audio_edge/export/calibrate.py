@@ -98,7 +98,7 @@ def _directory_items(opts: CalibrationOptions, rng: np.random.Generator) -> tupl
 
 
 def _builtin_items(opts: CalibrationOptions, rng: np.random.Generator, sr: int) -> tuple[list, dict]:
-    from .fixtures import speech_like_signal
+    from .synthetic_audio import speech_like_signal
 
     items = []
     for i in range(opts.num_samples):

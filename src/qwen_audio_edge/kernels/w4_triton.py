@@ -31,7 +31,7 @@ Why it is built this way (batch-1 decode is bound by the bytes of weights read):
 Shapes/dtypes: x [..., K] fp16/bf16/fp32 on the weights' device → y [..., N] in x's dtype.
 qweight int32 [K/8, N], qzeros int32 [G, N/8], scales fp16 [G, N]; K % GS == 0, GS % 8 == 0, N % 8 == 0.
 Tested on CPU under TRITON_INTERPRET=1 (small shapes) against kernels/w4_ref.py; timed on GPUs by
-bench/kernels.py (bench/gpu_check.sh).
+bench/kernel_bench.py (bench/gpu_check.sh).
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 
@@ -246,23 +245,3 @@ def build_tiny_checkpoint(
     if chat_template:
         (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
     return out
-
-
-def speech_like_signal(seconds: float, sample_rate: int = 16000, *, seed: int = 0, loud_end: bool = False) -> np.ndarray:
-    """A speech-like test signal: gliding harmonics with a syllable envelope plus a little noise.
-
-    `loud_end=True` ends the signal at its loudest (a click + burst in the last 20 ms), the case where
-    the Whisper clamp's global max sits in the boundary frames.
-    """
-    rng = np.random.default_rng(seed)
-    n = int(round(seconds * sample_rate))
-    t = np.arange(n) / sample_rate
-    f0 = 140 + 40 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
-    envelope = 0.5 * (1 + np.sin(2 * np.pi * 3.1 * t)) ** 2 / 4
-    x = 0.3 * voice * envelope + 0.01 * rng.standard_normal(n)
-    if loud_end:
-        tail = min(n, int(0.02 * sample_rate))
-        x[n - tail :] += 0.9 * np.sign(rng.standard_normal(tail))
-    return np.clip(x, -1.0, 1.0).astype(np.float32)

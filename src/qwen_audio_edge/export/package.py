@@ -261,7 +261,7 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
         export_encoder_onnx(module, tmp / "encoder.onnx", torch.float32)
         onnx_files["fp32"] = "encoder.onnx"
         bar.update(1)
-        from .fixtures import speech_like_signal
+        from .synthetic_audio import speech_like_signal
 
         signal = speech_like_signal(opts.verify_seconds, mel_cfg.sampling_rate, loud_end=True)
         front = MelFrontEnd(mel_cfg, torch.from_numpy(fe.mel_filters).float())

@@ -23,9 +23,9 @@ seconds, timed by wall clock instead of CUDA graphs — what `bench/gpu_check.sh
 slip in this script can never cost a GPU session. `--out` is rewritten (atomically) after every row, so a
 run cut off by a time limit leaves valid JSON with what it measured.
 
-    python bench/kernels.py --device cpu --out bench/results/cpu/kernels.json
-    python bench/kernels.py --device cuda --peak-gbps 3350 --out $OUT/kernels.json   (see gpu_check.sh)
-    python bench/kernels.py --device cpu --preset tiny --kernel triton --iters 2      (the dry run)
+    python bench/kernel_bench.py --device cpu --out bench/results/cpu/kernels.json
+    python bench/kernel_bench.py --device cuda --peak-gbps 3350 --out $OUT/kernels.json   (see gpu_check.sh)
+    python bench/kernel_bench.py --device cpu --preset tiny --kernel triton --iters 2      (the dry run)
 """
 
 from __future__ import annotations

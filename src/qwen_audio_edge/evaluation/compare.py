@@ -216,7 +216,7 @@ def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32, *, trans
     both hypotheses and both per-utterance WERs."""
     from tqdm import tqdm
 
-    from .evaluate import DEFAULT_INSTRUCTION
+    from .librispeech import DEFAULT_INSTRUCTION
 
     if not audio_files:
         raise OptionsError("compare needs at least one --audio file")
@@ -277,7 +277,7 @@ def wer_report(transcripts: list[str], hyps: list[tuple[str, str]], rows: list[d
     is 0 or nothing was scored), and per-row WERs (None for an empty normalized transcript)."""
     import jiwer
 
-    from .evaluate import normalizer, wer_stats
+    from .librispeech import normalizer, wer_stats
 
     norm = normalizer()
     refs = [norm(t) for t in transcripts]

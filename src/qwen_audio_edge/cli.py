@@ -1,4 +1,4 @@
-"""`qwen-audio-edge` command line: export, run, demo.
+"""`qwen-audio-edge` command line: export, run, stream, compare, eval, demo (the application layer).
 
 Errors we raise on purpose print one line (`error: …`) and exit 2; anything unexpected prints one
 line too (with `--debug` for the traceback). Heavy imports happen inside the commands so that
@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import OptionsError, QwenAudioEdgeError
+from .runtime.errors import OptionsError, QwenAudioEdgeError
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _runtime_options(a: argparse.Namespace):
-    from .pipeline import RuntimeOptions
+    from .runtime.pipeline import RuntimeOptions
 
     dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
     return RuntimeOptions(device=a.device, dtype=dtype, max_context=a.max_context, encoder_backend=a.encoder_backend,
@@ -216,11 +216,11 @@ def _run_turn(pipeline, audio, a: argparse.Namespace) -> dict:
 
 def cmd_export(a: argparse.Namespace) -> int:
     try:
-        from ..export.package import ExportOptions, export_checkpoint
+        from .export.package import ExportOptions, export_checkpoint
     except ImportError as e:
         raise OptionsError(f"export needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'") from e
-    from ..export.calibrate import CalibrationOptions
-    from ..export.gptq import GPTQConfig
+    from .export.calibrate import CalibrationOptions
+    from .export.gptq import GPTQConfig
 
     gptq = GPTQConfig(group_size=a.group_size, act_order=not a.no_act_order, sym=a.sym, damp=a.damp)
     calib = CalibrationOptions(directory=Path(a.calibration) if a.calibration else None, num_samples=a.num_samples,
@@ -241,7 +241,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
+    from .runtime.pipeline import Pipeline
 
     _sampling_flags(a)
     pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
@@ -250,7 +250,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def _stream_session(pipeline, a: argparse.Namespace, on_event=None):
-    from .stream import StreamOptions, VadOptions
+    from .runtime.stream import StreamOptions, VadOptions
 
     options = StreamOptions(mode=a.stream_mode, chunk_seconds=a.chunk_seconds, lookahead_seconds=a.lookahead_seconds,
                             speculate=not a.no_speculation,
@@ -274,8 +274,8 @@ def _print_events(events, a: argparse.Namespace) -> int:
 def cmd_stream(a: argparse.Namespace) -> int:
     import time
 
-    from .audio import load_audio
-    from .pipeline import Pipeline
+    from .runtime.audio import load_audio
+    from .runtime.pipeline import Pipeline
 
     if a.chunk_ms < 1:
         raise OptionsError(f"--chunk-ms must be ≥ 1, got {a.chunk_ms}")
@@ -310,7 +310,7 @@ def _stream_mic(a: argparse.Namespace) -> int:
         import sounddevice as sd
     except (ImportError, OSError) as e:
         raise OptionsError(f"--mic needs the sounddevice package and PortAudio ({e}); pip install sounddevice, or use --audio FILE") from e
-    from .pipeline import Pipeline
+    from .runtime.pipeline import Pipeline
 
     try:
         sd.query_devices(kind="input")
@@ -338,7 +338,7 @@ def _stream_mic(a: argparse.Namespace) -> int:
 
 def cmd_compare(a: argparse.Namespace) -> int:
     try:
-        from ..export.compare import compare, format_table, open_model
+        from .evaluation.compare import compare, format_table, open_model
     except ImportError as e:
         raise OptionsError(f"compare needs the [export] extra ({e.name} is missing)") from e
     if a.b is None and a.chunked is None:
@@ -351,14 +351,14 @@ def cmd_compare(a: argparse.Namespace) -> int:
         raise OptionsError("--limit applies to --librispeech")
     transcripts = None
     if a.librispeech:
-        from ..export.evaluate import read_librispeech
+        from .evaluation.librispeech import read_librispeech
 
         utts = read_librispeech(a.librispeech, a.limit)
         files, transcripts = [u.audio for u in utts], [u.reference for u in utts]
     else:
         files = [Path(x) for x in a.audio]
         if a.transcripts:
-            from ..export.evaluate import read_transcripts
+            from .evaluation.librispeech import read_transcripts
 
             transcripts = read_transcripts(a.transcripts, files)
     ref = open_model(a.a)
@@ -373,10 +373,10 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_eval(a: argparse.Namespace) -> int:
     try:
-        from ..export.evaluate import DEFAULT_INSTRUCTION, evaluate, read_librispeech
+        from .evaluation.librispeech import DEFAULT_INSTRUCTION, evaluate, read_librispeech
     except ImportError as e:
         raise OptionsError(f"eval needs the [export] extra ({e.name} is missing)") from e
-    from .pipeline import Pipeline
+    from .runtime.pipeline import Pipeline
 
     utts = read_librispeech(a.librispeech, a.limit)
     pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
@@ -395,13 +395,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     try:
-        from ..export.fixtures import build_tiny_checkpoint, speech_like_signal
-        from ..export.package import ExportOptions, export_checkpoint
+        from .export.synthetic_audio import speech_like_signal
+        from .random_checkpoint import build_tiny_checkpoint
+        from .export.package import ExportOptions, export_checkpoint
     except ImportError as e:
         raise OptionsError(f"demo needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'") from e
     import soundfile as sf
 
-    from .pipeline import Pipeline, RuntimeOptions
+    from .runtime.pipeline import Pipeline, RuntimeOptions
 
     with tempfile.TemporaryDirectory(prefix="qae-demo-") as tmp:
         root = Path(a.keep) if a.keep else Path(tmp)

@@ -20,7 +20,7 @@ Large M (prefill of hundreds of audio tokens): the op's in-loop dequantization m
 about 0.2 ms per row for a 4096×4096 layer, 2.4× slower than a dense bf16 matmul there. From
 `DENSE_MIN_ROWS` rows on, `matmul` instead dequantizes the packed weight once per call into a transient
 bf16 [K, N] matrix (the same (q − 8)·scale + zero, in bf16) and runs one dense matmul. Measured with
-bench/kernels.py on the CI machine (2 cores, torch 2.13, weights rotated so they come from memory):
+bench/kernel_bench.py on the CI machine (2 cores, torch 2.13, weights rotated so they come from memory):
 at M = 800, 107 vs 153 ms (4096×4096), 271 vs 416 ms (4096×11008), 284 vs 414 ms (11008×4096); at
 M = 256 the op is still faster (49 vs 58 ms on 4096×4096); the two cross at about 290–340 rows.
 
