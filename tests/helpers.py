@@ -5,6 +5,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from qwen_audio_edge.runtime.generate import SamplingOptions
+
+# Greedy decoding with EOS ignored, so every run yields exactly max_new_tokens tokens and two paths can be
+# compared token for token. GREEDY_KW is for tests that choose their own length:
+# SamplingOptions(max_new_tokens=n, **GREEDY_KW).
+GREEDY_KW = dict(greedy=True, repetition_penalty=1.0, ignore_eos=True)
+GREEDY = SamplingOptions(max_new_tokens=12, **GREEDY_KW)
+# The user prompt of the streaming / parity tests (the chat-template turn that follows the audio).
+PROMPT = "What does the person say?"
+
 
 def signal(seconds: float, *, loud_end: bool = False, seed: int = 0) -> np.ndarray:
     from qwen_audio_edge.export.synthetic_audio import speech_like_signal

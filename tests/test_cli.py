@@ -10,9 +10,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import signal
-
-from qwen_audio_edge.runtime.generate import SamplingOptions
+from helpers import GREEDY, signal
 
 CLI = [sys.executable, "-m", "qwen_audio_edge.cli"]
 
@@ -37,8 +35,7 @@ def test_run_json_matches_the_api(mha, pipelines, wav):
     assert set(out) >= {"text", "token_ids", "timings", "finish_reason"}
     for key in ("load_s", "mel_ms", "encoder_ms", "prefill_ms", "decode_tok_s", "ttft_ms"):
         assert key in out["timings"]
-    api = pipelines(mha).run(str(wav), "What is said?",
-                             sampling=SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True))
+    api = pipelines(mha).run(str(wav), "What is said?", sampling=GREEDY)
     assert out["token_ids"] == api.token_ids
     assert out["text"] == api.text
 

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import signal
+from helpers import GREEDY_KW, signal
 
 from qwen_audio_edge.export.calibrate import CalibrationOptions, build_calibration
 from qwen_audio_edge.export.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize
@@ -18,7 +18,6 @@ from qwen_audio_edge.runtime.errors import OptionsError
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-GREEDY = dict(greedy=True, repetition_penalty=1.0, ignore_eos=True)
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
@@ -180,7 +179,7 @@ def test_w4_runtime_end_to_end_agreement_with_fp(w4, mha, pipelines):
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
     assert 0.25 < report["top1_agreement"] <= 1.0 and 0 < report["mean_kl"] < 5
     assert all(0 < e < 1 for e in report["layer_rel_err"])
-    r = b.p.run(files[0], "Hi", sampling=SamplingOptions(max_new_tokens=8, **GREEDY))
+    r = b.p.run(files[0], "Hi", sampling=SamplingOptions(max_new_tokens=8, **GREEDY_KW))
     assert len(r.token_ids) == 8
 
 
@@ -430,6 +429,6 @@ def test_w4_pipeline_fast_cpu_path_matches_reference_kernel(w4):
     ref = Pipeline.from_artifacts(art, RuntimeOptions(w4_kernel="ref"))
     assert fast.decoder.w4_kernels == ["cpu"] and ref.decoder.w4_kernels == ["ref"]
     wave = signal(2.7, seed=8)
-    a = fast.run(wave, "What is said?", sampling=SamplingOptions(max_new_tokens=16, **GREEDY))
-    b = ref.run(wave, "What is said?", sampling=SamplingOptions(max_new_tokens=16, **GREEDY))
+    a = fast.run(wave, "What is said?", sampling=SamplingOptions(max_new_tokens=16, **GREEDY_KW))
+    b = ref.run(wave, "What is said?", sampling=SamplingOptions(max_new_tokens=16, **GREEDY_KW))
     assert a.token_ids == b.token_ids

@@ -11,14 +11,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import signal
+from helpers import GREEDY, PROMPT, signal
 
 from qwen_audio_edge.runtime.audio import IncrementalMel
-from qwen_audio_edge.runtime.generate import SamplingOptions
 from qwen_audio_edge.runtime.stream import VadOptions
-
-GREEDY = SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True)
-PROMPT = "What does the person say?"
 
 
 @pytest.mark.parametrize("seconds,loud", [(0.0201, False), (1.0, True), (3.30037, False), (12.3457, True), (30.0, False)])

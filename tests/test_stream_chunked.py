@@ -11,17 +11,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import espeak, signal
+from helpers import GREEDY, PROMPT, espeak, signal
 
 from qwen_audio_edge.runtime.audio import IncrementalMel, num_audio_tokens
 from qwen_audio_edge.runtime.block_encoder import BlockInput
 from qwen_audio_edge.runtime.chunked import CLAMP_FLOOR, BlockStream, block_frames, causal_utterance
 from qwen_audio_edge.runtime.errors import OptionsError
-from qwen_audio_edge.runtime.generate import SamplingOptions
 from qwen_audio_edge.runtime.stream import StreamOptions, VadOptions
-
-GREEDY = SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True)
-PROMPT = "What does the person say?"
 
 
 def _stream_blocks(front, x, block, lookahead=50, seed=0):
