@@ -157,6 +157,42 @@ def _chosen(k: int, n: int) -> list[str]:
     return [f"{key[0]} m≤{key[4]}: {cfg}" for key, cfg in TUNER.choices.items() if key[1] == k and key[2] == n]
 
 
+def environment(modules: tuple[str, ...] = ("numpy", "transformers", "onnxruntime", "triton")) -> dict:
+    """What a result file must say about how it was made: the exact command, the machine (CPU model, cores,
+    load average when the run began: other work on the cores slows every figure), the package versions and
+    the repository commit. Read by bench/report.py to label each table."""
+    import shlex
+    import subprocess
+    from importlib import metadata
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in modules:
+        try:
+            versions[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
+            versions[mod] = None
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], check=False, cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    return {"command": shlex.join(["python", *sys.argv]), "machine": platform.platform(), "cpu": cpu,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": list(os.getloadavg()), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions, "git_commit": git("rev-parse", "HEAD"),
+            # tracked files under src/ or bench/ that differ from that commit: the figures may not be its code's
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "src", "bench"))}
+
+
 def write_json(path: str | Path, obj: dict) -> None:
     """Write obj as JSON atomically (temporary file, then rename): a reader, or a run killed mid-write by its
     time limit, sees the previous complete file or the new one, never half of one."""
