@@ -22,9 +22,7 @@ def _full_logits(p, ids: list[int], audio_embeds=None) -> torch.Tensor:
         emb = p.decoder.embed(t)
         if audio_embeds is not None:
             emb[0, t[0] == p.prompt.audio_token_id] = audio_embeds
-        out = p.decoder(emb, 0, cache, all_logits=True)[0]
-    p.cache = p.decoder.setup_cache(p.max_context)  # the pipeline's own cache was reset by setup_cache
-    return out
+        return p.decoder(emb, 0, cache, all_logits=True)[0]
 
 
 @pytest.mark.parametrize("shape", ["mha", "gqa"])
@@ -39,7 +37,6 @@ def test_cached_decode_equals_full_recompute(request, pipelines, shape):
             steps.append(p.decoder(p.decoder.embed(torch.tensor([[ids[i]]])), i, cache)[0, -1])
         full_cache = p.decoder.setup_cache(64)
         full = p.decoder(p.decoder.embed(torch.tensor([ids])), 0, full_cache, all_logits=True)[0]
-    p.cache = p.decoder.setup_cache(p.max_context)
     for k, logit in enumerate(steps):
         ref = full[4 + k]
         assert torch.allclose(logit, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
@@ -221,7 +218,6 @@ def test_half_precision_activations_track_fp32(mha, pipelines, dtype, rel_tol):
         with torch.inference_mode():
             cache = p.decoder.setup_cache(32)
             out[name] = p.decoder(p.decoder.embed(torch.tensor([ids])), 0, cache, all_logits=True)[0].float()
-        p.cache = p.decoder.setup_cache(p.max_context)
     ref = out["fp32"]
     assert (out[dtype] - ref).abs().max().item() <= rel_tol * ref.abs().max().item()
     a = pipelines(mha).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY)).token_ids
@@ -361,6 +357,55 @@ def test_static_decode_step_equals_dynamic_forward(model_name, request):
             step(token, 64)
     with pytest.raises(ValueError, match="CUDA"):
         DecodeStep(d, cb, graphs=True)
+
+
+def test_caches_from_one_decoder_do_not_interfere(mha):
+    """Several caches of different lengths made from one decoder, used in turn (dynamic forward and the
+    static decode step's eager twin), each give bit-for-bit the logits of a fresh decoder with only that
+    cache: making a cache changes nothing another cache, pipeline or captured step computes."""
+    from qwen_audio_edge.runtime.decode_graph import DecodeStep
+    from qwen_audio_edge.runtime.decoder import load_decoder
+
+    def load():
+        return load_decoder(mha.artifacts / "decoder", torch.float32, "cpu")
+
+    prompts = {64: [3, 50, 100, 7, 250, 11, 42, 9], 24: [5, 17, 42], 40: [8, 250, 33, 1, 64, 12]}
+    positions = 20  # each sequence grows to 20 positions: past the 16-token bucket, and past where an
+    # 8-position table made in between would end
+    shared = load()
+
+    def run(model, length, cache, *, static: bool):
+        """Prefill, then decode greedily one step per yield; yields the logits of each step."""
+        ids = prompts[length]
+        logits = model(model.embed(torch.tensor([ids])), 0, cache)[0, -1]
+        step = DecodeStep(model, cache, graphs=False, min_bucket=16) if static else None
+        for pos in range(len(ids), positions):
+            yield logits
+            token = int(logits.argmax())
+            logits = step(token, pos) if static else model(model.embed(torch.tensor([[token]])), pos, cache)[0, -1]
+        yield logits
+
+    def reference(length, static):
+        fresh = load()
+        return list(run(fresh, length, fresh.setup_cache(length), static=static))
+
+    cases = [(64, False), (24, False), (40, True)]
+    with torch.inference_mode():  # around every next(): the generators suspend mid-decode
+        runs, got = [], {}
+        for case in cases:  # each cache made after the previous one was prefilled
+            runs.append(run(shared, case[0], shared.setup_cache(case[0]), static=case[1]))
+            got[case] = [next(runs[-1])]
+        for _ in range(positions):  # interleaved: one step of each, and another cache made between steps
+            for case, r in zip(cases, runs):
+                out = next(r, None)
+                if out is not None:
+                    got[case].append(out)
+            shared.setup_cache(8)
+        for case in cases:
+            want = reference(*case)
+            assert len(got[case]) == len(want) == positions - len(prompts[case[0]]) + 1
+            for a, b in zip(got[case], want):
+                assert torch.equal(a, b), case
 
 
 @pytest.mark.parametrize("model_name", ["mha", "gqa"])

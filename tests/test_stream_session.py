@@ -34,7 +34,6 @@ def _fresh_greedy(p, ids, audio, n):
         cache = d.setup_cache(len(ids) + n + 1)
         out = list(generate(d, cache, emb, 0, list(ids), SamplingOptions(max_new_tokens=n, greedy=True, repetition_penalty=1.0,
                                                                          ignore_eos=True), p.stop_ids, GenerationStats()))
-    p.cache = d.setup_cache(p.max_context)
     return out
 
 

@@ -90,7 +90,6 @@ class OurModel:
         finally:
             for h in handles:
                 h.remove()
-            self.p.cache = d.setup_cache(self.p.max_context)
         return Scored(logits, outs)
 
     @torch.inference_mode()
@@ -104,9 +103,7 @@ class OurModel:
             emb[0, t[0] == self.p.prompt.audio_token_id] = audio.to(emb.device, emb.dtype)
         opts = SamplingOptions(max_new_tokens=n, greedy=True, repetition_penalty=1.0, ignore_eos=True)
         cache = d.setup_cache(len(ids) + n + 1)
-        out = list(generate(d, cache, emb, 0, list(ids), opts, self.p.stop_ids, GenerationStats()))
-        self.p.cache = d.setup_cache(self.p.max_context)
-        return out
+        return list(generate(d, cache, emb, 0, list(ids), opts, self.p.stop_ids, GenerationStats()))
 
     @torch.inference_mode()
     def transcribe(self, audio, instruction: str, max_new_tokens: int) -> str:

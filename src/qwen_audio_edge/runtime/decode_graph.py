@@ -25,13 +25,13 @@ class DecodeStep:
     """`step(token, pos) -> logits [vocab]` for one batch-1 decode step at position `pos`.
 
     The logits tensor returned on the graph path is a static buffer overwritten by the next call: read
-    it (sample) before calling again.
+    it (sample) before calling again. The captured graphs read the cache's K/V and RoPE tables, which
+    belong to `cache` alone, so making other caches from the same model never invalidates them.
     """
 
     def __init__(self, model: Qwen2Decoder, cache: KVCache, *, graphs: bool | None = None, min_bucket: int = 256):
         device = cache.k.device
         self.model, self.cache = model, cache
-        self.rope = model._rope  # captured graphs read these tables: a new setup_cache() needs a new DecodeStep
         self.graphs = (device.type == "cuda") if graphs is None else graphs
         if self.graphs and device.type != "cuda":
             raise ValueError("CUDA graphs need the model and cache on a CUDA device")

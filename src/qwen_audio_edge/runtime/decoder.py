@@ -3,7 +3,10 @@
 Parameter names are those of a text-only `Qwen2ForCausalLM` checkpoint (`model.layers.N.…`,
 `lm_head.weight`), so the artifacts' `decoder/` folder is a standard checkpoint and weights load
 with no renaming. The KV cache is preallocated once for `max_context` positions and written by
-position, so decode never reallocates and a conversation can keep its cache across turns.
+position, so decode never reallocates and a conversation can keep its cache across turns. Each cache
+carries its own RoPE tables (cos/sin for its positions): the decoder itself holds nothing that depends
+on a context length, so any number of caches — a pipeline's, a scoring run's, a captured decode graph's
+— can be made from one decoder and used in any order without one changing what another computes.
 """
 
 from __future__ import annotations
@@ -216,12 +219,19 @@ class StepPosition:
 
 
 class KVCache:
-    """Static, preallocated K/V for every layer: [layers, 1, kv_heads, max_context, head_dim]."""
+    """Static, preallocated K/V for every layer: [layers, 1, kv_heads, max_context, head_dim], and the RoPE
+    tables `cos`/`sin` [max_context, head_dim] of those positions.
+
+    The tables live here, not in the decoder, because they are sized by the cache: whoever holds a cache
+    (a conversation, a captured CUDA graph) holds the tables its positions need, and making another cache
+    cannot change them. They add 1/(layers·kv_heads) to the K/V's size (1/1024 for Qwen2-Audio-7B).
+    """
 
     def __init__(self, args: ModelArgs, max_context: int, dtype: torch.dtype, device: torch.device | str):
         shape = (args.num_hidden_layers, 1, args.num_key_value_heads, max_context, args.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.cos, self.sin = rope_tables(args, max_context, self.k.device, dtype)
         self.max_context = max_context
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,15 +259,13 @@ class Qwen2Decoder(nn.Module):
         self.model.layers = nn.ModuleList([DecoderLayer(args) for _ in range(args.num_hidden_layers)])
         self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def rope_tables(self, max_context: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_tables(self.args, max_context, device, dtype)
 
     def setup_cache(self, max_context: int) -> KVCache:
-        """Allocate the KV cache and RoPE tables for `max_context` positions in the weights' dtype/device."""
+        """A new KV cache (with its RoPE tables) for `max_context` positions in the weights' dtype/device.
+
+        Changes nothing in the decoder: caches made earlier stay valid and compute what they did.
+        """
         p = self.model.norm.weight
-        self._rope = self.rope_tables(max_context, p.device, p.dtype)
         return KVCache(self.args, max_context, p.dtype, p.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -270,9 +278,8 @@ class Qwen2Decoder(nn.Module):
             raise LimitError(
                 f"sequence of {start + s} positions exceeds the KV cache ({cache.max_context}); raise --max-context"
             )
-        assert self._rope is not None, "call setup_cache() first"
-        cos = self._rope[0][start : start + s][None, None]
-        sin = self._rope[1][start : start + s][None, None]
+        cos = cache.cos[start : start + s][None, None]
+        sin = cache.sin[start : start + s][None, None]
         return self._layers_and_head(embeds, cos, sin, cache, start, last_only=not all_logits)
 
     def _layers_and_head(self, x, cos, sin, cache, start, *, last_only: bool) -> torch.Tensor:
@@ -300,9 +307,8 @@ class Qwen2Decoder(nn.Module):
         Every shape is fixed for a given bucket and no value leaves the device, so the step can be
         captured once as a CUDA graph and replayed at any position below the bucket (runtime/decode_graph.py).
         """
-        assert self._rope is not None, "call setup_cache() first"
-        cos = self._rope[0].index_select(0, pos)[None, None]
-        sin = self._rope[1].index_select(0, pos)[None, None]
+        cos = cache.cos.index_select(0, pos)[None, None]
+        sin = cache.sin.index_select(0, pos)[None, None]
         mask = (torch.arange(bucket, device=pos.device) <= pos)[None, None, None]
         where = StepPosition(pos=pos, bucket=bucket, mask=mask)
         return self._layers_and_head(self.embed(token), cos, sin, cache, where, last_only=False)[0, -1]

@@ -175,8 +175,7 @@ class Pipeline:
         """The static, graph-replayed decode step for the current decoder and cache (CUDA only), else None."""
         if self.device.type != "cuda" or not self.options.cuda_graphs:
             return None
-        if (self._step is None or self._step.cache is not self.cache or self._step.model is not self.decoder
-                or self._step.rope is not self.decoder._rope):
+        if self._step is None or self._step.cache is not self.cache or self._step.model is not self.decoder:
             from .decode_graph import DecodeStep
 
             self._step = DecodeStep(self.decoder, self.cache)
