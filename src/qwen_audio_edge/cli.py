@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from .runtime.errors import OptionsError, QwenAudioEdgeError
+
+DEMO_DIR = "qae-demo"  # `demo`'s default directory: README's next command reads qae-demo/artifacts
+DEMO_MARKER = "qae-demo.json"  # written first ({"complete": false}) and completed last: tells a demo dir from others
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -160,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(v)
 
     d = sub.add_parser("demo", help="build a tiny random checkpoint, export it, run a test signal (no weights needed)")
-    d.add_argument("--keep", default=None, help="keep the checkpoint + artifacts under this directory")
+    d.add_argument("--dir", "--keep", dest="dir", default=DEMO_DIR, metavar="DIR",
+                   help=f"where checkpoint/, artifacts/ and signal.wav go (default ./{DEMO_DIR}); a finished demo "
+                        "there is reused, a directory holding anything else is refused (--keep: the older name)")
+    d.add_argument("--force", action="store_true", help="rebuild the checkpoint and artifacts of an existing demo directory")
     d.add_argument("--seconds", type=float, default=5.0, help="length of the generated test signal")
     d.add_argument("--json", action="store_true")
     d.add_argument("--max-new-tokens", type=int, default=32)
@@ -393,35 +398,72 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
+def _demo_state(root: Path) -> str:
+    """What `demo` finds at `root`: "new" (absent or empty), "built" (a finished demo), "partial" (a demo build
+    that stopped half-way) or "foreign" (anything else: never written over, so a typo cannot clobber data)."""
+    if not root.exists():
+        return "new"
+    if not root.is_dir():
+        return "foreign"
+    marker = root / DEMO_MARKER
+    if marker.is_file():
+        try:
+            return "built" if json.loads(marker.read_text()).get("complete") else "partial"
+        except (ValueError, AttributeError):
+            return "partial"
+    return "new" if not any(root.iterdir()) else "foreign"
+
+
+def _build_demo(root: Path) -> None:
+    """A tiny random Qwen2-Audio checkpoint in root/checkpoint, exported to root/artifacts."""
+    import shutil
+
     try:
-        from .export.synthetic_audio import speech_like_signal
-        from .random_checkpoint import build_tiny_checkpoint
         from .export.package import ExportOptions, export_checkpoint
+        from .random_checkpoint import build_tiny_checkpoint
     except ImportError as e:
         raise OptionsError(f"demo needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'") from e
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text(json.dumps({"complete": False}))
+    for name in ("checkpoint", "artifacts"):  # ours: the marker says this directory is a demo's
+        if (root / name).is_dir():
+            shutil.rmtree(root / name)
+    print(f"[demo] building a tiny random Qwen2-Audio checkpoint in {root / 'checkpoint'}", file=sys.stderr)
+    build_tiny_checkpoint(root / "checkpoint", "mha")
+    print("[demo] exporting it (encoder → ONNX, verified against transformers)", file=sys.stderr)
+    export_checkpoint(root / "checkpoint", root / "artifacts", ExportOptions(force=True, progress=False))
+    (root / DEMO_MARKER).write_text(json.dumps({"complete": True}))
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Build (or reuse) the demo model in --dir, write signal.wav there and run it, so that README's next
+    command (`qwen-audio-edge run qae-demo/artifacts --audio qae-demo/signal.wav`) finds what it needs."""
+    root = Path(a.dir)
+    state = _demo_state(root)
+    if state == "foreign":
+        what = "is not a directory" if root.exists() and not root.is_dir() else f"holds other files (no {DEMO_MARKER})"
+        raise OptionsError(f"demo directory {root} {what}: give another --dir, or remove it")
+    if state == "built" and not a.force:
+        print(f"[demo] reusing the demo model in {root} (--force rebuilds it)", file=sys.stderr)
+    else:
+        _build_demo(root)
     import soundfile as sf
 
+    from .export.synthetic_audio import speech_like_signal
     from .runtime.pipeline import Pipeline, RuntimeOptions
 
-    with tempfile.TemporaryDirectory(prefix="qae-demo-") as tmp:
-        root = Path(a.keep) if a.keep else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        print(f"[demo] building a tiny random Qwen2-Audio checkpoint in {root / 'checkpoint'}", file=sys.stderr)
-        build_tiny_checkpoint(root / "checkpoint", "mha")
-        print("[demo] exporting it (encoder → ONNX, verified against transformers)", file=sys.stderr)
-        export_checkpoint(root / "checkpoint", root / "artifacts", ExportOptions(force=True, progress=False))
-        wav = root / "signal.wav"
-        sf.write(str(wav), speech_like_signal(a.seconds), 16000)
-        print(f"[demo] running {wav.name} ({a.seconds} s) through the runtime (random weights: the text is noise)", file=sys.stderr)
-        pipeline = Pipeline.from_artifacts(root / "artifacts", RuntimeOptions())
-        run_args = argparse.Namespace(prompt="What does the person say?", json=a.json, max_new_tokens=a.max_new_tokens,
-                                      greedy=True, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-                                      seed=None, ignore_eos=True)
-        out = _run_turn(pipeline, str(wav), run_args)
-        if not a.json:
-            t = out["timings"]
-            print("[demo] timings: " + ", ".join(f"{k}={v}" for k, v in t.items()), file=sys.stderr)
+    wav = root / "signal.wav"
+    sf.write(str(wav), speech_like_signal(a.seconds), 16000)  # rewritten every time: --seconds may differ
+    print(f"[demo] running {wav} ({a.seconds} s) through the runtime (random weights: the text is noise)", file=sys.stderr)
+    pipeline = Pipeline.from_artifacts(root / "artifacts", RuntimeOptions())
+    run_args = argparse.Namespace(prompt="What does the person say?", json=a.json, max_new_tokens=a.max_new_tokens,
+                                  greedy=True, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
+                                  seed=None, ignore_eos=True)
+    out = _run_turn(pipeline, str(wav), run_args)
+    if not a.json:
+        t = out["timings"]
+        print("[demo] timings: " + ", ".join(f"{k}={v}" for k, v in t.items()), file=sys.stderr)
+    print(f"[demo] next: qwen-audio-edge run {root / 'artifacts'} --audio {wav}", file=sys.stderr)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 The log-mel reproduces transformers' `WhisperFeatureExtractor` (torch path; feature_size = the
 checkpoint's mel bins: 128 for Qwen2-Audio, 80 for a Whisper tiny.en encoder) on the valid frames
-while computing only ~the valid frames instead of a 30 s window (DESIGN §1):
+while computing only ~the valid frames instead of a 30 s window (docs/architecture.md, the exactness recipe):
 the reference zero-pads every utterance to 30 s, takes a centred STFT, drops the last frame, applies
 log10, clamps to (global max − 8) and maps (x + 4) / 4. Frames past L + 1 (L = valid frames) are
 pure padding and sit below the max, so the max over frames 0…L+1 is the same; frames L and L+1 still

@@ -5,7 +5,7 @@ checkpoint's (`audio_tower.*`, `multi_modal_projector.*`). It takes only the fra
 mel [1, n_mels, T] with T = min(L + 2, 3000) — plus the valid frame count L, and returns one embedding
 per audio token. Transformers pads every input to 3000 frames and masks padded keys; the valid
 positions after conv2 ((L − 1)//2 + 1 of them) see only each other there, so running the transformer
-on exactly those positions is the same computation at a fraction of the cost (DESIGN §1).
+on exactly those positions is the same computation at a fraction of the cost (docs/architecture.md).
 
 Backends: `OnnxEncoder` runs the exported file with ONNX Runtime (default); `TorchEncoder` runs the
 module directly (for GPUs without onnxruntime-gpu). Both expose
