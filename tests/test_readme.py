@@ -346,3 +346,28 @@ def test_demo_force_and_interrupted_builds_rebuild(tmp_path, monkeypatch):
         cli.cmd_demo(cli.build_parser().parse_args(["demo", "--dir", str(demo)]))
     assert cli._demo_state(tmp_path / "absent") == "new"
     assert cli._demo_state(tmp_path / "d" / cli.DEMO_MARKER) == "foreign"  # a file
+
+
+def test_longest_audio_figures_follow_the_code():
+    """docs/cli.md's limit for `run` (real 7B: 8192 positions) is computed from how `run` splits audio and counts
+    its tokens; recompute it."""
+    import math
+
+    import numpy as np
+
+    from qwen_audio_edge.runtime.audio import MelConfig, num_audio_tokens, split_segments
+
+    cfg = MelConfig()
+    doc = " ".join(CLI_DOC.read_text().split())
+
+    def tokens(seconds: int) -> tuple[int, int]:
+        segments = split_segments(np.zeros(seconds * cfg.sampling_rate, np.float32), cfg)
+        frames = [min(math.ceil(len(s) / cfg.hop_length), cfg.nb_max_frames) for s in segments]
+        return len(segments), sum(num_audio_tokens(f) for f in frames)
+
+    assert tokens(30) == (1, 750) and "750 per full 30 s segment, i.e. 25 per second" in doc
+    n, t = tokens(300)
+    assert f"5 minutes of audio ({n} segments, {t:,} audio tokens)" in doc
+    n, t = tokens(325)
+    assert t > 8192 - 64 and f"325 s of audio, {n} segments, already make {t:,} audio tokens" in doc
+    assert tokens(320)[1] < 8192 - 64  # ~5 min 20 s still leaves room for the template and a short prompt
