@@ -161,25 +161,46 @@ def secs(x: float) -> str:
 
 
 # --- blocks ------------------------------------------------------------------------------------------
+def _kernel_shape(d: Doc, row: dict) -> str:
+    """`qkvo_4096x4096` → `qkvo 4096×4096`; a row without K×N (a whole layer's matmuls) keeps its name and parts."""
+    if "k" not in row:
+        return f"{d.get('shape', row)} ({' + '.join(row.get('parts', []))})" if row.get("parts") else d.get("shape", row)
+    return f"{d.get('shape', row).rsplit('_', 1)[0]} {d.get('k', row)}×{d.get('n', row)}"
+
+
+def _dtype_table(d: Doc) -> str:
+    """torch's CPU int4 / int8 ops and the dense matmul per activation dtype (one row per op, ms per dtype)."""
+    by_op: dict[str, dict[str, str]] = {}
+    for row in d.get("dtype_rows"):
+        value = d.get("ms", row)
+        by_op.setdefault(d.get("op", row), {})[d.get("activation_dtype", row)] = \
+            ms(value) if value is not None else f"fails ({row.get('error', 'no error recorded')})"
+    dtypes = list(dict.fromkeys(dt for cells in by_op.values() for dt in cells))
+    rows = [[op, *[cells.get(dt, "–") for dt in dtypes]] for op, cells in by_op.items()]
+    return table(["op, M = 1", *[f"{dt} ms" for dt in dtypes]], rows)
+
+
 def kernels_cpu(r: Results) -> str:
     """W4A16 matmul on the 7B's layer shapes, CPU path vs dense bf16 matmul and torch's raw int4 op."""
     d = r.load("cpu/kernels.json")
     rows = []
     for row in d.get("rows"):
-        g = lambda k: d.get(k, row)  # noqa: E731
-        rows.append([f"{g('shape').rsplit('_', 1)[0]} {g('k')}×{g('n')}", str(g("m")), ms(g("ours_ms")), ms(g("dense_ms")),
-                     ms(g("tinygemm_ms")), times(g("speedup_vs_dense")), times(g("speedup_vs_tinygemm")),
-                     f"{g('max_rel_err'):.1e}"])
+        o = lambda k: row.get(k)  # noqa: E731  (a whole-layer row has no dense matmul)
+        err = row.get("max_rel_err")
+        rows.append([_kernel_shape(d, row), str(d.get("m", row)), ms(d.get("ours_ms", row)), ms(o("dense_ms")),
+                     ms(o("tinygemm_ms")), times(o("speedup_vs_dense")), times(o("speedup_vs_tinygemm")),
+                     "–" if err is None else f"{err:.1e}"])
     act = str(d.get("activation_dtype")).replace("torch.", "")
-    return "\n".join([
-        table(["layer shape (K×N)", "M (rows)", "ours ms", f"dense {act} ms", "torch int4 op ms", "÷ dense time",
-               "÷ int4 op time", "max error ÷ largest reference value"], rows),
-        "",
-        f"Times are {d.get('timing')}; “÷ dense time” > 1× means ours is faster. {act} activations. "
-        + d.source("python bench/kernel_bench.py --device cpu --out bench/results/cpu/kernels.json",
-                   f"the dense {act} matmul on the dequantized weight, and torch's own CPU int4 op "
-                   "(`_weight_int4pack_mm_for_cpu`) on the same packed weight; error vs the fp32 reference dequant-matmul"),
-    ])
+    out = [table(["layer shape (K×N)", "M (rows)", "ours ms", f"dense {act} ms", "torch int4 op ms", "÷ dense time",
+                  "÷ int4 op time", "max error ÷ largest reference value"], rows), "",
+           f"Times are {d.get('timing')}; “÷ dense time” above 1× means ours is faster. {act} activations. "
+           + d.source("python bench/kernel_bench.py --device cpu --out bench/results/cpu/kernels.json",
+                      f"the dense {act} matmul on the dequantized weight, and torch's own CPU int4 op "
+                      "(`_weight_int4pack_mm_for_cpu`) on the same packed weight; error vs the fp32 reference dequant-matmul")]
+    if "dtype_rows" in d.data:
+        out += ["", f"**By activation dtype**, same run: {d.opt('dtype_rows_note', 'M = 1')}.", "",
+                _dtype_table(d)]
+    return "\n".join(out)
 
 
 def _decode_rows(d: Doc) -> tuple[dict, list[str]]:
