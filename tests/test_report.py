@@ -117,6 +117,28 @@ def test_missing_result_file_or_key_is_named(tree, capsys):
     assert rc == 1 and "unknown block 'no-such-block'" in err
 
 
+def test_stream_block_reads_the_current_keys(tree, capsys):
+    """bench/stream.py renamed its keys (endpoint_decision_to_first_token_ms_*, lag_s_max) and records its chunked
+    rule: a file in that form renders, with its chunked rows, and the renamed figures land in the table."""
+    root, results = tree
+    path = results / "cpu" / "stream_mid.json"
+    data = json.loads(path.read_text())
+    renames = {"vad_endpoint_to_first_token_ms_spec": "endpoint_decision_to_first_token_ms_exact_spec",
+               "vad_endpoint_to_first_token_ms_nospec": "endpoint_decision_to_first_token_ms_exact_nospec",
+               "vad_chunked_endpoint_to_first_token_ms_spec": "endpoint_decision_to_first_token_ms_chunked_spec"}
+    data["rows"] = [{renames.get(k, k): v for k, v in row.items()} for row in data["rows"]]
+    data["rows"][0]["endpoint_decision_to_first_token_ms_exact_spec"] = 0.777
+    for row in data["realtime_rows"]:
+        for mode in ("exact", "chunked"):
+            row[mode]["lag_s_max"] = row[mode].pop("lag_s")
+    data["lookahead_seconds"] = 0.5
+    path.write_text(json.dumps(data))
+    rc = report.main(["--results", str(results), "--print", "stream-latency"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| 2 s | 0.777 |" in out and "| chunked (2 s blocks + 0.5 s look-ahead) |" in out
+    assert "not shown" not in out
+
+
 def test_design_constants_match_the_runtime():
     """The targets and default setting the blocks judge figures against are the runtime's own."""
     from qwen_audio_edge.runtime import chunked
