@@ -557,10 +557,10 @@ def gptq_quality(r: Results) -> str:
             table(["seed", "mean layer error, audio-aware", "text-only", "mean KL(fp ‖ W4), audio-aware", "text-only"], rows), ""]
     head, load, e2e = d.get("int8_head"), d.get("transformers_load"), d.get("end_to_end")
     out += [table(["check", "measured"], [
-        ["int8 lm_head side file vs fp16 head: max logit difference ÷ largest logit; argmax equal",
+        ["int8 lm_head side file vs fp16 head: max logit difference ÷ largest logit magnitude; argmax equal",
          f"{d.get('max_logit_diff_over_max_logit', head):.2%}; {'yes' if d.get('argmax_equal', head) else 'no'} "
          f"({d.get('positions', head)} positions)"],
-        ["transformers + optimum + gptqmodel loading our `decoder/`: max logit difference to our runtime ÷ largest logit",
+        ["transformers + optimum + gptqmodel loading our `decoder/`: max logit difference to our runtime ÷ largest logit magnitude",
          f"{d.get('max_logit_diff_over_max_logit', load):.1e}"],
         [f"W4 vs fp end to end (`compare`, {len(d.get('signals', e2e))} held-out signals, {d.get('new_tokens', e2e)} "
          "teacher-forced tokens): top-1 agreement / mean KL",
