@@ -147,10 +147,6 @@ def times(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
 
-def pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f} %"
-
-
 def span(values: list[float], fmt: str = "{:.2f}") -> str:
     lo, hi = min(values), max(values)
     return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
@@ -560,7 +556,8 @@ def gptq_quality(r: Results) -> str:
         ["int8 lm_head side file vs fp16 head: max logit difference ÷ largest logit magnitude; argmax equal",
          f"{d.get('max_logit_diff_over_max_logit', head):.2%}; {'yes' if d.get('argmax_equal', head) else 'no'} "
          f"({d.get('positions', head)} positions)"],
-        ["transformers + optimum + gptqmodel loading our `decoder/`: max logit difference to our runtime ÷ largest logit magnitude",
+        ["transformers + optimum + gptqmodel loading our `decoder/`: max logit difference to our runtime "
+         "÷ largest logit magnitude",
          f"{d.get('max_logit_diff_over_max_logit', load):.1e}"],
         [f"W4 vs fp end to end (`compare`, {len(d.get('signals', e2e))} held-out signals, {d.get('new_tokens', e2e)} "
          "teacher-forced tokens): top-1 agreement / mean KL",
