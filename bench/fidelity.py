@@ -176,50 +176,6 @@ DEFAULT_ROWS = ["ref30", "exact", "onnx-fp32", "onnx-fp16", "onnx-int8", "blockd
                 "blockdiag-4", "causal-0.5", "causal-1", "causal-2", "causal-4", "causal-1+0.5", "causal-2+0.5", "causal-2+1"]
 
 
-LABELS = {"ref30": "transformers Whisper encoder, 30 s padded", "exact": "exact, valid frames (our recipe)",
-          "onnx-fp32": "ONNX fp32", "onnx-fp16": "ONNX fp16", "onnx-int8": "ONNX int8"}
-
-
-def label(row: str) -> str:
-    if row in LABELS:
-        return LABELS[row]
-    kind, spec = row.split("-", 1)
-    seconds, _, ahead = spec.partition("+")
-    if kind == "blockdiag":
-        return f"chunked {seconds} s, first rule (block alone)"
-    return f"chunked {seconds} s, block-causal" + (f" + {ahead} s look-ahead" if ahead else "")
-
-
-def _order(name: str) -> tuple:
-    """Table order: references, precisions, the first chunked rule, then block-causal; by block and look-ahead."""
-    if "-" not in name or name.startswith("onnx-"):
-        return (0, ["ref30", "exact", "onnx-fp32", "onnx-fp16", "onnx-int8"].index(name) if name in LABELS else 9, 0.0)
-    kind, spec = name.split("-", 1)
-    seconds, _, ahead = spec.partition("+")
-    return (1 if kind == "blockdiag" else 2, float(seconds), float(ahead or 0))
-
-
-def markdown_table(result: dict) -> str:
-    """The results as a markdown table, WER relative to the exact row ("–": condition not run)."""
-    rows = result["rows"]
-    ex = rows.get("exact", {})
-
-    def cell(r: dict, key: str, fmt: str) -> str:
-        return format(r[key], fmt) if r.get(key) is not None else "–"
-
-    def ratio(r: dict, cond: str) -> str:
-        k = f"wer_{cond}"
-        return f"{r[k] / ex[k]:.2f}" if k in r and ex.get(k) else "–"
-
-    lines = ["| encoder states | WER clean | WER noisy (10 dB) | × exact (clean / noisy) | cosine vs exact (clean / noisy) |",
-             "|---|---|---|---|---|"]
-    for name in sorted(rows, key=_order):
-        r = rows[name]
-        lines.append(f"| {label(name)} | {cell(r, 'wer_clean', '.1%')} | {cell(r, 'wer_noisy', '.1%')} | "
-                     f"{ratio(r, 'clean')} / {ratio(r, 'noisy')} | {cell(r, 'cosine_clean', '.4f')} / {cell(r, 'cosine_noisy', '.4f')} |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     import jiwer
 
@@ -230,18 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS))
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--conditions", default="clean,noisy")
-    ap.add_argument("--table", action="store_true", help="print the markdown table of --out's rows and exit")
-    ap.add_argument("--write-docs", action="store_true", help="with --table: also write it into docs/fidelity.md")
     args = ap.parse_args(argv)
-    if args.table:
-        table = markdown_table(json.loads(args.out.read_text()))
-        print(table)
-        doc = ROOT / "docs" / "fidelity.md"
-        if args.write_docs:
-            text = doc.read_text()
-            a, b = text.index("<!-- fidelity-table -->"), text.index("<!-- /fidelity-table -->")
-            doc.write_text(text[:a] + "<!-- fidelity-table -->\n" + table + "\n" + text[b:])
-        return 0
     torch.set_num_threads(2)
     study = Study()
     items = json.loads(SET.read_text())["utterances"]
