@@ -1,9 +1,10 @@
 """Triton kernels that fuse the small element-wise steps of a decoder layer on CUDA.
 
-Why: a batch-1 decode step of the 7B is ~5 GB of weight reads (≈ 1.5 ms at 3.35 TB/s), but written as
-plain torch ops each layer also launches ~35 tiny kernels (RMSNorm alone is seven: cast, square, mean,
-add, rsqrt, multiply, cast-and-scale; RoPE five per tensor). Even replayed from a CUDA graph each costs a
-couple of µs, so 32 layers add ~2 ms per token. These kernels do each step in one launch:
+Why: a batch-1 decode step is bound by weight reads, but written as plain torch ops each layer also
+launches dozens of tiny kernels (RMSNorm alone is seven: cast, square, mean, add, rsqrt, multiply,
+cast-and-scale; RoPE five per tensor), and even replayed from a CUDA graph each launch has a fixed cost
+that 32 layers multiply (an argument from the op count, not a measurement: bench/decode.py's CUDA
+breakdown measures it on a GPU). These kernels do each step in one launch:
 
 - `rms_norm`: Qwen2 RMSNorm of each row, optionally after a residual add (`x + delta`, rounded to the
   activation dtype first, as the reference adds) whose sum is also returned for the next residual;
