@@ -23,7 +23,11 @@ seconds, timed by wall clock instead of CUDA graphs — what `bench/gpu_check.sh
 slip in this script can never cost a GPU session. `--out` is rewritten (atomically) after every row, so a
 run cut off by a time limit leaves valid JSON with what it measured.
 
-    python bench/kernel_bench.py --device cpu --out bench/results/cpu/kernels.json
+On CPU (our path: kernels/w4_cpu.py) the rows at M ≥ DENSE_MIN_ROWS time its dequantize-once + dense bf16
+matmul, `tinygemm_ms` the int4 op alone, so M = 256 / 320 / 800 show where the two cross; `dtype_rows` time
+torch's CPU int4 and int8 ops with bf16, fp16 and fp32 activations (why the CPU paths compute in bf16).
+
+    python bench/kernel_bench.py --device cpu --ms 1,8,64,256,320,800 --out bench/results/cpu/kernels.json
     python bench/kernel_bench.py --device cuda --peak-gbps 3350 --out $OUT/kernels.json   (see gpu_check.sh)
     python bench/kernel_bench.py --device cpu --preset tiny --kernel triton --iters 2      (the dry run)
 """
@@ -264,6 +268,39 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act
         yield row
 
 
+def bench_cpu_dtypes(k: int, n: int, head: tuple[int, int], iters: int, gen: torch.Generator) -> list[dict]:
+    """Why the CPU paths compute in bf16 whatever the activations are: torch's CPU int4 op (one K × N W4
+    weight, M = 1) and int8 op (a vocab × hidden lm_head, M = 1) timed with bf16, fp16 and fp32 inputs,
+    beside the dense matmul of the same shape in each dtype. One row per (op, dtype)."""
+    from qwen_audio_edge.kernels.w4_ref import unpack_rows
+
+    qweight = _random_gptq(k, n, gen)[0]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_rows(qweight).T.contiguous(), 1)
+    vocab, hidden = head
+    w8 = torch.randint(-127, 128, (vocab, hidden), dtype=torch.int8, generator=gen)
+    rows = []
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        name = str(dt).removeprefix("torch.")
+        sz = torch.ones(k // 128, n, 2, dtype=dt)
+        x, xh = torch.randn(1, k, dtype=dt), torch.randn(1, hidden, dtype=dt)
+        s8, dense, dense_head = torch.rand(vocab, dtype=dt), torch.randn(n, k, dtype=dt), torch.randn(vocab, hidden, dtype=dt)
+        cases = [(f"int4pack_mm_for_cpu {k}x{n}", lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)),
+                 (f"dense matmul {k}x{n}", lambda: x @ dense.T),
+                 (f"int8pack_mm lm_head {vocab}x{hidden}", lambda: torch.ops.aten._weight_int8pack_mm(xh, w8, s8)),
+                 (f"dense matmul lm_head {vocab}x{hidden}", lambda: xh @ dense_head.T)]
+        for op, fn in cases:
+            try:
+                ms = 1e3 * cpu_seconds([fn], iters)
+            except RuntimeError as e:  # an op without this dtype on this build: say so
+                ms, err = None, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            else:
+                err = None
+            row = {"op": op, "m": 1, "activation_dtype": name, "ms": ms, **({"error": err} if err else {})}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def bench_layer(layer: tuple, dev: torch.device, act: torch.dtype, rotate_bytes: int, iters: int,
                 gen: torch.Generator) -> dict:
     """One decoder layer's four W4 matmuls at M = 1, back to back, cold weights (the Triton path)."""
@@ -314,6 +351,8 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=20, help="CPU timing iterations")
     ap.add_argument("--rotate-mib", type=int, default=0, help="weight copies cycled through on GPU (default 3× L2)")
     ap.add_argument("--no-layer", action="store_true", help="skip the whole-layer row (Triton path)")
+    ap.add_argument("--no-dtype-rows", action="store_true",
+                    help="CPU path: skip the rows timing torch's int4/int8 ops with bf16, fp16 and fp32 activations")
     ap.add_argument("--peak-gbps", type=float, default=None)
     ap.add_argument("--strict", action="store_true",
                     help="fail on the errors a real run reports and works around (tinygemm, the layer row): "
@@ -339,7 +378,7 @@ def main() -> int:
            "timing": "CUDA graph of calls over rotating weight copies, CUDA events" if dev.type == "cuda" else
                      "wall clock, median" + (" (Triton interpreter: a check of the code path, not a speed)" if triton_path else ""),
            "copy_gbps": copy_bandwidth(dev, 1024 if dev.type == "cuda" else 16 if a.preset == "tiny" else 256),
-           "complete": False, "rows": []}
+           "complete": False, "environment": environment(), "rows": []}
     if triton_path:
         import triton
 
@@ -364,6 +403,12 @@ def main() -> int:
         for row in bench_shape(name, k, n, [int(m) for m in a.ms.split(",")], dev, act, rotate, a.iters, gen, triton_path, a.strict):
             res["rows"].append(row)
             save()
+    if not triton_path and not a.no_dtype_rows:
+        (k, n), head = ((4096, 4096), (32000, 1024)) if a.preset == "7b" else ((256, 256), (1024, 128))
+        res["dtype_rows_note"] = ("M = 1, wall-clock median: torch's CPU int4/int8 ops and the dense matmul with each "
+                                  "activation dtype (why kernels/w4_cpu.py and Int8Linear compute in bf16)")
+        res["dtype_rows"] = bench_cpu_dtypes(k, n, head, a.iters, gen)
+        save()
     if triton_path and not a.no_layer:
         try:
             res["rows"].append(bench_layer(layer, dev, act, rotate, a.iters, gen))

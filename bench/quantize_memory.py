@@ -4,18 +4,23 @@ Each export runs in its own process; we report that process's peak RSS (VmHWM, r
 /proc/self/clear_refs after the imports so the parent's memory inherited across fork does not count)
 and its RSS after the imports, so the difference is what the export itself needs. Usage:
     python bench/quantize_memory.py [--out bench/results/cpu/quantize_memory.json]
+    python bench/quantize_memory.py --models tiny --num-samples 4 --out /tmp/qm.json   # a check of the script
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_bench import environment, write_json  # noqa: E402  (bench/kernel_bench.py)
 
 CHILD = r"""
 import json, sys, time
@@ -45,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/cpu/quantize_memory.json")
     ap.add_argument("--num-samples", type=int, default=32)
+    ap.add_argument("--models", default="tiny,mid", help="comma list of checkpoints to export: tiny, mid")
     a = ap.parse_args()
     from qwen_audio_edge.random_checkpoint import TinyShape, build_tiny_checkpoint
 
@@ -53,9 +59,15 @@ def main() -> None:
         "mid": TinyShape(name="mid", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
                          num_key_value_heads=8, vocab_size=8192),
     }
+    names = a.models.split(",")
+    if unknown := [n for n in names if n not in shapes]:
+        ap.error(f"--models: unknown {unknown}; choose from {list(shapes)}")
     results = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-               "num_samples": a.num_samples, "date": time.strftime("%Y-%m-%d"), "models": {}}
-    for name, shape in shapes.items():
+               "num_samples": a.num_samples, "date": time.strftime("%Y-%m-%d"),
+               "environment": environment(("numpy", "transformers", "onnxruntime", "onnx")),
+               "measured": "peak RSS (VmHWM) of one `export --bits 4` per checkpoint, in its own process, minus its RSS "
+                           "after the imports; export_s its wall time", "models": {}}
+    for name, shape in ((n, shapes[n]) for n in names):
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = build_tiny_checkpoint(Path(tmp) / "ckpt", shape, max_shard_size="50MB")
             n_params = sum(p.stat().st_size for p in ckpt.glob("*.safetensors")) / 4
@@ -66,8 +78,8 @@ def main() -> None:
                        vocab=shape.vocab_size, checkpoint_params=int(n_params))
             results["models"][name] = row
             print(name, json.dumps(row))
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2))
+    results["load_average_at_end"] = list(os.getloadavg())
+    write_json(a.out, results)
 
 
 if __name__ == "__main__":

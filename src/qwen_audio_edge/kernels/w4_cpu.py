@@ -10,19 +10,19 @@ are split into 128-row groups with repeated parameters). `CpuW4Weight.build` ret
 does not fit; the caller then keeps the reference kernel (kernels/w4_ref.py).
 
 Shapes/dtypes: x [..., K] fp32/bf16/fp16 → y [..., N] in x's dtype. The op runs in bf16 whatever the
-input dtype: measured on this project's 2-core CI machine (torch 2.13), a 4096×4096 GEMV takes 0.44 ms
-with bf16 activations, 15.6 ms with fp16 and ~33× the bf16 time with fp32. So fp32/fp16 activations are
-rounded to bf16 for the W4 matmul, and so are the per-group scale and zero (relative error ~2⁻⁹ per
-weight, far below the 4-bit error); the result is returned in the input dtype. Tests compare with the
-reference at a bf16 tolerance; use `--w4-kernel ref` where bit-exact agreement with the export matters.
+input dtype, because torch's CPU int4 op is fast only with bf16 activations (its fp16 and fp32 timings
+beside bf16: `dtype_rows` of bench/results/cpu/kernels.json, written by bench/kernel_bench.py). So
+fp32/fp16 activations are rounded to bf16 for the W4 matmul, and so are the per-group scale and zero
+(relative error ~2⁻⁹ per weight, far below the 4-bit error); the result is returned in the input dtype.
+Tests compare with the reference at a bf16 tolerance; use `--w4-kernel ref` where bit-exact agreement
+with the export matters.
 
-Large M (prefill of hundreds of audio tokens): the op's in-loop dequantization makes it compute-bound at
-about 0.2 ms per row for a 4096×4096 layer, 2.4× slower than a dense bf16 matmul there. From
-`DENSE_MIN_ROWS` rows on, `matmul` instead dequantizes the packed weight once per call into a transient
-bf16 [K, N] matrix (the same (q − 8)·scale + zero, in bf16) and runs one dense matmul. Measured with
-bench/kernel_bench.py on the CI machine (2 cores, torch 2.13, weights rotated so they come from memory):
-at M = 800, 107 vs 153 ms (4096×4096), 271 vs 416 ms (4096×11008), 284 vs 414 ms (11008×4096); at
-M = 256 the op is still faster (49 vs 58 ms on 4096×4096); the two cross at about 290–340 rows.
+Large M (prefill of hundreds of audio tokens): the op dequantizes inside its inner loop, so it turns
+compute-bound and falls behind a dense bf16 matmul as M grows. From `DENSE_MIN_ROWS` rows on, `matmul`
+instead dequantizes the packed weight once per call into a transient bf16 [K, N] matrix (the same
+(q − 8)·scale + zero, in bf16) and runs one dense matmul. The figures are in bench/results/cpu/kernels.json
+(bench/kernel_bench.py, 7B layer shapes): at M ≥ DENSE_MIN_ROWS its `ours_ms` is this path and
+`tinygemm_ms` the op alone, and the rows at M = 256, 320 and 800 show both sides of the crossover.
 
 torch's packed layout depends on the CPU build path that runs (AVX-512: blocks of 64 output rows, byte
 [k, j] holding rows j and j + 32; AVX2 and plain builds: blocks of 32, rows j and j + 16; other builds
@@ -42,7 +42,7 @@ import torch
 from .w4_ref import check_shapes, group_sort, int4pack_scales_zeros, unpack_rows
 
 _GROUPS = (256, 128, 64, 32)
-DENSE_MIN_ROWS = 320  # from this many rows on, dequantize once + dense bf16 matmul beats the int4 op
+DENSE_MIN_ROWS = 320  # from this many rows on, dequantize once + dense bf16 matmul beats the int4 op (kernels.json)
 
 
 def available() -> bool:

@@ -127,8 +127,9 @@ def _triton_chain(w, label: str, checks: SelfCheck) -> CheckedChain:
 class Int8Linear(nn.Module):
     """Weight-only int8 per output channel: y = (x @ W_int8ᵀ) · scale. Used for the lm_head side file.
 
-    On CPU: torch's `_weight_int8pack_mm` in bf16 (measured on the 2-core CI machine for a 32000×1024
-    head: 1.7 ms vs 8.1 ms for the fp32 matmul and 15.9 ms for the same op in fp32). On CUDA, one row
+    On CPU: torch's `_weight_int8pack_mm` in bf16, its fast dtype (the same op with fp32 inputs and the
+    dense fp32 matmul of a 32000×1024 head are timed beside it in `dtype_rows` of
+    bench/results/cpu/kernels.json, written by bench/kernel_bench.py). On CUDA, one row
     (decode, and prefill's last position): the Triton int8 GEMV (kernels/int8_triton.py), which reads the
     int8 bytes once. Otherwise (the reference twin): row chunks dequantized per call, so that a 156k-row
     head never materializes a full fp copy.
