@@ -10,6 +10,7 @@ from helpers import signal
 from qwen_audio_edge.runtime.decoder import KVCache, ModelArgs
 from qwen_audio_edge.runtime.errors import ArtifactsError, LimitError, NumericalError
 from qwen_audio_edge.runtime.generate import SamplingOptions
+from qwen_audio_edge.runtime.prompt import embed_prompt
 
 GREEDY = dict(greedy=True, repetition_penalty=1.0, ignore_eos=True)
 
@@ -18,11 +19,7 @@ def _full_logits(p, ids: list[int], audio_embeds=None) -> torch.Tensor:
     """Recompute every position from scratch in a fresh cache (no reuse)."""
     cache = p.decoder.setup_cache(p.max_context)
     with torch.inference_mode():
-        t = torch.tensor([ids])
-        emb = p.decoder.embed(t)
-        if audio_embeds is not None:
-            emb[0, t[0] == p.prompt.audio_token_id] = audio_embeds
-        return p.decoder(emb, 0, cache, all_logits=True)[0]
+        return p.decoder(embed_prompt(p.decoder, ids, audio_embeds, p.prompt.audio_token_id), 0, cache, all_logits=True)[0]
 
 
 @pytest.mark.parametrize("shape", ["mha", "gqa"])
@@ -223,6 +220,26 @@ def test_half_precision_activations_track_fp32(mha, pipelines, dtype, rel_tol):
     a = pipelines(mha).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY)).token_ids
     b = pipelines(mha, dtype=dtype).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY)).token_ids
     assert a[:2] == b[:2]
+
+
+def test_audio_embeddings_fill_the_audio_slots_in_order():
+    """place_audio: the k-th audio row lands on the k-th <|AUDIO|> slot outside the text spans; a list is
+    concatenated; a count mismatch is a one-line OptionsError naming both counts."""
+    from qwen_audio_edge.runtime.errors import OptionsError
+    from qwen_audio_edge.runtime.prompt import place_audio
+
+    A = 9
+    ids = [1, A, A, 2, A, 3, A]  # the last one is generated text (text span [6, 7))
+    embeds = torch.zeros(1, len(ids), 2)
+    audio = [torch.tensor([[1.0, 1.0], [2.0, 2.0]]), torch.tensor([[3.0, 3.0]])]
+    out = place_audio(embeds, ids, audio, A, text_spans=[(6, 7)])
+    assert out is embeds and embeds[0, :, 0].tolist() == [0, 1, 2, 0, 3, 0, 0]
+    flat = torch.zeros(len(ids), 2, dtype=torch.float16)  # [S, hidden] and a cast to the embeddings' dtype
+    assert place_audio(flat, ids, torch.cat(audio), A, text_spans=[(6, 7)]).dtype == torch.float16
+    assert flat[:, 1].tolist() == [0, 1, 2, 0, 3, 0, 0]
+    for wrong in (torch.cat(audio), None):
+        with pytest.raises(OptionsError, match=rf"hold 4 audio slots but {0 if wrong is None else 3} audio embeddings"):
+            place_audio(torch.zeros(1, len(ids), 2), ids, wrong, A)
 
 
 def test_special_tokens_in_user_text_are_rejected(mha, pipelines):

@@ -11,7 +11,8 @@ import torch
 from helpers import espeak, signal
 
 from qwen_audio_edge.runtime.errors import LimitError
-from qwen_audio_edge.runtime.generate import GenerationStats, SamplingOptions, generate
+from qwen_audio_edge.runtime.generate import SamplingOptions, greedy_decode
+from qwen_audio_edge.runtime.prompt import embed_prompt
 from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession, VadOptions
 
 GREEDY = SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True)
@@ -25,16 +26,7 @@ def words():
 
 def _fresh_greedy(p, ids, audio, n):
     """Greedy decode from scratch (fresh cache, one prefill of `ids` with `audio` in its slots)."""
-    d = p.decoder
-    with torch.inference_mode():
-        t = torch.tensor([ids])
-        emb = d.embed(t)
-        if audio is not None:
-            emb[0, t[0] == p.prompt.audio_token_id] = audio.to(emb.dtype)
-        cache = d.setup_cache(len(ids) + n + 1)
-        out = list(generate(d, cache, emb, 0, list(ids), SamplingOptions(max_new_tokens=n, greedy=True, repetition_penalty=1.0,
-                                                                         ignore_eos=True), p.stop_ids, GenerationStats()))
-    return out
+    return greedy_decode(p.decoder, embed_prompt(p.decoder, ids, audio, p.prompt.audio_token_id), ids, n)
 
 
 def test_context_policy_drops_oldest_exchanges_and_stays_exact(mha, pipelines):

@@ -76,14 +76,17 @@ class OurModel:
         return self.p.single_turn(audio if not isinstance(audio, Path) else str(audio), text, chunk_seconds=self.chunk_seconds,
                                   lookahead_seconds=self.lookahead_seconds)
 
+    def _embeds(self, ids: list[int], audio: torch.Tensor | None, n_prompt: int | None = None) -> torch.Tensor:
+        """`ids` embedded, the audio in the prompt's slots (ids past `n_prompt` are generated text: an audio id there is a token)."""
+        from ..runtime.prompt import embed_prompt
+
+        spans = [(n_prompt, len(ids))] if n_prompt is not None else []
+        return embed_prompt(self.p.decoder, ids, audio, self.p.prompt.audio_token_id, text_spans=spans)
+
     @torch.inference_mode()
-    def score(self, ids: list[int], audio: torch.Tensor | None) -> Scored:
+    def score(self, ids: list[int], audio: torch.Tensor | None, n_prompt: int) -> Scored:
         d = self.p.decoder
-        t = torch.tensor([ids], device=self.p.device)
-        emb = d.embed(t)
-        if audio is not None:  # the prompt's audio slots (a continuation may hold the audio token id too)
-            slots = (t[0] == self.p.prompt.audio_token_id).nonzero().flatten()[: audio.shape[0]]
-            emb[0, slots] = audio.to(emb.device, emb.dtype)
+        emb = self._embeds(ids, audio, n_prompt)
         outs, handles = _hook_layers(d.model.layers)
         try:
             logits = d(emb, 0, d.setup_cache(len(ids)), all_logits=True)[0].float().cpu()
@@ -94,32 +97,19 @@ class OurModel:
 
     @torch.inference_mode()
     def greedy(self, ids: list[int], audio: torch.Tensor | None, n: int) -> list[int]:
-        from ..runtime.generate import GenerationStats, SamplingOptions, generate
+        """Exactly `n` greedy tokens (stop ids ignored: the continuation both models are scored on)."""
+        from ..runtime.generate import greedy_decode
 
-        d = self.p.decoder
-        t = torch.tensor([ids], device=self.p.device)
-        emb = d.embed(t)
-        if audio is not None:
-            emb[0, t[0] == self.p.prompt.audio_token_id] = audio.to(emb.device, emb.dtype)
-        opts = SamplingOptions(max_new_tokens=n, greedy=True, repetition_penalty=1.0, ignore_eos=True)
-        cache = d.setup_cache(len(ids) + n + 1)
-        return list(generate(d, cache, emb, 0, list(ids), opts, self.p.stop_ids, GenerationStats()))
+        return greedy_decode(self.p.decoder, self._embeds(ids, audio), ids, n)
 
     @torch.inference_mode()
     def transcribe(self, audio, instruction: str, max_new_tokens: int) -> str:
         """Greedy answer to `instruction` about `audio` (exactly or chunked encoded), stopping at the stop ids."""
-        from ..runtime import generate as g
+        from ..runtime.generate import IncrementalDetokenizer, greedy_decode
 
         ids, embeds = self.prompt(audio, instruction)
-        d = self.p.decoder
-        t = torch.tensor([ids], device=self.p.device)
-        emb = d.embed(t)
-        if embeds is not None:
-            emb[0, t[0] == self.p.prompt.audio_token_id] = embeds.to(emb.device, emb.dtype)
-        opts = g.SamplingOptions(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
-        # Into the pipeline's own cache from position 0, as a new conversation would.
-        tokens = list(g.generate(d, self.p.cache, emb, 0, list(ids), opts, self.p.stop_ids, g.GenerationStats()))
-        detok = g.IncrementalDetokenizer(self.p.prompt.tokenizer)
+        tokens = greedy_decode(self.p.decoder, self._embeds(ids, embeds), ids, max_new_tokens, self.p.stop_ids)
+        detok = IncrementalDetokenizer(self.p.prompt.tokenizer)
         return "".join(detok.push(tok) for tok in tokens) + detok.flush()
 
 
@@ -150,7 +140,7 @@ class HFModel:
         return inputs["input_ids"][0].tolist(), None
 
     @torch.inference_mode()
-    def score(self, ids: list[int], audio) -> Scored:
+    def score(self, ids: list[int], audio, n_prompt: int) -> Scored:
         f = self._features
         input_ids = torch.tensor([ids])
         outs, handles = _hook_layers(self.model.model.language_model.layers)
@@ -238,7 +228,7 @@ def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32, *, trans
                                "different tokenizers/templates cannot be compared token by token")
         cont = a.greedy(ids_a, audio_a, new_tokens)
         seq = ids_a + cont
-        ref, cand = a.score(seq, audio_a), b.score(seq, audio_b)
+        ref, cand = a.score(seq, audio_a, len(ids_a)), b.score(seq, audio_b, len(ids_a))
         if len(ref.layers) != len(cand.layers):
             raise OptionsError(f"the models have {len(ref.layers)} and {len(cand.layers)} decoder layers")
         r = layer_error_and_kl(ref, cand, len(ids_a) - 1)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..runtime.decoder import DecoderLayer, KVCache, ModelArgs, rope_tables
 from ..runtime.errors import CheckpointError, ExportError
+from ..runtime.prompt import place_audio
 from ..runtime.quant_linear import W4_LINEARS
 from .calibrate import CalibrationSample
 from .checkpoint import SourceCheckpoint, map_key
@@ -141,10 +142,7 @@ def quantize_decoder(
     embed = _read(index, "model.embed_tokens.weight")  # stored dtype: rows are converted as they are gathered
     hidden = []
     for s in samples:
-        ids = torch.tensor(s.ids)
-        x = embed[ids].float()
-        if s.audio is not None:
-            x[ids == audio_token_id] = s.audio.float()
+        x = place_audio(embed[torch.tensor(s.ids)].float(), s.ids, s.audio, audio_token_id)
         hidden.append(x[None].to(dev))
     del embed
     runner = _LayerRunner(args, max(len(s.ids) for s in samples), dev)

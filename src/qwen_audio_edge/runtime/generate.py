@@ -295,3 +295,19 @@ def generate(
     _sync(device)
     stats.decode_tokens += n_new - 1  # decode forward passes; the first token came from the prefill
     stats.decode_s += time.perf_counter() - t_decode
+
+
+@torch.inference_mode()
+def greedy_decode(model: Qwen2Decoder, embeds: torch.Tensor, ids: Sequence[int], max_new_tokens: int,
+                  stop_ids: Sequence[int] = ()) -> list[int]:
+    """The model's plain greedy answer, from scratch: a KV cache of its own, one prefill of `embeds`
+    ([1, S, hidden]: the embeddings of `ids` with the audio in place, prompt.embed_prompt), then argmax
+    with no repetition penalty, n-gram ban or minimum length, until one of `stop_ids` or `max_new_tokens`
+    (no stop ids: exactly max_new_tokens).
+
+    The fixed reference that compare, evaluation and the tests hold other paths to: it depends neither
+    on the checkpoint's generation config nor on any conversation's cache (which it leaves untouched).
+    """
+    opts = SamplingOptions(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0)
+    cache = model.setup_cache(len(ids) + max_new_tokens)
+    return list(generate(model, cache, embeds, 0, list(ids), opts, stop_ids, GenerationStats()))

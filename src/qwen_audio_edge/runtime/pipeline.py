@@ -25,7 +25,7 @@ from .encoder import EncoderConfig, OnnxEncoder, TorchEncoder, load_encoder_modu
 from .errors import ArtifactsError, AudioError, LimitError, NumericalError, OptionsError
 from .generate import GenerationStats, IncrementalDetokenizer, SamplingOptions, generate
 from .generation_config import effective_generation_config, resolve_sampling, stop_token_ids
-from .prompt import PromptFormat, user_message
+from .prompt import PromptFormat, embed_prompt, user_message
 from .quant_linear import Int8Linear
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -471,18 +471,9 @@ class Conversation:
         self.dropped_exchanges += k
         if self.ids:
             with torch.inference_mode():
-                ids_t = torch.tensor([self.ids], dtype=torch.long, device=p.device)
-                embeds = p.decoder.embed(ids_t)
                 audio = [a for e in kept for a in e.audio]
-                mask = ids_t[0] == p.prompt.audio_token_id
-                for e in kept:
-                    if e.answer is not None:
-                        mask[e.answer[0] : e.answer[1]] = False
-                if int(mask.sum()) != sum(a.shape[0] for a in audio):
-                    raise NumericalError("internal error: kept audio embeddings do not match the conversation's audio slots")
-                if audio:
-                    embeds[0, mask] = torch.cat(audio).to(embeds.dtype)
-                p.decoder(embeds, 0, p.cache)
+                answers = [e.answer for e in kept if e.answer is not None]  # their audio ids are text, not slots
+                p.decoder(embed_prompt(p.decoder, self.ids, audio, p.prompt.audio_token_id, text_spans=answers), 0, p.cache)
         self.cached = len(self.ids)
         self.failed = False
 
@@ -581,16 +572,11 @@ class Conversation:
         audio_embeds = [e for e in p.encode_mels(mels) if e.shape[0]]
         encoder_ms = 1000 * (time.perf_counter() - t)
         t = time.perf_counter()
-        audio = None
         with torch.inference_mode():
-            ids_t = torch.tensor([pending], dtype=torch.long, device=p.device)
-            embeds = p.decoder.embed(ids_t)
-            if audio_embeds:
-                mask = ids_t[0] == p.prompt.audio_token_id
-                # Only this turn's new ids hold audio slots (earlier audio ids are already cached).
-                mask[: len(pending) - len(new_ids)] = False
-                audio = torch.cat(audio_embeds).to(p.device, embeds.dtype)
-                embeds[0, mask] = audio
+            audio = torch.cat(audio_embeds).to(p.device, p.dtype) if audio_embeds else None
+            # Only this turn's new ids hold audio slots (what precedes them is cached, or the last answer's id).
+            embeds = embed_prompt(p.decoder, pending, audio, p.prompt.audio_token_id,
+                                  text_spans=[(0, len(pending) - len(new_ids))])
             logits = p.decoder(embeds, self.cached, p.cache)[0, -1]
         if not torch.isfinite(logits).all():
             raise NumericalError("the decoder produced NaN/Inf logits during prefill; rerun with --dtype fp32 or bf16")

@@ -5,14 +5,27 @@ settings). Each `<|AUDIO|>` placeholder is then expanded to one id per audio emb
 `Qwen2AudioProcessor` does to the text before tokenizing; `<|AUDIO|>` is a special token, so expanding
 ids after tokenizing gives the same ids. A base checkpoint without a template uses the raw form
 `<|audio_bos|><|AUDIO|><|audio_eos|>{text}`.
+
+`embed_prompt` / `place_audio` then turn expanded ids into the decoder's input: token embeddings, with the
+audio embeddings written over the `<|AUDIO|>` slots in order (what the Qwen2-Audio model does inside its
+forward). Every caller — a turn's prefill, the context policy's re-prefill, compare, tests — goes
+through them, so the slot rule (and its one exception, generated text that holds the audio id) is kept
+in one place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from .errors import ArtifactsError, OptionsError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .decoder import Qwen2Decoder
 
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_BOS = "<|audio_bos|>"
@@ -121,3 +134,49 @@ class PromptFormat:
             else:
                 out.append(t)
         return out
+
+
+def audio_slots(ids: Sequence[int], audio_token_id: int, text_spans: Sequence[tuple[int, int]] = ()) -> list[int]:
+    """Positions of `ids` that are audio slots: every `<|AUDIO|>` id outside the [from, to) `text_spans`.
+
+    A text span is generated text (an answer may contain the audio token id itself; it is then a token
+    like any other, not a slot) or ids whose slots were filled earlier (already in the KV cache).
+    """
+    excluded = set()
+    for a, b in text_spans:
+        excluded.update(range(a, b))
+    return [i for i, t in enumerate(ids) if t == audio_token_id and i not in excluded]
+
+
+def place_audio(embeds: torch.Tensor, ids: Sequence[int], audio: torch.Tensor | Sequence[torch.Tensor] | None,
+                audio_token_id: int, *, text_spans: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+    """Write the audio embeddings [N, hidden] (or a list of them, concatenated in prompt order) over the N
+    audio slots of `ids` in `embeds` ([S, hidden] or [1, S, hidden], the ids' token embeddings), in place;
+    returns `embeds`. The audio is cast to the embeddings' dtype and device.
+
+    The slots are found on the host from the id list (no device sync). OptionsError when the number of
+    slots and of audio embeddings differ: the ids must hold one slot per embedding (expand_audio).
+    """
+    import torch
+
+    if audio is not None and not isinstance(audio, torch.Tensor):
+        audio = torch.cat(list(audio)) if len(audio) else None
+    n_audio = 0 if audio is None else int(audio.shape[0])
+    slots = audio_slots(list(ids), audio_token_id, text_spans)
+    if len(slots) != n_audio:
+        raise OptionsError(f"the prompt ids hold {len(slots)} audio slots but {n_audio} audio embeddings were given; "
+                           "expand each <|AUDIO|> to its segment's token count first (PromptFormat.expand_audio)")
+    if n_audio:
+        rows = embeds[0] if embeds.dim() == 3 else embeds
+        rows[torch.tensor(slots, device=embeds.device)] = audio.to(embeds.device, embeds.dtype)
+    return embeds
+
+
+def embed_prompt(decoder: Qwen2Decoder, ids: Sequence[int], audio: torch.Tensor | Sequence[torch.Tensor] | None,
+                 audio_token_id: int, *, text_spans: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+    """The decoder's input for `ids`: their token embeddings [1, S, hidden] on the decoder's device, with
+    `audio` in the audio slots (see place_audio; `text_spans` are ranges whose audio ids are not slots)."""
+    import torch
+
+    t = torch.tensor([list(ids)], dtype=torch.long, device=decoder.model.embed_tokens.weight.device)
+    return place_audio(decoder.embed(t), ids, audio, audio_token_id, text_spans=text_spans)
