@@ -143,7 +143,8 @@ def test_block_causal_encoder_equals_its_masked_reference(mha, pipelines, ahead)
 
     alone = tower_block(p.block_encoder().module.audio_tower, blocks[2], None)
     with_ctx = tower_block(p.block_encoder().module.audio_tower, blocks[2], _cache_after(p, blocks[:2]))
-    assert float((alone - with_ctx).abs().max()) > 1e-3
+    # measured 1.49 / 1.28 (look-ahead 0 / 0.5 s; outputs up to 4.5 in magnitude); margin ÷2
+    assert float((alone - with_ctx).abs().max()) > 0.6
 
 
 def _cache_after(p, blocks):
@@ -225,8 +226,13 @@ def test_chunked_fidelity_vs_exact_is_measured(mha, pipelines):
     same = compare(exact, exact, files, PROMPT, 32)
     assert same["top1_agreement"] == 1.0 and same["mean_kl"] < 1e-6 and same["audio_cosine_min"] > 0.9999
     rep = compare(exact, OurModel(pipeline=p, chunk_seconds=2.0), files, PROMPT, 32)
-    assert rep["files"] == 3 and 0.0 < rep["mean_kl"] and rep["audio_cosine_mean"] < 0.9999  # it does change
-    assert rep["audio_cosine_mean"] > 0.5 and 0.0 <= rep["top1_agreement"] <= 1.0
+    # It does change, by this much (measured on the fixture, 3 files × 32 teacher-forced positions):
+    # top-1 66/96 = 0.6875 (margin ±10 positions), mean KL 0.190 (±40%), audio cosine mean 0.99737 / min 0.9820,
+    # i.e. 1 − cosine 2.6e-3 / 1.8e-2 (±40%).
+    assert rep["files"] == 3 and 56 / 96 <= rep["top1_agreement"] <= 76 / 96, rep["top1_agreement"]
+    assert 0.114 < rep["mean_kl"] < 0.266, rep["mean_kl"]
+    assert 1.58e-3 < 1 - rep["audio_cosine_mean"] < 3.68e-3, rep["audio_cosine_mean"]
+    assert 1.08e-2 < 1 - rep["audio_cosine_min"] < 2.52e-2, rep["audio_cosine_min"]
 
 
 def test_compare_cli_chunked(mha, tmp_path):
@@ -237,7 +243,10 @@ def test_compare_cli_chunked(mha, tmp_path):
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
-    assert "chunked" in rep["candidate"] and 0 < rep["audio_cosine_mean"] < 1 and rep["new_tokens"] == 8
+    assert "chunked" in rep["candidate"] and rep["new_tokens"] == 8 and rep["files"] == 1
+    # measured: audio cosine mean 0.99970 (1 − cosine 3.0e-4, margin ±50%), top-1 6/8 (margin ±2 positions)
+    assert 1.5e-4 < 1 - rep["audio_cosine_mean"] < 4.5e-4, rep["audio_cosine_mean"]
+    assert 4 / 8 <= rep["top1_agreement"] <= 1.0, rep["top1_agreement"]
     r = subprocess.run(cmd + ["--audio", str(wav)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--chunked" in r.stderr
     r = subprocess.run(cmd + ["--chunked", "0.3", "--audio", str(wav)], capture_output=True, text=True, timeout=120)
@@ -264,7 +273,9 @@ def test_encoder_position_offset_onnx_equals_torch(mha, pipelines):
     mel, n = p.mel.log_mel(signal(2.0, seed=5))
     for off in (0, 100, 500):
         a, b = p.encoder(mel, n, off), pt.encoder(mel, n, off)
-        assert a.shape == (num_audio_tokens(n), p.decoder.args.hidden_size) and float((a - b).abs().max()) < 1e-4
+        # fp32 ONNX Runtime vs torch: measured 1.6e-6 / 1.7e-6 / 1.7e-6 (offset 0 / 100 / 500; outputs up to 4.0);
+        # margin ×3
+        assert a.shape == (num_audio_tokens(n), p.decoder.args.hidden_size) and float((a - b).abs().max()) < 5e-6
     assert not torch.allclose(p.encoder(mel, n, 0), p.encoder(mel, n, 100))  # the offset is really applied
     max_pos = p.artifacts.audio_config["max_source_positions"]
     for enc in (p.encoder, pt.encoder):
