@@ -123,6 +123,11 @@ def test_gptq_beats_rtn_and_matches_gptqmodel_on_every_layer(mha, pipelines, cfg
         print(f"{cfg.group_size:4d} {key:20s} ours {o:.4f}  rtn {r:.4f}  gptqmodel {g:.4f}  ours/gptqmodel {o / g:.3f}")
 
 
+def _within(value: float, measured: float, margin: float) -> bool:
+    """value within ±margin (relative) of what was measured when the bound was set."""
+    return measured * (1 - margin) < value < measured * (1 + margin)
+
+
 # --- export, format, runtime ------------------------------------------------------------------------
 def test_w4_decoder_is_a_standard_gptq_checkpoint(w4):
     root, manifest = w4
@@ -130,7 +135,11 @@ def test_w4_decoder_is_a_standard_gptq_checkpoint(w4):
     cfg = json.loads((dec / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert cfg["architectures"] == ["Qwen2ForCausalLM"]
-    assert {qc[k] for k in ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format")} >= {"gptq", 4, 128, True}
+    # The keys transformers/optimum/gptqmodel read to pick the kernel and unpack the tensors, each exact:
+    # desc_act=False or checkpoint_format "gptq_v2" would load as a different (wrong) model.
+    loader_keys = ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format", "pack_dtype")
+    assert {k: qc.get(k) for k in loader_keys} == {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True,
+                                                   "sym": True, "checkpoint_format": "gptq", "pack_dtype": "int32"}
     from safetensors import safe_open
 
     with safe_open(str(dec / "model.safetensors"), "pt") as f:
@@ -144,7 +153,11 @@ def test_w4_decoder_is_a_standard_gptq_checkpoint(w4):
     assert "model.layers.1.mlp.up_proj.g_idx" in keys and "model.layers.0.mlp.up_proj.weight" not in keys
     q = manifest["decoder"]["quantization"]
     assert q["calibration"]["source"] == "builtin" and q["calibration"]["audio_tokens"] > 0
-    assert q["eval_vs_fp"]["top1_agreement"] > 0.3 and len(q["eval_vs_fp"]["layer_rel_err"]) == 2
+    # The export's own W4-vs-fp check (4 calibration samples, 1656 positions). Measured: top-1 0.614, mean KL
+    # 0.467, layer errors 0.131 / 0.283; margins ±0.1 on top-1 (≈ 165 positions), ±40% on KL and errors.
+    ev = q["eval_vs_fp"]
+    assert ev["samples"] == 4 and 0.51 < ev["top1_agreement"] < 0.72 and 0.28 < ev["mean_kl"] < 0.66
+    assert [_within(e, m, 0.4) for e, m in zip(ev["layer_rel_err"], (0.131, 0.283))] == [True, True], ev["layer_rel_err"]
 
 
 def test_transformers_optimum_gptqmodel_load_our_decoder(w4, pipelines):
@@ -177,8 +190,11 @@ def test_w4_runtime_end_to_end_agreement_with_fp(w4, mha, pipelines):
         files.append(f)
     report = compare(a, b, files, "What does the person say?", 16)
     print(json.dumps({k: v for k, v in report.items() if k != "rows"}))
-    assert 0.25 < report["top1_agreement"] <= 1.0 and 0 < report["mean_kl"] < 5
-    assert all(0 < e < 1 for e in report["layer_rel_err"])
+    # Measured (CPU, fp32 activations; the fixture's GPTQ is deterministic): top-1 14/32 = 0.4375, mean KL
+    # 0.860, layer errors 0.167 / 0.319. Margins: top-1 ±4 of the 32 positions; KL and errors ±40%.
+    assert 10 / 32 <= report["top1_agreement"] <= 18 / 32, report["top1_agreement"]
+    assert _within(report["mean_kl"], 0.860, 0.4), report["mean_kl"]
+    assert [_within(e, m, 0.4) for e, m in zip(report["layer_rel_err"], (0.167, 0.319))] == [True, True], report["layer_rel_err"]
     r = b.p.run(files[0], "Hi", sampling=SamplingOptions(max_new_tokens=8, **GREEDY_KW))
     assert len(r.token_ids) == 8
 
@@ -202,7 +218,7 @@ def test_int8_lm_head_side_file(w4):
     p.cache = p.decoder.setup_cache(p.max_context)
     rel = (a - b).abs().max().item() / b.abs().max().item()
     print(f"int8 head vs fp16 head: max rel logit diff {rel:.2e}")
-    assert rel < 2e-2 and torch.equal(a.argmax(-1), b.argmax(-1))
+    assert rel < 2e-2 and torch.equal(a.argmax(-1), b.argmax(-1))  # measured 9.5e-3; margin ×2 (per-row int8 rounding)
 
 
 def test_hf_checkpoint_is_consistent_and_loads_back(w4, mha):
@@ -398,7 +414,9 @@ def test_audio_aware_calibration_beats_text_only(loud_audio, tmp_path):
     held = [s for s in held if s.audio is not None]
     audio_norm = torch.cat([s.audio for s in held]).norm(dim=-1).mean()
     text_norm = p.decoder.model.embed_tokens.weight.norm(dim=-1).mean()
-    assert audio_norm > 4 * text_norm  # the fixture really makes audio embeddings unlike token embeddings
+    # The fixture really makes audio embeddings unlike token embeddings: measured ratio 8.1 (91.8 / 11.3), as
+    # audio_embed_scale=8 asks; margin ±25%.
+    assert 6 * text_norm < audio_norm < 10 * text_norm, float(audio_norm / text_norm)
     cfg = GPTQConfig()
     rows = []
     for seed in (0, 1, 2):
