@@ -114,9 +114,32 @@ def test_prompt_overflow_is_rejected_before_any_work(mha):
     p = Pipeline.from_artifacts(mha.artifacts, RuntimeOptions(max_context=64))
     calls = []
     p.encoder = lambda *a: calls.append(a)  # must not be reached
-    with pytest.raises(LimitError, match="context holds 64"):
+    with pytest.raises(LimitError, match="context holds 64") as e:
         p.run(signal(3.0), "What?", sampling=SamplingOptions(max_new_tokens=4, **GREEDY))
     assert calls == []
+    # `run` has no context policy and no conversation to restart: the message offers what a run can change.
+    limit = p.decoder.args.max_position_embeddings
+    assert str(e.value).endswith(f"; use shorter audio or a shorter prompt, or raise --max-context (up to the model's "
+                                 f"{limit} positions)")
+
+
+def test_context_refusal_says_what_the_caller_can_do():
+    """The LimitError's advice by caller: a one-shot run, a chat with either policy, and a context already
+    at the model's limit (then raising --max-context is not offered)."""
+    from qwen_audio_edge.runtime.context_policy import ContextPolicy
+
+    def advice(policy, max_context=100, one_shot=False):
+        with pytest.raises(LimitError) as e:
+            ContextPolicy(policy, max_context, 400, one_shot=one_shot).check_fits(30, max_context - 30, 20)
+        return str(e.value).split("; ", 1)[1]
+
+    assert advice("error", one_shot=True) == ("use shorter audio or a shorter prompt, or raise --max-context "
+                                              "(up to the model's 400 positions)")
+    assert advice("error") == ("start a new conversation, use the drop_oldest context policy, use shorter audio "
+                               "or text, or raise --max-context (up to the model's 400 positions)")
+    assert advice("drop_oldest", 400) == ("with every earlier exchange dropped this turn is still too long: use shorter "
+                                          "audio or text (--max-context is already the model's limit, 400 positions)")
+    ContextPolicy("error", 100, 400).check_fits(30, 69, 0)  # 99 positions fit in 100
 
 
 def test_generation_stops_when_the_cache_is_full(mha):

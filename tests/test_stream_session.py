@@ -37,13 +37,13 @@ def test_context_policy_drops_oldest_exchanges_and_stays_exact(mha, pipelines):
     assert results[-1].timings["dropped_exchanges"] == conv.dropped_exchanges
     # The kept conversation is well formed: the system turn, then whole exchanges (3 <|im_start|> per… 1 + 2 each).
     im_start = p.prompt.token_id("<|im_start|>")
-    kept = len(conv._exchanges)
+    kept = len(conv.context.exchanges)
     assert conv.ids.count(im_start) == 1 + 2 * kept and kept == 6 - conv.dropped_exchanges
-    assert conv.ids[: conv._exchanges[0].start] == p.prompt.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert conv.ids[: conv.context.exchanges[0].start] == p.prompt.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
     # …and the cache holds exactly it: the last answer equals a from-scratch decode of the kept prompt.
     last = results[-1].token_ids
     prompt_ids = conv.ids[: len(conv.ids) - len(last)]
-    audio = torch.cat([a for e in conv._exchanges for a in e.audio])
+    audio = torch.cat([a for e in conv.context.exchanges for a in e.audio])
     assert _fresh_greedy(p, prompt_ids, audio, len(last)) == last
     # A further turn still works after compaction.
     assert len(conv.send(None, "And now?", sampling=GREEDY).token_ids) == 12
@@ -156,7 +156,7 @@ def test_ten_minute_stream_keeps_bounded_memory(mha, pipelines, words):
             fed += len(period[i : i + 3200])
             peak_samples = max(peak_samples, len(session._samples), session.mel.n)
             peak_ids = max(peak_ids, len(session.conv.ids))
-            peak_exchanges = max(peak_exchanges, len(session.conv._exchanges))
+            peak_exchanges = max(peak_exchanges, len(session.conv.context.exchanges))
     rss_growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     n_periods = total // len(period)
     assert turns >= n_periods - 1
@@ -279,4 +279,4 @@ def test_an_answer_holding_the_audio_token_id_survives_the_context_policy(mha, p
     assert second.token_ids[1] == p.prompt.audio_token_id
     monkeypatch.setattr(gen, "pick_token", real_pick)
     r = conv.send(signal(3.0, seed=3), PROMPT, sampling=GREEDY)  # forces the oldest exchange out, keeps the second
-    assert conv.dropped_exchanges == 1 and len(conv._exchanges) == 2 and len(r.token_ids) == GREEDY.max_new_tokens
+    assert conv.dropped_exchanges == 1 and len(conv.context.exchanges) == 2 and len(r.token_ids) == GREEDY.max_new_tokens

@@ -1,17 +1,17 @@
 """`Pipeline.from_artifacts(dir)`: the one public entry point of the lean runtime.
 
 audio → audio.py (load, segment, log-mel) → encoder.py (ONNX Runtime or torch) → decoder.py (static KV
-cache) → generate.py (sampling, stop, text streaming). A `Conversation` keeps the KV cache across turns:
-a new turn prefills only the ids not yet in the cache, so turn N costs its own tokens, not the history.
+cache) → generate.py (sampling, stop, text streaming). `pipe.run()` answers one turn; `pipe.chat()` returns
+a `Conversation` (conversation.py) that keeps the KV cache across turns; `pipe.stream()` a live session
+(stream.py). `Conversation` and its turn types are re-exported here, where they used to live.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +19,18 @@ import torch
 
 from .artifacts import Artifacts, load_manifest
 from .audio import MelConfig, MelFrontEnd, load_audio, num_audio_tokens, prepare_waveform, split_segments
-from .decoder import KVCache, Qwen2Decoder, load_decoder
 from .block_encoder import BlockBatch, BlockCausalEncoder
+from .conversation import CONTEXT_POLICIES, Conversation, PendingTurn, PrefilledTurn, TurnResult
+from .decoder import KVCache, Qwen2Decoder, load_decoder
 from .encoder import EncoderConfig, OnnxEncoder, TorchEncoder, load_encoder_module
 from .errors import ArtifactsError, AudioError, LimitError, NumericalError, OptionsError
-from .generate import GenerationStats, IncrementalDetokenizer, SamplingOptions, generate
+from .generate import SamplingOptions
 from .generation_config import effective_generation_config, resolve_sampling, stop_token_ids
-from .prompt import PromptFormat, embed_prompt, user_message
+from .prompt import PromptFormat, user_message
 from .quant_linear import Int8Linear
+
+__all__ = ["CONTEXT_POLICIES", "DTYPES", "Conversation", "PendingTurn", "Pipeline", "PrefilledTurn", "RuntimeOptions",
+           "TurnResult"]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -71,46 +75,6 @@ class RuntimeOptions:
                 raise OptionsError(f"device {self.device!r} requested but torch sees no CUDA GPU; use --device cpu")
             if (dev.index or 0) >= torch.cuda.device_count():
                 raise OptionsError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-
-
-@dataclass(frozen=True)
-class PendingTurn:
-    """A user turn whose prompt prefix (up to its first audio slot) is already in the KV cache."""
-
-    message: dict
-    rest: list[int]  # the turn's remaining ids, audio slots not yet expanded
-    n_audio: int
-    prefilled: int  # ids of this turn prefilled by begin_turn
-    blockwise: bool = False  # one audio slot filled block by block (chunked streaming): every mel belongs to it
-    audio_done: int = 0  # audio tokens of that slot already prefilled by extend_audio
-
-
-@dataclass(frozen=True)
-class PrefilledTurn:
-    """A turn whose audio is encoded and whose whole prompt is in the KV cache (first logits ready)."""
-
-    turn: PendingTurn
-    new_ids: list[int]
-    n_pending: int
-    logits: torch.Tensor
-    audio_tokens: int
-    start: int
-    encoder_ms: float
-    prefill_ms: float
-    audio_embeds: torch.Tensor | None = None  # this prefill's audio embeddings (kept for the context policy)
-
-
-@dataclass
-class TurnResult:
-    """What one turn produced: the text, the new token ids, why it stopped, and stage timings."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    timings: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason, "timings": self.timings}
 
 
 def _available_memory_bytes(device: torch.device) -> int:
@@ -295,7 +259,7 @@ class Pipeline:
         return StreamSession(self, prompt, sampling=sampling, vad=VadOptions() if vad == "default" else vad, on_text=on_text,
                              options=options or StreamOptions(), on_event=on_event)
 
-    def chat(self, context_policy: str = "error") -> "Conversation":
+    def chat(self, context_policy: str = "error") -> Conversation:
         """Start a conversation; it owns the KV cache until another conversation starts.
 
         context_policy: "error" (refuse a turn that does not fit in max_context) or "drop_oldest"
@@ -306,7 +270,8 @@ class Pipeline:
     def run(self, audio=None, prompt: str | None = None, *, sampling: SamplingOptions | None = None,
             sampling_rate: int | None = None, on_text: Callable[[str], None] | None = None) -> TurnResult:
         """One user turn (audio and/or text) in a fresh conversation."""
-        return self.chat().send(audio, prompt, sampling=sampling, sampling_rate=sampling_rate, on_text=on_text)
+        conv = Conversation(self, one_shot=True)
+        return conv.send(audio, prompt, sampling=sampling, sampling_rate=sampling_rate, on_text=on_text)
 
     def active_paths(self) -> dict:
         """Which implementation runs each stage on this machine. Self-checked fast paths are decided on
@@ -334,324 +299,3 @@ class Pipeline:
         default; keys we do not implement, when active: OptionsError), then `overrides` (SamplingOptions
         fields, None = not given). What every run without explicit `sampling=` uses; see generation_config.py."""
         return resolve_sampling(self.generation_config, str(self.artifacts.root), **overrides)
-
-
-CONTEXT_POLICIES = ("error", "drop_oldest")
-
-
-@dataclass
-class _Exchange:
-    """One user turn + its answer: where it starts in the conversation ids, and its audio embeddings."""
-
-    start: int
-    base: int  # len(ids) before the turn was begun (an abandoned turn is rolled back to it)
-    audio: list[torch.Tensor] = field(default_factory=list)
-    # [from, to) of the generated answer in the ids: an answer may contain the audio token id itself, which
-    # must not be taken for an audio slot when the conversation is re-prefilled.
-    answer: tuple[int, int] | None = None
-
-
-class Conversation:
-    """A multi-turn chat whose KV cache is kept between turns (text-only turns included).
-
-    Context policy when a turn does not fit in `max_context` (with room for `max_new_tokens`):
-    "error" (default for `chat()`) refuses the turn with a LimitError; "drop_oldest" (the default for
-    streaming sessions) drops whole exchanges (a user turn and its answer), oldest first, keeping the
-    system turn and the turn in progress, then re-prefills what is kept from position 0. The kept audio
-    is not re-encoded: each exchange keeps its audio embeddings. If the turn still does not fit once
-    nothing is left to drop, it is refused as with "error"; if only the room for the answer is short,
-    the answer may end early with finish_reason "context_full".
-    """
-
-    def __init__(self, pipeline: Pipeline, context_policy: str = "error"):
-        if context_policy not in CONTEXT_POLICIES:
-            raise OptionsError(f"context policy must be one of {CONTEXT_POLICIES}, got {context_policy!r}")
-        self.p = pipeline
-        pipeline._owner = self
-        self.context_policy = context_policy
-        self.messages: list[dict] = []
-        self.ids: list[int] = []  # every id of the conversation, as fed or generated
-        self.cached = 0  # ids[:cached] are in the KV cache
-        self.failed = False
-        self.dropped_exchanges = 0  # exchanges removed by the "drop_oldest" policy so far
-        self._exchanges: list[_Exchange] = []
-        self._open = False  # the last exchange is a turn in progress (begun, not finished)
-
-    def _check_usable(self) -> None:
-        if self.p._owner is not self:
-            raise OptionsError("this conversation's KV cache was taken by a newer conversation; start a new chat()")
-        if self.failed:
-            raise OptionsError("an earlier turn of this conversation failed mid-generation; start a new chat() "
-                               "(or reset() a stream session)")
-
-    def send(self, audio=None, text: str | None = None, *, sampling: SamplingOptions | None = None,
-             sampling_rate: int | None = None, on_text: Callable[[str], None] | None = None) -> TurnResult:
-        """Add a user turn, generate the answer (streamed through `on_text`), keep the cache."""
-        self._check_usable()
-        p = self.p
-        if audio is None and not text:
-            raise OptionsError("a turn needs audio, text, or both")
-        p.prompt.check_user_text(text)
-        opts = sampling or p.default_sampling()
-        t0 = time.perf_counter()
-        timings: dict = {"load_s": round(p.load_s, 4)}
-        segments: list[np.ndarray] = []
-        if audio is not None:
-            wave = p.load_waveform(audio, sampling_rate)
-            segments = split_segments(wave, p.mel.config)
-            timings["audio_s"] = round(len(wave) / p.mel.config.sampling_rate, 3)
-        counts = [num_audio_tokens(p.mel.valid_frames(len(s))) for s in segments]
-        turn = self.begin_turn(text, len(segments), dry_run_counts=counts, reserve=opts.max_new_tokens)
-        t = time.perf_counter()
-        mels = [p.mel.log_mel(s) for s in segments]
-        timings["mel_ms"] = round(1000 * (time.perf_counter() - t), 3)
-        return self.finish_turn(turn, mels, sampling=opts, on_text=on_text, t0=t0, timings=timings)
-
-    def _turn_ids(self, text: str | None, n_audio: int) -> tuple[dict, list[int]]:
-        p = self.p
-        message = user_message(n_audio, text)
-        if not self.messages:
-            turn_text = p.prompt.render([message], add_generation_prompt=True)
-        else:
-            turn_text = p.prompt.continuation(self.messages, message, self.ids[-1] if self.ids else None)
-        return message, p.prompt.encode(turn_text)
-
-    def _user_start(self, ids: list[int]) -> int:
-        """Where the user message starts in a rendered turn: its `<|im_start|>` (the one before the
-        assistant's); 0 without a ChatML template. What precedes it (the system turn, or the end of the
-        previous answer) belongs to what came before."""
-        im_start = self.p.prompt.token_id("<|im_start|>")
-        starts = [i for i, t in enumerate(ids) if t == im_start] if im_start is not None else []
-        return starts[-2] if len(starts) >= 2 else 0
-
-    def _check_fits(self, n_new: int, audio_tokens: int) -> None:
-        total = len(self.ids) + n_new
-        if total >= self.p.max_context:
-            raise LimitError(
-                f"the prompt needs {total} positions (conversation {len(self.ids)}, this turn {n_new}, of which "
-                f"{audio_tokens} audio tokens) but the context holds {self.p.max_context}; "
-                "raise --max-context, shorten the audio, or start a new conversation"
-                + ("" if self.context_policy == "drop_oldest" else " (or use the drop_oldest context policy)")
-            )
-
-    def _make_room(self, n_new: int, audio_tokens: int, reserve: int) -> None:
-        """Apply the context policy for `n_new` more ids (+ `reserve` for the answer), then check the prompt fits."""
-        excess = len(self.ids) + n_new + reserve + 1 - self.p.max_context
-        if excess > 0 and self.context_policy == "drop_oldest":
-            self._drop_oldest(excess)
-        self._check_fits(n_new, audio_tokens)
-
-    def _drop_oldest(self, excess: int) -> None:
-        """Drop whole finished exchanges, oldest first, until `excess` positions are freed (or none is left),
-        then re-prefill the kept conversation from position 0 (audio from the stored embeddings)."""
-        finished = len(self._exchanges) - (1 if self._open else 0)
-        if finished <= 0:
-            return
-        first = self._exchanges[0].start
-        k = 0
-        while k < finished:
-            k += 1
-            cut = self._exchanges[k].start if k < len(self._exchanges) else len(self.ids)
-            if cut - first >= excess:
-                break
-        cut = self._exchanges[k].start if k < len(self._exchanges) else len(self.ids)
-        removed = cut - first
-        kept = self._exchanges[k:]
-        for e in kept:
-            e.start -= removed
-            e.base = max(first, e.base - removed)
-            if e.answer is not None:
-                e.answer = (e.answer[0] - removed, e.answer[1] - removed)
-        p = self.p
-        self.failed = True  # until the cache holds the compacted conversation again
-        # With nothing kept the next turn renders from scratch (system turn included): drop that too.
-        self.ids = self.ids[:first] + self.ids[cut:] if kept else []
-        self._exchanges = kept
-        self.messages = self.messages[2 * k :]
-        self.dropped_exchanges += k
-        if self.ids:
-            with torch.inference_mode():
-                audio = [a for e in kept for a in e.audio]
-                answers = [e.answer for e in kept if e.answer is not None]  # their audio ids are text, not slots
-                p.decoder(embed_prompt(p.decoder, self.ids, audio, p.prompt.audio_token_id, text_spans=answers), 0, p.cache)
-        self.cached = len(self.ids)
-        self.failed = False
-
-    def begin_turn(self, text: str | None, n_audio: int, *, dry_run_counts: list[int] | None = None,
-                   reserve: int = 0, blockwise: bool = False) -> "PendingTurn":
-        """Render the turn and prefill everything before its first audio slot (the shared prompt prefix).
-
-        Streaming calls this before any audio arrives; `send` calls it too, so offline and streaming runs
-        do the same arithmetic. With `dry_run_counts` (known audio token counts) the context policy is
-        applied and an overflowing prompt is refused before any work. `blockwise`: the turn's one audio
-        slot is filled block by block with `extend_audio` (chunked streaming).
-        """
-        self._check_usable()
-        p = self.p
-        p.prompt.check_user_text(text)
-        if blockwise and n_audio != 1:
-            raise OptionsError("a block-wise turn has exactly one audio slot")
-        if self._open:  # an abandoned turn (e.g. refused as too long): roll its prefix back
-            abandoned = self._exchanges.pop()
-            self.ids = self.ids[: abandoned.base] if self.messages else []
-            self.cached = min(self.cached, len(self.ids))
-            self._open = False
-        message, ids = self._turn_ids(text, n_audio)
-        cut = ids.index(p.prompt.audio_token_id) if n_audio else 0
-        dropped = self.dropped_exchanges
-        if dry_run_counts is not None:
-            self._make_room(len(p.prompt.expand_audio(ids, dry_run_counts)), sum(dry_run_counts), reserve)
-        elif cut:
-            self._make_room(cut, 0, reserve)
-        if self.dropped_exchanges != dropped:  # the history changed under the rendered turn: render it again
-            message, ids = self._turn_ids(text, n_audio)
-            cut = ids.index(p.prompt.audio_token_id) if n_audio else 0
-        self._exchanges.append(_Exchange(start=len(self.ids) + self._user_start(ids), base=len(self.ids)))
-        self._open = True
-        if cut:
-            head = self.ids[self.cached :] + ids[:cut]
-            self._check_fits(cut, 0)
-            self.failed = True
-            with torch.inference_mode():
-                p.decoder(p.decoder.embed(torch.tensor([head], device=p.device)), self.cached, p.cache)
-            self.ids = self.ids + ids[:cut]
-            self.cached = len(self.ids)
-            self.failed = False
-        return PendingTurn(message=message, rest=ids[cut:], n_audio=n_audio, prefilled=cut, blockwise=blockwise)
-
-    def extend_audio(self, turn: "PendingTurn", embeds: torch.Tensor, *, reserve: int = 0) -> "PendingTurn":
-        """Prefill finished audio blocks [N, hidden] of a block-wise turn into the cache, committed.
-
-        Returns the turn with `audio_done` advanced; later blocks and the rest of the prompt follow.
-        """
-        self._check_usable()
-        p = self.p
-        if not turn.blockwise:
-            raise OptionsError("extend_audio needs a turn begun with blockwise=True")
-        n = int(embeds.shape[0])
-        if n == 0:
-            return turn
-        if not torch.isfinite(embeds).all():
-            raise NumericalError("the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32")
-        self._make_room(n, n, reserve)
-        self.failed = True
-        with torch.inference_mode():
-            pending = self.ids[self.cached :]
-            x = embeds.to(p.device, p.dtype)[None]
-            if pending:
-                x = torch.cat([p.decoder.embed(torch.tensor([pending], device=p.device)), x], dim=1)
-            p.decoder(x, self.cached, p.cache)
-        self.ids = self.ids + [p.prompt.audio_token_id] * n
-        self.cached = len(self.ids)
-        self._exchanges[-1].audio.append(embeds.to(p.device, p.dtype))
-        self.failed = False
-        return dataclasses.replace(turn, audio_done=turn.audio_done + n)
-
-    def prefill_turn(self, turn: "PendingTurn", mels: list[tuple], *, reserve: int = 0) -> "PrefilledTurn":
-        """Encode the turn's audio and prefill the rest of its prompt into the KV cache, without committing.
-
-        The conversation's ids do not change: if the turn is abandoned (speech resumed after a speculative
-        endpoint), the cache positions written here are simply overwritten later. (The context policy may
-        compact the conversation first; that is a committed, valid state either way.) For a block-wise
-        turn, `mels` are its remaining blocks.
-        """
-        self._check_usable()
-        p = self.p
-        counts = [m.tokens if isinstance(m, BlockBatch) else num_audio_tokens(m[1]) for m in mels]
-        if turn.blockwise:
-            slot_counts = [turn.audio_done + sum(counts)]
-            new_ids = p.prompt.expand_audio(turn.rest, slot_counts)[turn.audio_done :]
-        else:
-            if len(mels) != turn.n_audio:
-                raise OptionsError(f"the turn was begun with {turn.n_audio} audio segments but {len(mels)} were given")
-            slot_counts = counts
-            new_ids = p.prompt.expand_audio(turn.rest, counts)
-        self._make_room(len(new_ids), sum(counts), reserve)
-        pending = self.ids[self.cached :] + new_ids
-        t = time.perf_counter()
-        audio_embeds = [e for e in p.encode_mels(mels) if e.shape[0]]
-        encoder_ms = 1000 * (time.perf_counter() - t)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            audio = torch.cat(audio_embeds).to(p.device, p.dtype) if audio_embeds else None
-            # Only this turn's new ids hold audio slots (what precedes them is cached, or the last answer's id).
-            embeds = embed_prompt(p.decoder, pending, audio, p.prompt.audio_token_id,
-                                  text_spans=[(0, len(pending) - len(new_ids))])
-            logits = p.decoder(embeds, self.cached, p.cache)[0, -1]
-        if not torch.isfinite(logits).all():
-            raise NumericalError("the decoder produced NaN/Inf logits during prefill; rerun with --dtype fp32 or bf16")
-        return PrefilledTurn(turn=turn, new_ids=new_ids, n_pending=len(pending), logits=logits, audio_tokens=sum(slot_counts),
-                             start=self.cached, encoder_ms=encoder_ms, prefill_ms=1000 * (time.perf_counter() - t),
-                             audio_embeds=audio)
-
-    def finish_turn(self, turn: "PendingTurn", mels: list[tuple[torch.Tensor, int]] | None = None, *,
-                    sampling: SamplingOptions | None = None, on_text: Callable[[str], None] | None = None,
-                    t0: float | None = None, timings: dict | None = None, prefilled: "PrefilledTurn | None" = None,
-                    should_stop: Callable[[], bool] | None = None) -> TurnResult:
-        """Encode + prefill (unless `prefilled` already did, e.g. speculatively), then decode and commit.
-
-        `should_stop` is polled before every decode step (barge-in): when it returns True the answer ends
-        with finish_reason "cancelled"; what was generated so far stays in the conversation.
-        """
-        self._check_usable()
-        p = self.p
-        opts = sampling or p.default_sampling()
-        t0 = time.perf_counter() if t0 is None else t0
-        timings = {"load_s": round(p.load_s, 4)} if timings is None else timings
-        if prefilled is None:
-            prefilled = self.prefill_turn(turn, mels or [], reserve=opts.max_new_tokens)
-            timings["speculative"] = False
-        else:
-            if prefilled.turn is not turn or prefilled.start != self.cached:
-                raise OptionsError("the prefilled state belongs to another turn or an outdated cache position")
-            timings["speculative"] = True
-        timings["encoder_ms"] = round(prefilled.encoder_ms, 3)
-        new_ids = prefilled.new_ids
-        stats = GenerationStats()
-        detok = IncrementalDetokenizer(p.prompt.tokenizer)
-        pieces: list[str] = []
-        history = self.ids + new_ids
-        start = self.cached
-        self.ids = history  # the prompt is in the cache once prefill ran; generated ids are appended by generate()
-        if prefilled.audio_embeds is not None:
-            self._exchanges[-1].audio.append(prefilled.audio_embeds)
-        self.failed = True  # until the turn completes: a half-written cache must not be reused
-        answer_from = len(history)
-        stats.prefill_tokens, stats.prefill_s = prefilled.n_pending, prefilled.prefill_ms / 1000
-        for token in generate(p.decoder, p.cache, None, start, history, opts, p.stop_ids, stats,
-                              first_logits=prefilled.logits, prompt_len=prefilled.n_pending, should_stop=should_stop,
-                              step=p.decode_step()):
-            piece = detok.push(token)
-            if piece:
-                pieces.append(piece)
-                if on_text:
-                    on_text(piece)
-        tail = detok.flush()
-        if tail:
-            pieces.append(tail)
-            if on_text:
-                on_text(tail)
-        self.cached = len(self.ids) - 1  # the last generated id is fed at the start of the next turn
-        if stats.finish_reason == "stop" and self.ids[-1] != p.prompt.token_id("<|im_end|>"):
-            # A stop id that is not the template's end-of-turn (e.g. <|endoftext|>) is not part of the
-            # conversation text: drop it so the next turn continues exactly as the template renders it.
-            self.ids.pop()
-        text_out = "".join(pieces)
-        self._exchanges[-1].answer = (answer_from, len(self.ids))
-        self.messages += [turn.message, {"role": "assistant", "content": text_out}]
-        self._open = False
-        self.failed = False
-        timings.update(
-            prefill_ms=round(1000 * stats.prefill_s, 3),
-            prefill_tokens=stats.prefill_tokens + turn.prefilled,
-            audio_tokens=prefilled.audio_tokens,
-            ttft_ms=round(1000 * ((stats.first_token_s or time.perf_counter()) - t0), 3),
-            decode_tokens=stats.decode_tokens,
-            decode_tok_s=round(stats.decode_tokens / stats.decode_s, 3) if stats.decode_s > 0 and stats.decode_tokens else None,
-            total_ms=round(1000 * (time.perf_counter() - t0), 3),
-        )
-        if turn.blockwise:
-            timings["audio_tokens_prefilled_early"] = turn.audio_done  # blocks prefilled while the audio arrived
-        if self.dropped_exchanges:
-            timings["dropped_exchanges"] = self.dropped_exchanges
-        return TurnResult(text=text_out, token_ids=list(stats.token_ids), finish_reason=stats.finish_reason, timings=timings)

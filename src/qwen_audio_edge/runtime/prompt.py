@@ -117,6 +117,22 @@ class PromptFormat:
             tail = tail[len(end_token) :]
         return tail
 
+    def turn_ids(self, history: list[dict], message: dict, last_id: int | None) -> list[int]:
+        """Ids of a new user turn `message` up to where its answer starts: the whole rendered prompt when
+        `history` (earlier messages) is empty, else the continuation after the last answer, whose final
+        id `last_id` is already in the conversation."""
+        if not history:
+            return self.encode(self.render([message], add_generation_prompt=True))
+        return self.encode(self.continuation(history, message, last_id))
+
+    def user_start(self, ids: list[int]) -> int:
+        """Where the user message starts in a rendered turn's ids: its `<|im_start|>` (the one before the
+        assistant's); 0 without a ChatML template. What precedes it (the system turn, or the end of the
+        previous answer) belongs to what came before."""
+        im_start = self.token_id("<|im_start|>")
+        starts = [i for i, t in enumerate(ids) if t == im_start] if im_start is not None else []
+        return starts[-2] if len(starts) >= 2 else 0
+
     def expand_audio(self, ids: list[int], audio_tokens: list[int]) -> list[int]:
         """Replace the k-th `<|AUDIO|>` id by `audio_tokens[k]` copies; counts must match."""
         slots = [i for i, t in enumerate(ids) if t == self.audio_token_id]
