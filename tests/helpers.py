@@ -80,5 +80,6 @@ def require(ok: bool, reason: str) -> None:
     if ok:
         return
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason} — CI={os.environ['CI']}: CI must run this test, not skip it", pytrace=False)
+        pytest.fail(f"{reason} — CI={os.environ['CI']}: CI must run this test, not skip it "
+                    "(.ci/run installs the [dev] extra and espeak-ng)", pytrace=False)
     pytest.skip(reason)
