@@ -37,7 +37,18 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """How to run: device, activation dtype, context size, encoder backend and threads."""
+    """How to run: device, activation dtype, context size, encoder backend and threads.
+
+    threads: CPU threads for torch and for the ONNX Runtime encoder session; None leaves torch's setting
+    as it is (its default: one per physical core) and gives ONNX Runtime one per CPU. The pipeline owns
+    the process's torch thread pool: torch has one intra-op thread count per process, shared by every
+    thread (a `torch.set_num_threads` in one thread changes what all others get), so a pipeline built
+    with threads=N calls `torch.set_num_threads(N)` once, at load, and it stays N — after the pipeline
+    is done and for any other torch work in the process; of several pipelines, the last built wins.
+    It is not set and restored around each call, because that cannot isolate anything: a stream session
+    works on two threads at once (feeding and answering), and one thread's restore would change the
+    other's pool mid-turn.
+    """
 
     device: str = "cpu"
     dtype: str = "fp32"
@@ -97,7 +108,7 @@ class Pipeline:
         self.device = torch.device(options.device)
         self.dtype = DTYPES[options.dtype]
         if options.threads:
-            torch.set_num_threads(options.threads)
+            torch.set_num_threads(options.threads)  # process-wide, by design: see RuntimeOptions
         m = artifacts.manifest
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
