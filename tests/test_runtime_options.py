@@ -27,3 +27,20 @@ def test_threads_set_the_process_torch_pool_and_none_leaves_it(mha):
         assert torch.get_num_threads() == 2 and seen == [2]  # after the run, and in every thread
     finally:
         torch.set_num_threads(before)
+
+
+def test_cli_and_api_resolve_the_same_default_dtype(monkeypatch, tmp_path):
+    """No --dtype / dtype=None: fp16 on CUDA, fp32 on CPU, from one rule (pipeline.default_dtype) for both
+    the CLI and RuntimeOptions. CUDA is faked (the device check only asks torch.cuda), so no GPU is needed."""
+    from qwen_audio_edge.cli import _runtime_options, build_parser
+    from qwen_audio_edge.runtime.pipeline import default_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    parser = build_parser()
+    for device, expected in (("cpu", "fp32"), ("cuda", "fp16"), ("cuda:1", "fp16")):
+        cli = _runtime_options(parser.parse_args(["run", str(tmp_path), "--prompt", "hi", "--device", device]))
+        assert default_dtype(device) == RuntimeOptions(device=device).dtype == cli.dtype == expected, device
+        explicit = _runtime_options(parser.parse_args(["run", str(tmp_path), "--prompt", "hi", "--device", device,
+                                                       "--dtype", "bf16"]))
+        assert explicit.dtype == RuntimeOptions(device=device, dtype="bf16").dtype == "bf16"

@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _runtime_options(a: argparse.Namespace):
     from .runtime.pipeline import RuntimeOptions
 
-    dtype = a.dtype or ("fp16" if a.device.startswith("cuda") else "fp32")
-    return RuntimeOptions(device=a.device, dtype=dtype, max_context=a.max_context, encoder_backend=a.encoder_backend,
+    # --dtype not given: None, which RuntimeOptions resolves by the device (pipeline.default_dtype), as for the API
+    return RuntimeOptions(device=a.device, dtype=a.dtype, max_context=a.max_context, encoder_backend=a.encoder_backend,
                           encoder_precision=a.encoder_precision, threads=a.threads, verify_hashes=not a.no_verify,
                           w4_kernel=a.w4_kernel, w4_tune=not a.no_w4_tune, fuse=not a.no_fuse)
 

@@ -35,6 +35,13 @@ __all__ = ["CONTEXT_POLICIES", "DTYPES", "Conversation", "PendingTurn", "Pipelin
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def default_dtype(device: str) -> str:
+    """The decoder's activation dtype when none is asked for — one rule for the API and the CLI: fp16 on
+    CUDA (half fp32's KV cache and activation traffic; the GPTQ scales' own dtype), fp32 on CPU (most CPUs
+    have no fast half-precision matmul, and fp32 is what the parity tests hold to transformers)."""
+    return "fp16" if torch.device(device).type == "cuda" else "fp32"
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How to run: device, activation dtype, context size, encoder backend and threads.
@@ -51,7 +58,7 @@ class RuntimeOptions:
     """
 
     device: str = "cpu"
-    dtype: str = "fp32"
+    dtype: str | None = None  # fp32 | fp16 | bf16; None: default_dtype(device) (fp16 on CUDA, fp32 on CPU), filled in
     max_context: int | None = None  # None: the config's max_position_embeddings, capped to fit memory
     encoder_backend: str = "onnx"  # onnx | torch
     encoder_precision: str | None = None  # fp32 | fp16 (which exported encoder); None: the export's default
@@ -65,8 +72,6 @@ class RuntimeOptions:
     cuda_graphs: bool = True  # on CUDA: decode steps replayed as CUDA graphs (runtime/decode_graph.py)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise OptionsError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.encoder_backend not in ("onnx", "torch"):
             raise OptionsError(f"encoder backend must be onnx or torch, got {self.encoder_backend!r}")
         if self.max_context is not None and self.max_context < 2:
@@ -86,6 +91,10 @@ class RuntimeOptions:
                 raise OptionsError(f"device {self.device!r} requested but torch sees no CUDA GPU; use --device cpu")
             if (dev.index or 0) >= torch.cuda.device_count():
                 raise OptionsError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", default_dtype(self.device))  # resolved once: options.dtype is always set
+        if self.dtype not in DTYPES:
+            raise OptionsError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 def _available_memory_bytes(device: torch.device) -> int:
