@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import signal
+from helpers import GREEDY_KW, PROMPT, signal
 
 from qwen_audio_edge.runtime.decoder import KVCache, ModelArgs
 from qwen_audio_edge.runtime.errors import ArtifactsError, LimitError, NumericalError
 from qwen_audio_edge.runtime.generate import SamplingOptions
 from qwen_audio_edge.runtime.prompt import embed_prompt
 
-GREEDY = dict(greedy=True, repetition_penalty=1.0, ignore_eos=True)
 
 
 def _full_logits(p, ids: list[int], audio_embeds=None) -> torch.Tensor:
@@ -42,7 +41,7 @@ def test_cached_decode_equals_full_recompute(request, pipelines, shape):
 def test_second_turn_reuses_cache_and_equals_fresh_run(mha, pipelines):
     p = pipelines(mha)
     conv = p.chat()
-    first = conv.send(signal(2.5), "What does the person say?", sampling=SamplingOptions(max_new_tokens=6, **GREEDY))
+    first = conv.send(signal(2.5), PROMPT, sampling=SamplingOptions(max_new_tokens=6, **GREEDY_KW))
     cached_before = conv.cached
     assert cached_before == len(conv.ids) - 1
     prefill_calls = []
@@ -54,7 +53,7 @@ def test_second_turn_reuses_cache_and_equals_fresh_run(mha, pipelines):
 
     p.decoder.forward = spy
     try:
-        second = conv.send(None, "And then?", sampling=SamplingOptions(max_new_tokens=8, **GREEDY))
+        second = conv.send(None, "And then?", sampling=SamplingOptions(max_new_tokens=8, **GREEDY_KW))
     finally:
         del p.decoder.forward
     # The second turn's prefill starts where the cache ended: the history is not recomputed.
@@ -87,9 +86,9 @@ def test_second_turn_text_matches_template_rendering(mha, pipelines):
     """The cached ids of a 2-turn chat equal the template rendering with the answer's own ids spliced in."""
     p = pipelines(mha)
     conv = p.chat()
-    conv.send(None, "Hello there.", sampling=SamplingOptions(max_new_tokens=5, **GREEDY))
+    conv.send(None, "Hello there.", sampling=SamplingOptions(max_new_tokens=5, **GREEDY_KW))
     answer_ids = list(conv.ids[-5:])
-    conv.send(None, "Thanks!", sampling=SamplingOptions(max_new_tokens=3, **GREEDY))
+    conv.send(None, "Thanks!", sampling=SamplingOptions(max_new_tokens=3, **GREEDY_KW))
     proc = mha.processor
     head = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}],
                                     add_generation_prompt=True, tokenize=False)
@@ -102,10 +101,10 @@ def test_second_turn_text_matches_template_rendering(mha, pipelines):
 def test_old_conversation_cannot_use_a_taken_cache(mha, pipelines):
     p = pipelines(mha)
     a = p.chat()
-    a.send(None, "Hi", sampling=SamplingOptions(max_new_tokens=2, **GREEDY))
+    a.send(None, "Hi", sampling=SamplingOptions(max_new_tokens=2, **GREEDY_KW))
     p.chat()
     with pytest.raises(Exception, match="newer conversation"):
-        a.send(None, "again", sampling=SamplingOptions(max_new_tokens=2, **GREEDY))
+        a.send(None, "again", sampling=SamplingOptions(max_new_tokens=2, **GREEDY_KW))
 
 
 def test_prompt_overflow_is_rejected_before_any_work(mha):
@@ -115,7 +114,7 @@ def test_prompt_overflow_is_rejected_before_any_work(mha):
     calls = []
     p.encoder = lambda *a: calls.append(a)  # must not be reached
     with pytest.raises(LimitError, match="context holds 64") as e:
-        p.run(signal(3.0), "What?", sampling=SamplingOptions(max_new_tokens=4, **GREEDY))
+        p.run(signal(3.0), "What?", sampling=SamplingOptions(max_new_tokens=4, **GREEDY_KW))
     assert calls == []
     # `run` has no context policy and no conversation to restart: the message offers what a run can change.
     limit = p.decoder.args.max_position_embeddings
@@ -146,7 +145,7 @@ def test_generation_stops_when_the_cache_is_full(mha):
     from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
 
     p = Pipeline.from_artifacts(mha.artifacts, RuntimeOptions(max_context=60))
-    r = p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=100, **GREEDY))
+    r = p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=100, **GREEDY_KW))
     assert r.finish_reason == "context_full"
     assert len(r.token_ids) < 100
 
@@ -165,7 +164,7 @@ def test_nan_logits_raise_a_clear_error(mha):
     with torch.no_grad():
         p.decoder.model.norm.weight.fill_(float("nan"))
     with pytest.raises(NumericalError, match="--dtype fp32"):
-        p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=3, **GREEDY))
+        p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=3, **GREEDY_KW))
     # The failed prefill committed nothing: the conversation is intact and fails the same clear way again.
     conv = p._owner
     assert conv.ids == [] and conv.cached == 0
@@ -187,7 +186,7 @@ def test_stop_on_eos_unless_ignored(mha, pipelines):
     try:
         r = p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=10, greedy=True, repetition_penalty=1.0))
         assert r.token_ids == [eos] and r.finish_reason == "stop"
-        r = p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=10, **GREEDY))
+        r = p.run(None, "Hi", sampling=SamplingOptions(max_new_tokens=10, **GREEDY_KW))
         assert r.token_ids == [eos] * 10 and r.finish_reason == "length"
     finally:
         del p.decoder.forward
@@ -240,8 +239,8 @@ def test_half_precision_activations_track_fp32(mha, pipelines, dtype, rel_tol):
             out[name] = p.decoder(p.decoder.embed(torch.tensor([ids])), 0, cache, all_logits=True)[0].float()
     ref = out["fp32"]
     assert (out[dtype] - ref).abs().max().item() <= rel_tol * ref.abs().max().item()
-    a = pipelines(mha).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY)).token_ids
-    b = pipelines(mha, dtype=dtype).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY)).token_ids
+    a = pipelines(mha).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY_KW)).token_ids
+    b = pipelines(mha, dtype=dtype).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY_KW)).token_ids
     assert a[:2] == b[:2]
 
 
@@ -295,7 +294,7 @@ def test_endoftext_stop_is_not_carried_into_the_next_turn(mha, pipelines):
         del p.decoder.forward
     assert first.token_ids[-1] == eot and first.finish_reason == "stop"
     assert conv.ids[-1] != eot and conv.cached == len(conv.ids)
-    conv.send(None, "Thanks!", sampling=SamplingOptions(max_new_tokens=2, **GREEDY))
+    conv.send(None, "Thanks!", sampling=SamplingOptions(max_new_tokens=2, **GREEDY_KW))
     tok = mha.processor.tokenizer
     head = mha.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}],
                                              add_generation_prompt=True, tokenize=False)

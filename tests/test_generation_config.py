@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from helpers import reference_inputs, signal
+from helpers import PROMPT, reference_inputs, signal
 
 from qwen_audio_edge.runtime.errors import LimitError, OptionsError
 from qwen_audio_edge.runtime.generate import SamplingOptions
@@ -33,7 +33,6 @@ from qwen_audio_edge.runtime.generation_config import (
     stop_token_ids,
 )
 
-PROMPT = "What does the person say?"
 ENDOFTEXT, IM_END = 360, 362  # the tiny tokenizer's <|endoftext|> and <|im_end|>
 # Qwen2-Audio-7B-Instruct's generation_config.json (the values its model card documents).
 INSTRUCT = {"chat_format": "chatml", "do_sample": True, "eos_token_id": [151643, 151645], "pad_token_id": 151643,

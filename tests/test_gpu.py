@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import reference_greedy, reference_inputs, signal
+from helpers import GREEDY_KW, PROMPT, reference_greedy, reference_inputs, signal
 
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
 pytestmark = pytest.mark.gpu
-GREEDY = dict(greedy=True, repetition_penalty=1.0, ignore_eos=True)
 
 
 @pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 11008), (11008, 4096)])
@@ -119,7 +118,7 @@ def test_fused_kernels_give_the_torch_tokens_on_cuda(gqa, pipelines):
     plain = pipelines(gqa, device="cuda", dtype="fp16", encoder_backend="torch", fuse=False)
     assert fused.decoder.fused_kernels and not plain.decoder.fused_kernels
     wave = signal(3.7)
-    opts = SamplingOptions(max_new_tokens=24, **GREEDY)
+    opts = SamplingOptions(max_new_tokens=24, **GREEDY_KW)
     a = fused.run(wave, "What does the person say?", sampling=opts)
     b = plain.run(wave, "What does the person say?", sampling=opts)
     assert a.token_ids == b.token_ids
@@ -160,7 +159,7 @@ def test_fp_pipeline_on_cuda_matches_transformers(mha, pipelines):
     wave = signal(4.4)
     inputs = reference_inputs(mha, wave, "What does the person say?")
     expected = reference_greedy(mha, inputs, 32)
-    got = p.run(wave, "What does the person say?", sampling=SamplingOptions(max_new_tokens=32, **GREEDY))
+    got = p.run(wave, PROMPT, sampling=SamplingOptions(max_new_tokens=32, **GREEDY_KW))
     assert got.token_ids == expected
 
 
@@ -177,24 +176,24 @@ def test_w4_pipeline_on_cuda_uses_triton(mha, tmp_path):
     ref = Pipeline.from_artifacts(tmp_path / "w4", RuntimeOptions(w4_kernel="ref"))
     assert gpu.decoder.w4_kernels == ["triton"]
     wave = signal(3.3)
-    a = gpu.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY))
-    b = ref.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY))
+    a = gpu.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY_KW))
+    b = ref.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY_KW))
     assert a.token_ids == b.token_ids
     half = Pipeline.from_artifacts(tmp_path / "w4", RuntimeOptions(device="cuda", dtype="fp16", encoder_backend="torch",
                                                                   w4_tune=False))
-    assert len(half.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY)).token_ids) == 16
+    assert len(half.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY_KW)).token_ids) == 16
 
 
 def test_cuda_graph_decode_equals_eager(mha, pipelines):
     """Decode steps replayed as CUDA graphs give the eager tokens, across context buckets."""
     p = pipelines(mha, device="cuda", dtype="fp32", encoder_backend="torch")
     wave = signal(3.1)
-    opts = SamplingOptions(max_new_tokens=40, **GREEDY)
-    graphed = p.run(wave, "What does the person say?", sampling=opts)
+    opts = SamplingOptions(max_new_tokens=40, **GREEDY_KW)
+    graphed = p.run(wave, PROMPT, sampling=opts)
     assert p.decode_step() is not None and p.decode_step()._captured  # graphs were captured and replayed
     p.decode_step().min_bucket = 16
     p.decode_step()._captured.clear()
-    small_buckets = p.run(wave, "What does the person say?", sampling=opts)
+    small_buckets = p.run(wave, PROMPT, sampling=opts)
     eager = pipelines(mha, device="cuda", dtype="fp32", encoder_backend="torch", cuda_graphs=False)
     ref = eager.run(wave, "What does the person say?", sampling=opts)
     assert graphed.token_ids == ref.token_ids == small_buckets.token_ids

@@ -13,15 +13,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import signal
+from helpers import GREEDY, PROMPT, signal
 
 from qwen_audio_edge.runtime import selfcheck
-from qwen_audio_edge.runtime.generate import SamplingOptions
 
 pytest.importorskip("triton", reason="triton is in the dev extra")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-GREEDY = SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True)
-PROMPT = "What does the person say?"
 
 
 @pytest.fixture(autouse=True)

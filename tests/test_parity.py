@@ -9,13 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import reference_greedy, reference_inputs, signal
+from helpers import GREEDY_KW, PROMPT, reference_greedy, reference_inputs, signal
 
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
 # (seconds, loud_end): not a multiple of the hop; ending loud; longer than 10 s.
 LENGTHS = [(3.30037, False), (2.0, True), (12.3457, False)]
-PROMPT = "What does the person say?"
 
 
 def _front(pipeline):
@@ -110,7 +109,7 @@ def test_greedy_generation_token_identical(request, pipelines, shape, seconds, l
     wave = signal(seconds, loud_end=loud, seed=1)
     inputs = reference_inputs(model, wave, PROMPT)
     expected = reference_greedy(model, inputs, 32)
-    result = p.run(wave, PROMPT, sampling=SamplingOptions(max_new_tokens=32, greedy=True, repetition_penalty=1.0, ignore_eos=True))
+    result = p.run(wave, PROMPT, sampling=SamplingOptions(max_new_tokens=32, **GREEDY_KW))
     assert result.token_ids == expected
     assert len(set(expected)) > 8, "fixture decodes degenerately: the parity check would prove little"
     assert result.timings["audio_tokens"] == int((inputs["input_ids"] == model.reference.config.audio_token_id).sum())
@@ -132,7 +131,7 @@ def test_base_model_raw_prompt_matches(base_model, pipelines):
     prompt = "Transcribe the speech:"
     inputs = reference_inputs(base_model, wave, prompt)
     expected = reference_greedy(base_model, inputs, 32)
-    got = p.run(wave, prompt, sampling=SamplingOptions(max_new_tokens=32, greedy=True, repetition_penalty=1.0, ignore_eos=True))
+    got = p.run(wave, prompt, sampling=SamplingOptions(max_new_tokens=32, **GREEDY_KW))
     assert got.token_ids == expected
 
 
@@ -147,7 +146,7 @@ def test_fp16_weights_match_reference_with_the_same_rounding(mha_fp16, pipelines
     wave = signal(3.7)
     inputs = reference_inputs(mha_fp16, wave, PROMPT)
     expected = reference_greedy(mha_fp16, inputs, 32)
-    got = p.run(wave, PROMPT, sampling=SamplingOptions(max_new_tokens=32, greedy=True, repetition_penalty=1.0, ignore_eos=True))
+    got = p.run(wave, PROMPT, sampling=SamplingOptions(max_new_tokens=32, **GREEDY_KW))
     assert got.token_ids == expected
 
 

@@ -8,15 +8,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import espeak, signal
+from helpers import GREEDY, GREEDY_KW, PROMPT, espeak, signal
 
 from qwen_audio_edge.runtime.errors import LimitError
 from qwen_audio_edge.runtime.generate import SamplingOptions, greedy_decode
 from qwen_audio_edge.runtime.prompt import embed_prompt
 from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession, VadOptions
 
-GREEDY = SamplingOptions(max_new_tokens=12, greedy=True, repetition_penalty=1.0, ignore_eos=True)
-PROMPT = "What does the person say?"
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +80,7 @@ def test_barge_in_cancels_the_answer(mha, pipelines, words, mode):
         if slow.is_set():
             time.sleep(0.02)  # a slow consumer (e.g. TTS): the answer takes seconds
 
-    opts = SamplingOptions(max_new_tokens=150, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+    opts = SamplingOptions(max_new_tokens=150, **GREEDY_KW)
     finished = []
     session = p.stream(PROMPT, sampling=opts, on_text=on_text, on_event=finished.append,
                        options=StreamOptions(barge_in=True, mode=mode, chunk_seconds=1.0, lookahead_seconds=0.5))
@@ -109,8 +107,7 @@ def test_barge_in_cancels_the_answer(mha, pipelines, words, mode):
     conv = p.chat()
     span = lambda e: audio[int(round(e.speech_start_s * 16000)) : int(round(e.speech_end_s * 16000))]  # noqa: E731
     n1 = len(first.result.token_ids)
-    assert conv.send(span(first), PROMPT, sampling=SamplingOptions(max_new_tokens=n1, greedy=True, repetition_penalty=1.0,
-                                                                      ignore_eos=True)).token_ids == first.result.token_ids
+    assert conv.send(span(first), PROMPT, sampling=SamplingOptions(max_new_tokens=n1, **GREEDY_KW)).token_ids == first.result.token_ids
     assert conv.send(span(second), PROMPT, sampling=opts).token_ids == second.result.token_ids
 
 
@@ -139,7 +136,7 @@ def test_ten_minute_stream_keeps_bounded_memory(mha, pipelines, words):
     import resource
 
     p = pipelines(mha, max_context=600)
-    opts = SamplingOptions(max_new_tokens=4, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+    opts = SamplingOptions(max_new_tokens=4, **GREEDY_KW)
     gap = np.zeros(int(2.2 * 16000), np.float32)
     period = np.concatenate([words, gap])
     total = 600 * 16000
