@@ -13,7 +13,6 @@ from qwen_audio_edge.runtime.generate import SamplingOptions
 from qwen_audio_edge.runtime.prompt import embed_prompt
 
 
-
 def _full_logits(p, ids: list[int], audio_embeds=None) -> torch.Tensor:
     """Recompute every position from scratch in a fresh cache (no reuse)."""
     cache = p.decoder.setup_cache(p.max_context)
@@ -435,7 +434,7 @@ def test_caches_from_one_decoder_do_not_interfere(mha):
             runs.append(run(shared, case[0], shared.setup_cache(case[0]), static=case[1]))
             got[case] = [next(runs[-1])]
         for _ in range(positions):  # interleaved: one step of each, and another cache made between steps
-            for case, r in zip(cases, runs):
+            for case, r in zip(cases, runs, strict=True):
                 out = next(r, None)
                 if out is not None:
                     got[case].append(out)
@@ -443,7 +442,7 @@ def test_caches_from_one_decoder_do_not_interfere(mha):
         for case in cases:
             want = reference(*case)
             assert len(got[case]) == len(want) == positions - len(prompts[case[0]]) + 1
-            for a, b in zip(got[case], want):
+            for a, b in zip(got[case], want, strict=True):
                 assert torch.equal(a, b), case
 
 

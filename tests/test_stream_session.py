@@ -16,7 +16,6 @@ from qwen_audio_edge.runtime.prompt import embed_prompt
 from qwen_audio_edge.runtime.stream import StreamOptions, StreamSession, VadOptions
 
 
-
 @pytest.fixture(scope="module")
 def words():
     return espeak("Hello there. What is the weather like today in the city?")
