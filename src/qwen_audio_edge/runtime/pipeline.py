@@ -115,7 +115,7 @@ class Pipeline:
         self.artifacts = artifacts
         self.options = options
         self.device = torch.device(options.device)
-        self.dtype = DTYPES[options.dtype]
+        self.dtype = DTYPES[options.dtype or default_dtype(options.device)]  # options.dtype is resolved already
         if options.threads:
             torch.set_num_threads(options.threads)  # process-wide, by design: see RuntimeOptions
         m = artifacts.manifest

@@ -18,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .errors import ArtifactsError, OptionsError
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from .decoder import Qwen2Decoder
 
@@ -158,7 +159,7 @@ def audio_slots(ids: Sequence[int], audio_token_id: int, text_spans: Sequence[tu
     A text span is generated text (an answer may contain the audio token id itself; it is then a token
     like any other, not a slot) or ids whose slots were filled earlier (already in the KV cache).
     """
-    excluded = set()
+    excluded: set[int] = set()
     for a, b in text_spans:
         excluded.update(range(a, b))
     return [i for i, t in enumerate(ids) if t == audio_token_id and i not in excluded]
@@ -182,7 +183,7 @@ def place_audio(embeds: torch.Tensor, ids: Sequence[int], audio: torch.Tensor | 
     if len(slots) != n_audio:
         raise OptionsError(f"the prompt ids hold {len(slots)} audio slots but {n_audio} audio embeddings were given; "
                            "expand each <|AUDIO|> to its segment's token count first (PromptFormat.expand_audio)")
-    if n_audio:
+    if audio is not None and n_audio:
         rows = embeds[0] if embeds.dim() == 3 else embeds
         rows[torch.tensor(slots, device=embeds.device)] = audio.to(embeds.device, embeds.dtype)
     return embeds
@@ -194,5 +195,6 @@ def embed_prompt(decoder: Qwen2Decoder, ids: Sequence[int], audio: torch.Tensor 
     `audio` in the audio slots (see place_audio; `text_spans` are ranges whose audio ids are not slots)."""
     import torch
 
-    t = torch.tensor([list(ids)], dtype=torch.long, device=decoder.model.embed_tokens.weight.device)
+    table = cast("nn.Embedding", decoder.model.embed_tokens)
+    t = torch.tensor([list(ids)], dtype=torch.long, device=table.weight.device)
     return place_audio(decoder.embed(t), ids, audio, audio_token_id, text_spans=text_spans)
