@@ -253,15 +253,21 @@ def test_compare_cli_chunked(mha, tmp_path):
     assert r.returncode == 2 and "multiple of 0.04" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_stream_cli_chunked_json(mha, tmp_path):
+def test_stream_cli_chunked_json(mha, pipelines, tmp_path):
     wav = tmp_path / "a.wav"
-    sf.write(str(wav), signal(6.1, seed=4), 16000)
+    x = signal(6.1, seed=4)
+    sf.write(str(wav), x, 16000)
     r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
                         "--no-vad", "--stream-mode", "chunked", "--chunk-seconds", "2", "--json", "--greedy",
-                        "--max-new-tokens", "5", "--ignore-eos"], capture_output=True, text=True, timeout=120)
+                        "--max-new-tokens", "5", "--ignore-eos", "--repetition-penalty", "1.0", "--prompt", PROMPT],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip())
-    assert row["stream"]["mode"] == "chunked" and len(row["token_ids"]) == 5 and row["text"] is not None
+    assert row["stream"]["mode"] == "chunked"
+    # The CLI's answer is the offline chunked greedy answer (default 2 s look-ahead) on the same audio.
+    from qwen_audio_edge.runtime.audio import load_audio
+
+    assert row["token_ids"] == _offline_chunked_greedy(pipelines(mha), load_audio(wav, 16000), 2.0, 5)
 
 
 def test_encoder_position_offset_onnx_equals_torch(mha, pipelines):
