@@ -32,8 +32,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import GREEDY_KW, PROMPT, signal
 
+from helpers import GREEDY_KW, PROMPT, signal
 from qwen_audio_edge.runtime.chunked import CLAMP_FLOOR
 from qwen_audio_edge.runtime.generate import SamplingOptions
 from qwen_audio_edge.runtime.stream import StreamOptions

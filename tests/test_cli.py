@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import soundfile as sf
+
 from helpers import GREEDY, signal
 
 CLI = [sys.executable, "-m", "qwen_audio_edge.cli"]
@@ -151,7 +152,7 @@ def test_eval_librispeech_format(mha, pipelines, tmp_path):
     from qwen_audio_edge.runtime.generate import SamplingOptions
 
     greedy6 = SamplingOptions(max_new_tokens=6, greedy=True, repetition_penalty=1.0)
-    for row, i in zip(rows, range(2)):
+    for i, row in enumerate(rows):
         flac = chapter / f"{row['id']}.flac"
         assert row["hypothesis"] == pipelines(mha).run(str(flac), DEFAULT_INSTRUCTION, sampling=greedy6).text, i
         assert row["reference"] == "HE HOPED THERE WOULD BE STEW FOR DINNER"
@@ -162,7 +163,7 @@ def test_eval_librispeech_format(mha, pipelines, tmp_path):
 
     norm = EnglishTextNormalizer({})
     refs, hyps = [norm(x["reference"]) for x in rows], [norm(x["hypothesis"]) for x in rows]
-    for row, ref, hyp in zip(rows, refs, hyps):
+    for row, ref, hyp in zip(rows, refs, hyps, strict=True):
         assert row["wer"] == pytest.approx(jiwer.wer(ref, hyp), abs=1e-12)
     words = jiwer.process_words(refs, hyps)
     assert report["utterances"] == 2 and report["words"] == 16  # 8 reference words per utterance

@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 import torch
-from helpers import GREEDY_KW, signal
 
+from helpers import GREEDY_KW, signal
 from qwen_audio_edge.export.calibrate import CalibrationOptions, build_calibration
 from qwen_audio_edge.export.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize
 from qwen_audio_edge.kernels.w4_ref import dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows, w4_matmul_ref
@@ -113,8 +113,8 @@ def test_gptq_beats_rtn_and_matches_gptqmodel_on_every_layer(mha, pipelines, cfg
         ref = _gptqmodel_quantize(w, x, cfg)
         target = xh[key] @ w.T
 
-        def err(wq):
-            return float((xh[key] @ wq.T - target).norm() / target.norm())
+        def err(wq, x_held=xh[key], target=target):
+            return float((x_held @ wq.T - target).norm() / target.norm())
 
         report[key] = (err(ours), err(rtn), err(ref))
         assert err(ours) < err(rtn), f"{key}: GPTQ {err(ours):.4f} not below RTN {err(rtn):.4f}"
@@ -161,11 +161,12 @@ def test_w4_decoder_is_a_standard_gptq_checkpoint(w4):
     # 0.467, layer errors 0.131 / 0.283; margins ±0.1 on top-1 (≈ 165 positions), ±40% on KL and errors.
     ev = q["eval_vs_fp"]
     assert ev["samples"] == 4 and 0.51 < ev["top1_agreement"] < 0.72 and 0.28 < ev["mean_kl"] < 0.66
-    assert [_within(e, m, 0.4) for e, m in zip(ev["layer_rel_err"], (0.131, 0.283))] == [True, True], ev["layer_rel_err"]
+    assert [_within(e, m, 0.4) for e, m in zip(ev["layer_rel_err"], (0.131, 0.283), strict=True)] == [True, True], ev["layer_rel_err"]
 
 
 def test_transformers_optimum_gptqmodel_load_our_decoder(w4, pipelines):
-    from transformers import AutoModelForCausalLM, GPTQConfig as HFGPTQConfig
+    from transformers import AutoModelForCausalLM
+    from transformers import GPTQConfig as HFGPTQConfig
 
     from qwen_audio_edge.runtime.decoder import load_decoder
 
@@ -198,7 +199,7 @@ def test_w4_runtime_end_to_end_agreement_with_fp(w4, mha, pipelines):
     # 0.860, layer errors 0.167 / 0.319. Margins: top-1 ±4 of the 32 positions; KL and errors ±40%.
     assert 10 / 32 <= report["top1_agreement"] <= 18 / 32, report["top1_agreement"]
     assert _within(report["mean_kl"], 0.860, 0.4), report["mean_kl"]
-    assert [_within(e, m, 0.4) for e, m in zip(report["layer_rel_err"], (0.167, 0.319))] == [True, True], report["layer_rel_err"]
+    assert [_within(e, m, 0.4) for e, m in zip(report["layer_rel_err"], (0.167, 0.319), strict=True)] == [True, True], report["layer_rel_err"]
     r = b.p.run(files[0], "Hi", sampling=SamplingOptions(max_new_tokens=8, **GREEDY_KW))
     assert len(r.token_ids) == 8
 
@@ -323,7 +324,7 @@ def test_bad_flags_give_clear_errors(mha, tmp_path, kwargs, match):
 
 
 def test_group_size_must_divide_every_layer():
-    with pytest.raises(OptionsError, match="does not divide .*in_features 192"):
+    with pytest.raises(OptionsError, match=r"does not divide .*in_features 192"):
         GPTQConfig(group_size=128).check_layer("model.layers.0.mlp.down_proj", 192, 64)
     with pytest.raises(OptionsError, match="multiples of 8"):
         GPTQConfig(group_size=32).check_layer("x", 100, 64)
@@ -366,8 +367,8 @@ def test_calibration_directory_with_prompts_and_transcripts(mha, pipelines, tmp_
 @pytest.fixture(scope="module")
 def loud_audio(tmp_path_factory):
     """Projector outputs ~8x the scale of token embeddings (statistically unlike them, as in the real model)."""
-    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("loud")
     ckpt = build_tiny_checkpoint(root / "checkpoint", "mha", audio_embed_scale=8.0, seed=5)
@@ -406,8 +407,8 @@ def _score(decoder, pipeline, sample):
 
 
 def test_audio_aware_calibration_beats_text_only(loud_audio, tmp_path):
-    from qwen_audio_edge.export.checkpoint import SourceCheckpoint
     from qwen_audio_edge.evaluation.compare import layer_error_and_kl
+    from qwen_audio_edge.export.checkpoint import SourceCheckpoint
     from qwen_audio_edge.export.quantize import quantize_decoder
     from qwen_audio_edge.runtime.pipeline import Pipeline
 
@@ -426,7 +427,7 @@ def test_audio_aware_calibration_beats_text_only(loud_audio, tmp_path):
     for seed in (0, 1, 2):
         result = {}
         for mode in ("audio", "text"):
-            samples, summary = build_calibration(CalibrationOptions(num_samples=8, seed=seed, mode=mode), p.prompt, p.mel, p.encoder)
+            samples, _ = build_calibration(CalibrationOptions(num_samples=8, seed=seed, mode=mode), p.prompt, p.mel, p.encoder)
             state = tmp_path / f"{mode}-{seed}"
             quantize_decoder(src, p.decoder.args, samples, cfg, state, p.prompt.audio_token_id, progress=False)
             q = _w4_decoder(p.decoder, state)

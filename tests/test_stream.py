@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from itertools import pairwise
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import GREEDY, PROMPT, espeak, signal
 
+from helpers import GREEDY, PROMPT, espeak, signal
 from qwen_audio_edge.runtime.audio import IncrementalMel
 from qwen_audio_edge.runtime.stream import VadOptions
 
@@ -138,7 +139,7 @@ def test_vad_endpoint_is_timely_and_exact(mha, pipelines, speech):
     assert -0.094 < ev.speech_start_s - speech_start / 16000 < 0.006, ev.to_json()["stream"]
     assert 0.119 < ev.speech_end_s - speech_end / 16000 < 0.219, ev.to_json()["stream"]
     # Exact mode: the same answer as the offline pipeline on the utterance span (speech + padding).
-    span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    span = audio[round(ev.speech_start_s * 16000) : round(ev.speech_end_s * 16000)]
     assert ev.result.token_ids == p.run(span, PROMPT, sampling=GREEDY).token_ids
     assert session.end() is None  # nothing after the endpoint but silence
 
@@ -183,7 +184,7 @@ def test_speculative_prefill_is_exact_and_used(mha, pipelines, speech, speculate
     assert len(events) == 1
     ev = events[0]
     assert ev.result.timings["speculative"] is speculate
-    span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    span = audio[round(ev.speech_start_s * 16000) : round(ev.speech_end_s * 16000)]
     assert ev.result.token_ids == p.run(span, PROMPT, sampling=GREEDY).token_ids
 
 
@@ -205,12 +206,12 @@ def test_speech_resuming_discards_the_speculation(mha, pipelines, speech):
     assert (session.discarded, session.speculations) == (3, 4)
     ev = events[0]
     assert ev.speech_end_s - ev.speech_start_s > 2 * len(words) / 16000
-    span = stream_audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    span = stream_audio[round(ev.speech_start_s * 16000) : round(ev.speech_end_s * 16000)]
     assert ev.result.token_ids == p.run(span, PROMPT, sampling=GREEDY).token_ids
 
 
 def test_forced_endpoint_at_max_speech_duration(mha, pipelines, speech):
-    audio, s0, s1 = speech
+    audio, _, _ = speech
     p = pipelines(mha)
     session = p.stream(PROMPT, sampling=GREEDY, vad=VadOptions(max_speech_s=1.0))
     events = []
@@ -220,7 +221,7 @@ def test_forced_endpoint_at_max_speech_duration(mha, pipelines, speech):
     # 1 s twice, and each cut utterance starts exactly where the previous one was cut. Measured: 4 utterances.
     assert [e.forced for e in events] == [False, True, True, False], [(e.speech_start_s, e.speech_end_s) for e in events]
     assert all(e.speech_end_s - e.speech_start_s <= 1.0 + 1e-3 for e in events)
-    assert all(b.speech_start_s == a.speech_end_s for a, b in zip(events, events[1:]) if a.forced)
+    assert all(b.speech_start_s == a.speech_end_s for a, b in pairwise(events) if a.forced)
 
 
 def test_stream_cli_barge_in(mha, speech, tmp_path):

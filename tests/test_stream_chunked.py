@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from helpers import GREEDY, PROMPT, espeak, signal
 
+from helpers import GREEDY, PROMPT, espeak, signal
 from qwen_audio_edge.runtime.audio import IncrementalMel, num_audio_tokens
 from qwen_audio_edge.runtime.block_encoder import BlockInput
 from qwen_audio_edge.runtime.chunked import CLAMP_FLOOR, BlockStream, block_frames, causal_utterance
@@ -49,7 +49,7 @@ def test_block_stream_equals_batch_rule(mha, pipelines, seconds, chunk, ahead):
     early, tail = _stream_blocks(front, x, block, ahead)
     got = [b for b, _ in early] + tail
     assert len(got) == len(ref)
-    for k, (g, r) in enumerate(zip(got, ref)):
+    for k, (g, r) in enumerate(zip(got, ref, strict=True)):
         assert _same(g, r) and r.pos_offset == k * block // 2 and r.left == (0 if k == 0 else 2)
     # Blocks are handed out while the audio arrives: block k once its frames, its look-ahead and 2 more frames
     # are final (mel frames become final in aligned groups of 16), at most one feed (< 4000 samples) later.
@@ -74,7 +74,7 @@ def test_finished_blocks_are_final_under_louder_later_audio(mha, pipelines):
     both = np.concatenate([quiet, loud])
     ref_both = causal_utterance(front, both, block, 50)
     assert len(early_quiet) >= 2
-    for (b, _), r in zip(early_quiet, ref_both):
+    for (b, _), r in zip(early_quiet, ref_both, strict=False):  # the blocks final before the loud part
         assert _same(b, r)
     # …whereas the exact clamp (global max) moves: the quiet part's frames are clamped differently.
     exact_quiet, _ = front.log_mel(quiet)
@@ -212,7 +212,7 @@ def test_chunked_with_vad_and_speculation_equals_offline_chunked(mha, pipelines)
     assert len(events) == 1 and session.speculations >= 1
     ev = events[0]
     assert ev.result.timings["speculative"] is True
-    span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    span = audio[round(ev.speech_start_s * 16000) : round(ev.speech_end_s * 16000)]
     assert ev.result.token_ids == _offline_chunked_greedy(p, span, 1.28, GREEDY.max_new_tokens)
 
 
@@ -297,7 +297,7 @@ def test_measured_loss_table_matches_the_committed_results():
 
     res = json.loads((Path(__file__).resolve().parents[1] / "bench/results/cpu/fidelity_tiny_en.json").read_text())
     rows = res["rows"]
-    assert chunked.EXACT_WER == (rows["exact"]["wer_clean"], rows["exact"]["wer_noisy"])
+    assert (rows["exact"]["wer_clean"], rows["exact"]["wer_noisy"]) == chunked.EXACT_WER
     assert chunked.MEASURED_WER, "no measured setting"
     for (block, ahead), wer in chunked.MEASURED_WER.items():
         row = rows[f"causal-{block:g}+{ahead:g}"]
