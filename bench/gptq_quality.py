@@ -44,18 +44,25 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from qwen_audio_edge.export.calibrate import CalibrationOptions, build_calibration  # noqa: E402
-from qwen_audio_edge.export.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize  # noqa: E402
-from qwen_audio_edge.export.package import ExportOptions, export_checkpoint  # noqa: E402
-from qwen_audio_edge.export.synthetic_audio import speech_like_signal  # noqa: E402
-from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint  # noqa: E402
-from qwen_audio_edge.runtime.pipeline import Pipeline  # noqa: E402
+from qwen_audio_edge.export.calibrate import CalibrationOptions, build_calibration
+from qwen_audio_edge.export.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, rtn_quantize
+from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+from qwen_audio_edge.export.synthetic_audio import speech_like_signal
+from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
+from qwen_audio_edge.runtime.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 CONFIGS = {"g128-act-sym": GPTQConfig(), "g64-asym": GPTQConfig(group_size=64, act_order=False, sym=False)}
 PROMPT = "What does the person say?"
 
@@ -75,7 +82,7 @@ def layer_inputs(pipeline: Pipeline, samples) -> dict[str, torch.Tensor]:
     handles = []
     for i, layer in enumerate(d.model.layers):
         for path in LINEARS:
-            hook = lambda m, inp, out, key=f"{i}.{path}": store.setdefault(key, []).append(inp[0][0].detach().clone())  # noqa: E731
+            hook = lambda m, inp, out, key=f"{i}.{path}": store.setdefault(key, []).append(inp[0][0].detach().clone())
             handles.append(layer.get_submodule(path).register_forward_hook(hook))
     try:
         with torch.inference_mode():
@@ -94,13 +101,27 @@ def gptqmodel_quantize(weight: torch.Tensor, x: torch.Tensor, cfg: GPTQConfig) -
 
     lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     lin.weight.data = weight.clone()
-    qc = QuantizeConfig(bits=4, group_size=cfg.group_size, desc_act=cfg.act_order, sym=cfg.sym, damp_percent=cfg.damp,
-                        damp_auto_increment=0.0, act_group_aware=False)
+    qc = QuantizeConfig(
+        bits=4,
+        group_size=cfg.group_size,
+        desc_act=cfg.act_order,
+        sym=cfg.sym,
+        damp_percent=cfg.damp,
+        damp_auto_increment=0.0,
+        act_group_aware=False,
+    )
     g = GPTQ(lin, qc)
     g.quantizer.configure(perchannel=True)
     g.add_batch(x[None], None)
-    g.hf_quantize(blocksize=128, percdamp=cfg.damp, damp_auto_increment=0.0, group_size=cfg.group_size,
-                  actorder=cfg.act_order, static_groups=False, act_group_aware=False)
+    g.hf_quantize(
+        blocksize=128,
+        percdamp=cfg.damp,
+        damp_auto_increment=0.0,
+        group_size=cfg.group_size,
+        actorder=cfg.act_order,
+        static_groups=False,
+        act_group_aware=False,
+    )
     return lin.weight.data.float()
 
 
@@ -125,11 +146,25 @@ def per_linear(artifacts: Path) -> dict:
 
             ours, rtn = err(gptq_quantize(w, acc.h, cfg).dequantized), err(rtn_quantize(w, cfg).dequantized)
             ref = err(gptqmodel_quantize(w, x, cfg))
-            rows.append({"linear": key, "calibration_rows": x.shape[0], "in_features": w.shape[1],
-                         "ours": ours, "rtn": rtn, "gptqmodel": ref, "ours_over_gptqmodel": ours / ref})
+            rows.append(
+                {
+                    "linear": key,
+                    "calibration_rows": x.shape[0],
+                    "in_features": w.shape[1],
+                    "ours": ours,
+                    "rtn": rtn,
+                    "gptqmodel": ref,
+                    "ours_over_gptqmodel": ours / ref,
+                }
+            )
             print(f"{name:13s} {key:20s} ours {ours:.4f}  rtn {rtn:.4f}  gptqmodel {ref:.4f}", flush=True)
-        out[name] = {"group_size": cfg.group_size, "act_order": cfg.act_order, "sym": cfg.sym, "damp": cfg.damp,
-                     "rows": rows}
+        out[name] = {
+            "group_size": cfg.group_size,
+            "act_order": cfg.act_order,
+            "sym": cfg.sym,
+            "damp": cfg.damp,
+            "rows": rows,
+        }
     return {"calibration_prompts": 10, "heldout_prompts": 6, "configs": out}
 
 
@@ -144,8 +179,9 @@ def _w4_copy(fp_decoder, state_dir: Path):
         state = load_file(str(state_dir / f"layer-{i:05d}.safetensors"))
         for path in LINEARS:
             k = f"model.layers.{i}.{path}"
-            layer.get_submodule(path).weight.data = dequantize(state[f"{k}.qweight"], state[f"{k}.qzeros"],
-                                                               state[f"{k}.scales"], state[f"{k}.g_idx"]).T
+            layer.get_submodule(path).weight.data = dequantize(
+                state[f"{k}.qweight"], state[f"{k}.qzeros"], state[f"{k}.scales"], state[f"{k}.g_idx"]
+            ).T
     return d
 
 
@@ -168,7 +204,9 @@ def calibration_modes(root: Path) -> dict:
         with torch.inference_mode():
             outs, handles = _hook_layers(decoder.model.layers)
             try:
-                logits = decoder(_embed(p, decoder, sample), 0, decoder.setup_cache(len(sample.ids)), all_logits=True)[0]
+                logits = decoder(_embed(p, decoder, sample), 0, decoder.setup_cache(len(sample.ids)), all_logits=True)[
+                    0
+                ]
             finally:
                 for h in handles:
                     h.remove()
@@ -179,7 +217,9 @@ def calibration_modes(root: Path) -> dict:
     for seed in (0, 1, 2):
         row: dict = {"seed": seed}
         for mode in ("audio", "text"):
-            samples, _ = build_calibration(CalibrationOptions(num_samples=8, seed=seed, mode=mode), p.prompt, p.mel, p.encoder)
+            samples, _ = build_calibration(
+                CalibrationOptions(num_samples=8, seed=seed, mode=mode), p.prompt, p.mel, p.encoder
+            )
             state = root / f"calib-{mode}-{seed}"
             quantize_decoder(src, p.decoder.args, samples, GPTQConfig(), state, p.prompt.audio_token_id, progress=False)
             q = _w4_copy(p.decoder, state)
@@ -191,8 +231,13 @@ def calibration_modes(root: Path) -> dict:
             row[mode] = {"mean_layer_rel_err": sum(errs) / len(errs), "mean_kl": sum(kls) / len(kls)}
         print(f"seed {seed}: audio-aware {row['audio']} | text-only {row['text']}", flush=True)
         seeds.append(row)
-    return {"audio_embed_scale": 8.0, "audio_embedding_norm_over_token_norm": audio_norm / text_norm,
-            "calibration_prompts": 8, "heldout_audio_prompts": len(held), "seeds": seeds}
+    return {
+        "audio_embed_scale": 8.0,
+        "audio_embedding_norm_over_token_norm": audio_norm / text_norm,
+        "calibration_prompts": 8,
+        "heldout_audio_prompts": len(held),
+        "seeds": seeds,
+    }
 
 
 def int8_head(artifacts: Path) -> dict:
@@ -205,9 +250,12 @@ def int8_head(artifacts: Path) -> dict:
     with torch.inference_mode():
         a = p.decoder(p.decoder.embed(ids), 0, p.decoder.setup_cache(16), all_logits=True)[0].float()
         b = fp16_head(fp16_head.embed(ids), 0, fp16_head.setup_cache(16), all_logits=True)[0].float()
-    return {"head_class": type(p.decoder.lm_head).__name__, "positions": ids.shape[1],
-            "max_logit_diff_over_max_logit": float((a - b).abs().max() / b.abs().max()),
-            "argmax_equal": bool(torch.equal(a.argmax(-1), b.argmax(-1)))}
+    return {
+        "head_class": type(p.decoder.lm_head).__name__,
+        "positions": ids.shape[1],
+        "max_logit_diff_over_max_logit": float((a - b).abs().max() / b.abs().max()),
+        "argmax_equal": bool(torch.equal(a.argmax(-1), b.argmax(-1))),
+    }
 
 
 def transformers_load(artifacts: Path) -> dict:
@@ -218,8 +266,9 @@ def transformers_load(artifacts: Path) -> dict:
     from qwen_audio_edge.runtime.decoder import load_decoder
 
     dec = artifacts / "decoder"
-    ref = AutoModelForCausalLM.from_pretrained(str(dec), quantization_config=HFGPTQConfig(bits=4, backend="torch"),
-                                               dtype=torch.float32, device_map="cpu").eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(dec), quantization_config=HFGPTQConfig(bits=4, backend="torch"), dtype=torch.float32, device_map="cpu"
+    ).eval()
     ours = load_decoder(dec, torch.float32, "cpu")
     ids = torch.tensor([[3, 50, 100, 7, 250, 11, 42, 360, 1]])
     with torch.no_grad():
@@ -236,19 +285,30 @@ def end_to_end(fp_artifacts: Path, w4_artifacts: Path) -> dict:
     signals = [(3.1, 50), (7.7, 51)]
     waves = [speech_like_signal(secs, seed=seed) for secs, seed in signals]
     report = compare(OurModel(fp_artifacts), OurModel(w4_artifacts), waves, PROMPT, 16)
-    return {"signals": [{"seconds": s, "seed": seed} for s, seed in signals], "prompt": PROMPT, "new_tokens": 16,
-            "top1_agreement": report["top1_agreement"], "mean_kl": report["mean_kl"],
-            "layer_rel_err": report["layer_rel_err"]}
+    return {
+        "signals": [{"seconds": s, "seed": seed} for s, seed in signals],
+        "prompt": PROMPT,
+        "new_tokens": 16,
+        "top1_agreement": report["top1_agreement"],
+        "mean_kl": report["mean_kl"],
+        "layer_rel_err": report["layer_rel_err"],
+    }
 
 
 def environment() -> dict:
     import gptqmodel
     import transformers
 
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "gptqmodel": getattr(gptqmodel, "__version__", "unknown"), "threads": torch.get_num_threads(),
-            "date": datetime.date.today().isoformat()}
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gptqmodel": getattr(gptqmodel, "__version__", "unknown"),
+        "threads": torch.get_num_threads(),
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,12 +320,17 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         ckpt = build_tiny_checkpoint(root / "checkpoint", "mha")
         export_checkpoint(ckpt, root / "fp", ExportOptions(bits=32, progress=False))
-        export_checkpoint(ckpt, root / "w4", ExportOptions(bits=4, progress=False, lm_head="int8", threads=2,
-                                                           calibration=CalibrationOptions(num_samples=10)))
+        export_checkpoint(
+            ckpt,
+            root / "w4",
+            ExportOptions(
+                bits=4, progress=False, lm_head="int8", threads=2, calibration=CalibrationOptions(num_samples=10)
+            ),
+        )
         result = {
             "script": "python bench/gptq_quality.py",
             "fixture": "tiny random MHA Qwen2-Audio checkpoint (qwen_audio_edge.random_checkpoint, seed 0): "
-                       "decoder hidden 128, 2 layers",
+            "decoder hidden 128, 2 layers",
             "environment": environment(),
             "per_linear": per_linear(root / "fp"),
             "calibration": calibration_modes(root),

@@ -41,14 +41,24 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-SHAPES = {"qkvo_4096x4096": (4096, 4096), "gate_up_4096x11008": (4096, 11008), "down_11008x4096": (11008, 4096),
-          "qkv_fused_4096x12288": (4096, 12288), "gate_up_fused_4096x22016": (4096, 22016)}
-LAYER = (("qkv", 4096, 12288, True), ("o", 4096, 4096, False), ("gate_up", 4096, 22016, False), ("down", 11008, 4096, False))
+SHAPES = {
+    "qkvo_4096x4096": (4096, 4096),
+    "gate_up_4096x11008": (4096, 11008),
+    "down_11008x4096": (11008, 4096),
+    "qkv_fused_4096x12288": (4096, 12288),
+    "gate_up_fused_4096x22016": (4096, 22016),
+}
+LAYER = (
+    ("qkv", 4096, 12288, True),
+    ("o", 4096, 4096, False),
+    ("gate_up", 4096, 22016, False),
+    ("down", 11008, 4096, False),
+)
 # --preset tiny: the same kinds of shape at a size the Triton interpreter runs in well under a second per call
 # (K a multiple of the group size 128, N of 8 (GPTQ packing) and 16 (the CPU int4 op)).
 TINY_SHAPES = {"qkvo_256x256": (256, 256), "gate_up_256x512": (256, 512), "down_512x256": (512, 256)}
@@ -109,13 +119,14 @@ def copy_bandwidth(dev: torch.device, mib: int) -> float:
     return 2 * a.numel() / t / 1e9
 
 
-def _random_gptq(k: int, n: int, gen: torch.Generator, group: int = 128, act_order: bool = True,
-                 device: torch.device | str = "cpu"):
+def _random_gptq(
+    k: int, n: int, gen: torch.Generator, group: int = 128, act_order: bool = True, device: torch.device | str = "cpu"
+):
     """Random GPTQ tensors made directly on `device` (the kernels' speed does not depend on the values;
     quantizing a real 7B-sized matrix on the host would take most of a GPU session's minutes): random
     nibbles and zero points, scales ~0.01, and an act-order-like permuted g_idx."""
-    qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=gen).to(device)
-    qzeros = torch.randint(-2**31, 2**31 - 1, (k // group, n // 8), dtype=torch.int32, generator=gen).to(device)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=gen).to(device)
+    qzeros = torch.randint(-(2**31), 2**31 - 1, (k // group, n // 8), dtype=torch.int32, generator=gen).to(device)
     scales = (torch.rand(k // group, n, generator=gen) * 0.01 + 0.001).half().to(device)
     g_idx = (torch.arange(k) // group).int()
     if act_order:
@@ -144,7 +155,10 @@ def _tinygemm_cpu(qweight, copies: int):
     from qwen_audio_edge.kernels.w4_ref import unpack_rows
 
     k, n = qweight.shape[0] * 8, qweight.shape[1]
-    tq = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_rows(qweight).T.contiguous(), 1) for _ in range(copies)]
+    tq = [
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_rows(qweight).T.contiguous(), 1)
+        for _ in range(copies)
+    ]
     tsz = [torch.ones(k // 128, n, 2, dtype=torch.bfloat16) for _ in range(copies)]
     return lambda x, i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, tq[i], 128, tsz[i])
 
@@ -185,16 +199,28 @@ def environment(modules: tuple[str, ...] = ("numpy", "transformers", "onnxruntim
 
     def git(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", *args], check=False, cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip() or None
+            return (
+                subprocess.run(
+                    ["git", *args], check=False, cwd=repo, capture_output=True, text=True, timeout=10
+                ).stdout.strip()
+                or None
+            )
         except (OSError, subprocess.SubprocessError):
             return None
 
-    return {"command": shlex.join(["python", *sys.argv]), "machine": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": list(os.getloadavg()), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "versions": versions, "git_commit": git("rev-parse", "HEAD"),
-            # tracked files under src/ or bench/ that differ from that commit: the figures may not be its code's
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "src", "bench"))}
+    return {
+        "command": shlex.join(["python", *sys.argv]),
+        "machine": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": list(os.getloadavg()),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": versions,
+        "git_commit": git("rev-parse", "HEAD"),
+        # tracked files under src/ or bench/ that differ from that commit: the figures may not be its code's
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "src", "bench")),
+    }
 
 
 def write_json(path: str | Path, obj: dict) -> None:
@@ -207,8 +233,19 @@ def write_json(path: str | Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act: torch.dtype, rotate_bytes: int,
-                iters: int, gen: torch.Generator, triton_path: bool, strict: bool = False) -> Iterator[dict]:
+def bench_shape(
+    name: str,
+    k: int,
+    n: int,
+    ms: list[int],
+    dev: torch.device,
+    act: torch.dtype,
+    rotate_bytes: int,
+    iters: int,
+    gen: torch.Generator,
+    triton_path: bool,
+    strict: bool = False,
+) -> Iterator[dict]:
     """One row per M (yielded as soon as it is measured). `triton_path`: ours is the Triton kernel over
     rotating weight copies (CUDA; CPU under the interpreter), else the CPU int4 path (one copy). `strict`:
     a tinygemm failure is raised instead of reported."""
@@ -226,15 +263,21 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act
 
         copies = max(2, -(-rotate_bytes // w4_bytes))
         first = TritonW4Weight.build(qweight, qzeros, scales, g_idx)
-        ours = [first] + [TritonW4Weight.build(first.qweight.clone(), qzeros.clone(), scales.clone(),
-                                               torch.arange(k, device=dev, dtype=torch.int32) // 128)
-                          for _ in range(copies - 1)]  # copies of the repacked tensors (same bytes read)
+        ours = [first] + [
+            TritonW4Weight.build(
+                first.qweight.clone(),
+                qzeros.clone(),
+                scales.clone(),
+                torch.arange(k, device=dev, dtype=torch.int32) // 128,
+            )
+            for _ in range(copies - 1)
+        ]  # copies of the repacked tensors (same bytes read)
         for w in ours[1:]:
             w.perm, w._xcols = first.perm, first._xcols
         dense_copies = max(2, -(-rotate_bytes // (k * n * 2)))
     try:
         tiny = _tinygemm(qweight, dev, copies)
-    except Exception as e:  # noqa: BLE001 — report, do not abort the whole benchmark
+    except Exception as e:
         if strict:
             raise
         print(f"tinygemm setup failed on {name}: {e}", flush=True)
@@ -252,16 +295,26 @@ def bench_shape(name: str, k: int, n: int, ms: list[int], dev: torch.device, act
             if tiny is None:
                 raise RuntimeError("no tinygemm weights")
             t_tiny = seconds_per_call([lambda i=i: tiny(xb, i) for i in range(copies)], dev, iters)
-        except Exception as e:  # noqa: BLE001 — report, do not abort the whole benchmark
+        except Exception as e:
             if strict:
                 raise
             t_tiny = None
             print(f"tinygemm failed on {name} M={m}: {e}", flush=True)
-        row = {"shape": name, "k": k, "n": n, "m": m, "ours_ms": 1e3 * t_ours, "dense_ms": 1e3 * t_dense,
-               "tinygemm_ms": None if t_tiny is None else 1e3 * t_tiny, "w4_bytes": w4_bytes,
-               "ours_gbps": w4_bytes / t_ours / 1e9, "speedup_vs_dense": t_dense / t_ours,
-               "speedup_vs_tinygemm": None if t_tiny is None else t_tiny / t_ours, "max_rel_err": err,
-               "weight_copies": copies}
+        row = {
+            "shape": name,
+            "k": k,
+            "n": n,
+            "m": m,
+            "ours_ms": 1e3 * t_ours,
+            "dense_ms": 1e3 * t_dense,
+            "tinygemm_ms": None if t_tiny is None else 1e3 * t_tiny,
+            "w4_bytes": w4_bytes,
+            "ours_gbps": w4_bytes / t_ours / 1e9,
+            "speedup_vs_dense": t_dense / t_ours,
+            "speedup_vs_tinygemm": None if t_tiny is None else t_tiny / t_ours,
+            "max_rel_err": err,
+            "weight_copies": copies,
+        }
         if triton_path:
             row["configs"] = _chosen(k, n)
         print(json.dumps(row), flush=True)
@@ -283,11 +336,17 @@ def bench_cpu_dtypes(k: int, n: int, head: tuple[int, int], iters: int, gen: tor
         name = str(dt).removeprefix("torch.")
         sz = torch.ones(k // 128, n, 2, dtype=dt)
         x, xh = torch.randn(1, k, dtype=dt), torch.randn(1, hidden, dtype=dt)
-        s8, dense, dense_head = torch.rand(vocab, dtype=dt), torch.randn(n, k, dtype=dt), torch.randn(vocab, hidden, dtype=dt)
-        cases = [(f"int4pack_mm_for_cpu {k}x{n}", lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)),
-                 (f"dense matmul {k}x{n}", lambda: x @ dense.T),
-                 (f"int8pack_mm lm_head {vocab}x{hidden}", lambda: torch.ops.aten._weight_int8pack_mm(xh, w8, s8)),
-                 (f"dense matmul lm_head {vocab}x{hidden}", lambda: xh @ dense_head.T)]
+        s8, dense, dense_head = (
+            torch.rand(vocab, dtype=dt),
+            torch.randn(n, k, dtype=dt),
+            torch.randn(vocab, hidden, dtype=dt),
+        )
+        cases = [
+            (f"int4pack_mm_for_cpu {k}x{n}", lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)),
+            (f"dense matmul {k}x{n}", lambda: x @ dense.T),
+            (f"int8pack_mm lm_head {vocab}x{hidden}", lambda: torch.ops.aten._weight_int8pack_mm(xh, w8, s8)),
+            (f"dense matmul lm_head {vocab}x{hidden}", lambda: xh @ dense_head.T),
+        ]
         for op, fn in cases:
             try:
                 ms = 1e3 * cpu_seconds([fn], iters)
@@ -301,8 +360,9 @@ def bench_cpu_dtypes(k: int, n: int, head: tuple[int, int], iters: int, gen: tor
     return rows
 
 
-def bench_layer(layer: tuple, dev: torch.device, act: torch.dtype, rotate_bytes: int, iters: int,
-                gen: torch.Generator) -> dict:
+def bench_layer(
+    layer: tuple, dev: torch.device, act: torch.dtype, rotate_bytes: int, iters: int, gen: torch.Generator
+) -> dict:
     """One decoder layer's four W4 matmuls at M = 1, back to back, cold weights (the Triton path)."""
     from qwen_audio_edge.kernels.w4_triton import TritonW4Weight
 
@@ -329,9 +389,19 @@ def bench_layer(layer: tuple, dev: torch.device, act: torch.dtype, rotate_bytes:
     t_ours = seconds_per_call(calls_ours, dev, iters)
     t_tiny = seconds_per_call(calls_tiny, dev, iters)
     t_dense = seconds_per_call(calls_dense, dev, iters)
-    row = {"shape": "layer", "parts": [p[0] for p in parts], "m": 1, "ours_ms": 1e3 * t_ours, "tinygemm_ms": 1e3 * t_tiny,
-           "dense_ms": 1e3 * t_dense, "w4_bytes": layer_bytes, "ours_gbps": layer_bytes / t_ours / 1e9,
-           "speedup_vs_dense": t_dense / t_ours, "speedup_vs_tinygemm": t_tiny / t_ours, "weight_copies": copies}
+    row = {
+        "shape": "layer",
+        "parts": [p[0] for p in parts],
+        "m": 1,
+        "ours_ms": 1e3 * t_ours,
+        "tinygemm_ms": 1e3 * t_tiny,
+        "dense_ms": 1e3 * t_dense,
+        "w4_bytes": layer_bytes,
+        "ours_gbps": layer_bytes / t_ours / 1e9,
+        "speedup_vs_dense": t_dense / t_ours,
+        "speedup_vs_tinygemm": t_tiny / t_ours,
+        "weight_copies": copies,
+    }
     print(json.dumps(row), flush=True)
     return row
 
@@ -339,24 +409,44 @@ def bench_layer(layer: tuple, dev: torch.device, act: torch.dtype, rotate_bytes:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--preset", default="7b", choices=sorted(PRESETS),
-                    help="7b: the real layer shapes; tiny: small ones of the same kinds (a check of this script)")
-    ap.add_argument("--kernel", default="auto", choices=("auto", "triton", "cpu"),
-                    help="ours: auto = Triton on CUDA, the CPU int4 path on CPU; triton on CPU runs the Triton "
-                         "kernels under the interpreter (TRITON_INTERPRET=1; slow: with --preset tiny)")
+    ap.add_argument(
+        "--preset",
+        default="7b",
+        choices=sorted(PRESETS),
+        help="7b: the real layer shapes; tiny: small ones of the same kinds (a check of this script)",
+    )
+    ap.add_argument(
+        "--kernel",
+        default="auto",
+        choices=("auto", "triton", "cpu"),
+        help="ours: auto = Triton on CUDA, the CPU int4 path on CPU; triton on CPU runs the Triton "
+        "kernels under the interpreter (TRITON_INTERPRET=1; slow: with --preset tiny)",
+    )
     ap.add_argument("--ms", default="1,8,64")
-    ap.add_argument("--shapes", default=None,
-                    help="comma list of the preset's shapes (7b: " + ", ".join(SHAPES) + "; tiny: "
-                         + ", ".join(TINY_SHAPES) + "); 'all' for every one; default: the unfused ones")
+    ap.add_argument(
+        "--shapes",
+        default=None,
+        help="comma list of the preset's shapes (7b: "
+        + ", ".join(SHAPES)
+        + "; tiny: "
+        + ", ".join(TINY_SHAPES)
+        + "); 'all' for every one; default: the unfused ones",
+    )
     ap.add_argument("--iters", type=int, default=20, help="CPU timing iterations")
     ap.add_argument("--rotate-mib", type=int, default=0, help="weight copies cycled through on GPU (default 3× L2)")
     ap.add_argument("--no-layer", action="store_true", help="skip the whole-layer row (Triton path)")
-    ap.add_argument("--no-dtype-rows", action="store_true",
-                    help="CPU path: skip the rows timing torch's int4/int8 ops with bf16, fp16 and fp32 activations")
+    ap.add_argument(
+        "--no-dtype-rows",
+        action="store_true",
+        help="CPU path: skip the rows timing torch's int4/int8 ops with bf16, fp16 and fp32 activations",
+    )
     ap.add_argument("--peak-gbps", type=float, default=None)
-    ap.add_argument("--strict", action="store_true",
-                    help="fail on the errors a real run reports and works around (tinygemm, the layer row): "
-                         "gpu_check.sh --dry-run uses it, so that a slip cannot hide behind them")
+    ap.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on the errors a real run reports and works around (tinygemm, the layer row): "
+        "gpu_check.sh --dry-run uses it, so that a slip cannot hide behind them",
+    )
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -371,14 +461,27 @@ def main() -> int:
     act = torch.float16 if triton_path else torch.bfloat16  # the CPU int4 op computes in bf16
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size if dev.type == "cuda" else 0
     rotate = max(a.rotate_mib << 20, 3 * l2)
-    res = {"device": str(dev), "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-           "preset": a.preset, "kernel": "triton" if triton_path else "cpu",
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-           "activation_dtype": str(act), "peak_gbps": a.peak_gbps, "l2_bytes": l2, "rotate_bytes": rotate,
-           "timing": "CUDA graph of calls over rotating weight copies, CUDA events" if dev.type == "cuda" else
-                     "wall clock, median" + (" (Triton interpreter: a check of the code path, not a speed)" if triton_path else ""),
-           "copy_gbps": copy_bandwidth(dev, 1024 if dev.type == "cuda" else 16 if a.preset == "tiny" else 256),
-           "complete": False, "environment": environment(), "rows": []}
+    res = {
+        "device": str(dev),
+        "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "preset": a.preset,
+        "kernel": "triton" if triton_path else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "activation_dtype": str(act),
+        "peak_gbps": a.peak_gbps,
+        "l2_bytes": l2,
+        "rotate_bytes": rotate,
+        "timing": "CUDA graph of calls over rotating weight copies, CUDA events"
+        if dev.type == "cuda"
+        else "wall clock, median"
+        + (" (Triton interpreter: a check of the code path, not a speed)" if triton_path else ""),
+        "copy_gbps": copy_bandwidth(dev, 1024 if dev.type == "cuda" else 16 if a.preset == "tiny" else 256),
+        "complete": False,
+        "environment": environment(),
+        "rows": [],
+    }
     if triton_path:
         import triton
 
@@ -400,19 +503,23 @@ def main() -> int:
     save()
     for name in names:
         k, n = shapes[name]
-        for row in bench_shape(name, k, n, [int(m) for m in a.ms.split(",")], dev, act, rotate, a.iters, gen, triton_path, a.strict):
+        for row in bench_shape(
+            name, k, n, [int(m) for m in a.ms.split(",")], dev, act, rotate, a.iters, gen, triton_path, a.strict
+        ):
             res["rows"].append(row)
             save()
     if not triton_path and not a.no_dtype_rows:
         (k, n), head = ((4096, 4096), (32000, 1024)) if a.preset == "7b" else ((256, 256), (1024, 128))
-        res["dtype_rows_note"] = ("M = 1, wall-clock median: torch's CPU int4/int8 ops and the dense matmul with each "
-                                  "activation dtype (why kernels/w4_cpu.py and Int8Linear compute in bf16)")
+        res["dtype_rows_note"] = (
+            "M = 1, wall-clock median: torch's CPU int4/int8 ops and the dense matmul with each "
+            "activation dtype (why kernels/w4_cpu.py and Int8Linear compute in bf16)"
+        )
         res["dtype_rows"] = bench_cpu_dtypes(k, n, head, a.iters, gen)
         save()
     if triton_path and not a.no_layer:
         try:
             res["rows"].append(bench_layer(layer, dev, act, rotate, a.iters, gen))
-        except Exception as e:  # noqa: BLE001 — the per-shape rows are already saved
+        except Exception as e:
             if a.strict:
                 raise
             res["layer_error"] = f"{type(e).__name__}: {e}"

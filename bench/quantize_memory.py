@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import environment, write_json  # noqa: E402  (bench/kernel_bench.py)
+from kernel_bench import environment, write_json
 
 CHILD = r"""
 import json, sys, time
@@ -56,26 +56,47 @@ def main() -> None:
 
     shapes = {
         "tiny": TinyShape(name="tiny"),
-        "mid": TinyShape(name="mid", hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
-                         num_key_value_heads=8, vocab_size=8192),
+        "mid": TinyShape(
+            name="mid",
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=8192,
+        ),
     }
     names = a.models.split(",")
     if unknown := [n for n in names if n not in shapes]:
         ap.error(f"--models: unknown {unknown}; choose from {list(shapes)}")
-    results = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
-               "num_samples": a.num_samples, "date": time.strftime("%Y-%m-%d"),
-               "environment": environment(("numpy", "transformers", "onnxruntime", "onnx")),
-               "measured": "peak RSS (VmHWM) of one `export --bits 4` per checkpoint, in its own process, minus its RSS "
-                           "after the imports; export_s its wall time", "models": {}}
+    results = {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "python": platform.python_version(),
+        "num_samples": a.num_samples,
+        "date": time.strftime("%Y-%m-%d"),
+        "environment": environment(("numpy", "transformers", "onnxruntime", "onnx")),
+        "measured": "peak RSS (VmHWM) of one `export --bits 4` per checkpoint, in its own process, minus its RSS "
+        "after the imports; export_s its wall time",
+        "models": {},
+    }
     for name, shape in ((n, shapes[n]) for n in names):
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = build_tiny_checkpoint(Path(tmp) / "ckpt", shape, max_shard_size="50MB")
             n_params = sum(p.stat().st_size for p in ckpt.glob("*.safetensors")) / 4
-            r = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), str(Path(tmp) / "art"), str(a.num_samples)],
-                               capture_output=True, text=True, check=True)
+            r = subprocess.run(
+                [sys.executable, "-c", CHILD, str(ckpt), str(Path(tmp) / "art"), str(a.num_samples)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             row = json.loads(r.stdout.strip().splitlines()[-1])
-            row.update(hidden=shape.hidden_size, layers=shape.num_hidden_layers, intermediate=shape.intermediate_size,
-                       vocab=shape.vocab_size, checkpoint_params=int(n_params))
+            row.update(
+                hidden=shape.hidden_size,
+                layers=shape.num_hidden_layers,
+                intermediate=shape.intermediate_size,
+                vocab=shape.vocab_size,
+                checkpoint_params=int(n_params),
+            )
             results["models"][name] = row
             print(name, json.dumps(row))
     results["load_average_at_end"] = list(os.getloadavg())

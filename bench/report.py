@@ -30,9 +30,9 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -59,7 +59,7 @@ class Results:
 
     root: Path = RESULTS
 
-    def load(self, rel: str) -> "Doc":
+    def load(self, rel: str) -> Doc:
         path = self.root / rel
         if not path.is_file():
             raise ReportError(f"bench/results/{rel} is missing: run the script that writes it (docs/measurements.md)")
@@ -68,7 +68,7 @@ class Results:
         except json.JSONDecodeError as e:
             raise ReportError(f"bench/results/{rel} is not valid JSON: {e}") from None
 
-    def glob(self, pattern: str) -> list["Doc"]:
+    def glob(self, pattern: str) -> list[Doc]:
         docs = [self.load(str(p.relative_to(self.root))) for p in sorted(self.root.glob(pattern))]
         if not docs:
             raise ReportError(f"no result files match bench/results/{pattern}")
@@ -86,7 +86,7 @@ class Doc:
         """`a.b.0.c` in the file (or in `obj`, a part of it; a tuple of keys for names holding dots, such as
         `causal-2+0.5`); a missing key names the file and the path."""
         cur = self.data if obj is None else obj
-        for part in (path if isinstance(path, tuple) else path.split(".")):
+        for part in path if isinstance(path, tuple) else path.split("."):
             try:
                 cur = cur[int(part)] if isinstance(cur, list) else cur[part]
             except (KeyError, IndexError, ValueError, TypeError):
@@ -110,13 +110,18 @@ class Doc:
         cores = env.get("cpu_count")
         threads = env.get("torch_threads") or self.opt("threads")
         torch = (env.get("versions") or {}).get("torch") or self.opt("torch")
-        parts = [what + (f", {cores} cores" if cores else ""), f"{threads} threads" if threads else None,
-                 f"torch {torch}" if torch else None]
+        parts = [
+            what + (f", {cores} cores" if cores else ""),
+            f"{threads} threads" if threads else None,
+            f"torch {torch}" if torch else None,
+        ]
         return "; ".join(p for p in parts if p)
 
     def source(self, command: str, baseline: str | None = None) -> str:
         """The line under each table: file (date), machine, command (the file's own record wins), baseline."""
-        date = self.opt("environment.started") or self.opt("date") or self.opt("environment.date") or "date not recorded"
+        date = (
+            self.opt("environment.started") or self.opt("date") or self.opt("environment.date") or "date not recorded"
+        )
         cmd = self.opt("environment.command") or command
         load = self.opt("environment.load_average_at_start") or self.opt("load_average_at_start")
         line = f"Source: `bench/results/{self.rel}` ({str(date)[:10]}), `{cmd}`. Machine: {self.machine()}"
@@ -133,8 +138,9 @@ def table(header: list[str], rows: list[list[str]], drop_empty: bool = False) ->
     if drop_empty:
         keep = [i for i in range(len(header)) if any(r[i] != "–" for r in rows)]
         header, rows = [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] +
-                     ["| " + " | ".join(r) + " |" for r in rows])
+    return "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    )
 
 
 def ms(x: float | None) -> str:
@@ -160,7 +166,9 @@ def secs(x: float) -> str:
 def _kernel_shape(d: Doc, row: dict) -> str:
     """`qkvo_4096x4096` → `qkvo 4096×4096`; a row without K×N (a whole layer's matmuls) keeps its name and parts."""
     if "k" not in row:
-        return f"{d.get('shape', row)} ({' + '.join(row.get('parts', []))})" if row.get("parts") else d.get("shape", row)
+        return (
+            f"{d.get('shape', row)} ({' + '.join(row.get('parts', []))})" if row.get("parts") else d.get("shape", row)
+        )
     return f"{d.get('shape', row).rsplit('_', 1)[0]} {d.get('k', row)}×{d.get('n', row)}"
 
 
@@ -169,8 +177,9 @@ def _dtype_table(d: Doc) -> str:
     by_op: dict[str, dict[str, str]] = {}
     for row in d.get("dtype_rows"):
         value = d.get("ms", row)
-        by_op.setdefault(d.get("op", row), {})[d.get("activation_dtype", row)] = \
+        by_op.setdefault(d.get("op", row), {})[d.get("activation_dtype", row)] = (
             ms(value) if value is not None else f"fails ({row.get('error', 'no error recorded')})"
+        )
     dtypes = list(dict.fromkeys(dt for cells in by_op.values() for dt in cells))
     rows = [[op, *[cells.get(dt, "–") for dt in dtypes]] for op, cells in by_op.items()]
     return table(["op, M = 1", *[f"{dt} ms" for dt in dtypes]], rows)
@@ -181,21 +190,45 @@ def kernels_cpu(r: Results) -> str:
     d = r.load("cpu/kernels.json")
     rows = []
     for row in d.get("rows"):
-        o = lambda k: row.get(k)  # noqa: E731  (a whole-layer row has no dense matmul)
+        o = lambda k: row.get(k)
         err = row.get("max_rel_err")
-        rows.append([_kernel_shape(d, row), str(d.get("m", row)), ms(d.get("ours_ms", row)), ms(o("dense_ms")),
-                     ms(o("tinygemm_ms")), times(o("speedup_vs_dense")), times(o("speedup_vs_tinygemm")),
-                     "–" if err is None else f"{err:.1e}"])
+        rows.append(
+            [
+                _kernel_shape(d, row),
+                str(d.get("m", row)),
+                ms(d.get("ours_ms", row)),
+                ms(o("dense_ms")),
+                ms(o("tinygemm_ms")),
+                times(o("speedup_vs_dense")),
+                times(o("speedup_vs_tinygemm")),
+                "–" if err is None else f"{err:.1e}",
+            ]
+        )
     act = str(d.get("activation_dtype")).replace("torch.", "")
-    out = [table(["layer shape (K×N)", "M (rows)", "ours ms", f"dense {act} ms", "torch int4 op ms", "÷ dense time",
-                  "÷ int4 op time", "max error ÷ largest reference value"], rows), "",
-           f"Times are {d.get('timing')}; “÷ dense time” above 1× means ours is faster. {act} activations. "
-           + d.source("python bench/kernel_bench.py --device cpu --out bench/results/cpu/kernels.json",
-                      f"the dense {act} matmul on the dequantized weight, and torch's own CPU int4 op "
-                      "(`_weight_int4pack_mm_for_cpu`) on the same packed weight; error vs the fp32 reference dequant-matmul")]
+    out = [
+        table(
+            [
+                "layer shape (K×N)",
+                "M (rows)",
+                "ours ms",
+                f"dense {act} ms",
+                "torch int4 op ms",
+                "÷ dense time",
+                "÷ int4 op time",
+                "max error ÷ largest reference value",
+            ],
+            rows,
+        ),
+        "",
+        f"Times are {d.get('timing')}; “÷ dense time” above 1× means ours is faster. {act} activations. "
+        + d.source(
+            "python bench/kernel_bench.py --device cpu --out bench/results/cpu/kernels.json",
+            f"the dense {act} matmul on the dequantized weight, and torch's own CPU int4 op "
+            "(`_weight_int4pack_mm_for_cpu`) on the same packed weight; error vs the fp32 reference dequant-matmul",
+        ),
+    ]
     if "dtype_rows" in d.data:
-        out += ["", f"**By activation dtype**, same run: {d.opt('dtype_rows_note', 'M = 1')}.", "",
-                _dtype_table(d)]
+        out += ["", f"**By activation dtype**, same run: {d.opt('dtype_rows_note', 'M = 1')}.", "", _dtype_table(d)]
     return "\n".join(out)
 
 
@@ -214,28 +247,54 @@ def decode_cpu(r: Results) -> str:
     cfg = d.get("config")
     rows = []
     for label, run in runs.items():
-        o = lambda k, default="–": d.opt(k, default, run)  # noqa: E731
+        o = lambda k, default="–": d.opt(k, default, run)
         tok_s = d.get(f"runs.{label}.decode_tok_s")
-        spread = (f" ({o('decode_tok_s_min'):.1f}–{o('decode_tok_s_max'):.1f})" if "decode_tok_s_min" in run else "")
+        spread = f" ({o('decode_tok_s_min'):.1f}–{o('decode_tok_s_max'):.1f})" if "decode_tok_s_min" in run else ""
         engine = o("engine", "transformers" if label.startswith("transformers") else "qwen-audio-edge")
         dtypes = o("activation_dtype") + (f" / {run['w4_matmul_dtype']}" if run.get("w4_matmul_dtype") else "")
         fused = {True: "yes", False: "no"}.get(run.get("fused"), "–")
         ratios = [times(tok_s / d.get(f"runs.{ref}.decode_tok_s")) if engine != "transformers" else "–" for ref in refs]
         rows.append([f"`{label}`", engine, o("weights"), dtypes, o("lm_head"), fused, f"{tok_s:.1f}{spread}", *ratios])
-    header = ["run", "engine", "weights", "activations / W4 matmul dtype", "lm_head", "q/k/v, gate/up fused",
-              "tok/s median (min–max)", *[f"× `{ref}`" for ref in refs]]
+    header = [
+        "run",
+        "engine",
+        "weights",
+        "activations / W4 matmul dtype",
+        "lm_head",
+        "q/k/v, gate/up fused",
+        "tok/s median (min–max)",
+        *[f"× `{ref}`" for ref in refs],
+    ]
     out = [table(header, rows, drop_empty=True), ""]
     checks = d.opt("checks", {})
     if checks:
-        out += [table(["check before timing", "compared", "greedy tokens agreeing"],
-                      [[f"`{name}`", d.get("compared", c), f"{d.get('common_prefix', c)} of {d.get('tokens_compared', c)}"
-                        + (" (required equal)" if c.get("required") else "")] for name, c in checks.items()]), ""]
-    model = (f"random Qwen2 decoder, hidden {d.get('hidden_size', cfg)}, {d.get('num_hidden_layers', cfg)} layers, "
-             f"intermediate {d.get('intermediate_size', cfg)}, vocab {d.get('vocab_size', cfg)}")
-    out.append(f"Model: {model}. {d.get('prompt_tokens')}-token prompt, {d.get('new_tokens')} new tokens, greedy. "
-               + d.source("python bench/decode.py --preset cpu-mid --out bench/results/cpu/decode_cpu_mid.json",
-                          " and ".join(f"`{ref}`" for ref in refs) + " (`generate()`, same process; our W4 "
-                          f"weights: {d.get('w4_weights')})"))
+        out += [
+            table(
+                ["check before timing", "compared", "greedy tokens agreeing"],
+                [
+                    [
+                        f"`{name}`",
+                        d.get("compared", c),
+                        f"{d.get('common_prefix', c)} of {d.get('tokens_compared', c)}"
+                        + (" (required equal)" if c.get("required") else ""),
+                    ]
+                    for name, c in checks.items()
+                ],
+            ),
+            "",
+        ]
+    model = (
+        f"random Qwen2 decoder, hidden {d.get('hidden_size', cfg)}, {d.get('num_hidden_layers', cfg)} layers, "
+        f"intermediate {d.get('intermediate_size', cfg)}, vocab {d.get('vocab_size', cfg)}"
+    )
+    out.append(
+        f"Model: {model}. {d.get('prompt_tokens')}-token prompt, {d.get('new_tokens')} new tokens, greedy. "
+        + d.source(
+            "python bench/decode.py --preset cpu-mid --out bench/results/cpu/decode_cpu_mid.json",
+            " and ".join(f"`{ref}`" for ref in refs) + " (`generate()`, same process; our W4 "
+            f"weights: {d.get('w4_weights')})",
+        )
+    )
     return "\n".join(out)
 
 
@@ -248,8 +307,10 @@ def _stream_chunked_rule(d: Doc) -> str | None:
 
 def _ptt_command(ptt: Doc) -> str:
     """The push-to-talk run's command, for files that do not record theirs."""
-    return (f"python bench/stream.py --preset mid --ptt-only --chunk-seconds {ptt.get('chunk_seconds'):g} "
-            f"--lookahead-seconds {ptt.get('lookahead_seconds'):g} --out bench/results/cpu/stream_mid_ptt")
+    return (
+        f"python bench/stream.py --preset mid --ptt-only --chunk-seconds {ptt.get('chunk_seconds'):g} "
+        f"--lookahead-seconds {ptt.get('lookahead_seconds'):g} --out bench/results/cpu/stream_mid_ptt"
+    )
 
 
 # Stream result keys that bench/stream.py renamed: the current name first, then the older files' name.
@@ -284,27 +345,68 @@ def _realtime_table(d: Doc, rule: str | None) -> str:
         for mode in [m for m in ("exact", "chunked", "exact-nospec") if m in row and (rule or m != "chunked")]:
             m = row[mode]
             label = {"chunked": f"chunked ({rule})", "exact-nospec": "exact, no speculation"}.get(mode, mode)
-            rows.append([secs(d.get("seconds", row)), label, _with_spread(d, m, "end_of_speech_to_first_token_ms"),
-                         ms(d.get("vad_decision_wait_ms", m)), ms(d.get("beyond_vad_wait_ms", m)),
-                         ms(m.get("endpoint_decision_to_first_token_ms")), f"{_pick(d, m, 'lag'):.2f}"])
-    return table(["utterance", "mode", "end of speech → first token ms (min–max)", "of which the VAD's own wait ms",
-                  "compute beyond the wait ms", "of which endpoint decision → first token ms", "lag behind real time s"],
-                 rows, drop_empty=True)
+            rows.append(
+                [
+                    secs(d.get("seconds", row)),
+                    label,
+                    _with_spread(d, m, "end_of_speech_to_first_token_ms"),
+                    ms(d.get("vad_decision_wait_ms", m)),
+                    ms(d.get("beyond_vad_wait_ms", m)),
+                    ms(m.get("endpoint_decision_to_first_token_ms")),
+                    f"{_pick(d, m, 'lag'):.2f}",
+                ]
+            )
+    return table(
+        [
+            "utterance",
+            "mode",
+            "end of speech → first token ms (min–max)",
+            "of which the VAD's own wait ms",
+            "compute beyond the wait ms",
+            "of which endpoint decision → first token ms",
+            "lag behind real time s",
+        ],
+        rows,
+        drop_empty=True,
+    )
 
 
 def _component_table(d: Doc, rule: str | None) -> str:
     rows = []
     for row in d.get("rows"):
-        g = lambda k: d.get(k, row)  # noqa: E731
+        g = lambda k: d.get(k, row)
         run, hf = g("offline_run_ttft_ms"), g("transformers_offline_ttft_ms")
         same = {True: "yes", False: "**no**"}.get(row.get("first_token_equal"), "–")
-        rows.append([secs(g("seconds")), ms(_pick(d, row, "exact_spec")), ms(_pick(d, row, "exact_nospec")),
-                     ms(_pick(d, row, "chunked_spec")) if rule else "–", ms(g("push_to_talk_exact_ttft_ms")),
-                     ms(g("push_to_talk_chunked_ttft_ms")) if rule else "–", ms(run), ms(hf), times(run / hf), same])
-    return table(["utterance", "endpoint decision → first token ms, exact", "same, no speculation",
-                  "same, chunked", "push-to-talk end() → first token ms, exact stream", "same, chunked stream",
-                  "offline `run` TTFT ms", "transformers offline TTFT ms", "`run` ÷ transformers", "same first token"],
-                 rows, drop_empty=True)
+        rows.append(
+            [
+                secs(g("seconds")),
+                ms(_pick(d, row, "exact_spec")),
+                ms(_pick(d, row, "exact_nospec")),
+                ms(_pick(d, row, "chunked_spec")) if rule else "–",
+                ms(g("push_to_talk_exact_ttft_ms")),
+                ms(g("push_to_talk_chunked_ttft_ms")) if rule else "–",
+                ms(run),
+                ms(hf),
+                times(run / hf),
+                same,
+            ]
+        )
+    return table(
+        [
+            "utterance",
+            "endpoint decision → first token ms, exact",
+            "same, no speculation",
+            "same, chunked",
+            "push-to-talk end() → first token ms, exact stream",
+            "same, chunked stream",
+            "offline `run` TTFT ms",
+            "transformers offline TTFT ms",
+            "`run` ÷ transformers",
+            "same first token",
+        ],
+        rows,
+        drop_empty=True,
+    )
 
 
 def stream_latency(r: Results) -> str:
@@ -313,33 +415,62 @@ def stream_latency(r: Results) -> str:
     rule = _stream_chunked_rule(full)
     repeats = full.opt("repeats")
     model = full.opt("model", "a random checkpoint (export settings not recorded)")
-    out = [f"Model: {model}; `bench/stream.py --preset {full.get('preset')}` shape; espeak-ng speech repeated to length"
-           + (f"; medians of {repeats}" if repeats else "") + ".", "",
-           "**End of speech → first token, audio arriving at real-time pace** (VAD on, 100 ms chunks, speculative "
-           "encode + prefill in the endpointing silence): what a user waits for.", "",
-           _realtime_table(full, rule), ""]
+    out = [
+        f"Model: {model}; `bench/stream.py --preset {full.get('preset')}` shape; espeak-ng speech repeated to length"
+        + (f"; medians of {repeats}" if repeats else "")
+        + ".",
+        "",
+        "**End of speech → first token, audio arriving at real-time pace** (VAD on, 100 ms chunks, speculative "
+        "encode + prefill in the endpointing silence): what a user waits for.",
+        "",
+        _realtime_table(full, rule),
+        "",
+    ]
     if not rule:
-        out += ["(This file's chunked rows measured the first chunked rule, since replaced by the block-causal rule: "
-                "they are not shown.)", ""]
-    out += ["**Components, and offline against transformers** (audio fed as fast as possible). “Endpoint decision → "
-            "first token” starts after the VAD has decided, when speculation has already encoded and prefilled the "
-            "utterance: a component of the wait above, not the wait. `run` ÷ transformers is our offline `run` "
-            "time-to-first-token ÷ transformers' offline pipeline's: above 1× ours is **slower**.", "",
-            _component_table(full, rule), "",
-            full.source("python bench/stream.py --preset mid --out bench/results/cpu/stream_mid",
-                        "transformers' offline pipeline (processor + `generate()` of one token) on the same audio, "
-                        "checkpoint and process; our offline `run`"), ""]
+        out += [
+            "(This file's chunked rows measured the first chunked rule, since replaced by the block-causal rule: "
+            "they are not shown.)",
+            "",
+        ]
+    out += [
+        "**Components, and offline against transformers** (audio fed as fast as possible). “Endpoint decision → "
+        "first token” starts after the VAD has decided, when speculation has already encoded and prefilled the "
+        "utterance: a component of the wait above, not the wait. `run` ÷ transformers is our offline `run` "
+        "time-to-first-token ÷ transformers' offline pipeline's: above 1× ours is **slower**.",
+        "",
+        _component_table(full, rule),
+        "",
+        full.source(
+            "python bench/stream.py --preset mid --out bench/results/cpu/stream_mid",
+            "transformers' offline pipeline (processor + `generate()` of one token) on the same audio, "
+            "checkpoint and process; our offline `run`",
+        ),
+        "",
+    ]
     rule = _stream_chunked_rule(ptt)
     if rule is None:
-        raise ReportError(f"bench/results/{ptt.rel}: no 'lookahead_seconds': the push-to-talk table needs the block-causal rule")
-    rows = [[secs(ptt.get("seconds", row)), ms(ptt.get("push_to_talk_chunked_ttft_ms", row)),
-             ms(ptt.get("push_to_talk_exact_ttft_ms", row)), ms(ptt.get("offline_run_ttft_ms", row))] for row in ptt.get("rows")]
+        raise ReportError(
+            f"bench/results/{ptt.rel}: no 'lookahead_seconds': the push-to-talk table needs the block-causal rule"
+        )
+    rows = [
+        [
+            secs(ptt.get("seconds", row)),
+            ms(ptt.get("push_to_talk_chunked_ttft_ms", row)),
+            ms(ptt.get("push_to_talk_exact_ttft_ms", row)),
+            ms(ptt.get("offline_run_ttft_ms", row)),
+        ]
+        for row in ptt.get("rows")
+    ]
     flat = ptt.get("chunked_flatness_30s_over_5s")
-    out += [f"**Push-to-talk end() → first token, chunked mode ({rule})** against the exact stream and offline `run`:", "",
-            table(["utterance", "chunked stream ms", "exact stream ms", "offline `run` TTFT ms"], rows), "",
-            f"Chunked, 30 s ÷ 5 s utterance: {flat:.2f} (target ≤ {FLATNESS_TARGET}: "
-            f"{'met' if flat <= FLATNESS_TARGET else 'not met'}). "
-            + ptt.source(_ptt_command(ptt), "the exact stream and offline `run` on the same utterances, same process")]
+    out += [
+        f"**Push-to-talk end() → first token, chunked mode ({rule})** against the exact stream and offline `run`:",
+        "",
+        table(["utterance", "chunked stream ms", "exact stream ms", "offline `run` TTFT ms"], rows),
+        "",
+        f"Chunked, 30 s ÷ 5 s utterance: {flat:.2f} (target ≤ {FLATNESS_TARGET}: "
+        f"{'met' if flat <= FLATNESS_TARGET else 'not met'}). "
+        + ptt.source(_ptt_command(ptt), "the exact stream and offline `run` on the same utterances, same process"),
+    ]
     return "\n".join(out)
 
 
@@ -348,19 +479,44 @@ def quantize_memory(r: Results) -> str:
     d = r.load("cpu/quantize_memory.json")
     rows = []
     for name, m in d.get("models").items():
-        g = lambda k: d.get(k, m)  # noqa: E731
-        rows.append([name, f"{g('hidden')} / {g('layers')} / {g('vocab')}", f"{g('checkpoint_params') / 1e6:.2f} M",
-                     f"{g('baseline_rss_mib'):,.0f}", f"{g('peak_rss_mib'):,.0f}", f"+{g('export_peak_minus_baseline_mib'):,.0f}",
-                     f"{g('export_s'):.1f}", f"{g('eval_vs_fp.top1_agreement'):.2f} / {g('eval_vs_fp.mean_kl'):.2f}"])
+        g = lambda k: d.get(k, m)
+        rows.append(
+            [
+                name,
+                f"{g('hidden')} / {g('layers')} / {g('vocab')}",
+                f"{g('checkpoint_params') / 1e6:.2f} M",
+                f"{g('baseline_rss_mib'):,.0f}",
+                f"{g('peak_rss_mib'):,.0f}",
+                f"+{g('export_peak_minus_baseline_mib'):,.0f}",
+                f"{g('export_s'):.1f}",
+                f"{g('eval_vs_fp.top1_agreement'):.2f} / {g('eval_vs_fp.mean_kl'):.2f}",
+            ]
+        )
     tokens = {d.get("calibration_tokens", m) for m in d.get("models").values()}
-    return "\n".join([
-        table(["checkpoint", "hidden / layers / vocab", "parameters", "RSS after imports MiB", "peak RSS MiB",
-               "export's own MiB", "export s", "W4 vs fp on calibration prompts: top-1 / KL"], rows), "",
-        f"{d.get('num_samples')} built-in calibration prompts ({', '.join(f'{t:,}' for t in sorted(tokens))} tokens), "
-        "each export in its own process (peak = VmHWM after the imports). "
-        + d.source("python bench/quantize_memory.py --out bench/results/cpu/quantize_memory.json",
-                   "the same process's RSS after its imports"),
-    ])
+    return "\n".join(
+        [
+            table(
+                [
+                    "checkpoint",
+                    "hidden / layers / vocab",
+                    "parameters",
+                    "RSS after imports MiB",
+                    "peak RSS MiB",
+                    "export's own MiB",
+                    "export s",
+                    "W4 vs fp on calibration prompts: top-1 / KL",
+                ],
+                rows,
+            ),
+            "",
+            f"{d.get('num_samples')} built-in calibration prompts ({', '.join(f'{t:,}' for t in sorted(tokens))} tokens), "
+            "each export in its own process (peak = VmHWM after the imports). "
+            + d.source(
+                "python bench/quantize_memory.py --out bench/results/cpu/quantize_memory.json",
+                "the same process's RSS after its imports",
+            ),
+        ]
+    )
 
 
 def compile_check(r: Results) -> str:
@@ -369,25 +525,52 @@ def compile_check(r: Results) -> str:
     rows = []
     for d in docs:
         s = d.get("summary")
-        g = lambda k: d.get(k, s)  # noqa: E731
+        g = lambda k: d.get(k, s)
         target = f"sm_{d.get('target.arch')} ({d.get('target.gpus')})"
         counts = [str(g(key)) for key in ("failed", "excluded", "spills", "spills_fp32")]
-        rows.append([d.get("triton"), target, f"{g('compiled')} of {g('binaries')}", *counts,
-                     f"{g('max_shared_picked') / 1024:.0f} KiB", str(g("max_regs_picked"))])
+        rows.append(
+            [
+                d.get("triton"),
+                target,
+                f"{g('compiled')} of {g('binaries')}",
+                *counts,
+                f"{g('max_shared_picked') / 1024:.0f} KiB",
+                str(g("max_regs_picked")),
+            ]
+        )
     versions = sorted({f"triton {d.get('triton')} with torch {d.get('torch')}" for d in docs})
-    return "\n".join([
-        table(["triton", "target", "binaries compiled", "failed (tuner may pick)", "left out by the tuner on this target",
-               "spills fp16/bf16", "spills fp32 (correctness mode)", "max shared memory picked", "max registers picked"],
-              rows), "",
-        "Offline compilation with Triton's own compiler on a machine without a GPU: resource usage, not timings. "
-        f"Source: `bench/results/compile/triton-*/sm_*.json`, `python bench/compile_check.py --out bench/results/compile` "
-        f"({'; '.join(versions)}). Baseline: none (each target's limits in `kernels/w4_triton.py` `GPU_LIMITS`).",
-    ])
+    return "\n".join(
+        [
+            table(
+                [
+                    "triton",
+                    "target",
+                    "binaries compiled",
+                    "failed (tuner may pick)",
+                    "left out by the tuner on this target",
+                    "spills fp16/bf16",
+                    "spills fp32 (correctness mode)",
+                    "max shared memory picked",
+                    "max registers picked",
+                ],
+                rows,
+            ),
+            "",
+            "Offline compilation with Triton's own compiler on a machine without a GPU: resource usage, not timings. "
+            f"Source: `bench/results/compile/triton-*/sm_*.json`, `python bench/compile_check.py --out bench/results/compile` "
+            f"({'; '.join(versions)}). Baseline: none (each target's limits in `kernels/w4_triton.py` `GPU_LIMITS`).",
+        ]
+    )
 
 
 # --- encoder fidelity on trained weights (bench/fidelity.py, bench/fidelity_onnx.py) --------------------
-FIDELITY_LABELS = {"ref30": "transformers Whisper encoder, 30 s padded", "exact": "exact, valid frames (our recipe)",
-                   "onnx-fp32": "ONNX fp32", "onnx-fp16": "ONNX fp16", "onnx-int8": "ONNX int8"}
+FIDELITY_LABELS = {
+    "ref30": "transformers Whisper encoder, 30 s padded",
+    "exact": "exact, valid frames (our recipe)",
+    "onnx-fp32": "ONNX fp32",
+    "onnx-fp16": "ONNX fp16",
+    "onnx-int8": "ONNX int8",
+}
 
 
 def _fidelity_label(row: str) -> str:
@@ -422,11 +605,25 @@ def _fidelity_table(d: Doc, names: list[str]) -> str:
     lines = []
     for name in sorted(names, key=_fidelity_order):
         row = d.get((name,), rows)
-        lines.append([_fidelity_label(name), cell(row, "wer_clean", ".1%"), cell(row, "wer_noisy", ".1%"),
-                      f"{ratio(row, 'clean')} / {ratio(row, 'noisy')}",
-                      f"{cell(row, 'cosine_clean', '.4f')} / {cell(row, 'cosine_noisy', '.4f')}"])
-    return table(["encoder states", "WER clean", f"WER noisy ({d.get('snr_db'):g} dB)", "× exact (clean / noisy)",
-                  "cosine vs exact (clean / noisy)"], lines)
+        lines.append(
+            [
+                _fidelity_label(name),
+                cell(row, "wer_clean", ".1%"),
+                cell(row, "wer_noisy", ".1%"),
+                f"{ratio(row, 'clean')} / {ratio(row, 'noisy')}",
+                f"{cell(row, 'cosine_clean', '.4f')} / {cell(row, 'cosine_noisy', '.4f')}",
+            ]
+        )
+    return table(
+        [
+            "encoder states",
+            "WER clean",
+            f"WER noisy ({d.get('snr_db'):g} dB)",
+            "× exact (clean / noisy)",
+            "cosine vs exact (clean / noisy)",
+        ],
+        lines,
+    )
 
 
 def _fidelity_set(d: Doc) -> str:
@@ -437,15 +634,19 @@ def _fidelity_set(d: Doc) -> str:
     utts = json.loads(path.read_text())["utterances"][: d.get("utterances")]
     speeds = [u["speed"] for u in utts]
     lo, hi = d.get("seconds")
-    return (f"{len(utts)} utterances of `{d.get('set')}` ({len({u['voice'] for u in utts})} voices, "
-            f"{min(speeds)}–{max(speeds)} words per minute, {sum(len(u['text'].split()) for u in utts)} words; "
-            f"{lo:.1f}–{hi:.1f} s with {d.get('pad_s'):g} s of silence each side)")
+    return (
+        f"{len(utts)} utterances of `{d.get('set')}` ({len({u['voice'] for u in utts})} voices, "
+        f"{min(speeds)}–{max(speeds)} words per minute, {sum(len(u['text'].split()) for u in utts)} words; "
+        f"{lo:.1f}–{hi:.1f} s with {d.get('pad_s'):g} s of silence each side)"
+    )
 
 
 def _fidelity_source(d: Doc) -> str:
-    return (f"Source: `bench/results/{d.rel}`, `python bench/fidelity.py` (torch {d.get('torch')}; machine not recorded: "
-            f"WER does not depend on it): {d.get('model')}; {_fidelity_set(d)}, clean and at {d.get('snr_db'):g} dB SNR; "
-            "greedy, Whisper's English normalizer. Baseline: the exact row.")
+    return (
+        f"Source: `bench/results/{d.rel}`, `python bench/fidelity.py` (torch {d.get('torch')}; machine not recorded: "
+        f"WER does not depend on it): {d.get('model')}; {_fidelity_set(d)}, clean and at {d.get('snr_db'):g} dB SNR; "
+        "greedy, Whisper's English normalizer. Baseline: the exact row."
+    )
 
 
 def fidelity_wer(r: Results) -> str:
@@ -459,8 +660,10 @@ def encoder_fidelity(r: Results) -> str:
     d = r.load("cpu/fidelity_tiny_en.json")
     default = f"causal-{DEFAULT_CHUNKED[0]:g}+{DEFAULT_CHUNKED[1]:g}"
     names = ["ref30", "exact", "onnx-fp32", "onnx-fp16", "onnx-int8", default]
-    return (_fidelity_table(d, names) + "\n\nThe chunked row is the default setting; every setting measured: "
-            "[fidelity.md](fidelity.md). " + _fidelity_source(d))
+    return (
+        _fidelity_table(d, names) + "\n\nThe chunked row is the default setting; every setting measured: "
+        "[fidelity.md](fidelity.md). " + _fidelity_source(d)
+    )
 
 
 def encoder_precisions(r: Results) -> str:
@@ -469,29 +672,53 @@ def encoder_precisions(r: Results) -> str:
     lengths = list(d.get("timing"))
     rows = []
     for name, p in d.get("precisions").items():
-        g = lambda k: d.get(k, p)  # noqa: E731
+        g = lambda k: d.get(k, p)
         per_utt = [d.get("mean_cosine", u) for u in g("per_utterance")]
         cells = []
         for length in lengths:
             t = d.get(f"timing.{length}")
             ratio = d.get(f"median_ratios.onnx_{name}.vs_onnx_fp32", t)
             cells.append(f"{1e3 * d.get(f'onnx_{name}.median', t):.0f} ({ratio:.2f}×)")
-        rows.append([name, f"{g('file_mb'):g}", f"{g('mean_cosine'):.4f}", span(per_utt, "{:.3f}"), f"{g('min_cosine'):.4f}",
-                     f"{g('speech_min_cosine'):.4f}", f"{g('speech_max_rel_err'):.1e}", *cells])
+        rows.append(
+            [
+                name,
+                f"{g('file_mb'):g}",
+                f"{g('mean_cosine'):.4f}",
+                span(per_utt, "{:.3f}"),
+                f"{g('min_cosine'):.4f}",
+                f"{g('speech_min_cosine'):.4f}",
+                f"{g('speech_max_rel_err'):.1e}",
+                *cells,
+            ]
+        )
     torch_cells = [f"{1e3 * d.get(f'timing.{length}.torch_fp32.median'):.0f}" for length in lengths]
     rows.append(["torch fp32 (our module)", "–", "1 (reference)", "–", "–", "–", "–", *torch_cells])
     audio = [f"{d.get(f'timing.{length}.audio_seconds'):g} s audio: ms (÷ ONNX fp32)" for length in lengths]
-    return "\n".join([
-        table(["precision", "file MB", "mean cosine", "per-utterance mean cosine", "min cosine", "min cosine, speech frames",
-               "max error ÷ largest reference value, speech", *audio], rows), "",
-        f"{d.get('utterances')} utterances ({', '.join(d.get('ids'))}). int8: onnxruntime dynamic quantization; int8-static: "
-        "static quantization calibrated on speech, rejected (the file's `int8` entry says what was tried). "
-        "Times: median of one encode, "
-        f"{d.get('threads')} threads, onnxruntime {d.get('onnxruntime')}; machine: {d.get('cpu')} (load average "
-        + ", ".join(f"{d.get(f'timing.{length}.load_avg_1min'):.1f}" for length in lengths)
-        + f" at the timings). Source: `bench/results/{d.rel}`, `python bench/fidelity_onnx.py` (torch {d.get('torch')}). "
-        f"Baseline: {d.get('reference')}.",
-    ])
+    return "\n".join(
+        [
+            table(
+                [
+                    "precision",
+                    "file MB",
+                    "mean cosine",
+                    "per-utterance mean cosine",
+                    "min cosine",
+                    "min cosine, speech frames",
+                    "max error ÷ largest reference value, speech",
+                    *audio,
+                ],
+                rows,
+            ),
+            "",
+            f"{d.get('utterances')} utterances ({', '.join(d.get('ids'))}). int8: onnxruntime dynamic quantization; int8-static: "
+            "static quantization calibrated on speech, rejected (the file's `int8` entry says what was tried). "
+            "Times: median of one encode, "
+            f"{d.get('threads')} threads, onnxruntime {d.get('onnxruntime')}; machine: {d.get('cpu')} (load average "
+            + ", ".join(f"{d.get(f'timing.{length}.load_avg_1min'):.1f}" for length in lengths)
+            + f" at the timings). Source: `bench/results/{d.rel}`, `python bench/fidelity_onnx.py` (torch {d.get('torch')}). "
+            f"Baseline: {d.get('reference')}.",
+        ]
+    )
 
 
 def chunked_default(r: Results) -> str:
@@ -500,32 +727,71 @@ def chunked_default(r: Results) -> str:
     block, ahead = DEFAULT_CHUNKED
     row, exact = d.get(("rows", f"causal-{block:g}+{ahead:g}")), d.get("rows.exact")
     if (ptt.get("chunk_seconds"), ptt.get("lookahead_seconds")) != DEFAULT_CHUNKED:
-        raise ReportError(f"bench/results/{ptt.rel}: measured chunk {ptt.get('chunk_seconds')} s + look-ahead "
-                          f"{ptt.get('lookahead_seconds')} s, not the default {block:g} + {ahead:g}")
+        raise ReportError(
+            f"bench/results/{ptt.rel}: measured chunk {ptt.get('chunk_seconds')} s + look-ahead "
+            f"{ptt.get('lookahead_seconds')} s, not the default {block:g} + {ahead:g}"
+        )
     lines = []
     for cond, target in zip(("clean", "noisy"), WER_TARGETS):
         got, ref = d.get(f"wer_{cond}", row), d.get(f"wer_{cond}", exact)
-        lines.append([f"WER {cond}", f"{got:.1%} vs {ref:.1%} exact = {got / ref:.2f}×", f"≤ {target}×",
-                      "met" if got <= target * ref else "**not met**"])
+        lines.append(
+            [
+                f"WER {cond}",
+                f"{got:.1%} vs {ref:.1%} exact = {got / ref:.2f}×",
+                f"≤ {target}×",
+                "met" if got <= target * ref else "**not met**",
+            ]
+        )
     flat = ptt.get("chunked_flatness_30s_over_5s")
     by_len = {ptt.get("seconds", x): x for x in ptt.get("rows")}
     lat = " / ".join(ms(ptt.get("push_to_talk_chunked_ttft_ms", by_len[s])) for s in sorted(by_len))
-    lines.append([f"push-to-talk end() → first token ms, {' / '.join(f'{s:g}' for s in sorted(by_len))} s utterances",
-                  f"{lat}; 30 s ÷ 5 s = {flat:.2f}", f"30 s ÷ 5 s ≤ {FLATNESS_TARGET}",
-                  "met" if flat <= FLATNESS_TARGET else "**not met**"])
-    same_total = [n for n in d.get("rows") if n.startswith("causal-") and "+" in n
-                  and abs(sum(map(float, n[7:].split("+"))) - block - ahead) < 1e-9]
-    wer = lambda n, c: d.get(("rows", n, f"wer_{c}"))  # noqa: E731
+    lines.append(
+        [
+            f"push-to-talk end() → first token ms, {' / '.join(f'{s:g}' for s in sorted(by_len))} s utterances",
+            f"{lat}; 30 s ÷ 5 s = {flat:.2f}",
+            f"30 s ÷ 5 s ≤ {FLATNESS_TARGET}",
+            "met" if flat <= FLATNESS_TARGET else "**not met**",
+        ]
+    )
+    same_total = [
+        n
+        for n in d.get("rows")
+        if n.startswith("causal-") and "+" in n and abs(sum(map(float, n[7:].split("+"))) - block - ahead) < 1e-9
+    ]
+    wer = lambda n, c: d.get(("rows", n, f"wer_{c}"))
     best = min((n for n in d.get("rows") if n.startswith("causal-")), key=lambda n: wer(n, "clean"))
-    lines.append([f"every setting with block + look-ahead = {block + ahead:g} s ({len(same_total)}), WER clean",
-                  span([wer(n, "clean") for n in same_total], "{:.1%}"), "–", "–"])
-    lines.append([f"lowest clean WER measured: {_fidelity_label(best)}",
-                  f"{wer(best, 'clean'):.1%} / {wer(best, 'noisy'):.1%} = {wer(best, 'clean') / wer('exact', 'clean'):.2f}× / "
-                  f"{wer(best, 'noisy') / wer('exact', 'noisy'):.2f}×", "–", "–"])
-    return "\n".join([
-        table([f"default chunked mode ({block:g} s blocks + {ahead:g} s look-ahead)", "measured", "target", "verdict"], lines),
-        "", _fidelity_source(d) + " Latency: " + ptt.source(_ptt_command(ptt))[len("Source: "):],
-    ])
+    lines.append(
+        [
+            f"every setting with block + look-ahead = {block + ahead:g} s ({len(same_total)}), WER clean",
+            span([wer(n, "clean") for n in same_total], "{:.1%}"),
+            "–",
+            "–",
+        ]
+    )
+    lines.append(
+        [
+            f"lowest clean WER measured: {_fidelity_label(best)}",
+            f"{wer(best, 'clean'):.1%} / {wer(best, 'noisy'):.1%} = {wer(best, 'clean') / wer('exact', 'clean'):.2f}× / "
+            f"{wer(best, 'noisy') / wer('exact', 'noisy'):.2f}×",
+            "–",
+            "–",
+        ]
+    )
+    return "\n".join(
+        [
+            table(
+                [
+                    f"default chunked mode ({block:g} s blocks + {ahead:g} s look-ahead)",
+                    "measured",
+                    "target",
+                    "verdict",
+                ],
+                lines,
+            ),
+            "",
+            _fidelity_source(d) + " Latency: " + ptt.source(_ptt_command(ptt))[len("Source: ") :],
+        ]
+    )
 
 
 def gptq_quality(r: Results) -> str:
@@ -534,40 +800,78 @@ def gptq_quality(r: Results) -> str:
     rows = []
     for name, c in d.get("per_linear.configs").items():
         lin = d.get("rows", c)
-        col = lambda k: [d.get(k, x) for x in lin]  # noqa: E731
-        rows.append([name, str(len(lin)), span(col("ours"), "{:.3f}"), span(col("rtn"), "{:.3f}"),
-                     span(col("gptqmodel"), "{:.3f}"), span(col("ours_over_gptqmodel"), "{:.3f}"),
-                     span([x / y for x, y in zip(col("rtn"), col("ours"))], "{:.2f}")])
+        col = lambda k: [d.get(k, x) for x in lin]
+        rows.append(
+            [
+                name,
+                str(len(lin)),
+                span(col("ours"), "{:.3f}"),
+                span(col("rtn"), "{:.3f}"),
+                span(col("gptqmodel"), "{:.3f}"),
+                span(col("ours_over_gptqmodel"), "{:.3f}"),
+                span([x / y for x, y in zip(col("rtn"), col("ours"))], "{:.2f}"),
+            ]
+        )
     env = d.get("environment")
-    out = [f"**Per linear layer**, held-out relative output error ‖XWᵀ − XŴᵀ‖ ÷ ‖XWᵀ‖ "
-           f"({d.get('per_linear.calibration_prompts')} calibration prompts, {d.get('per_linear.heldout_prompts')} held-out), "
-           f"ranges over the layers; gptqmodel {d.get('gptqmodel', env)} on identical inputs and settings:", "",
-           table(["config", "linears", "ours", "round-to-nearest", "gptqmodel", "ours ÷ gptqmodel", "RTN ÷ ours"], rows), ""]
+    out = [
+        f"**Per linear layer**, held-out relative output error ‖XWᵀ − XŴᵀ‖ ÷ ‖XWᵀ‖ "
+        f"({d.get('per_linear.calibration_prompts')} calibration prompts, {d.get('per_linear.heldout_prompts')} held-out), "
+        f"ranges over the layers; gptqmodel {d.get('gptqmodel', env)} on identical inputs and settings:",
+        "",
+        table(["config", "linears", "ours", "round-to-nearest", "gptqmodel", "ours ÷ gptqmodel", "RTN ÷ ours"], rows),
+        "",
+    ]
     cal = d.get("calibration")
-    rows = [[str(d.get("seed", s)), f"{d.get('audio.mean_layer_rel_err', s):.4f}", f"{d.get('text.mean_layer_rel_err', s):.4f}",
-             f"{d.get('audio.mean_kl', s):.3f}", f"{d.get('text.mean_kl', s):.3f}"] for s in d.get("seeds", cal)]
-    out += [f"**Audio-aware vs text-only calibration** on a fixture whose audio embeddings are "
-            f"{d.get('audio_embedding_norm_over_token_norm', cal):.1f}× the norm of its token embeddings "
-            f"({d.get('calibration_prompts', cal)} calibration prompts, "
-            f"{d.get('heldout_audio_prompts', cal)} held-out audio prompts):", "",
-            table(["seed", "mean layer error, audio-aware", "text-only", "mean KL(fp ‖ W4), audio-aware", "text-only"], rows), ""]
+    rows = [
+        [
+            str(d.get("seed", s)),
+            f"{d.get('audio.mean_layer_rel_err', s):.4f}",
+            f"{d.get('text.mean_layer_rel_err', s):.4f}",
+            f"{d.get('audio.mean_kl', s):.3f}",
+            f"{d.get('text.mean_kl', s):.3f}",
+        ]
+        for s in d.get("seeds", cal)
+    ]
+    out += [
+        f"**Audio-aware vs text-only calibration** on a fixture whose audio embeddings are "
+        f"{d.get('audio_embedding_norm_over_token_norm', cal):.1f}× the norm of its token embeddings "
+        f"({d.get('calibration_prompts', cal)} calibration prompts, "
+        f"{d.get('heldout_audio_prompts', cal)} held-out audio prompts):",
+        "",
+        table(
+            ["seed", "mean layer error, audio-aware", "text-only", "mean KL(fp ‖ W4), audio-aware", "text-only"], rows
+        ),
+        "",
+    ]
     head, load, e2e = d.get("int8_head"), d.get("transformers_load"), d.get("end_to_end")
-    out += [table(["check", "measured"], [
-        ["int8 lm_head side file vs fp16 head: max logit difference ÷ largest logit magnitude; argmax equal",
-         f"{d.get('max_logit_diff_over_max_logit', head):.2%}; {'yes' if d.get('argmax_equal', head) else 'no'} "
-         f"({d.get('positions', head)} positions)"],
-        ["transformers + optimum + gptqmodel loading our `decoder/`: max logit difference to our runtime "
-         "÷ largest logit magnitude",
-         f"{d.get('max_logit_diff_over_max_logit', load):.1e}"],
-        [f"W4 vs fp end to end (`compare`, {len(d.get('signals', e2e))} held-out signals, {d.get('new_tokens', e2e)} "
-         "teacher-forced tokens): top-1 agreement / mean KL",
-         f"{d.get('top1_agreement', e2e):.2f} / {d.get('mean_kl', e2e):.2f}"],
-    ]), "",
+    out += [
+        table(
+            ["check", "measured"],
+            [
+                [
+                    "int8 lm_head side file vs fp16 head: max logit difference ÷ largest logit magnitude; argmax equal",
+                    f"{d.get('max_logit_diff_over_max_logit', head):.2%}; {'yes' if d.get('argmax_equal', head) else 'no'} "
+                    f"({d.get('positions', head)} positions)",
+                ],
+                [
+                    "transformers + optimum + gptqmodel loading our `decoder/`: max logit difference to our runtime "
+                    "÷ largest logit magnitude",
+                    f"{d.get('max_logit_diff_over_max_logit', load):.1e}",
+                ],
+                [
+                    f"W4 vs fp end to end (`compare`, {len(d.get('signals', e2e))} held-out signals, {d.get('new_tokens', e2e)} "
+                    "teacher-forced tokens): top-1 agreement / mean KL",
+                    f"{d.get('top1_agreement', e2e):.2f} / {d.get('mean_kl', e2e):.2f}",
+                ],
+            ],
+        ),
+        "",
         f"Fixture: {d.get('fixture')}. Its weights are deliberately wide (so greedy decoding is decisive) and amplify "
         "quantization error through the layers: these figures check the machinery, not real-model quality. "
         f"Source: `bench/results/{d.rel}` ({d.get('date', env)}), `{d.get('script')}`. Machine: {env.get('machine')}; "
         f"torch {env.get('torch')}, transformers {env.get('transformers')} (quality figures: independent of machine load). "
-        "Baselines: the fp weights; round-to-nearest; gptqmodel's GPTQ."]
+        "Baselines: the fp weights; round-to-nearest; gptqmodel's GPTQ.",
+    ]
     return "\n".join(out)
 
 
@@ -577,12 +881,13 @@ def readme_summary(r: Results) -> str:
     dec, k = r.load("cpu/decode_cpu_mid.json"), r.load("cpu/kernels.json")
     full, ptt = r.load("cpu/stream_mid.json"), r.load("cpu/stream_mid_ptt.json")
     fid, gq = r.load("cpu/fidelity_tiny_en.json"), r.load("cpu/gptq_quality.json")
-    cpu = lambda d: f"CPU, {d.opt('environment.torch_threads') or d.get('threads')} threads"  # noqa: E731
+    cpu = lambda d: f"CPU, {d.opt('environment.torch_threads') or d.get('threads')} threads"
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
     _, refs = _decode_rows(dec)
     ours = dec.get("runs.ours_w4_float32_head.decode_tok_s")
-    ratios = ", ".join(f"{ours / dec.get(f'runs.{ref}.decode_tok_s'):.2f}× {short.get(ref.split('_', 1)[1], ref)}"
-                       for ref in refs)
+    ratios = ", ".join(
+        f"{ours / dec.get(f'runs.{ref}.decode_tok_s'):.2f}× {short.get(ref.split('_', 1)[1], ref)}" for ref in refs
+    )
     m1 = [row for row in k.get("rows") if k.get("m", row) == 1]
     rule = _stream_chunked_rule(full)
     realtime = {full.get("seconds", row): row for row in full.get("realtime_rows")}
@@ -592,36 +897,66 @@ def readme_summary(r: Results) -> str:
         modes = [m for m in ("exact", "chunked") if m in row and (rule or m != "chunked")]
         waits = [f"{m} {ms(full.get('end_of_speech_to_first_token_ms', row[m]))} ms" for m in modes]
         rt.append(f"{length:g} s: " + ", ".join(waits))
-    offline = [full.get("offline_run_ttft_ms", x) / full.get("transformers_offline_ttft_ms", x) for x in full.get("rows")]
+    offline = [
+        full.get("offline_run_ttft_ms", x) / full.get("transformers_offline_ttft_ms", x) for x in full.get("rows")
+    ]
     verdict = "**slower**" if min(offline) > 1 else "faster" if max(offline) < 1 else "**slower at some lengths**"
     p30 = max(ptt.get("rows"), key=lambda x: ptt.get("seconds", x))
-    p = lambda key: ms(ptt.get(key, p30))  # noqa: E731
+    p = lambda key: ms(ptt.get(key, p30))
     block, ahead = DEFAULT_CHUNKED
-    wer = lambda n: fid.get(("rows", n, "wer_clean"))  # noqa: E731
+    wer = lambda n: fid.get(("rows", n, "wer_clean"))
     lins = [x for c in gq.get("per_linear.configs").values() for x in gq.get("rows", c)]
     m = "docs/measurements.md"
     rows = [
-        [f"[W4 decode]({m}#decode-cpu), batch 1, mid-size random model", f"{ours:.1f} tok/s: {ratios}",
-         "transformers `generate()`", cpu(dec)],
-        [f"[W4 matmul]({m}#w4-kernels-cpu), 7B layer shapes, 1 row",
-         f"{span([k.get('speedup_vs_dense', x) for x in m1])}× dense bf16's speed; "
-         f"{span([k.get('speedup_vs_tinygemm', x) for x in m1])}× torch int4 op's", "dense bf16; torch's int4 op", cpu(k)],
-        [f"[End of speech → first token]({m}#streaming-latency), real-time audio, VAD", "; ".join(rt),
-         "none (includes the VAD's silence wait)", cpu(full)],
-        [f"Push-to-talk `end()` → first token, {ptt.get('seconds', p30):g} s utterance",
-         f"chunked {p('push_to_talk_chunked_ttft_ms')} ms, exact {p('push_to_talk_exact_ttft_ms')} ms",
-         f"offline `run` {p('offline_run_ttft_ms')} ms", cpu(ptt)],
-        ["Offline `run` first token", f"{verdict}: {span(offline)}× transformers' time", "transformers, same checkpoint",
-         cpu(full)],
-        [f"[Chunked encoder]({m}#encoder-fidelity) ({block:g} s + {ahead:g} s), Whisper tiny.en WER",
-         f"{wer(f'causal-{block:g}+{ahead:g}'):.1%} vs {wer('exact'):.1%}", "exact encoder", "any (quality)"],
-        [f"[GPTQ]({m}#gptq-quality) per-linear error, random fixture",
-         f"{span([gq.get('ours_over_gptqmodel', x) for x in lins])}× gptqmodel's; RTN's "
-         f"{span([gq.get('rtn', x) / gq.get('ours', x) for x in lins], '{:.1f}')}× ours", "gptqmodel; RTN", "any (quality)"],
+        [
+            f"[W4 decode]({m}#decode-cpu), batch 1, mid-size random model",
+            f"{ours:.1f} tok/s: {ratios}",
+            "transformers `generate()`",
+            cpu(dec),
+        ],
+        [
+            f"[W4 matmul]({m}#w4-kernels-cpu), 7B layer shapes, 1 row",
+            f"{span([k.get('speedup_vs_dense', x) for x in m1])}× dense bf16's speed; "
+            f"{span([k.get('speedup_vs_tinygemm', x) for x in m1])}× torch int4 op's",
+            "dense bf16; torch's int4 op",
+            cpu(k),
+        ],
+        [
+            f"[End of speech → first token]({m}#streaming-latency), real-time audio, VAD",
+            "; ".join(rt),
+            "none (includes the VAD's silence wait)",
+            cpu(full),
+        ],
+        [
+            f"Push-to-talk `end()` → first token, {ptt.get('seconds', p30):g} s utterance",
+            f"chunked {p('push_to_talk_chunked_ttft_ms')} ms, exact {p('push_to_talk_exact_ttft_ms')} ms",
+            f"offline `run` {p('offline_run_ttft_ms')} ms",
+            cpu(ptt),
+        ],
+        [
+            "Offline `run` first token",
+            f"{verdict}: {span(offline)}× transformers' time",
+            "transformers, same checkpoint",
+            cpu(full),
+        ],
+        [
+            f"[Chunked encoder]({m}#encoder-fidelity) ({block:g} s + {ahead:g} s), Whisper tiny.en WER",
+            f"{wer(f'causal-{block:g}+{ahead:g}'):.1%} vs {wer('exact'):.1%}",
+            "exact encoder",
+            "any (quality)",
+        ],
+        [
+            f"[GPTQ]({m}#gptq-quality) per-linear error, random fixture",
+            f"{span([gq.get('ours_over_gptqmodel', x) for x in lins])}× gptqmodel's; RTN's "
+            f"{span([gq.get('rtn', x) / gq.get('ours', x) for x in lins], '{:.1f}')}× ours",
+            "gptqmodel; RTN",
+            "any (quality)",
+        ],
     ]
     return table(["measured", "result", "baseline", "machine"], rows) + (
         "\n\nNo GPU timing exists yet: GPU kernels are tested under the Triton interpreter and "
-        f"[compiled offline]({m}#compile-check).")
+        f"[compiled offline]({m}#compile-check)."
+    )
 
 
 # name → (the file it lives in, the function that makes it)
@@ -689,9 +1024,14 @@ def run(root: Path, results: Results, check: bool) -> list[str]:
         if new != text:
             changed[path] = new
             stale = [n for n, s, e in blocks_in(text, rel) if text[s:e] != made[n] + "\n"]
-            problems += [f"{rel}: block {n!r} is stale: run python bench/report.py" for n in stale or ["(its BEGIN line)"]]
-    missing = [f"{home}: block {name!r} is missing (every registered block must appear in its file)"
-               for name, (home, _) in BLOCKS.items() if name not in seen]
+            problems += [
+                f"{rel}: block {n!r} is stale: run python bench/report.py" for n in stale or ["(its BEGIN line)"]
+            ]
+    missing = [
+        f"{home}: block {name!r} is missing (every registered block must appear in its file)"
+        for name, (home, _) in BLOCKS.items()
+        if name not in seen
+    ]
     if check:
         return problems + missing
     for path, new in changed.items():
@@ -705,7 +1045,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 if any block is stale or unknown")
     ap.add_argument("--print", metavar="NAME", help="print one block's markdown and exit")
     ap.add_argument("--results", type=Path, default=RESULTS, help="the result files' directory (default bench/results)")
-    ap.add_argument("--root", type=Path, default=ROOT, help="the directory holding README.md and docs/ (default: the repository)")
+    ap.add_argument(
+        "--root", type=Path, default=ROOT, help="the directory holding README.md and docs/ (default: the repository)"
+    )
     args = ap.parse_args(argv)
     results = Results(args.results)
     try:

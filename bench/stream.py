@@ -54,10 +54,19 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_bench import environment, write_json  # noqa: E402  (bench/kernel_bench.py)
+from kernel_bench import environment, write_json
 
-PRESETS = {"tiny": {}, "mid": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
-                               "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 8192}}
+PRESETS = {
+    "tiny": {},
+    "mid": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+        "vocab_size": 8192,
+    },
+}
 PARTS = ("realtime", "fast", "ptt", "baseline", "fidelity")
 CHUNK = 1600  # samples per fed chunk: 100 ms at 16 kHz
 LEAD_S, TAIL_S = 0.5, 1.0  # silence before and after the speech in the VAD rows
@@ -65,24 +74,24 @@ MAX_VAD_SPEECH_S = 29.5
 
 DEFINITIONS = {
     "end_of_speech_to_first_token_ms": "HEADLINE. Real-time feed (100 ms chunks at real-time pace), VAD on: wall time "
-                                       "from the last audible sample of the speech to the first token",
+    "from the last audible sample of the speech to the first token",
     "vad_decision_wait_ms": "part 1 of the headline: audio time from the end of speech to the point where the VAD "
-                            "decides the endpoint (min silence + its hangover, in 32 ms VAD frames); no compute removes it",
+    "decides the endpoint (min silence + its hangover, in 32 ms VAD frames); no compute removes it",
     "decision_arrival_and_feed_ms": "part 2: from that audio point's real time to the decision's wall time: the rest "
-                                    "of its 100 ms chunk arriving, then feed()'s work on it (and any lag)",
+    "of its 100 ms chunk arriving, then feed()'s work on it (and any lag)",
     "endpoint_decision_to_first_token_ms": "part 3, a COMPONENT: wall time from the endpoint decision to the first token "
-                                           "(with speculation: an argmax over logits already computed)",
+    "(with speculation: an argmax over logits already computed)",
     "beyond_vad_wait_ms": "parts 2 + 3: what the user waits for beyond the VAD's own wait",
     "lag_s": "how far the session was behind real time at the endpoint (work that did not fit while speaking)",
     "endpoint_decision_to_first_token_ms_exact_spec": "COMPONENT, VAD session fed as fast as possible, exact mode, "
-                                                      "speculative encode + prefill: endpoint decision → first token",
+    "speculative encode + prefill: endpoint decision → first token",
     "endpoint_decision_to_first_token_ms_exact_nospec": "the same without speculation (encode + prefill after the decision)",
     "endpoint_decision_to_first_token_ms_chunked_spec": "the same, chunked mode, speculative",
     "push_to_talk_exact_ttft_ms": "push-to-talk, audio fed as fast as possible: end() → first token, exact stream",
     "push_to_talk_chunked_ttft_ms": "the same, chunked stream",
     "offline_run_ttft_ms": "our offline run of the whole utterance: mel + encoder + prefill → first token",
     "transformers_offline_ttft_ms": "transformers' offline pipeline on the same fp32 checkpoint: processor + generate of "
-                                    "one token (the baseline)",
+    "one token (the baseline)",
     "offline_run_over_transformers": "offline_run_ttft_ms / transformers_offline_ttft_ms (> 1: we are slower)",
 }
 
@@ -94,7 +103,10 @@ def speech(seconds: float, tmp: Path) -> np.ndarray:
     if shutil.which("espeak-ng") is None:
         raise SystemExit("bench/stream.py needs espeak-ng (Debian package) for real speech")
     wav = tmp / "s.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), "The quick brown fox jumps over the lazy dog while the band plays on."], check=True)
+    subprocess.run(
+        ["espeak-ng", "-w", str(wav), "The quick brown fox jumps over the lazy dog while the band plays on."],
+        check=True,
+    )
     x, sr = sf.read(str(wav), dtype="float32")
     x = soxr.resample(x, sr, 16000).astype(np.float32)
     x = x[np.flatnonzero(np.abs(x) > 1e-3)[0] :]
@@ -143,13 +155,19 @@ class Bench:
 
         self.p, self.hf, self.proc, self.prompt = p, hf, proc, prompt
         self.one = SamplingOptions(max_new_tokens=1, greedy=True, repetition_penalty=1.0, ignore_eos=True)
-        self.modes = {"exact": StreamOptions(), "exact-nospec": StreamOptions(speculate=False), "chunked": chunked_options}
+        self.modes = {
+            "exact": StreamOptions(),
+            "exact-nospec": StreamOptions(speculate=False),
+            "chunked": chunked_options,
+        }
         self.vad = vad_options
 
     def session(self, mode: str, vad: bool):
         from qwen_audio_edge.runtime.stream import StreamSession
 
-        return StreamSession(self.p, self.prompt, sampling=self.one, vad=self.vad if vad else None, options=self.modes[mode])
+        return StreamSession(
+            self.p, self.prompt, sampling=self.one, vad=self.vad if vad else None, options=self.modes[mode]
+        )
 
     def realtime(self, audio: np.ndarray, speech_end_s: float, mode: str) -> dict:
         """Feed at real-time pace: audio time t arrives at wall time t0 + t, in 100 ms chunks (a microphone)."""
@@ -160,17 +178,26 @@ class Bench:
             time.sleep(max(0.0, (i + CHUNK) / 16000 - (time.perf_counter() - t0)))
             events += s.feed(audio[i : i + CHUNK])
         if not events:
-            raise SystemExit(f"bench/stream.py: the VAD found no endpoint in the {TAIL_S} s of silence after the speech")
-        ev = max(events, key=lambda e: e.speech_end_s)  # the utterance that ends with the speech: what the user waits for
+            raise SystemExit(
+                f"bench/stream.py: the VAD found no endpoint in the {TAIL_S} s of silence after the speech"
+            )
+        ev = max(
+            events, key=lambda e: e.speech_end_s
+        )  # the utterance that ends with the speech: what the user waits for
         # the headline and its three parts, which add up to it exactly
         user_ms = 1000 * (ev.first_token_wall - (t0 + speech_end_s))
         vad_wait_ms = 1000 * (ev.decided_at_s - speech_end_s)
         arrival_ms = 1000 * (ev.endpoint_wall - (t0 + ev.decided_at_s))
-        return {"end_of_speech_to_first_token_ms": user_ms, "vad_decision_wait_ms": vad_wait_ms,
-                "decision_arrival_and_feed_ms": arrival_ms,
-                "endpoint_decision_to_first_token_ms": 1000 * (ev.first_token_wall - ev.endpoint_wall),
-                "beyond_vad_wait_ms": user_ms - vad_wait_ms,
-                "speculative": ev.result.timings.get("speculative"), "lag_s": ev.lag_s, "segments": len(events)}
+        return {
+            "end_of_speech_to_first_token_ms": user_ms,
+            "vad_decision_wait_ms": vad_wait_ms,
+            "decision_arrival_and_feed_ms": arrival_ms,
+            "endpoint_decision_to_first_token_ms": 1000 * (ev.first_token_wall - ev.endpoint_wall),
+            "beyond_vad_wait_ms": user_ms - vad_wait_ms,
+            "speculative": ev.result.timings.get("speculative"),
+            "lag_s": ev.lag_s,
+            "segments": len(events),
+        }
 
     def fast_vad(self, audio: np.ndarray, mode: str) -> float:
         """Endpoint decision → first token, audio fed as fast as possible (a component)."""
@@ -179,7 +206,9 @@ class Bench:
         for i in range(0, len(audio), CHUNK):
             events += s.feed(audio[i : i + CHUNK])
         events += [e for e in [s.end()] if e is not None]
-        return max(events, key=lambda e: e.speech_end_s - e.speech_start_s).to_json()["stream"]["ttft_after_endpoint_ms"]
+        return max(events, key=lambda e: e.speech_end_s - e.speech_start_s).to_json()["stream"][
+            "ttft_after_endpoint_ms"
+        ]
 
     def push_to_talk(self, x: np.ndarray, mode: str) -> float:
         s = self.session(mode, vad=False)
@@ -191,12 +220,17 @@ class Bench:
         """transformers' processor + generate of one token: (ms, the token)."""
         from transformers import GenerationConfig
 
-        text = self.proc.apply_chat_template([{"role": "user", "content": [{"type": "audio", "audio_url": "x"},
-                                              {"type": "text", "text": self.prompt}]}], add_generation_prompt=True, tokenize=False)
+        text = self.proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "audio", "audio_url": "x"}, {"type": "text", "text": self.prompt}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
         t0 = time.perf_counter()
         inputs = self.proc(text=text, audio=[x], sampling_rate=16000, return_tensors="pt")
         with torch.no_grad():
-            out = self.hf.generate(**inputs, generation_config=GenerationConfig(max_new_tokens=1, do_sample=False, pad_token_id=0))
+            out = self.hf.generate(
+                **inputs, generation_config=GenerationConfig(max_new_tokens=1, do_sample=False, pad_token_id=0)
+            )
         return 1000 * (time.perf_counter() - t0), int(out[0, -1])
 
 
@@ -213,11 +247,17 @@ def plot(res: dict, out: Path, title: str) -> None:
         if pts:
             ax.plot(*zip(*pts), marker="s", linewidth=2.5, label=f"end of speech → first token, real time, VAD, {mode}")
     xs = [r["seconds"] for r in res["rows"]]
-    for key, label in [("endpoint_decision_to_first_token_ms_exact_spec", "component: endpoint decision → first token (exact, spec.)"),
-                       ("endpoint_decision_to_first_token_ms_exact_nospec", "component: endpoint decision → first token (exact, no spec.)"),
-                       ("push_to_talk_exact_ttft_ms", "push-to-talk end() → first token, exact stream"),
-                       ("push_to_talk_chunked_ttft_ms", "push-to-talk end() → first token, chunked stream"),
-                       ("offline_run_ttft_ms", "offline run"), ("transformers_offline_ttft_ms", "transformers offline")]:
+    for key, label in [
+        ("endpoint_decision_to_first_token_ms_exact_spec", "component: endpoint decision → first token (exact, spec.)"),
+        (
+            "endpoint_decision_to_first_token_ms_exact_nospec",
+            "component: endpoint decision → first token (exact, no spec.)",
+        ),
+        ("push_to_talk_exact_ttft_ms", "push-to-talk end() → first token, exact stream"),
+        ("push_to_talk_chunked_ttft_ms", "push-to-talk end() → first token, chunked stream"),
+        ("offline_run_ttft_ms", "offline run"),
+        ("transformers_offline_ttft_ms", "transformers offline"),
+    ]:
         if xs and all(key in r for r in res["rows"]):
             ax.plot(xs, [r[key] for r in res["rows"]], marker="o", linewidth=1, label=label)
     ax.set_xlabel("utterance length (s)")
@@ -236,13 +276,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="mid", choices=sorted(PRESETS))
     ap.add_argument("--lengths", default="2,5,10,20,30", help="utterance lengths (s) of the per-length rows")
-    ap.add_argument("--chunk-seconds", type=float, default=DEFAULT_CHUNK_S, help="chunked mode's block (runtime default)")
-    ap.add_argument("--lookahead-seconds", type=float, default=DEFAULT_LOOKAHEAD_S,
-                    help="chunked mode's look-ahead per block (runtime default)")
+    ap.add_argument(
+        "--chunk-seconds", type=float, default=DEFAULT_CHUNK_S, help="chunked mode's block (runtime default)"
+    )
+    ap.add_argument(
+        "--lookahead-seconds",
+        type=float,
+        default=DEFAULT_LOOKAHEAD_S,
+        help="chunked mode's look-ahead per block (runtime default)",
+    )
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of sections: {', '.join(PARTS)}")
     ap.add_argument("--ptt-only", action="store_true", help="only the push-to-talk rows: --parts ptt")
-    ap.add_argument("--realtime-lengths", default=None,
-                    help=f"utterances fed at real-time pace (default: --lengths, 30 s as {MAX_VAD_SPEECH_S} s)")
+    ap.add_argument(
+        "--realtime-lengths",
+        default=None,
+        help=f"utterances fed at real-time pace (default: --lengths, 30 s as {MAX_VAD_SPEECH_S} s)",
+    )
     ap.add_argument("--realtime-modes", default="exact,chunked", help="exact, chunked, exact-nospec")
     ap.add_argument("--realtime-repeats", type=int, default=3, help="each costs the utterance's own duration")
     ap.add_argument("--repeats", type=int, default=3)
@@ -270,14 +319,28 @@ def main() -> None:
     prompt = "What does the person say?"
     env = environment(("numpy", "transformers", "onnxruntime", "silero-vad"))
     out = Path(a.out)
-    res = {"preset": a.preset, "machine": env["machine"], "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-           "load_average_at_start": env["load_average_at_start"], "torch": torch.__version__, "environment": env,
-           "parts": parts, "chunk_seconds": a.chunk_seconds, "lookahead_seconds": a.lookahead_seconds,
-           "vad_options": dataclasses.asdict(VadOptions()),
-           "feed_chunk_ms": 1000 * CHUNK // 16000, "prompt": prompt, "first_token_only": True,
-           "model": f"random {a.preset} checkpoint exported fp32 (ONNX encoder fp32 + our fp32 decoder); transformers "
-                    "loads the same checkpoint in fp32", "speech": "espeak-ng sentence tiled to length",
-           "definitions": DEFINITIONS, "complete": False, "rows": []}
+    res = {
+        "preset": a.preset,
+        "machine": env["machine"],
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d"),
+        "load_average_at_start": env["load_average_at_start"],
+        "torch": torch.__version__,
+        "environment": env,
+        "parts": parts,
+        "chunk_seconds": a.chunk_seconds,
+        "lookahead_seconds": a.lookahead_seconds,
+        "vad_options": dataclasses.asdict(VadOptions()),
+        "feed_chunk_ms": 1000 * CHUNK // 16000,
+        "prompt": prompt,
+        "first_token_only": True,
+        "model": f"random {a.preset} checkpoint exported fp32 (ONNX encoder fp32 + our fp32 decoder); transformers "
+        "loads the same checkpoint in fp32",
+        "speech": "espeak-ng sentence tiled to length",
+        "definitions": DEFINITIONS,
+        "complete": False,
+        "rows": [],
+    }
     if "realtime" in parts:
         res["realtime_modes"] = modes
         res["headline"] = "realtime_rows[].<mode>.end_of_speech_to_first_token_ms"
@@ -302,63 +365,113 @@ def main() -> None:
         rt_lengths = a.realtime_lengths or ",".join(str(min(float(s), MAX_VAD_SPEECH_S)) for s in a.lengths.split(","))
         for secs in map(float, rt_lengths.split(",")) if "realtime" in parts else []:
             x = speech(min(secs, MAX_VAD_SPEECH_S), tmp)
-            audio = np.concatenate([np.zeros(int(LEAD_S * 16000), np.float32), x, np.zeros(int(TAIL_S * 16000), np.float32)])
+            audio = np.concatenate(
+                [np.zeros(int(LEAD_S * 16000), np.float32), x, np.zeros(int(TAIL_S * 16000), np.float32)]
+            )
             row = {"seconds": secs, "speech_end_s": LEAD_S + last_audible_s(x)}
             for mode in modes:
                 runs = [b.realtime(audio, row["speech_end_s"], mode) for _ in range(a.realtime_repeats)]
-                row[mode] = {k: statistics.median(r[k] for r in runs) for k in
-                             ("end_of_speech_to_first_token_ms", "vad_decision_wait_ms", "decision_arrival_and_feed_ms",
-                              "endpoint_decision_to_first_token_ms", "beyond_vad_wait_ms")}
-                row[mode].update(end_of_speech_to_first_token_ms_spread=spread([r["end_of_speech_to_first_token_ms"] for r in runs]),
-                                 lag_s_max=max(r["lag_s"] for r in runs), segments=max(r["segments"] for r in runs),
-                                 speculative=[r["speculative"] for r in runs])
+                row[mode] = {
+                    k: statistics.median(r[k] for r in runs)
+                    for k in (
+                        "end_of_speech_to_first_token_ms",
+                        "vad_decision_wait_ms",
+                        "decision_arrival_and_feed_ms",
+                        "endpoint_decision_to_first_token_ms",
+                        "beyond_vad_wait_ms",
+                    )
+                }
+                row[mode].update(
+                    end_of_speech_to_first_token_ms_spread=spread([r["end_of_speech_to_first_token_ms"] for r in runs]),
+                    lag_s_max=max(r["lag_s"] for r in runs),
+                    segments=max(r["segments"] for r in runs),
+                    speculative=[r["speculative"] for r in runs],
+                )
             res.setdefault("realtime_rows", []).append(row)
-            print(json.dumps({k: v if not isinstance(v, dict) else round(v["end_of_speech_to_first_token_ms"], 1)
-                              for k, v in row.items()}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        k: v if not isinstance(v, dict) else round(v["end_of_speech_to_first_token_ms"], 1)
+                        for k, v in row.items()
+                    }
+                ),
+                flush=True,
+            )
             save()
 
         for secs in map(float, a.lengths.split(",")) if set(parts) & {"fast", "ptt", "baseline", "fidelity"} else []:
             x = speech(secs, tmp)
             vad_secs = min(secs, MAX_VAD_SPEECH_S)
-            vad_audio = np.concatenate([np.zeros(int(LEAD_S * 16000), np.float32), x[: int(vad_secs * 16000)],
-                                        np.zeros(int(TAIL_S * 16000), np.float32)])
+            vad_audio = np.concatenate(
+                [
+                    np.zeros(int(LEAD_S * 16000), np.float32),
+                    x[: int(vad_secs * 16000)],
+                    np.zeros(int(TAIL_S * 16000), np.float32),
+                ]
+            )
             row = {"seconds": secs, "vad_speech_seconds": vad_secs}
             if "fast" in parts:
-                for key, mode in [("endpoint_decision_to_first_token_ms_exact_spec", "exact"),
-                                  ("endpoint_decision_to_first_token_ms_exact_nospec", "exact-nospec"),
-                                  ("endpoint_decision_to_first_token_ms_chunked_spec", "chunked")]:
+                for key, mode in [
+                    ("endpoint_decision_to_first_token_ms_exact_spec", "exact"),
+                    ("endpoint_decision_to_first_token_ms_exact_nospec", "exact-nospec"),
+                    ("endpoint_decision_to_first_token_ms_chunked_spec", "chunked"),
+                ]:
                     row[key] = statistics.median(b.fast_vad(vad_audio, mode) for _ in range(a.repeats))
             if "ptt" in parts or "baseline" in parts:
                 off = [p.run(x, prompt, sampling=b.one) for _ in range(a.repeats)]
                 row["offline_run_ttft_ms"] = statistics.median(r.timings["ttft_ms"] for r in off)
             if "ptt" in parts:
-                row["push_to_talk_exact_ttft_ms"] = statistics.median(b.push_to_talk(x, "exact") for _ in range(a.repeats))
-                row["push_to_talk_chunked_ttft_ms"] = statistics.median(b.push_to_talk(x, "chunked") for _ in range(a.repeats))
+                row["push_to_talk_exact_ttft_ms"] = statistics.median(
+                    b.push_to_talk(x, "exact") for _ in range(a.repeats)
+                )
+                row["push_to_talk_chunked_ttft_ms"] = statistics.median(
+                    b.push_to_talk(x, "chunked") for _ in range(a.repeats)
+                )
             if "baseline" in parts:
                 ref = [b.transformers_offline(x) for _ in range(a.repeats)]
                 row["transformers_offline_ttft_ms"] = statistics.median(r[0] for r in ref)
                 row["first_token_equal"] = off[0].token_ids[:1] == [ref[0][1]]
                 row["offline_run_over_transformers"] = row["offline_run_ttft_ms"] / row["transformers_offline_ttft_ms"]
             if "fidelity" in parts:
-                fid = compare(OurModel(pipeline=p), OurModel(pipeline=p, chunk_seconds=a.chunk_seconds,
-                                                             lookahead_seconds=a.lookahead_seconds), [x], prompt, 32)
-                control = compare(OurModel(pipeline=p), noisy_control(OurModel)(p, min(fid["audio_cosine_mean"], 0.999999)),
-                                  [x], prompt, 32)
-                row["chunked_fidelity"] = {"audio_cosine_mean": fid["audio_cosine_mean"], "audio_cosine_min": fid["audio_cosine_min"],
-                                           "top1_agreement_32": fid["top1_agreement"], "mean_kl_32": fid["mean_kl"],
-                                           "noise_control_top1_agreement_32": control["top1_agreement"],
-                                           "noise_control_mean_kl_32": control["mean_kl"]}
+                fid = compare(
+                    OurModel(pipeline=p),
+                    OurModel(pipeline=p, chunk_seconds=a.chunk_seconds, lookahead_seconds=a.lookahead_seconds),
+                    [x],
+                    prompt,
+                    32,
+                )
+                control = compare(
+                    OurModel(pipeline=p),
+                    noisy_control(OurModel)(p, min(fid["audio_cosine_mean"], 0.999999)),
+                    [x],
+                    prompt,
+                    32,
+                )
+                row["chunked_fidelity"] = {
+                    "audio_cosine_mean": fid["audio_cosine_mean"],
+                    "audio_cosine_min": fid["audio_cosine_min"],
+                    "top1_agreement_32": fid["top1_agreement"],
+                    "mean_kl_32": fid["mean_kl"],
+                    "noise_control_top1_agreement_32": control["top1_agreement"],
+                    "noise_control_mean_kl_32": control["mean_kl"],
+                }
             res["rows"].append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "chunked_fidelity"}), flush=True)
             save()
         by_len = {r["seconds"]: r for r in res["rows"]}
         if 5.0 in by_len and 30.0 in by_len and "push_to_talk_chunked_ttft_ms" in by_len[5.0]:
-            res["chunked_flatness_30s_over_5s"] = by_len[30.0]["push_to_talk_chunked_ttft_ms"] / by_len[5.0]["push_to_talk_chunked_ttft_ms"]
+            res["chunked_flatness_30s_over_5s"] = (
+                by_len[30.0]["push_to_talk_chunked_ttft_ms"] / by_len[5.0]["push_to_talk_chunked_ttft_ms"]
+            )
     res["load_average_at_end"] = list(os.getloadavg())
     res["complete"] = True
     save()
-    plot(res, out, f"{a.preset} random model, CPU, {torch.get_num_threads()} threads; chunked {a.chunk_seconds:g} s blocks "
-                   f"+ {a.lookahead_seconds:g} s look-ahead")
+    plot(
+        res,
+        out,
+        f"{a.preset} random model, CPU, {torch.get_num_threads()} threads; chunked {a.chunk_seconds:g} s blocks "
+        f"+ {a.lookahead_seconds:g} s look-ahead",
+    )
 
 
 if __name__ == "__main__":

@@ -37,20 +37,44 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode import random_w4_decoder  # noqa: E402
-from kernel_bench import environment, write_json  # noqa: E402
+from decode import random_w4_decoder
+from kernel_bench import environment, write_json
 
 SHAPES = {
-    "7b": dict(text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=156032),
-               audio=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120)),
-    "small": dict(text=dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                            num_key_value_heads=8, vocab_size=8192),
-                  audio=dict(d_model=256, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=1024)),
+    "7b": dict(
+        text=dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=156032,
+        ),
+        audio=dict(d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120),
+    ),
+    "small": dict(
+        text=dict(
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=8192,
+        ),
+        audio=dict(d_model=256, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=1024),
+    ),
     # the dry run's: bench/decode.py's tiny decoder (vocab ≥ the fixture tokenizer's 512 ids) and a one-layer encoder
-    "tiny": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=2, vocab_size=1024),
-                 audio=dict(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128)),
+    "tiny": dict(
+        text=dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=1024,
+        ),
+        audio=dict(d_model=64, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=128),
+    ),
 }
 
 
@@ -64,25 +88,37 @@ def build_pipeline(shape: str, device: torch.device, tmp: Path, gpu_path: bool =
     `gpu_path`: fp16 and the Triton W4 + fused kernels, as on CUDA (on CPU: under the interpreter)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
     from qwen_audio_edge.runtime.encoder import AudioEncoderWithProjector, EncoderConfig, TorchEncoder
     from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
 
     build_tiny_checkpoint(tmp / "ckpt", "mha")
     export_checkpoint(tmp / "ckpt", tmp / "art", ExportOptions(progress=False))
     dtype = torch.float16 if device.type == "cuda" or gpu_path else torch.float32
-    p = Pipeline.from_artifacts(tmp / "art", RuntimeOptions(device=str(device), dtype="fp16" if dtype == torch.float16 else "fp32",
-                                                            encoder_backend="torch", max_context=64))
+    p = Pipeline.from_artifacts(
+        tmp / "art",
+        RuntimeOptions(
+            device=str(device),
+            dtype="fp16" if dtype == torch.float16 else "fp32",
+            encoder_backend="torch",
+            max_context=64,
+        ),
+    )
     s = SHAPES[shape]
-    cfg = dict(s["text"], max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cfg = dict(
+        s["text"], max_position_embeddings=8192, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False
+    )
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with torch.device(device):
         hf = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
-        enc = AudioEncoderWithProjector(EncoderConfig(num_mel_bins=p.mel.config.n_mels, max_source_positions=1500,
-                                                      output_dim=cfg["hidden_size"], **s["audio"])).eval()
+        enc = AudioEncoderWithProjector(
+            EncoderConfig(
+                num_mel_bins=p.mel.config.n_mels, max_source_positions=1500, output_dim=cfg["hidden_size"], **s["audio"]
+            )
+        ).eval()
     torch.set_default_dtype(default)
     p.decoder = random_w4_decoder(hf, cfg, device, dtype, w4_kernel="triton" if gpu_path else "auto", fused=gpu_path)
     del hf
@@ -101,14 +137,23 @@ def main() -> None:
     ap.add_argument("--lengths", default="2,5,10,20,30")
     from qwen_audio_edge.runtime.chunked import DEFAULT_CHUNK_S, DEFAULT_LOOKAHEAD_S
 
-    ap.add_argument("--chunk-seconds", type=float, default=DEFAULT_CHUNK_S, help="chunked mode's block (runtime default)")
-    ap.add_argument("--lookahead-seconds", type=float, default=DEFAULT_LOOKAHEAD_S,
-                    help="chunked mode's look-ahead per block (runtime default)")
+    ap.add_argument(
+        "--chunk-seconds", type=float, default=DEFAULT_CHUNK_S, help="chunked mode's block (runtime default)"
+    )
+    ap.add_argument(
+        "--lookahead-seconds",
+        type=float,
+        default=DEFAULT_LOOKAHEAD_S,
+        help="chunked mode's look-ahead per block (runtime default)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmups", type=int, default=2, help="untimed offline + chunked turns on a 3 s signal first")
-    ap.add_argument("--gpu-path", action="store_true",
-                    help="on CPU, the CUDA run's code path: fp16, Triton W4 + fused kernels under the Triton "
-                         "interpreter (implied on CUDA; a check, not a speed)")
+    ap.add_argument(
+        "--gpu-path",
+        action="store_true",
+        help="on CPU, the CUDA run's code path: fp16, Triton W4 + fused kernels under the Triton "
+        "interpreter (implied on CUDA; a check, not a speed)",
+    )
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     device = torch.device(a.device)
@@ -121,14 +166,24 @@ def main() -> None:
 
     prompt = "What does the person say?"
     one = SamplingOptions(max_new_tokens=1, greedy=True, repetition_penalty=1.0, ignore_eos=True)
-    res = {"shape": a.shape, "device": str(device), "machine": platform.platform(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d"), "chunk_seconds": a.chunk_seconds, "lookahead_seconds": a.lookahead_seconds,
-           "threads": torch.get_num_threads(), "environment": environment(("numpy", "transformers", "onnxruntime", "triton")),
-           "measured": "push-to-talk: end() → first token, audio fed as fast as possible (no VAD, no real-time pacing; "
-                       "bench/stream.py has the real-time end-of-speech headline on CPU); *_encoder_ms / *_prefill_ms: "
-                       "what was left of each at end()",
-           "weights": "random (real-config encoder, W4 g128 decoder with act-order-like g_idx)", "gpu_path": gpu_path,
-           "complete": False, "rows": []}
+    res = {
+        "shape": a.shape,
+        "device": str(device),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "chunk_seconds": a.chunk_seconds,
+        "lookahead_seconds": a.lookahead_seconds,
+        "threads": torch.get_num_threads(),
+        "environment": environment(("numpy", "transformers", "onnxruntime", "triton")),
+        "measured": "push-to-talk: end() → first token, audio fed as fast as possible (no VAD, no real-time pacing; "
+        "bench/stream.py has the real-time end-of-speech headline on CPU); *_encoder_ms / *_prefill_ms: "
+        "what was left of each at end()",
+        "weights": "random (real-config encoder, W4 g128 decoder with act-order-like g_idx)",
+        "gpu_path": gpu_path,
+        "complete": False,
+        "rows": [],
+    }
     if device.type == "cuda":
         res["gpu"] = torch.cuda.get_device_name(device)
     elif gpu_path:
@@ -162,8 +217,11 @@ def main() -> None:
             _sync(device)
             ev = s.end()
             t = ev.result.timings
-            return {"ttft_ms": ev.to_json()["stream"]["ttft_after_endpoint_ms"], "encoder_ms": t["encoder_ms"],
-                    "prefill_ms": t["prefill_ms"]}
+            return {
+                "ttft_ms": ev.to_json()["stream"]["ttft_after_endpoint_ms"],
+                "encoder_ms": t["encoder_ms"],
+                "prefill_ms": t["prefill_ms"],
+            }
 
         chunked = StreamOptions(mode="chunked", chunk_seconds=a.chunk_seconds, lookahead_seconds=a.lookahead_seconds)
         warm = speech_like_signal(3.0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kernel_bench import _nbytes, _random_gptq, _tinygemm_cuda
 
 SHAPES = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008), "11008x4096": (11008, 4096)}
@@ -61,8 +62,9 @@ def test_w4_decode_matmul(benchmark, shape, impl):
     calls, nbytes = _calls(impl, k, n)
     if not CUDA:
         benchmark(calls[0])
-        benchmark.extra_info.update(per_call_us=benchmark.stats.stats.median * 1e6,
-                                    gbps=nbytes / benchmark.stats.stats.median / 1e9)
+        benchmark.extra_info.update(
+            per_call_us=benchmark.stats.stats.median * 1e6, gbps=nbytes / benchmark.stats.stats.median / 1e9
+        )
         return
     for c in calls:  # compile and tune outside the capture
         c()

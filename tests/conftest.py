@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -48,7 +47,9 @@ class Model:
         if self._ref is None:
             from transformers import Qwen2AudioForConditionalGeneration
 
-            self._ref = Qwen2AudioForConditionalGeneration.from_pretrained(str(self.checkpoint), dtype=torch.float32).eval()
+            self._ref = Qwen2AudioForConditionalGeneration.from_pretrained(
+                str(self.checkpoint), dtype=torch.float32
+            ).eval()
         return self._ref
 
     @property
@@ -60,10 +61,11 @@ class Model:
         return self._proc
 
 
-def _build(tmp_path_factory, name: str, shape: str, *, chat_template: bool = True, bits: int = 32,
-           encoder_dtype: str = "fp32") -> Model:
-    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
+def _build(
+    tmp_path_factory, name: str, shape: str, *, chat_template: bool = True, bits: int = 32, encoder_dtype: str = "fp32"
+) -> Model:
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
+    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
 
     root = tmp_path_factory.mktemp(name)
     ckpt = build_tiny_checkpoint(root / "checkpoint", shape, chat_template=chat_template)
@@ -85,8 +87,14 @@ def w4(mha, tmp_path_factory):
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
 
     root = tmp_path_factory.mktemp("w4")
-    opts = ExportOptions(bits=4, progress=False, calibration=CalibrationOptions(num_samples=10), lm_head="int8",
-                         hf_checkpoint=root / "hf-gptq", threads=2)
+    opts = ExportOptions(
+        bits=4,
+        progress=False,
+        calibration=CalibrationOptions(num_samples=10),
+        lm_head="int8",
+        hf_checkpoint=root / "hf-gptq",
+        threads=2,
+    )
     manifest = export_checkpoint(mha.checkpoint, root / "artifacts", opts)
     return root, manifest
 

@@ -33,8 +33,10 @@ def espeak(text: str) -> np.ndarray:
     import soundfile as sf
     import soxr
 
-    require(shutil.which("espeak-ng") is not None,
-            "espeak-ng (Debian package) is not installed: apt-get install espeak-ng (.ci/run installs it)")
+    require(
+        shutil.which("espeak-ng") is not None,
+        "espeak-ng (Debian package) is not installed: apt-get install espeak-ng (.ci/run installs it)",
+    )
     wav = subprocess.run(["espeak-ng", "--stdout", text], capture_output=True, check=True).stdout
     x, sr = sf.read(io.BytesIO(wav), dtype="float32")
     x = soxr.resample(x, sr, 16000).astype(np.float32)
@@ -48,10 +50,12 @@ def reference_inputs(model, wave: np.ndarray | None, prompt: str | None):
     # Qwen2AudioProcessor invents a default template when the checkpoint has none; a base model
     # (Qwen2-Audio-7B) is prompted raw, so decide by the checkpoint, not by the processor.
     if model.has_template:
-        content = ([{"type": "audio", "audio_url": "a.wav"}] if wave is not None else [])
+        content = [{"type": "audio", "audio_url": "a.wav"}] if wave is not None else []
         if prompt:
             content.append({"type": "text", "text": prompt})
-        text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        text = proc.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
     else:
         text = ("<|audio_bos|><|AUDIO|><|audio_eos|>" if wave is not None else "") + (prompt or "")
     if wave is None:
@@ -63,11 +67,17 @@ def reference_greedy(model, inputs, n: int, repetition_penalty: float = 1.0) -> 
     """transformers generate(): greedy, EOS ignored (no eos id), exactly n new tokens."""
     from transformers import GenerationConfig
 
-    cfg = GenerationConfig(do_sample=False, max_new_tokens=n, min_new_tokens=0, eos_token_id=None,
-                           pad_token_id=0, repetition_penalty=repetition_penalty)
+    cfg = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=0,
+        eos_token_id=None,
+        pad_token_id=0,
+        repetition_penalty=repetition_penalty,
+    )
     with torch.no_grad():
         out = model.reference.generate(**inputs, generation_config=cfg)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def require(ok: bool, reason: str) -> None:
@@ -80,6 +90,9 @@ def require(ok: bool, reason: str) -> None:
     if ok:
         return
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"{reason} — CI={os.environ['CI']}: CI must run this test, not skip it "
-                    "(.ci/run installs the [dev] extra and espeak-ng)", pytrace=False)
+        pytest.fail(
+            f"{reason} — CI={os.environ['CI']}: CI must run this test, not skip it "
+            "(.ci/run installs the [dev] extra and espeak-ng)",
+            pytrace=False,
+        )
     pytest.skip(reason)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import soundfile as sf
-from helpers import signal
 
+from helpers import signal
 from qwen_audio_edge.runtime.audio import MelConfig, load_audio, num_audio_tokens, prepare_waveform, split_segments
 from qwen_audio_edge.runtime.errors import AudioError
 

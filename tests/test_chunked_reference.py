@@ -46,15 +46,19 @@ def _log_mel_unclamped(fe, wave: np.ndarray) -> torch.Tensor:
     """log10 mel power [n_mels, 3000] of the waveform zero-padded to 30 s (Whisper's recipe, before its clamp)."""
     padded = np.zeros(fe.n_samples, np.float32)
     padded[: len(wave)] = wave
-    stft = torch.stft(torch.from_numpy(padded), fe.n_fft, fe.hop_length, window=torch.hann_window(fe.n_fft),
-                      return_complex=True)
+    stft = torch.stft(
+        torch.from_numpy(padded), fe.n_fft, fe.hop_length, window=torch.hann_window(fe.n_fft), return_complex=True
+    )
     power = stft[..., :-1].abs() ** 2
     return (torch.from_numpy(fe.mel_filters).float().T @ power).clamp(min=1e-10).log10()
 
 
 def _valid_frames(fe, wave: np.ndarray) -> int:
-    return int(fe(wave, sampling_rate=16000, return_attention_mask=True, padding="max_length",
-                  return_tensors="pt")["attention_mask"].sum())
+    return int(
+        fe(wave, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")[
+            "attention_mask"
+        ].sum()
+    )
 
 
 @torch.no_grad()
@@ -108,8 +112,11 @@ def exact_transformers(model, wave: np.ndarray) -> torch.Tensor:
     feats = fe(wave, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt")
     lengths, n_tokens = tower._get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))
     positions = tower.config.max_source_positions
-    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(1, positions, 1),
-                                     attention_mask=(torch.arange(positions)[None] < lengths[:, None]).long())
+    mask = create_bidirectional_mask(
+        config=tower.config,
+        inputs_embeds=torch.zeros(1, positions, 1),
+        attention_mask=(torch.arange(positions)[None] < lengths[:, None]).long(),
+    )
     states = tower(feats["input_features"], attention_mask=mask).last_hidden_state
     return model.reference.model.multi_modal_projector(states)[0, : int(n_tokens)]
 
@@ -128,8 +135,12 @@ def stream_embeddings(p, monkeypatch, wave: np.ndarray, chunk_s: float, lookahea
     monkeypatch.setattr(p, "encode_mels", recording)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the fidelity note of unmeasured settings
-        session = p.stream(PROMPT, sampling=ONE_TOKEN, vad=None,
-                           options=StreamOptions(mode="chunked", chunk_seconds=chunk_s, lookahead_seconds=lookahead_s))
+        session = p.stream(
+            PROMPT,
+            sampling=ONE_TOKEN,
+            vad=None,
+            options=StreamOptions(mode="chunked", chunk_seconds=chunk_s, lookahead_seconds=lookahead_s),
+        )
     for i in range(0, len(wave), step):
         session.feed(wave[i : i + step])
     early = sum(e.shape[0] for e in seen)
@@ -173,8 +184,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("seconds,seed,silence,loud,chunk_s,lookahead_s,step", CASES)
-def test_chunked_stream_equals_the_reference(mha, pipelines, monkeypatch, seconds, seed, silence, loud, chunk_s,
-                                             lookahead_s, step):
+def test_chunked_stream_equals_the_reference(
+    mha, pipelines, monkeypatch, seconds, seed, silence, loud, chunk_s, lookahead_s, step
+):
     p = pipelines(mha)
     wave = _wave(seconds, seed, silence, loud)
     block, lookahead = round(chunk_s * FRAMES_PER_S), round(lookahead_s * FRAMES_PER_S)
@@ -188,8 +200,10 @@ def test_chunked_stream_equals_the_reference(mha, pipelines, monkeypatch, second
     final_early = max(0, (v - lookahead - 2 - 16 - step // 160 - 1) // block)
     assert early >= final_early * block // 4, (early, final_early)
     err, err_offline = _rel(got, ref), _rel(offline, ref)
-    print(f"{seconds} s, {chunk_s} s blocks + {lookahead_s} s look-ahead: stream vs reference {err:.2e}, "
-          f"offline chunked vs reference {err_offline:.2e}, {early} of {got.shape[0]} tokens encoded before end()")
+    print(
+        f"{seconds} s, {chunk_s} s blocks + {lookahead_s} s look-ahead: stream vs reference {err:.2e}, "
+        f"offline chunked vs reference {err_offline:.2e}, {early} of {got.shape[0]} tokens encoded before end()"
+    )
     # fp32 rounding only: measured 3.1e-7 … 4.2e-7 over CASES (stream and offline alike); margin ×5. Plausible
     # wrong rules are far above it (measured on CASES): no clamp floor 1.0e-1 (the silent-start case), clamp at
     # the block's end instead of after its look-ahead ≥ 9.0e-6, the exact global clamp ≥ 1.2e-5, each block's

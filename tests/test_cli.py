@@ -29,8 +29,21 @@ def wav(tmp_path_factory):
 
 
 def test_run_json_matches_the_api(mha, pipelines, wav):
-    r = _cli("run", mha.artifacts, "--audio", wav, "--prompt", "What is said?", "--greedy", "--max-new-tokens", 12,
-             "--ignore-eos", "--repetition-penalty", "1.0", "--json")
+    r = _cli(
+        "run",
+        mha.artifacts,
+        "--audio",
+        wav,
+        "--prompt",
+        "What is said?",
+        "--greedy",
+        "--max-new-tokens",
+        12,
+        "--ignore-eos",
+        "--repetition-penalty",
+        "1.0",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) >= {"text", "token_ids", "timings", "finish_reason"}
@@ -141,8 +154,19 @@ def test_eval_librispeech_format(mha, pipelines, tmp_path):
         lines.append(f"{uid} HE HOPED THERE WOULD BE STEW FOR DINNER")
     (chapter / "1089-134686.trans.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "results.jsonl"
-    r = _cli("eval", mha.artifacts, "--librispeech", tmp_path / "LibriSpeech", "--limit", 2, "--max-new-tokens", 6,
-             "--out", out, "--json")
+    r = _cli(
+        "eval",
+        mha.artifacts,
+        "--librispeech",
+        tmp_path / "LibriSpeech",
+        "--limit",
+        2,
+        "--max-new-tokens",
+        6,
+        "--out",
+        out,
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -176,8 +200,10 @@ def test_eval_librispeech_format(mha, pipelines, tmp_path):
 
     doc = " ".join(librispeech.__doc__.split())
     pub = report["published_wer_percent"]
-    quoted = (f"test-clean / test-other WER {pub['test-clean']['original']} / {pub['test-other']['original']} in the "
-              f"original framework, {pub['test-clean']['hf']} / {pub['test-other']['hf']} for the HF-converted checkpoint")
+    quoted = (
+        f"test-clean / test-other WER {pub['test-clean']['original']} / {pub['test-other']['original']} in the "
+        f"original framework, {pub['test-clean']['hf']} / {pub['test-other']['hf']} for the HF-converted checkpoint"
+    )
     assert quoted in doc, quoted
     r = _cli("eval", mha.artifacts, "--librispeech", tmp_path / "nothing")
     assert r.returncode == 2 and "not found" in r.stderr
@@ -188,8 +214,20 @@ def test_export_w4_cli_flags(mha, tmp_path):
     assert r.returncode == 2 and "use 32, 64, 128 or -1" in r.stderr and "Traceback" not in r.stderr
     r = _cli("export", mha.checkpoint, tmp_path / "o", "--bits", "4", "--calibration", tmp_path / "none", "--quiet")
     assert r.returncode == 2 and "calibration directory not found" in r.stderr
-    r = _cli("export", mha.checkpoint, tmp_path / "o", "--bits", "4", "--num-samples", "4", "--asym", "--no-act-order",
-             "--group-size", "64", "--quiet")
+    r = _cli(
+        "export",
+        mha.checkpoint,
+        tmp_path / "o",
+        "--bits",
+        "4",
+        "--num-samples",
+        "4",
+        "--asym",
+        "--no-act-order",
+        "--group-size",
+        "64",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     qc = json.loads((tmp_path / "o" / "decoder" / "config.json").read_text())["quantization_config"]
     assert (qc["sym"], qc["desc_act"], qc["group_size"]) == (False, False, 64)

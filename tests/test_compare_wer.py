@@ -11,15 +11,24 @@ import sys
 
 import pytest
 import soundfile as sf
-from helpers import signal
 
+from helpers import signal
 from qwen_audio_edge.evaluation.compare import OurModel, compare, format_table
 from qwen_audio_edge.evaluation.librispeech import DEFAULT_INSTRUCTION, normalizer, read_transcripts, wer_stats
 from qwen_audio_edge.runtime.errors import OptionsError
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
 CLI = [sys.executable, "-m", "qwen_audio_edge.cli"]
-WER_KEYS = {"utterances", "words", "normalizer", "reference", "candidate", "relative_change", "instruction", "max_new_tokens"}
+WER_KEYS = {
+    "utterances",
+    "words",
+    "normalizer",
+    "reference",
+    "candidate",
+    "relative_change",
+    "instruction",
+    "max_new_tokens",
+}
 
 
 def _cli(*args):
@@ -36,7 +45,9 @@ def corpus(tmp_path_factory):
     ids = [f"1089-134686-{i:04d}" for i in range(3)]
     for i, uid in enumerate(ids):
         sf.write(str(chapter / f"{uid}.flac"), signal(1.5 + 0.7 * i, seed=10 + i), 16000)
-    (chapter / "1089-134686.trans.txt").write_text("".join(f"{uid} HE HOPED THERE WOULD BE STEW {i}\n" for i, uid in enumerate(ids)))
+    (chapter / "1089-134686.trans.txt").write_text(
+        "".join(f"{uid} HE HOPED THERE WOULD BE STEW {i}\n" for i, uid in enumerate(ids))
+    )
     return root, [chapter / f"{uid}.flac" for uid in ids]
 
 
@@ -66,11 +77,15 @@ def test_compare_reports_wer_per_side(mha, pipelines, corpus):
     _, files = corpus
     p = pipelines(mha, verify_hashes=False)  # a pipeline of its own: compare replaces its KV cache
     a, b = OurModel(pipeline=p), OurModel(pipeline=p, chunk_seconds=1.28)
-    run = lambda transcripts: compare(a, b, files, "What does the person say?", 4, transcripts=transcripts, max_new_tokens=10)
+    run = lambda transcripts: compare(
+        a, b, files, "What does the person say?", 4, transcripts=transcripts, max_new_tokens=10
+    )
     first = run(["placeholder words"] * 3)
     hyp_a = [row["hypotheses"]["reference"] for row in first["rows"]]
     hyp_b = [row["hypotheses"]["candidate"] for row in first["rows"]]
-    eval_texts = [p.run(str(f), DEFAULT_INSTRUCTION, sampling=SamplingOptions(max_new_tokens=10, greedy=True)).text for f in files]
+    eval_texts = [
+        p.run(str(f), DEFAULT_INSTRUCTION, sampling=SamplingOptions(max_new_tokens=10, greedy=True)).text for f in files
+    ]
     assert hyp_a == eval_texts
     norm = normalizer()
     assert all(norm(h) for h in hyp_a + hyp_b), "a hypothesis normalizes to nothing: the WER checks would prove little"
@@ -101,8 +116,22 @@ def test_compare_cli_transcripts_hf_vs_artifacts(mha, corpus):
     """transformers (HF dir) vs our fp32 artifacts: the same transcriptions, so the same WER (relative change 0)."""
     root, files = corpus
     trans = next(root.rglob("*.trans.txt"))
-    r = _cli("compare", mha.checkpoint, mha.artifacts, "--audio", files[0], "--audio", files[1], "--new-tokens", 4,
-             "--transcripts", trans, "--max-new-tokens", 8, "--json")
+    r = _cli(
+        "compare",
+        mha.checkpoint,
+        mha.artifacts,
+        "--audio",
+        files[0],
+        "--audio",
+        files[1],
+        "--new-tokens",
+        4,
+        "--transcripts",
+        trans,
+        "--max-new-tokens",
+        8,
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(report["wer"]) == WER_KEYS and report["wer"]["utterances"] == 2 and report["wer"]["words"] == 14
@@ -114,21 +143,36 @@ def test_compare_cli_transcripts_hf_vs_artifacts(mha, corpus):
 
 def test_compare_cli_librispeech_chunked(mha, corpus):
     root, _ = corpus
-    r = _cli("compare", mha.artifacts, "--chunked", "1.28", "--librispeech", root.parent, "--limit", 2,
-             "--new-tokens", 4, "--max-new-tokens", 6)
+    r = _cli(
+        "compare",
+        mha.artifacts,
+        "--chunked",
+        "1.28",
+        "--librispeech",
+        root.parent,
+        "--limit",
+        2,
+        "--new-tokens",
+        4,
+        "--max-new-tokens",
+        6,
+    )
     assert r.returncode == 0, r.stderr
     assert "WER on 2 utterance(s), 14 words" in r.stdout and "relative change" in r.stdout
     assert "candidate:" in r.stdout and "chunked stream mode" in r.stdout
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--librispeech", "{ls}", "--audio", "{wav}"], "without --audio/--transcripts"),
-    (["--transcripts", "{ls}"], "--audio FILE"),
-    (["--audio", "{wav}", "--limit", "2"], "--limit applies to --librispeech"),
-    (["--audio", "{wav}", "--transcripts", "{ls}/nothing"], "transcripts not found"),
-    (["--audio", "{wav}", "--transcripts", "{ls}"], "no transcript for"),
-    (["--librispeech", "{ls}/nothing"], "LibriSpeech directory not found"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--librispeech", "{ls}", "--audio", "{wav}"], "without --audio/--transcripts"),
+        (["--transcripts", "{ls}"], "--audio FILE"),
+        (["--audio", "{wav}", "--limit", "2"], "--limit applies to --librispeech"),
+        (["--audio", "{wav}", "--transcripts", "{ls}/nothing"], "transcripts not found"),
+        (["--audio", "{wav}", "--transcripts", "{ls}"], "no transcript for"),
+        (["--librispeech", "{ls}/nothing"], "LibriSpeech directory not found"),
+    ],
+)
 def test_compare_cli_wer_errors(mha, corpus, tmp_path, args, match):
     root, _ = corpus
     wav = tmp_path / "other.wav"

@@ -56,7 +56,11 @@ def test_limits_follow_the_cuda_table():
     """Shared memory per block (opt-in) and the register rule: 255 per thread, 64 K per block, allocated
     8 per thread (a warp's 256)."""
     assert {a: lim.shared_per_block for a, lim in W.GPU_LIMITS.items()} == {
-        80: 166912, 86: 101376, 89: 101376, 90: 232448}
+        80: 166912,
+        86: 101376,
+        89: 101376,
+        90: 232448,
+    }
     lim = W.GPU_LIMITS[89]
     assert lim.fits(101376, 255, 256) and not lim.fits(101377)
     assert not lim.fits(0, 255, 512) and not lim.fits(0, 256, 32)
@@ -126,13 +130,16 @@ def test_committed_compile_results_pass_and_generate_the_table():
     paths = sorted(str(p) for p in RESULTS.glob("triton-*/sm_*.json"))
     assert paths
     for version_dir in {Path(p).parent for p in paths}:
-        runs = {json.loads(p.read_text())["target"]["arch"]: json.loads(p.read_text()) for p in version_dir.glob("sm_*.json")}
+        runs = {
+            json.loads(p.read_text())["target"]["arch"]: json.loads(p.read_text())
+            for p in version_dir.glob("sm_*.json")
+        }
         assert sorted(runs) == sorted(W.GPU_LIMITS), version_dir
         for arch, run in runs.items():
             assert not run["quick"] and run["summary"]["failed"] == 0, (version_dir.name, arch, run["summary"])
             assert run["target"]["shared_per_block"] == W.GPU_LIMITS[arch].shared_per_block
     table: dict = {}
-    exec(cc.compiled_table(paths), {}, table)  # noqa: S102 — our own generated literal
+    exec(cc.compiled_table(paths), {}, table)
     assert table["COMPILED"] == W.COMPILED
 
 
@@ -148,8 +155,14 @@ def test_default_configs_compile_for_ampere_and_ada(tmp_path):
     out = tmp_path / "compile"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = ROOT / "bench" / "compile_check.py"
-    r = subprocess.run([sys.executable, str(script), "--quick", "--arch", "80,89", "--out", str(out)],
-                       capture_output=True, text=True, env=env, timeout=300, check=False)
+    r = subprocess.run(
+        [sys.executable, str(script), "--quick", "--arch", "80,89", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (version_dir,) = out.iterdir()
     for arch in (80, 89):

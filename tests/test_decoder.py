@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import GREEDY_KW, PROMPT, signal
 
+from helpers import GREEDY_KW, PROMPT, signal
 from qwen_audio_edge.runtime.decoder import KVCache, ModelArgs
 from qwen_audio_edge.runtime.errors import ArtifactsError, LimitError, NumericalError
 from qwen_audio_edge.runtime.generate import SamplingOptions
@@ -17,7 +17,9 @@ def _full_logits(p, ids: list[int], audio_embeds=None) -> torch.Tensor:
     """Recompute every position from scratch in a fresh cache (no reuse)."""
     cache = p.decoder.setup_cache(p.max_context)
     with torch.inference_mode():
-        return p.decoder(embed_prompt(p.decoder, ids, audio_embeds, p.prompt.audio_token_id), 0, cache, all_logits=True)[0]
+        return p.decoder(
+            embed_prompt(p.decoder, ids, audio_embeds, p.prompt.audio_token_id), 0, cache, all_logits=True
+        )[0]
 
 
 @pytest.mark.parametrize("shape", ["mha", "gqa"])
@@ -89,8 +91,11 @@ def test_second_turn_text_matches_template_rendering(mha, pipelines):
     answer_ids = list(conv.ids[-5:])
     conv.send(None, "Thanks!", sampling=SamplingOptions(max_new_tokens=3, **GREEDY_KW))
     proc = mha.processor
-    head = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}],
-                                    add_generation_prompt=True, tokenize=False)
+    head = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     tail = "<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n"
     tok = proc.tokenizer
     expected = tok(head)["input_ids"] + answer_ids + tok(tail)["input_ids"]
@@ -117,8 +122,9 @@ def test_prompt_overflow_is_rejected_before_any_work(mha):
     assert calls == []
     # `run` has no context policy and no conversation to restart: the message offers what a run can change.
     limit = p.decoder.args.max_position_embeddings
-    assert str(e.value).endswith(f"; use shorter audio or a shorter prompt, or raise --max-context (up to the model's "
-                                 f"{limit} positions)")
+    assert str(e.value).endswith(
+        f"; use shorter audio or a shorter prompt, or raise --max-context (up to the model's {limit} positions)"
+    )
 
 
 def test_context_refusal_says_what_the_caller_can_do():
@@ -131,12 +137,17 @@ def test_context_refusal_says_what_the_caller_can_do():
             ContextPolicy(policy, max_context, 400, one_shot=one_shot).check_fits(30, max_context - 30, 20)
         return str(e.value).split("; ", 1)[1]
 
-    assert advice("error", one_shot=True) == ("use shorter audio or a shorter prompt, or raise --max-context "
-                                              "(up to the model's 400 positions)")
-    assert advice("error") == ("start a new conversation, use the drop_oldest context policy, use shorter audio "
-                               "or text, or raise --max-context (up to the model's 400 positions)")
-    assert advice("drop_oldest", 400) == ("with every earlier exchange dropped this turn is still too long: use shorter "
-                                          "audio or text (--max-context is already the model's limit, 400 positions)")
+    assert advice("error", one_shot=True) == (
+        "use shorter audio or a shorter prompt, or raise --max-context (up to the model's 400 positions)"
+    )
+    assert advice("error") == (
+        "start a new conversation, use the drop_oldest context policy, use shorter audio "
+        "or text, or raise --max-context (up to the model's 400 positions)"
+    )
+    assert advice("drop_oldest", 400) == (
+        "with every earlier exchange dropped this turn is still too long: use shorter "
+        "audio or text (--max-context is already the model's limit, 400 positions)"
+    )
     ContextPolicy("error", 100, 400).check_fits(30, 69, 0)  # 99 positions fit in 100
 
 
@@ -192,8 +203,15 @@ def test_stop_on_eos_unless_ignored(mha, pipelines):
 
 
 def test_model_args_read_both_config_forms():
-    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                rms_norm_eps=1e-5, max_position_embeddings=32)
+    base = dict(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=32,
+    )
     a = ModelArgs.from_config(base | {"rope_theta": 5.0, "num_key_value_heads": 1})
     b = ModelArgs.from_config(base | {"rope_parameters": {"rope_theta": 5.0, "rope_type": "default"}})
     assert a.rope_theta == b.rope_theta == 5.0 and a.num_key_value_heads == 1 and b.num_key_value_heads == 2
@@ -209,8 +227,16 @@ def test_tied_head_gqa_decoder_matches_transformers_qwen2(tmp_path):
 
     from qwen_audio_edge.runtime.decoder import load_decoder
 
-    cfg = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=256)
+    cfg = Qwen2Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+    )
     torch.manual_seed(0)
     ref = Qwen2ForCausalLM(cfg).eval()
     ref.save_pretrained(tmp_path)
@@ -239,7 +265,11 @@ def test_half_precision_activations_track_fp32(mha, pipelines, dtype, rel_tol):
     ref = out["fp32"]
     assert (out[dtype] - ref).abs().max().item() <= rel_tol * ref.abs().max().item()
     a = pipelines(mha).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY_KW)).token_ids
-    b = pipelines(mha, dtype=dtype).run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY_KW)).token_ids
+    b = (
+        pipelines(mha, dtype=dtype)
+        .run(signal(2.0), "Hi", sampling=SamplingOptions(max_new_tokens=4, **GREEDY_KW))
+        .token_ids
+    )
     assert a[:2] == b[:2]
 
 
@@ -288,21 +318,31 @@ def test_endoftext_stop_is_not_carried_into_the_next_turn(mha, pipelines):
     conv = p.chat()
     p.decoder.forward = eot_on_third
     try:
-        first = conv.send(None, "Hello there.", sampling=SamplingOptions(max_new_tokens=10, greedy=True, repetition_penalty=1.0))
+        first = conv.send(
+            None, "Hello there.", sampling=SamplingOptions(max_new_tokens=10, greedy=True, repetition_penalty=1.0)
+        )
     finally:
         del p.decoder.forward
     assert first.token_ids[-1] == eot and first.finish_reason == "stop"
     assert conv.ids[-1] != eot and conv.cached == len(conv.ids)
     conv.send(None, "Thanks!", sampling=SamplingOptions(max_new_tokens=2, **GREEDY_KW))
     tok = mha.processor.tokenizer
-    head = mha.processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}],
-                                             add_generation_prompt=True, tokenize=False)
-    expected = (tok(head)["input_ids"] + first.token_ids[:-1]
-                + tok("<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n")["input_ids"])
+    head = mha.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Hello there."}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    expected = (
+        tok(head)["input_ids"]
+        + first.token_ids[:-1]
+        + tok("<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    )
     assert conv.ids[: len(expected)] == expected
 
 
-@pytest.mark.parametrize("device,match", [("gpu", "not a device name|not supported"), ("cuda:7", "CUDA"), ("mps", "not supported")])
+@pytest.mark.parametrize(
+    "device,match", [("gpu", "not a device name|not supported"), ("cuda:7", "CUDA"), ("mps", "not supported")]
+)
 def test_bad_devices_are_rejected(device, match):
     from qwen_audio_edge.runtime.errors import OptionsError
     from qwen_audio_edge.runtime.pipeline import RuntimeOptions
@@ -348,8 +388,8 @@ def test_fused_projections_equal_separate_ones(mha, w4, tmp_path):
                     k, n = m.in_features, m.out_features
                     key = (name.split(".")[0], k, name.endswith(("o_proj", "down_proj")))
                     perm = perms.setdefault(key, torch.randperm(k))
-                    m.qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32)
-                    m.qzeros = torch.randint(-2**31, 2**31 - 1, (k // 32, n // 8), dtype=torch.int32)
+                    m.qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32)
+                    m.qzeros = torch.randint(-(2**31), 2**31 - 1, (k // 32, n // 8), dtype=torch.int32)
                     m.scales = (torch.rand(k // 32, n) * 0.02).half()
                     m.g_idx = (torch.arange(k) // 32).int()[perm]
                     if m.bias is not None:
@@ -490,8 +530,8 @@ def test_fused_elementwise_kernels_give_the_torch_logits(model_name, request):
 def test_fused_kernels_fall_back_to_torch_ops_with_a_warning(mha, monkeypatch):
     """If Triton cannot compile or run the fused kernels on the device, loading warns and keeps the torch ops."""
     pytest.importorskip("triton", reason="triton is in the dev extra")
-    from qwen_audio_edge.kernels import fused_triton
     from qwen_audio_edge.cli import _runtime_options, build_parser
+    from qwen_audio_edge.kernels import fused_triton
     from qwen_audio_edge.runtime.decoder import enable_fused_kernels, load_decoder
 
     d = load_decoder(mha.artifacts / "decoder", torch.float32, "cpu")
@@ -500,7 +540,9 @@ def test_fused_kernels_fall_back_to_torch_ops_with_a_warning(mha, monkeypatch):
         raise RuntimeError("failed to compile the launcher: no C compiler")
 
     monkeypatch.setattr(fused_triton, "rms_norm", broken)
-    with pytest.warns(RuntimeWarning, match="fused Triton kernels failed their self-check .*no C compiler.*plain torch ops"):
+    with pytest.warns(
+        RuntimeWarning, match="fused Triton kernels failed their self-check .*no C compiler.*plain torch ops"
+    ):
         assert enable_fused_kernels(d) is False
     assert d.model.layers[0].fused_kernels is None
     monkeypatch.undo()

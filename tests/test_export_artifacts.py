@@ -7,16 +7,23 @@ import shutil
 
 import pytest
 import torch
-from helpers import signal
 
+from helpers import signal
 from qwen_audio_edge.runtime.artifacts import FORMAT_VERSION, MANIFEST, load_manifest
 from qwen_audio_edge.runtime.errors import ArtifactsError, CheckpointError, OptionsError
 
 
 def test_checkpoint_fixture_has_the_real_layout(mha):
     names = {p.name for p in mha.checkpoint.iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
-            "tokenizer_config.json", "preprocessor_config.json", "chat_template.json"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "chat_template.json",
+    } <= names
     index = json.loads((mha.checkpoint / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3  # sharded
     prefixes = {k.split(".")[0] for k in index["weight_map"]}
@@ -30,8 +37,14 @@ def test_artifacts_layout_and_manifest(mha):
     art = load_manifest(mha.artifacts)
     m = art.manifest
     assert m["format_version"] == FORMAT_VERSION
-    for rel in ("encoder.onnx", "tokenizer.json", "chat_template.jinja", "mel_filters.safetensors",
-                "preprocessor_config.json", "decoder/config.json"):
+    for rel in (
+        "encoder.onnx",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "mel_filters.safetensors",
+        "preprocessor_config.json",
+        "decoder/config.json",
+    ):
         assert rel in m["files"] and len(m["files"][rel]["sha256"]) == 64
     assert m["config"]["text"]["num_key_value_heads"] == 4
     assert m["tools"]["transformers"] and m["tools"]["torch"]
@@ -201,14 +214,16 @@ def test_both_decoder_key_forms_of_transformers_5_export_the_same_model(mha, pip
     index = json.loads((mha.checkpoint / "model.safetensors.index.json").read_text())
     doubled = any(k.startswith("language_model.model.model.") for k in index["weight_map"])
     if doubled:
-        rename = lambda k: k.replace("language_model.model.model.", "language_model.model.", 1)  # noqa: E731
+        rename = lambda k: k.replace("language_model.model.model.", "language_model.model.", 1)
     else:
-        rename = lambda k: k.replace("language_model.model.", "language_model.model.model.", 1)  # noqa: E731
+        rename = lambda k: k.replace("language_model.model.", "language_model.model.model.", 1)
     other = tmp_path / "other_form"
     _rename_decoder_keys(mha.checkpoint, other, rename)
     export_checkpoint(other, tmp_path / "art", ExportOptions(bits=32, progress=False))  # as the mha fixture
-    mine, theirs = load_file(str(mha.artifacts / "decoder" / "model.safetensors")), load_file(
-        str(tmp_path / "art" / "decoder" / "model.safetensors"))
+    mine, theirs = (
+        load_file(str(mha.artifacts / "decoder" / "model.safetensors")),
+        load_file(str(tmp_path / "art" / "decoder" / "model.safetensors")),
+    )
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     from qwen_audio_edge.runtime.generate import SamplingOptions
     from qwen_audio_edge.runtime.pipeline import Pipeline
@@ -218,8 +233,15 @@ def test_both_decoder_key_forms_of_transformers_5_export_the_same_model(mha, pip
     assert Pipeline.from_artifacts(tmp_path / "art").run(wave, "What is said?", sampling=greedy).token_ids == ref
 
 
-@pytest.mark.parametrize("key", ["language_model.model.model.model.norm.weight", "language_model.model.vision.weight",
-                                 "audio_tower.extra.weight", "text_model.embed_tokens.weight"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "language_model.model.model.model.norm.weight",
+        "language_model.model.vision.weight",
+        "audio_tower.extra.weight",
+        "text_model.embed_tokens.weight",
+    ],
+)
 def test_foreign_checkpoint_keys_are_refused_by_name(key):
     from qwen_audio_edge.export.checkpoint import map_key
 

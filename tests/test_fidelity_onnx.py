@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import require
 import torch
+
+from helpers import require
 
 ROOT = Path(__file__).resolve().parents[1]
 for _p in (str(ROOT), str(ROOT / "bench")):
@@ -109,7 +110,10 @@ def test_fp32_graph_interface(exported, study):
     assert isinstance(mel.shape[2], str)  # dynamic time axis
     assert (n_valid.name, n_valid.type, n_valid.shape) == ("n_valid", "tensor(int64)", [1])
     assert out.shape[0] == 1 and out.shape[2] == study.cfg.d_model
-    assert str(exported["int8"]).endswith(".int8.onnx") and exported["int8"].stat().st_size < exported["fp32"].stat().st_size / 2
+    assert (
+        str(exported["int8"]).endswith(".int8.onnx")
+        and exported["int8"].stat().st_size < exported["fp32"].stat().st_size / 2
+    )
 
 
 def test_fp32_matches_exact(exported, study, waves, exact):

@@ -9,9 +9,16 @@ from qwen_audio_edge.runtime.errors import OptionsError
 from qwen_audio_edge.runtime.generate import IncrementalDetokenizer, NgramBan, SamplingOptions, process_logits
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,penalty,min_p",
-                         [(0.7, 20, 0.5, 1.1, None), (1.3, 0, 0.9, 1.0, None), (0.5, 5, 1.0, 1.5, None),
-                          (1.0, 50, 1.0, 1.0, 0.05), (0.8, 0, 0.95, 1.2, 0.3)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,penalty,min_p",
+    [
+        (0.7, 20, 0.5, 1.1, None),
+        (1.3, 0, 0.9, 1.0, None),
+        (0.5, 5, 1.0, 1.5, None),
+        (1.0, 50, 1.0, 1.0, 0.05),
+        (0.8, 0, 0.95, 1.2, 0.3),
+    ],
+)
 def test_processed_scores_match_transformers(temperature, top_k, top_p, penalty, min_p):
     from transformers.generation.logits_process import (
         MinPLogitsWarper,
@@ -34,8 +41,9 @@ def test_processed_scores_match_transformers(temperature, top_k, top_p, penalty,
         ref = TopPLogitsWarper(top_p)(history, ref)
     if min_p is not None:
         ref = MinPLogitsWarper(min_p)(history, ref)
-    opts = SamplingOptions(greedy=False, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty,
-                           min_p=min_p)
+    opts = SamplingOptions(
+        greedy=False, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty, min_p=min_p
+    )
     ours = process_logits(logits[0], torch.tensor(sorted(set(history[0].tolist()))), opts)
     assert torch.equal(torch.isinf(ours), torch.isinf(ref[0]))
     finite = torch.isfinite(ours)
@@ -50,8 +58,16 @@ def test_defaults_are_transformers_defaults():
     opts = SamplingOptions()
     assert opts.greedy == (not d["do_sample"])
     assert (opts.temperature, opts.top_k, opts.top_p, opts.repetition_penalty) == (
-        d["temperature"], d["top_k"], d["top_p"], d["repetition_penalty"])
-    assert (opts.no_repeat_ngram_size, opts.min_length, opts.min_p) == (d["no_repeat_ngram_size"], d["min_length"], None)
+        d["temperature"],
+        d["top_k"],
+        d["top_p"],
+        d["repetition_penalty"],
+    )
+    assert (opts.no_repeat_ngram_size, opts.min_length, opts.min_p) == (
+        d["no_repeat_ngram_size"],
+        d["min_length"],
+        None,
+    )
     # Greedy ignores the sampling parameters, as transformers does (no validation either).
     assert SamplingOptions(greedy=True, temperature=0.0, top_p=5.0).greedy
 
@@ -72,16 +88,30 @@ def test_ngram_ban_matches_transformers(n):
 
 def test_seeded_sampling_is_reproducible(mha, pipelines):
     p = pipelines(mha)
-    opts = SamplingOptions(max_new_tokens=10, greedy=False, seed=123, temperature=1.0, top_k=0, top_p=1.0, ignore_eos=True)
+    opts = SamplingOptions(
+        max_new_tokens=10, greedy=False, seed=123, temperature=1.0, top_k=0, top_p=1.0, ignore_eos=True
+    )
     a = p.run(None, "Hello", sampling=opts).token_ids
     b = p.run(None, "Hello", sampling=opts).token_ids
     c = p.run(None, "Hello", sampling=SamplingOptions(**{**opts.__dict__, "seed": 124})).token_ids
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=0), dict(top_p=-0.1), dict(top_p=1.5), dict(top_k=-1), dict(min_p=2.0),
-                                dict(repetition_penalty=0), dict(max_new_tokens=0), dict(no_repeat_ngram_size=-1),
-                                dict(min_new_tokens=-1), dict(max_length=0)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=0),
+        dict(top_p=-0.1),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(min_p=2.0),
+        dict(repetition_penalty=0),
+        dict(max_new_tokens=0),
+        dict(no_repeat_ngram_size=-1),
+        dict(min_new_tokens=-1),
+        dict(max_length=0),
+    ],
+)
 def test_bad_sampling_options(kw):
     with pytest.raises(OptionsError):
         SamplingOptions(greedy=False, **kw)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 import torch
-from helpers import PROMPT, reference_inputs, signal
 
+from helpers import PROMPT, reference_inputs, signal
 from qwen_audio_edge.runtime.errors import LimitError, OptionsError
 from qwen_audio_edge.runtime.generate import SamplingOptions
 from qwen_audio_edge.runtime.generation_config import (
@@ -35,9 +35,18 @@ from qwen_audio_edge.runtime.generation_config import (
 
 ENDOFTEXT, IM_END = 360, 362  # the tiny tokenizer's <|endoftext|> and <|im_end|>
 # Qwen2-Audio-7B-Instruct's generation_config.json (the values its model card documents).
-INSTRUCT = {"chat_format": "chatml", "do_sample": True, "eos_token_id": [151643, 151645], "pad_token_id": 151643,
-            "repetition_penalty": 1.1, "temperature": 0.7, "top_k": 20, "top_p": 0.5, "max_new_tokens": 2048,
-            "transformers_version": "4.45.0.dev0"}
+INSTRUCT = {
+    "chat_format": "chatml",
+    "do_sample": True,
+    "eos_token_id": [151643, 151645],
+    "pad_token_id": 151643,
+    "repetition_penalty": 1.1,
+    "temperature": 0.7,
+    "top_k": 20,
+    "top_p": 0.5,
+    "max_new_tokens": 2048,
+    "transformers_version": "4.45.0.dev0",
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +91,7 @@ def _theirs(model, inputs, **kwargs) -> list[int]:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = model.generate(**inputs, **kwargs)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def _first_new_token(seq: list[int], start: int = 3) -> tuple[int, int]:
@@ -106,6 +115,7 @@ def _hf_resolved(gen: dict | None, ckpt: Path | None = None):
 
 # --- every transformers key is classified ---------------------------------------------------------
 
+
 def test_every_transformers_generation_key_is_classified():
     """A key added to transformers' GenerationConfig must be implemented, ignored or refused on purpose."""
     from transformers import GenerationConfig
@@ -116,18 +126,22 @@ def test_every_transformers_generation_key_is_classified():
 
 # --- resolution: absent keys mean transformers' defaults --------------------------------------------
 
-@pytest.mark.parametrize("gen", [
-    {},
-    {"transformers_version": "4.45.0"},
-    {"do_sample": True},
-    {"do_sample": True, "top_k": 0, "top_p": 0.9},
-    {"do_sample": False, "temperature": 0.7, "top_k": 20, "top_p": 0.5},
-    {"repetition_penalty": 1.3, "temperature": 0.2},
-    {"do_sample": True, "temperature": 0.7, "min_p": 0.1, "no_repeat_ngram_size": 3},
-    {"max_new_tokens": 40, "max_length": 10, "min_new_tokens": 2, "min_length": 30},
-    {"max_length": 77, "min_length": 12},
-    INSTRUCT,
-])
+
+@pytest.mark.parametrize(
+    "gen",
+    [
+        {},
+        {"transformers_version": "4.45.0"},
+        {"do_sample": True},
+        {"do_sample": True, "top_k": 0, "top_p": 0.9},
+        {"do_sample": False, "temperature": 0.7, "top_k": 20, "top_p": 0.5},
+        {"repetition_penalty": 1.3, "temperature": 0.2},
+        {"do_sample": True, "temperature": 0.7, "min_p": 0.1, "no_repeat_ngram_size": 3},
+        {"max_new_tokens": 40, "max_length": 10, "min_new_tokens": 2, "min_length": 30},
+        {"max_length": 77, "min_length": 12},
+        INSTRUCT,
+    ],
+)
 def test_resolution_matches_transformers(gen):
     opts = resolve_sampling(gen)
     hf = _hf_resolved(gen)
@@ -153,18 +167,26 @@ def test_instruct_generation_config_is_unchanged():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # chat_format is known: no warning
         opts = resolve_sampling(INSTRUCT)
-    assert opts == SamplingOptions(max_new_tokens=2048, greedy=False, temperature=0.7, top_k=20, top_p=0.5,
-                                   repetition_penalty=1.1)
+    assert opts == SamplingOptions(
+        max_new_tokens=2048, greedy=False, temperature=0.7, top_k=20, top_p=0.5, repetition_penalty=1.1
+    )
     assert stop_token_ids(INSTRUCT) == [151643, 151645]
     # Flags: --greedy keeps the repetition penalty; --max-new-tokens replaces the config's.
     assert resolve_sampling(INSTRUCT, greedy=True, max_new_tokens=64) == SamplingOptions(
-        max_new_tokens=64, greedy=True, temperature=0.7, top_k=20, top_p=0.5, repetition_penalty=1.1)
+        max_new_tokens=64, greedy=True, temperature=0.7, top_k=20, top_p=0.5, repetition_penalty=1.1
+    )
 
 
 def test_fixture_config_resolves_to_the_instruct_values(mha, pipelines):
     p = pipelines(mha)
-    assert p.default_sampling() == SamplingOptions(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, greedy=False, temperature=0.7,
-                                                   top_k=20, top_p=0.5, repetition_penalty=1.1)
+    assert p.default_sampling() == SamplingOptions(
+        max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
+        greedy=False,
+        temperature=0.7,
+        top_k=20,
+        top_p=0.5,
+        repetition_penalty=1.1,
+    )
     assert p.stop_ids == [ENDOFTEXT, IM_END]
 
 
@@ -176,12 +198,19 @@ def test_eos_token_id_int_or_list():
         stop_token_ids({"eos_token_id": "x"})
 
 
-@pytest.mark.parametrize("config", [
-    None,  # the tiny checkpoint's own config.json
-    {"eos_token_id": 5, "text_config": {"eos_token_id": 7, "bos_token_id": 1, "pad_token_id": None}},
-    {"model_type": "x", "use_cache": False, "text_config": {"eos_token_id": [7, 8], "max_length": 50, "do_sample": True}},
-    {"eos_token_id": 3, "pad_token_id": 0},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,  # the tiny checkpoint's own config.json
+        {"eos_token_id": 5, "text_config": {"eos_token_id": 7, "bos_token_id": 1, "pad_token_id": None}},
+        {
+            "model_type": "x",
+            "use_cache": False,
+            "text_config": {"eos_token_id": [7, 8], "max_length": 50, "do_sample": True},
+        },
+        {"eos_token_id": 3, "pad_token_id": 0},
+    ],
+)
 def test_from_model_config_matches_transformers(mha, config):
     from transformers import GenerationConfig
 
@@ -195,6 +224,7 @@ def test_from_model_config_matches_transformers(mha, config):
 
 
 # --- greedy tokens equal transformers' generate() on checkpoints that set none, some, all keys ---------
+
 
 def test_no_generation_config_matches_transformers(mha, variants, pipelines):
     """No generation_config.json: transformers derives one from config.json (eos = <|endoftext|> only), greedy."""
@@ -233,13 +263,31 @@ def test_all_keys_match_transformers(mha, variants, pipelines):
     """Every key we implement (sampling ones moot: do_sample false), plus informational and moot keys; both
     sides run with the checkpoint's config alone (no arguments): max_new_tokens, min_new_tokens, n-gram ban,
     repetition penalty and a list eos_token_id all come from the file."""
-    base = {"do_sample": False, "temperature": 0.3, "top_k": 3, "top_p": 0.4, "min_p": 0.2, "repetition_penalty": 1.2,
-            "no_repeat_ngram_size": 2, "max_new_tokens": 20, "pad_token_id": ENDOFTEXT, "bos_token_id": ENDOFTEXT,
-            "max_length": 5, "min_length": 1000,  # moot: max_new_tokens / min_new_tokens take precedence
-            "typical_p": 0.5, "epsilon_cutoff": 0.1,  # moot: sampling only
-            "num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0, "early_stopping": False,
-            "use_cache": True, "output_scores": False, "remove_invalid_values": False,
-            "chat_format": "chatml", "transformers_version": "4.45.0"}
+    base = {
+        "do_sample": False,
+        "temperature": 0.3,
+        "top_k": 3,
+        "top_p": 0.4,
+        "min_p": 0.2,
+        "repetition_penalty": 1.2,
+        "no_repeat_ngram_size": 2,
+        "max_new_tokens": 20,
+        "pad_token_id": ENDOFTEXT,
+        "bos_token_id": ENDOFTEXT,
+        "max_length": 5,
+        "min_length": 1000,  # moot: max_new_tokens / min_new_tokens take precedence
+        "typical_p": 0.5,
+        "epsilon_cutoff": 0.1,  # moot: sampling only
+        "num_beams": 1,
+        "num_return_sequences": 1,
+        "length_penalty": 1.0,
+        "early_stopping": False,
+        "use_cache": True,
+        "output_scores": False,
+        "remove_invalid_values": False,
+        "chat_format": "chatml",
+        "transformers_version": "4.45.0",
+    }
     wave = signal(3.7, seed=5)
     inputs = reference_inputs(mha, wave, PROMPT)
     ckpt, _ = variants({**base, "eos_token_id": None})
@@ -254,7 +302,13 @@ def test_all_keys_match_transformers(mha, variants, pipelines):
     result = p.run(wave, PROMPT)
     assert result.token_ids == expected
     opts = p.default_sampling()
-    assert (opts.greedy, opts.max_new_tokens, opts.max_length, opts.min_new_tokens, opts.min_length) == (True, 20, None, k + 2, 0)
+    assert (opts.greedy, opts.max_new_tokens, opts.max_length, opts.min_new_tokens, opts.min_length) == (
+        True,
+        20,
+        None,
+        k + 2,
+        0,
+    )
 
 
 def test_max_and_min_length_count_the_prompt(mha, variants, pipelines):
@@ -282,12 +336,14 @@ def test_max_and_min_length_count_the_prompt(mha, variants, pipelines):
 
 # --- overrides and the entry points that use them ----------------------------------------------------
 
+
 def test_overrides_and_entry_points_use_one_resolution(mha, variants, pipelines):
     ckpt, art = variants({"do_sample": True, "temperature": 0.5, "top_k": 7, "max_new_tokens": 5, "eos_token_id": []})
     p = pipelines(type(mha)("over", ckpt, art))
     assert p.default_sampling() == SamplingOptions(max_new_tokens=5, greedy=False, temperature=0.5, top_k=7)
     assert p.default_sampling(greedy=True, max_new_tokens=9, seed=3) == SamplingOptions(
-        max_new_tokens=9, greedy=True, temperature=0.5, top_k=7, seed=3)
+        max_new_tokens=9, greedy=True, temperature=0.5, top_k=7, seed=3
+    )
     with pytest.raises(TypeError, match="temprature"):
         p.default_sampling(temprature=0.1)
     # Python API without sampling=: the config's max_new_tokens, sampling on.
@@ -308,16 +364,49 @@ def test_greedy_override_makes_sampling_only_keys_moot():
 
 # --- keys we do not implement: a clear error ---------------------------------------------------------
 
-ACTIVE = {"num_beams": 4, "num_return_sequences": 2, "penalty_alpha": 0.6, "dola_layers": "high", "constraints": [],
-          "force_words_ids": [[1]], "typical_p": 0.9, "epsilon_cutoff": 3e-4, "eta_cutoff": 1e-3, "top_h": 0.4,
-          "encoder_repetition_penalty": 1.2, "encoder_no_repeat_ngram_size": 3, "bad_words_ids": [[5]],
-          "sequence_bias": [[[5], 1.0]], "suppress_tokens": [5], "begin_suppress_tokens": [5], "forced_bos_token_id": 1,
-          "forced_eos_token_id": 2, "exponential_decay_length_penalty": [5, 1.5], "guidance_scale": 1.5,
-          "watermarking_config": {"greenlist_ratio": 0.25}, "stop_strings": ["stop"], "token_healing": True,
-          "max_time": 3.0, "is_assistant": True}
-NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": 0.0, "typical_p": 1.0, "epsilon_cutoff": 0.0,
-           "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
-           "suppress_tokens": None, "guidance_scale": 1.0, "stop_strings": None, "token_healing": False, "is_assistant": False}
+ACTIVE = {
+    "num_beams": 4,
+    "num_return_sequences": 2,
+    "penalty_alpha": 0.6,
+    "dola_layers": "high",
+    "constraints": [],
+    "force_words_ids": [[1]],
+    "typical_p": 0.9,
+    "epsilon_cutoff": 3e-4,
+    "eta_cutoff": 1e-3,
+    "top_h": 0.4,
+    "encoder_repetition_penalty": 1.2,
+    "encoder_no_repeat_ngram_size": 3,
+    "bad_words_ids": [[5]],
+    "sequence_bias": [[[5], 1.0]],
+    "suppress_tokens": [5],
+    "begin_suppress_tokens": [5],
+    "forced_bos_token_id": 1,
+    "forced_eos_token_id": 2,
+    "exponential_decay_length_penalty": [5, 1.5],
+    "guidance_scale": 1.5,
+    "watermarking_config": {"greenlist_ratio": 0.25},
+    "stop_strings": ["stop"],
+    "token_healing": True,
+    "max_time": 3.0,
+    "is_assistant": True,
+}
+NEUTRAL = {
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "penalty_alpha": 0.0,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "guidance_scale": 1.0,
+    "stop_strings": None,
+    "token_healing": False,
+    "is_assistant": False,
+}
 
 
 @pytest.mark.parametrize("rule", UNSUPPORTED, ids=lambda r: r.key)
@@ -361,8 +450,14 @@ def test_unknown_keys_warn_once():
         resolve_sampling({"my_custom_key": 1, "chat_format": "chatml", "_commit_hash": "abc"})
 
 
-@pytest.mark.parametrize("gen,match", [({"do_sample": "yes"}, "do_sample='yes'"), ({"top_k": 2.5}, "top_k=2.5"),
-                                       ({"temperature": "hot"}, "temperature='hot'")])
+@pytest.mark.parametrize(
+    "gen,match",
+    [
+        ({"do_sample": "yes"}, "do_sample='yes'"),
+        ({"top_k": 2.5}, "top_k=2.5"),
+        ({"temperature": "hot"}, "temperature='hot'"),
+    ],
+)
 def test_malformed_values_are_clear_errors(gen, match):
     with pytest.raises(OptionsError, match=match):
         resolve_sampling(gen)
@@ -379,8 +474,9 @@ def _cli(*args, env_warnings="ignore"):
 
 
 def test_cli_flags_over_the_generation_config(mha, variants):
-    _, art = variants({"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": 4, "eos_token_id": [],
-                       "my_custom_key": 1})
+    _, art = variants(
+        {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": 4, "eos_token_id": [], "my_custom_key": 1}
+    )
     r = _cli("run", art, "--prompt", "Hi", "--json", env_warnings="default")
     assert r.returncode == 0, r.stderr
     assert len(json.loads(r.stdout)["token_ids"]) == 4  # the config's max_new_tokens is the default
@@ -388,8 +484,14 @@ def test_cli_flags_over_the_generation_config(mha, variants):
     greedy = json.loads(_cli("run", art, "--prompt", "Hi", "--json", "--max-new-tokens", 7).stdout)["token_ids"]
     assert len(greedy) == 7
     # --temperature turns sampling on (the config says greedy); seeded runs repeat.
-    sampled = [json.loads(_cli("run", art, "--prompt", "Hi", "--json", "--max-new-tokens", 7, "--temperature", "5",
-                               "--seed", 1).stdout)["token_ids"] for _ in range(2)]
+    sampled = [
+        json.loads(
+            _cli(
+                "run", art, "--prompt", "Hi", "--json", "--max-new-tokens", 7, "--temperature", "5", "--seed", 1
+            ).stdout
+        )["token_ids"]
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1] and sampled[0] != greedy
     r = _cli("run", art, "--prompt", "Hi", "--greedy", "--top-k", "5")
     assert r.returncode == 2 and "--greedy" in r.stderr and "--top-k" in r.stderr and "Traceback" not in r.stderr

@@ -18,7 +18,15 @@ from qwen_audio_edge.runtime.errors import OptionsError
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 # --- kernel reference -------------------------------------------------------------------------------
@@ -61,8 +69,11 @@ def _layer_inputs(pipeline, samples) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(d.model.layers):
         for path in LINEARS:
             mod = layer.get_submodule(path)
-            handles.append(mod.register_forward_hook(
-                lambda m, inp, out, key=f"{i}.{path}": store.setdefault(key, []).append(inp[0][0].detach().clone())))
+            handles.append(
+                mod.register_forward_hook(
+                    lambda m, inp, out, key=f"{i}.{path}": store.setdefault(key, []).append(inp[0][0].detach().clone())
+                )
+            )
     try:
         with torch.inference_mode():
             for s in samples:
@@ -85,17 +96,33 @@ def _gptqmodel_quantize(weight: torch.Tensor, x: torch.Tensor, cfg: GPTQConfig) 
 
     lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     lin.weight.data = weight.clone()
-    qc = QuantizeConfig(bits=4, group_size=cfg.group_size, desc_act=cfg.act_order, sym=cfg.sym, damp_percent=cfg.damp,
-                        damp_auto_increment=0.0, act_group_aware=False)
+    qc = QuantizeConfig(
+        bits=4,
+        group_size=cfg.group_size,
+        desc_act=cfg.act_order,
+        sym=cfg.sym,
+        damp_percent=cfg.damp,
+        damp_auto_increment=0.0,
+        act_group_aware=False,
+    )
     g = GPTQ(lin, qc)
     g.quantizer.configure(perchannel=True)
     g.add_batch(x[None], None)
-    g.hf_quantize(blocksize=128, percdamp=cfg.damp, damp_auto_increment=0.0, group_size=cfg.group_size,
-                  actorder=cfg.act_order, static_groups=False, act_group_aware=False)
+    g.hf_quantize(
+        blocksize=128,
+        percdamp=cfg.damp,
+        damp_auto_increment=0.0,
+        group_size=cfg.group_size,
+        actorder=cfg.act_order,
+        static_groups=False,
+        act_group_aware=False,
+    )
     return lin.weight.data.float()
 
 
-@pytest.mark.parametrize("cfg", [GPTQConfig(), GPTQConfig(group_size=64, act_order=False, sym=False)], ids=["g128-act-sym", "g64-asym"])
+@pytest.mark.parametrize(
+    "cfg", [GPTQConfig(), GPTQConfig(group_size=64, act_order=False, sym=False)], ids=["g128-act-sym", "g64-asym"]
+)
 def test_gptq_beats_rtn_and_matches_gptqmodel_on_every_layer(mha, pipelines, cfg):
     p = pipelines(mha, fuse=False)  # per-linear hooks need the checkpoint's separate q/k/v, gate/up modules
     calib, _ = build_calibration(CalibrationOptions(num_samples=10, seed=0), p.prompt, p.mel, p.encoder)
@@ -138,8 +165,15 @@ def test_w4_decoder_is_a_standard_gptq_checkpoint(w4):
     # The keys transformers/optimum/gptqmodel read to pick the kernel and unpack the tensors, each exact:
     # desc_act=False or checkpoint_format "gptq_v2" would load as a different (wrong) model.
     loader_keys = ("quant_method", "bits", "group_size", "desc_act", "sym", "checkpoint_format", "pack_dtype")
-    assert {k: qc.get(k) for k in loader_keys} == {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True,
-                                                   "sym": True, "checkpoint_format": "gptq", "pack_dtype": "int32"}
+    assert {k: qc.get(k) for k in loader_keys} == {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 128,
+        "desc_act": True,
+        "sym": True,
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+    }
     from safetensors import safe_open
 
     with safe_open(str(dec / "model.safetensors"), "pt") as f:
@@ -155,13 +189,21 @@ def test_w4_decoder_is_a_standard_gptq_checkpoint(w4):
     # What was calibrated on, recorded as it was: the fixture's 10 built-in samples (seed 0), 2 of them text-only;
     # the counts are deterministic (measured 3860 tokens, 2917 of them audio).
     c = q["calibration"]
-    assert (c["source"], c["mode"], c["num_samples"], c["seed"], c["text_only_samples"]) == ("builtin", "audio", 10, 0, 2)
+    assert (c["source"], c["mode"], c["num_samples"], c["seed"], c["text_only_samples"]) == (
+        "builtin",
+        "audio",
+        10,
+        0,
+        2,
+    )
     assert (c["tokens"], c["audio_tokens"]) == (3860, 2917), c
     # The export's own W4-vs-fp check (4 calibration samples, 1656 positions). Measured: top-1 0.614, mean KL
     # 0.467, layer errors 0.131 / 0.283; margins ±0.1 on top-1 (≈ 165 positions), ±40% on KL and errors.
     ev = q["eval_vs_fp"]
     assert ev["samples"] == 4 and 0.51 < ev["top1_agreement"] < 0.72 and 0.28 < ev["mean_kl"] < 0.66
-    assert [_within(e, m, 0.4) for e, m in zip(ev["layer_rel_err"], (0.131, 0.283), strict=True)] == [True, True], ev["layer_rel_err"]
+    assert [_within(e, m, 0.4) for e, m in zip(ev["layer_rel_err"], (0.131, 0.283), strict=True)] == [True, True], ev[
+        "layer_rel_err"
+    ]
 
 
 def test_transformers_optimum_gptqmodel_load_our_decoder(w4, pipelines):
@@ -171,8 +213,9 @@ def test_transformers_optimum_gptqmodel_load_our_decoder(w4, pipelines):
     from qwen_audio_edge.runtime.decoder import load_decoder
 
     dec = w4[0] / "artifacts" / "decoder"
-    ref = AutoModelForCausalLM.from_pretrained(str(dec), quantization_config=HFGPTQConfig(bits=4, backend="torch"),
-                                               dtype=torch.float32, device_map="cpu").eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(dec), quantization_config=HFGPTQConfig(bits=4, backend="torch"), dtype=torch.float32, device_map="cpu"
+    ).eval()
     ours = load_decoder(dec, torch.float32, "cpu")
     ids = torch.tensor([[3, 50, 100, 7, 250, 11, 42, 360, 1]])
     with torch.no_grad():
@@ -199,7 +242,9 @@ def test_w4_runtime_end_to_end_agreement_with_fp(w4, mha, pipelines):
     # 0.860, layer errors 0.167 / 0.319. Margins: top-1 ±4 of the 32 positions; KL and errors ±40%.
     assert 10 / 32 <= report["top1_agreement"] <= 18 / 32, report["top1_agreement"]
     assert _within(report["mean_kl"], 0.860, 0.4), report["mean_kl"]
-    assert [_within(e, m, 0.4) for e, m in zip(report["layer_rel_err"], (0.167, 0.319), strict=True)] == [True, True], report["layer_rel_err"]
+    assert [_within(e, m, 0.4) for e, m in zip(report["layer_rel_err"], (0.167, 0.319), strict=True)] == [True, True], (
+        report["layer_rel_err"]
+    )
     r = b.p.run(files[0], "Hi", sampling=SamplingOptions(max_new_tokens=8, **GREEDY_KW))
     assert len(r.token_ids) == 8
 
@@ -317,8 +362,15 @@ def test_bad_flags_give_clear_errors(mha, tmp_path, kwargs, match):
     with pytest.raises(OptionsError, match=match):
         gs = kwargs.pop("gptq_group_size", 128)
         calib = kwargs.pop("calibration", None)
-        opts = ExportOptions(**{"bits": 4, "progress": False, **kwargs, "gptq": GPTQConfig(group_size=gs),
-                                "calibration": CalibrationOptions(directory=Path(tmp_path / calib) if calib else None, num_samples=2)})
+        opts = ExportOptions(
+            **{
+                "bits": 4,
+                "progress": False,
+                **kwargs,
+                "gptq": GPTQConfig(group_size=gs),
+                "calibration": CalibrationOptions(directory=Path(tmp_path / calib) if calib else None, num_samples=2),
+            }
+        )
         export_checkpoint(mha.checkpoint, tmp_path / "out", opts)
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.gptq-state").exists()
 
@@ -427,7 +479,9 @@ def test_audio_aware_calibration_beats_text_only(loud_audio, tmp_path):
     for seed in (0, 1, 2):
         result = {}
         for mode in ("audio", "text"):
-            samples, _ = build_calibration(CalibrationOptions(num_samples=8, seed=seed, mode=mode), p.prompt, p.mel, p.encoder)
+            samples, _ = build_calibration(
+                CalibrationOptions(num_samples=8, seed=seed, mode=mode), p.prompt, p.mel, p.encoder
+            )
             state = tmp_path / f"{mode}-{seed}"
             quantize_decoder(src, p.decoder.args, samples, cfg, state, p.prompt.audio_token_id, progress=False)
             q = _w4_decoder(p.decoder, state)
@@ -438,8 +492,10 @@ def test_audio_aware_calibration_beats_text_only(loud_audio, tmp_path):
                 kls.append(sum(r["kl"]) / len(r["kl"]))
             result[mode] = (sum(errs) / len(errs), sum(kls) / len(kls))
         rows.append((seed, *result["audio"], *result["text"]))
-        print(f"seed {seed}: audio-aware layer err {result['audio'][0]:.4f} KL {result['audio'][1]:.4f} | "
-              f"text-only layer err {result['text'][0]:.4f} KL {result['text'][1]:.4f}")
+        print(
+            f"seed {seed}: audio-aware layer err {result['audio'][0]:.4f} KL {result['audio'][1]:.4f} | "
+            f"text-only layer err {result['text'][0]:.4f} KL {result['text'][1]:.4f}"
+        )
         assert result["audio"][0] < result["text"][0] and result["audio"][1] < result["text"][1]
     p.cache = p.decoder.setup_cache(p.max_context)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import GREEDY_KW, PROMPT, reference_greedy, reference_inputs, signal
 
+from helpers import GREEDY_KW, PROMPT, reference_greedy, reference_inputs, signal
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
 pytestmark = pytest.mark.gpu
@@ -65,7 +65,7 @@ def test_every_triton_decode_config_on_cuda():
     """Each config the tuner may pick compiles and is correct on this GPU at a real shape (fp16, M = 1),
     and the tuner's pick is one of them."""
     from qwen_audio_edge.kernels.w4_ref import w4_matmul_ref
-    from qwen_audio_edge.kernels.w4_triton import Tuner, TritonW4Weight, device_arch, gemv_candidates
+    from qwen_audio_edge.kernels.w4_triton import TritonW4Weight, Tuner, device_arch, gemv_candidates
 
     arch = device_arch(torch.device("cuda"))  # the candidates the tuner may pick on this GPU
     t = _real_layer(4096, 4096)
@@ -95,8 +95,11 @@ def test_every_triton_prefill_and_small_batch_config_on_cuda():
     arch, fp16 = device_arch(torch.device("cuda")), torch.float16  # what the tuner may pick on this GPU
     t = _real_layer(4096, 4096)
     w = TritonW4Weight.build(*t, tuner=None)
-    for m, configs in ((64, gemm_candidates(64, arch, fp16)), (800, gemm_candidates(800, arch, fp16)),
-                       (8, gemv_candidates(8, 128, 4096, arch, fp16))):
+    for m, configs in (
+        (64, gemm_candidates(64, arch, fp16)),
+        (800, gemm_candidates(800, arch, fp16)),
+        (8, gemv_candidates(8, 128, 4096, arch, fp16)),
+    ):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
         ref = w4_matmul_ref(x.float(), *t)
         for config in configs:
@@ -168,19 +171,24 @@ def test_w4_pipeline_on_cuda_uses_triton(mha, tmp_path):
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
     from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
 
-    export_checkpoint(mha.checkpoint, tmp_path / "w4", ExportOptions(bits=4, progress=False, quant_device="cuda",
-                                                                    calibration=CalibrationOptions(num_samples=8)))
+    export_checkpoint(
+        mha.checkpoint,
+        tmp_path / "w4",
+        ExportOptions(bits=4, progress=False, quant_device="cuda", calibration=CalibrationOptions(num_samples=8)),
+    )
     # default launch configs: tuning (timed in bench/) would compile every candidate for this tiny shape
-    gpu = Pipeline.from_artifacts(tmp_path / "w4", RuntimeOptions(device="cuda", dtype="fp32", encoder_backend="torch",
-                                                                 w4_tune=False))
+    gpu = Pipeline.from_artifacts(
+        tmp_path / "w4", RuntimeOptions(device="cuda", dtype="fp32", encoder_backend="torch", w4_tune=False)
+    )
     ref = Pipeline.from_artifacts(tmp_path / "w4", RuntimeOptions(w4_kernel="ref"))
     assert gpu.decoder.w4_kernels == ["triton"]
     wave = signal(3.3)
     a = gpu.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY_KW))
     b = ref.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY_KW))
     assert a.token_ids == b.token_ids
-    half = Pipeline.from_artifacts(tmp_path / "w4", RuntimeOptions(device="cuda", dtype="fp16", encoder_backend="torch",
-                                                                  w4_tune=False))
+    half = Pipeline.from_artifacts(
+        tmp_path / "w4", RuntimeOptions(device="cuda", dtype="fp16", encoder_backend="torch", w4_tune=False)
+    )
     assert len(half.run(wave, "Hi", sampling=SamplingOptions(max_new_tokens=16, **GREEDY_KW)).token_ids) == 16
 
 

@@ -60,13 +60,19 @@ def test_dry_run_passes_and_returns_every_parts_json(tmp_path):
     blocker = tmp_path / "site"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(
-        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in NOT_ON_GPU_MACHINE))
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in NOT_ON_GPU_MACHINE)
+    )
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")])),
+    }
     env.pop("PARTS", None)
-    r = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, cwd=tmp_path,
-                       timeout=900)
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert (out / "summary.txt").is_file() and "DRY RUN" in (out / "summary.txt").read_text()
 
@@ -75,7 +81,12 @@ def test_dry_run_passes_and_returns_every_parts_json(tmp_path):
     parts = {line.split("\t")[0]: line.split("\t") for line in files["parts.tsv"].splitlines()}
     assert list(parts) == ["install", "device", "tests", "kernels", "decode", "stream"]
     assert all(p[1] == "0" for p in parts.values()), parts
-    for name, key in (("gpu-tests.json", "rows"), ("kernels.json", "rows"), ("decode.json", "runs"), ("stream.json", "rows")):
+    for name, key in (
+        ("gpu-tests.json", "rows"),
+        ("kernels.json", "rows"),
+        ("decode.json", "runs"),
+        ("stream.json", "rows"),
+    ):
         res = json.loads(files[name])
         assert len(res[key]) >= 1, name
         assert name == "gpu-tests.json" or res["complete"] is True, name
@@ -94,16 +105,38 @@ def test_dry_run_passes_and_returns_every_parts_json(tmp_path):
     tests_dir = ROOT / "tests"
     expected = {f"tests/test_gpu.py::{t}" for t in _test_functions(tests_dir / "test_gpu.py")}
     if (tests_dir / "test_kernel_selfcheck.py").exists():
-        expected |= {f"tests/test_kernel_selfcheck.py::{t}" for t in _test_functions(tests_dir / "test_kernel_selfcheck.py")}
+        expected |= {
+            f"tests/test_kernel_selfcheck.py::{t}" for t in _test_functions(tests_dir / "test_kernel_selfcheck.py")
+        }
     kernel_tests = _test_functions(tests_dir / "test_kernels.py")
-    expected |= {f"tests/test_kernels.py::{t}" for t in kernel_tests
-                 if "triton" in t and "refused" not in t and "compile_for_hopper" not in t}
-    expected |= {f"tests/test_kernels.py::{t}" for t in (
-        "test_tuner_picks_the_fastest_config_that_runs_and_remembers_it", "test_quantlinear_paths_agree",
-        "test_w4_tuning_opt_out_reaches_the_kernel", "test_int8_head_gemv_matches_the_chunked_reference",
-        "test_fused_elementwise_kernels_match_the_torch_ops") if t in kernel_tests}
+    expected |= {
+        f"tests/test_kernels.py::{t}"
+        for t in kernel_tests
+        if "triton" in t and "refused" not in t and "compile_for_hopper" not in t
+    }
+    expected |= {
+        f"tests/test_kernels.py::{t}"
+        for t in (
+            "test_tuner_picks_the_fastest_config_that_runs_and_remembers_it",
+            "test_quantlinear_paths_agree",
+            "test_w4_tuning_opt_out_reaches_the_kernel",
+            "test_int8_head_gemv_matches_the_chunked_reference",
+            "test_fused_elementwise_kernels_match_the_torch_ops",
+        )
+        if t in kernel_tests
+    }
     assert not expected - selected, sorted(expected - selected)
     assert not any("refused" in t or "compile_for_hopper" in t for t in selected), sorted(selected)
-    assert {t.split("::")[0] for t in selected} <= {"tests/test_gpu.py", "tests/test_kernels.py", "tests/test_kernel_selfcheck.py"}
-    cases = [line for line in files["gpu-tests-selection.txt"].splitlines() if "test_every_triton_config_matches_reference[" in line]
-    assert any("-32-" in c for c in cases) and any("--1-" in c for c in cases) and any("[136-" in c for c in cases), cases
+    assert {t.split("::")[0] for t in selected} <= {
+        "tests/test_gpu.py",
+        "tests/test_kernels.py",
+        "tests/test_kernel_selfcheck.py",
+    }
+    cases = [
+        line
+        for line in files["gpu-tests-selection.txt"].splitlines()
+        if "test_every_triton_config_matches_reference[" in line
+    ]
+    assert any("-32-" in c for c in cases) and any("--1-" in c for c in cases) and any("[136-" in c for c in cases), (
+        cases
+    )

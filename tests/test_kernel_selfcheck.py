@@ -13,8 +13,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import GREEDY, PROMPT, signal
 
+from helpers import GREEDY, PROMPT, signal
 from qwen_audio_edge.runtime import selfcheck
 
 pytest.importorskip("triton", reason="triton is in the dev extra")
@@ -34,7 +34,9 @@ def _pipeline(w4, **kw):
     # fp32 activations on either device (the CUDA default would be fp16): the fast paths are held to the
     # reference paths' tokens at the precision these tests were written for
     kw.setdefault("dtype", "fp32")
-    return Pipeline.from_artifacts(root / "artifacts", RuntimeOptions(device=DEV, encoder_backend="torch", w4_tune=False, **kw))
+    return Pipeline.from_artifacts(
+        root / "artifacts", RuntimeOptions(device=DEV, encoder_backend="torch", w4_tune=False, **kw)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,9 @@ def test_triton_w4_passes_its_self_check_and_gives_the_reference_tokens(w4, refe
 
 
 @pytest.mark.parametrize("fault", ["wrong values", "launch failure"])
-def test_a_broken_triton_w4_kernel_warns_once_and_the_fallback_gives_the_reference_tokens(w4, reference_tokens, monkeypatch, fault):
+def test_a_broken_triton_w4_kernel_warns_once_and_the_fallback_gives_the_reference_tokens(
+    w4, reference_tokens, monkeypatch, fault
+):
     from qwen_audio_edge.kernels.w4_triton import TritonW4Weight
 
     real = TritonW4Weight.matmul
@@ -77,27 +81,42 @@ def test_a_broken_triton_w4_kernel_warns_once_and_the_fallback_gives_the_referen
     shapes = {k for k, v in p.active_paths()["self_check"].items() if k.startswith("W4 ")}
     assert shapes and all(p.active_paths()["self_check"][k] == "reference" for k in shapes)
     assert len(messages) == len(shapes)  # one warning per shape class, not per layer or call
-    why = "max error 0.5 of max |reference|" if fault == "wrong values" else "RuntimeError: triton.runtime.errors.OutOfResources"
+    why = (
+        "max error 0.5 of max |reference|"
+        if fault == "wrong values"
+        else "RuntimeError: triton.runtime.errors.OutOfResources"
+    )
     for m in messages:
         assert m.startswith("W4 ") and "the triton kernel failed its self-check for " in m and why in m
         # on CUDA torch's int4 op is next (it passes); on CPU there is none, so the reference runs
-        assert m.endswith("using the tinygemm path for this shape instead" if DEV == "cuda" else
-                          "using the reference path for this shape instead")
+        assert m.endswith(
+            "using the tinygemm path for this shape instead"
+            if DEV == "cuda"
+            else "using the reference path for this shape instead"
+        )
 
 
 def test_a_broken_int8_head_kernel_falls_back_to_the_chunked_reference(w4, reference_tokens, monkeypatch):
     from qwen_audio_edge.kernels import int8_triton
 
-    monkeypatch.setattr(int8_triton, "int8_gemv", lambda x, w, s, **kw: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype,
-                                                                                      device=x.device))
+    monkeypatch.setattr(
+        int8_triton,
+        "int8_gemv",
+        lambda x, w, s, **kw: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device),
+    )
     p = _pipeline(w4, w4_kernel="ref")
     p.decoder.lm_head._cpu_op = False  # on CPU: take the path CUDA takes (the Triton GEMV, interpreted)
-    with pytest.warns(RuntimeWarning, match=r"int8 lm_head \d+x\d+: the triton kernel failed its self-check for gemv "
-                                            r"float32 \(max error 1 of max \|reference\|.*using the reference path"):
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"int8 lm_head \d+x\d+: the triton kernel failed its self-check for gemv "
+        r"float32 \(max error 1 of max \|reference\|.*using the reference path",
+    ):
         got = p.run(signal(2.5), PROMPT, sampling=GREEDY)
     assert got.token_ids == reference_tokens
-    assert p.active_paths()["self_check"] == {f"int8 lm_head {p.decoder.lm_head.weight.shape[0]}x"
-                                              f"{p.decoder.lm_head.weight.shape[1]} gemv float32": "reference"}
+    assert p.active_paths()["self_check"] == {
+        f"int8 lm_head {p.decoder.lm_head.weight.shape[0]}x"
+        f"{p.decoder.lm_head.weight.shape[1]} gemv float32": "reference"
+    }
 
 
 def test_self_check_tolerance_is_what_a_correct_kernel_needs(w4):
@@ -127,8 +146,21 @@ def test_run_json_reports_the_active_paths(w4, capsys):
     with wave.open(str(wav), "wb") as w:  # the stdlib: this test also runs on the GPU machine (no soundfile there)
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
         w.writeframes((np.clip(signal(2.0), -1, 1) * 32767).astype("<i2").tobytes())
-    assert main(["run", str(root / "artifacts"), "--audio", str(wav), "--max-new-tokens", "4", "--greedy", "--json",
-                 "--w4-kernel", "triton", "--no-w4-tune"]) in (0, None)
+    assert main(
+        [
+            "run",
+            str(root / "artifacts"),
+            "--audio",
+            str(wav),
+            "--max-new-tokens",
+            "4",
+            "--greedy",
+            "--json",
+            "--w4-kernel",
+            "triton",
+            "--no-w4-tune",
+        ]
+    ) in (0, None)
     paths = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["paths"]
     assert paths["decoder_w4"] == ["triton"] and paths["encoder"] == "onnxruntime CPUExecutionProvider"
     assert paths["lm_head"].startswith("int8") and paths["device"] == "cpu"
@@ -136,15 +168,17 @@ def test_run_json_reports_the_active_paths(w4, capsys):
 
 
 def test_onnx_encoder_asked_for_cuda_without_a_cuda_provider_warns_once(w4):
-    from qwen_audio_edge.runtime.encoder import OnnxEncoder
-
     import onnxruntime as ort
+
+    from qwen_audio_edge.runtime.encoder import OnnxEncoder
 
     if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has the CUDA execution provider: nothing falls back")
     root, manifest = w4
     onnx = root / "artifacts" / manifest["encoder"]["onnx"]["fp32"]
-    with pytest.warns(RuntimeWarning, match="--device cuda: the ONNX encoder runs on the CPU because .*--encoder-backend torch"):
+    with pytest.warns(
+        RuntimeWarning, match="--device cuda: the ONNX encoder runs on the CPU because .*--encoder-backend torch"
+    ):
         OnnxEncoder(onnx, device="cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

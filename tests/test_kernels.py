@@ -145,14 +145,17 @@ def test_packed_layout_inference_reads_any_block_layout_and_refuses_others():
     gen = torch.Generator().manual_seed(0)
     for block in (64, 32, 16):
         rows = torch.randperm(block, generator=gen).tolist()
-        lo, hi = rows[: block // 2], rows[block // 2:]
+        lo, hi = rows[: block // 2], rows[block // 2 :]
         layout = infer_packed_layout(lambda q, b=block, lo=lo, hi=hi: _pack_blocks(q, b, lo, hi))
         assert layout is not None and (layout.block, list(layout.lo), list(layout.hi)) == (block, lo, hi)
         q = torch.randint(0, 16, (2 * block, 48), dtype=torch.int32, generator=gen)
         assert torch.equal(layout.unpack(_pack_blocks(q, block, lo, hi), 2 * block, 48).T.to(torch.int32), q)
     # a layout that is no block layout (columns scrambled) is refused, not guessed
     scramble = torch.randperm(128 * 16, generator=gen)
-    assert infer_packed_layout(lambda q: _pack_blocks(q, 32, list(range(16)), list(range(16, 32))).reshape(-1)[scramble]) is None
+    assert (
+        infer_packed_layout(lambda q: _pack_blocks(q, 32, list(range(16)), list(range(16, 32))).reshape(-1)[scramble])
+        is None
+    )
 
 
 def test_unreadable_layout_warns_once_and_uses_the_int4_op(monkeypatch):
@@ -272,7 +275,9 @@ def test_triton_wrapper_rejects_bad_input():
     _check(w.matmul(x, config=GemvConfig(32, 128, 2)), w4_matmul_ref(x, *_on_dev(q)), torch.float32)
     assert w.matmul(torch.randn(0, 256, device=DEV)).shape == (0, 64)
     bad = _layer(256, 64, 64, False, True)
-    assert TritonW4Weight.build(*_on_dev(bad)[:3], torch.full((256,), 3, dtype=torch.int32, device=DEV)) is None  # groups not contiguous
+    assert (
+        TritonW4Weight.build(*_on_dev(bad)[:3], torch.full((256,), 3, dtype=torch.int32, device=DEV)) is None
+    )  # groups not contiguous
 
 
 def test_tuner_picks_the_fastest_config_that_runs_and_remembers_it():
@@ -309,7 +314,12 @@ def test_quantlinear_paths_agree():
     interpreted = not torch.cuda.is_available()  # CPU tensors reach Triton only through the interpreter
     for kernel in ("ref", "cpu", "triton") if interpreted else ("ref", "cpu"):
         ql = QuantLinear(256, 64, 64, bias=True)
-        ql.qweight, ql.qzeros, ql.scales, ql.g_idx = q.qweight.clone(), q.qzeros.clone(), q.scales.clone(), q.g_idx.clone()
+        ql.qweight, ql.qzeros, ql.scales, ql.g_idx = (
+            q.qweight.clone(),
+            q.qzeros.clone(),
+            q.scales.clone(),
+            q.g_idx.clone(),
+        )
         ql.bias = torch.randn(64, generator=torch.Generator().manual_seed(0)).half()
         assert ql.prepare(kernel) == kernel
         layers[kernel] = ql
@@ -338,8 +348,8 @@ def test_triton_kernel_on_cpu_weights_is_refused_clearly(monkeypatch):
 def test_w4_tuning_opt_out_reaches_the_kernel():
     """--no-w4-tune → RuntimeOptions(w4_tune=False) → the Triton weight has no tuner (default configs)."""
     pytest.importorskip("triton", reason="triton is in the dev extra")
-    from qwen_audio_edge.kernels.w4_triton import TUNER
     from qwen_audio_edge.cli import _runtime_options, build_parser
+    from qwen_audio_edge.kernels.w4_triton import TUNER
     from qwen_audio_edge.runtime.quant_linear import QuantLinear
 
     a = build_parser().parse_args(["run", "ARTIFACTS", "--no-w4-tune"])
@@ -395,7 +405,7 @@ def test_fused_elementwise_kernels_match_the_torch_ops(dtype, tol):
     assert s is not None and torch.equal(s, x)
     out, s = ft.rms_norm(x, norm.weight, norm.eps, delta=delta)
     if dtype == torch.bfloat16 and DEV == "cpu":  # the CPU interpreter truncates fp32 → bf16 (≤ 1 bf16 ulp)
-        _check(s, x + delta, dtype, 2 ** -7)
+        _check(s, x + delta, dtype, 2**-7)
     else:
         assert torch.equal(s, x + delta)  # the residual sum is rounded as the reference adds
     _check(out, norm(x + delta), dtype, tol)
@@ -408,7 +418,10 @@ def test_fused_elementwise_kernels_match_the_torch_ops(dtype, tol):
         heads = qkv.view(tokens, nq + 2 * nkv, hd).transpose(0, 1)  # [heads, tokens, hd]
         expected = _apply_rope(heads[: nq + nkv], cos, sin)
         v = heads[nq + nkv :].clone()
-        ck, cv = torch.zeros(1, nkv, ctx, hd, device=DEV, dtype=dtype), torch.zeros(1, nkv, ctx, hd, device=DEV, dtype=dtype)
+        ck, cv = (
+            torch.zeros(1, nkv, ctx, hd, device=DEV, dtype=dtype),
+            torch.zeros(1, nkv, ctx, hd, device=DEV, dtype=dtype),
+        )
         ft.rope_kv_cache_(qkv, nq, nkv, hd, cos, sin, ck, cv, start)
         p0 = int(start)
         _check(heads[:nq], expected[:nq], dtype, tol)  # q rotated in place
@@ -430,7 +443,7 @@ def test_permute_rows_in_column_chunks_equals_the_whole_repack():
     from qwen_audio_edge.kernels.w4_ref import pack_rows, unpack_rows
     from qwen_audio_edge.kernels.w4_triton import permute_rows
 
-    qweight = torch.randint(-2**31, 2**31 - 1, (32, 40), dtype=torch.int32)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (32, 40), dtype=torch.int32)
     perm = torch.randperm(256)
     assert torch.equal(permute_rows(qweight, perm, chunk=16), pack_rows(unpack_rows(qweight)[perm]))
 

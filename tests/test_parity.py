@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import GREEDY_KW, PROMPT, reference_greedy, reference_inputs, signal
 
+from helpers import GREEDY_KW, PROMPT, reference_greedy, reference_inputs, signal
 from qwen_audio_edge.runtime.generate import SamplingOptions
 
 # (seconds, loud_end): not a multiple of the hop; ending loud; longer than 10 s.
@@ -25,8 +25,9 @@ def _front(pipeline):
 def test_mel_matches_feature_extractor(mha, pipelines, seconds, loud):
     p = pipelines(mha)
     wave = signal(seconds, loud_end=loud)
-    ref = mha.processor.feature_extractor(wave, sampling_rate=16000, return_attention_mask=True,
-                                          padding="max_length", return_tensors="pt")
+    ref = mha.processor.feature_extractor(
+        wave, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt"
+    )
     mel, n_valid = p.mel.log_mel(wave)
     assert n_valid == int(ref["attention_mask"].sum())
     # Valid frames, plus the two boundary frames the encoder also reads.
@@ -42,14 +43,18 @@ def test_encoder_onnx_matches_reference_on_valid_tokens(request, pipelines, shap
     p = pipelines(model)
     wave = signal(seconds, loud_end=loud)
     ref_model = model.reference.model
-    feats = model.processor.feature_extractor(wave, sampling_rate=16000, return_attention_mask=True,
-                                              padding="max_length", return_tensors="pt")
+    feats = model.processor.feature_extractor(
+        wave, sampling_rate=16000, return_attention_mask=True, padding="max_length", return_tensors="pt"
+    )
     from transformers.masking_utils import create_bidirectional_mask
 
     tower = ref_model.audio_tower
     lengths, n_tokens = tower._get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))
-    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(1, 1500, 1),
-                                     attention_mask=(torch.arange(1500)[None] < lengths[:, None]).long())
+    mask = create_bidirectional_mask(
+        config=tower.config,
+        inputs_embeds=torch.zeros(1, 1500, 1),
+        attention_mask=(torch.arange(1500)[None] < lengths[:, None]).long(),
+    )
     with torch.no_grad():
         ref = ref_model.multi_modal_projector(tower(feats["input_features"], attention_mask=mask).last_hidden_state)
     ref = ref[0, : int(n_tokens)]
@@ -120,7 +125,9 @@ def test_greedy_with_repetition_penalty_matches(mha, pipelines):
     wave = signal(4.2)
     inputs = reference_inputs(mha, wave, PROMPT)
     expected = reference_greedy(mha, inputs, 24, repetition_penalty=1.3)
-    got = p.run(wave, PROMPT, sampling=SamplingOptions(max_new_tokens=24, greedy=True, repetition_penalty=1.3, ignore_eos=True))
+    got = p.run(
+        wave, PROMPT, sampling=SamplingOptions(max_new_tokens=24, greedy=True, repetition_penalty=1.3, ignore_eos=True)
+    )
     assert got.token_ids == expected
 
 
@@ -154,7 +161,11 @@ def test_text_only_turn_matches(mha, pipelines):
     p = pipelines(mha)
     inputs = reference_inputs(mha, None, "Tell me about the weather.")
     expected = reference_greedy(mha, inputs, 16)
-    got = p.run(None, "Tell me about the weather.", sampling=SamplingOptions(max_new_tokens=16, greedy=True, repetition_penalty=1.0, ignore_eos=True))
+    got = p.run(
+        None,
+        "Tell me about the weather.",
+        sampling=SamplingOptions(max_new_tokens=16, greedy=True, repetition_penalty=1.0, ignore_eos=True),
+    )
     assert got.token_ids == expected
 
 
@@ -162,7 +173,9 @@ def test_long_audio_is_split_into_numbered_segments(mha, pipelines):
     """> 30 s: several `Audio N:` entries, every sample used (nothing truncated), same as transformers given the segments."""
     p = pipelines(mha)
     wave = signal(61.3)
-    result = p.run(wave, PROMPT, sampling=SamplingOptions(max_new_tokens=4, greedy=True, repetition_penalty=1.0, ignore_eos=True))
+    result = p.run(
+        wave, PROMPT, sampling=SamplingOptions(max_new_tokens=4, greedy=True, repetition_penalty=1.0, ignore_eos=True)
+    )
     from qwen_audio_edge.runtime.audio import num_audio_tokens, split_segments
 
     segs = split_segments(wave, p.mel.config)

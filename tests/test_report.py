@@ -80,20 +80,31 @@ def test_a_changed_headline_makes_the_readme_stale(tree, capsys):
 def test_unknown_block_name_fails(tree, capsys):
     root, results = tree
     page = root / "docs" / "measurements.md"
-    page.write_text(page.read_text() + "\n<!-- BEGIN GENERATED no-such-table: x -->\n<!-- END GENERATED no-such-table -->\n")
+    page.write_text(
+        page.read_text() + "\n<!-- BEGIN GENERATED no-such-table: x -->\n<!-- END GENERATED no-such-table -->\n"
+    )
     rc, err = _main(capsys, root, results, "--check")
     assert rc == 1 and "docs/measurements.md: unknown generated block 'no-such-table'" in err
     text = page.read_text()
     assert _main(capsys, root, results)[0] == 1 and page.read_text() == text  # nothing rewritten on error
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: t.replace("<!-- END GENERATED gptq-quality -->\n", ""), "block 'gptq-quality' has no"),
-    (lambda t: re.sub(r"<!-- BEGIN GENERATED gptq-quality.*?<!-- END GENERATED gptq-quality -->\n", "", t, flags=re.S),
-     "docs/measurements.md: block 'gptq-quality' is missing"),
-    (lambda t: t + "\n<!-- BEGIN GENERATED readme-summary: x -->\n<!-- END GENERATED readme-summary -->\n",
-     "docs/measurements.md: block 'readme-summary' belongs in README.md"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.replace("<!-- END GENERATED gptq-quality -->\n", ""), "block 'gptq-quality' has no"),
+        (
+            lambda t: re.sub(
+                r"<!-- BEGIN GENERATED gptq-quality.*?<!-- END GENERATED gptq-quality -->\n", "", t, flags=re.S
+            ),
+            "docs/measurements.md: block 'gptq-quality' is missing",
+        ),
+        (
+            lambda t: t + "\n<!-- BEGIN GENERATED readme-summary: x -->\n<!-- END GENERATED readme-summary -->\n",
+            "docs/measurements.md: block 'readme-summary' belongs in README.md",
+        ),
+    ],
+)
 def test_broken_markers_fail(tree, capsys, edit, message):
     root, results = tree
     page = root / "docs" / "measurements.md"
@@ -123,9 +134,11 @@ def test_stream_block_reads_the_current_keys(tree, capsys):
     root, results = tree
     path = results / "cpu" / "stream_mid.json"
     data = json.loads(path.read_text())
-    renames = {"vad_endpoint_to_first_token_ms_spec": "endpoint_decision_to_first_token_ms_exact_spec",
-               "vad_endpoint_to_first_token_ms_nospec": "endpoint_decision_to_first_token_ms_exact_nospec",
-               "vad_chunked_endpoint_to_first_token_ms_spec": "endpoint_decision_to_first_token_ms_chunked_spec"}
+    renames = {
+        "vad_endpoint_to_first_token_ms_spec": "endpoint_decision_to_first_token_ms_exact_spec",
+        "vad_endpoint_to_first_token_ms_nospec": "endpoint_decision_to_first_token_ms_exact_nospec",
+        "vad_chunked_endpoint_to_first_token_ms_spec": "endpoint_decision_to_first_token_ms_chunked_spec",
+    }
     data["rows"] = [{renames.get(k, k): v for k, v in row.items()} for row in data["rows"]]
     data["rows"][0]["endpoint_decision_to_first_token_ms_exact_spec"] = 0.777
     for row in data["realtime_rows"]:
@@ -166,8 +179,13 @@ def test_no_measured_figures_outside_generated_blocks(page):
 
 def test_figure_rule_catches_figures():
     """The rule above is not vacuous: it flags what a hand-copied result looks like, and not design constants."""
-    assert FIGURE.findall("decode 69.9 tok/s, 2.80× faster, 13.5 % WER, 0.29 ms, 1,413 MiB") == \
-        ["69.9 tok/s", "2.80×", "13.5 %", "0.29 ms", "413 MiB"]
+    assert FIGURE.findall("decode 69.9 tok/s, 2.80× faster, 13.5 % WER, 0.29 ms, 1,413 MiB") == [
+        "69.9 tok/s",
+        "2.80×",
+        "13.5 %",
+        "0.29 ms",
+        "413 MiB",
+    ]
     assert not FIGURE.findall("100 ms chunks, 4096 × 11008, 10 dB SNR, a 30 s window, group 128")
 
 

@@ -41,6 +41,7 @@ def test_cli_and_api_resolve_the_same_default_dtype(monkeypatch, tmp_path):
     for device, expected in (("cpu", "fp32"), ("cuda", "fp16"), ("cuda:1", "fp16")):
         cli = _runtime_options(parser.parse_args(["run", str(tmp_path), "--prompt", "hi", "--device", device]))
         assert default_dtype(device) == RuntimeOptions(device=device).dtype == cli.dtype == expected, device
-        explicit = _runtime_options(parser.parse_args(["run", str(tmp_path), "--prompt", "hi", "--device", device,
-                                                       "--dtype", "bf16"]))
+        explicit = _runtime_options(
+            parser.parse_args(["run", str(tmp_path), "--prompt", "hi", "--device", device, "--dtype", "bf16"])
+        )
         assert explicit.dtype == RuntimeOptions(device=device, dtype="bf16").dtype == "bf16"

@@ -17,7 +17,9 @@ from qwen_audio_edge.runtime.audio import IncrementalMel
 from qwen_audio_edge.runtime.stream import VadOptions
 
 
-@pytest.mark.parametrize("seconds,loud", [(0.0201, False), (1.0, True), (3.30037, False), (12.3457, True), (30.0, False)])
+@pytest.mark.parametrize(
+    "seconds,loud", [(0.0201, False), (1.0, True), (3.30037, False), (12.3457, True), (30.0, False)]
+)
 def test_incremental_mel_is_bit_identical_to_batch(mha, pipelines, seconds, loud):
     front = pipelines(mha).mel
     x = signal(seconds, loud_end=loud)
@@ -148,26 +150,79 @@ def test_stream_cli_json(mha, speech, tmp_path):
     audio, _, _ = speech
     wav = tmp_path / "speech.wav"
     sf.write(str(wav), audio, 16000)
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
-                        "--json", "--greedy", "--max-new-tokens", "6", "--ignore-eos"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_audio_edge.cli",
+            "stream",
+            str(mha.artifacts),
+            "--audio",
+            str(wav),
+            "--json",
+            "--greedy",
+            "--max-new-tokens",
+            "6",
+            "--ignore-eos",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert len(rows) == 1 and len(rows[0]["token_ids"]) == 6
     s = rows[0]["stream"]
     assert s["ttft_after_endpoint_ms"] > 0 and s["endpoint_decided_at_s"] >= s["speech_end_s"]
     # VAD options from the command line: a bad value is a one-line error, not a traceback.
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
-                        "--vad-threshold", "1.5"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_audio_edge.cli",
+            "stream",
+            str(mha.artifacts),
+            "--audio",
+            str(wav),
+            "--vad-threshold",
+            "1.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "threshold" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
-                        "--json", "--greedy", "--max-new-tokens", "2", "--max-speech-s", "1"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_audio_edge.cli",
+            "stream",
+            str(mha.artifacts),
+            "--audio",
+            str(wav),
+            "--json",
+            "--greedy",
+            "--max-new-tokens",
+            "2",
+            "--max-speech-s",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
     # As test_forced_endpoint_at_max_speech_duration: "Hello there." ends by itself, the rest is cut twice.
     assert r.returncode == 0 and [row["stream"]["forced_endpoint"] for row in rows] == [False, True, True, False], rows
     silent = tmp_path / "silence.wav"
     sf.write(str(silent), np.zeros(32000, np.float32), 16000)
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(silent),
-                        "--json"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(silent), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and json.loads(r.stdout.strip())["no_speech"] is True
 
 
@@ -219,7 +274,9 @@ def test_forced_endpoint_at_max_speech_duration(mha, pipelines, speech):
         events += session.feed(audio[i : i + 1600])
     # The ~3.1 s utterance span: "Hello there." (0.87 s with its pad) ends by itself; the rest (2.2 s) is cut at
     # 1 s twice, and each cut utterance starts exactly where the previous one was cut. Measured: 4 utterances.
-    assert [e.forced for e in events] == [False, True, True, False], [(e.speech_start_s, e.speech_end_s) for e in events]
+    assert [e.forced for e in events] == [False, True, True, False], [
+        (e.speech_start_s, e.speech_end_s) for e in events
+    ]
     assert all(e.speech_end_s - e.speech_start_s <= 1.0 + 1e-3 for e in events)
     assert all(b.speech_start_s == a.speech_end_s for a, b in pairwise(events) if a.forced)
 
@@ -232,14 +289,34 @@ def test_stream_cli_barge_in(mha, speech, tmp_path):
     started on the worker when the second start arrives — the second utterance always speaks over it."""
     audio, s0, s1 = speech
     words = audio[s0:s1]
-    two = np.concatenate([np.zeros(8000, np.float32), words, np.zeros(16000, np.float32), words, np.zeros(16000, np.float32)])
+    two = np.concatenate(
+        [np.zeros(8000, np.float32), words, np.zeros(16000, np.float32), words, np.zeros(16000, np.float32)]
+    )
     wav = tmp_path / "two.wav"
     sf.write(str(wav), two, 16000)
     n = 64
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
-                        "--barge-in", "--json", "--greedy", "--max-new-tokens", str(n), "--ignore-eos",
-                        "--chunk-ms", str(1000 * len(two) // 16000 + 1000)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_audio_edge.cli",
+            "stream",
+            str(mha.artifacts),
+            "--audio",
+            str(wav),
+            "--barge-in",
+            "--json",
+            "--greedy",
+            "--max-new-tokens",
+            str(n),
+            "--ignore-eos",
+            "--chunk-ms",
+            str(1000 * len(two) // 16000 + 1000),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert len(rows) == 2, rows
@@ -250,8 +327,12 @@ def test_stream_cli_barge_in(mha, speech, tmp_path):
 def test_mic_without_sounddevice_is_a_clear_error(mha):
     import importlib.util
 
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--mic"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--mic"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if importlib.util.find_spec("sounddevice") is None:
         assert r.returncode == 2 and "sounddevice" in r.stderr and "Traceback" not in r.stderr
     else:

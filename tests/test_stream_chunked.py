@@ -36,11 +36,15 @@ def _stream_blocks(front, x, block, lookahead=50, seed=0):
 
 
 def _same(a: BlockInput, b: BlockInput) -> bool:
-    return (a.left, a.rows, a.extra_rows, a.pos_offset) == (b.left, b.rows, b.extra_rows, b.pos_offset) and torch.equal(a.mel, b.mel)
+    return (a.left, a.rows, a.extra_rows, a.pos_offset) == (b.left, b.rows, b.extra_rows, b.pos_offset) and torch.equal(
+        a.mel, b.mel
+    )
 
 
-@pytest.mark.parametrize("seconds,chunk,ahead", [(0.9, 0.32, 50), (4.37, 2.0, 50), (7.123, 1.28, 0), (7.123, 1.28, 37),
-                                                 (29.99, 2.0, 50), (30.0, 2.0, 100)])
+@pytest.mark.parametrize(
+    "seconds,chunk,ahead",
+    [(0.9, 0.32, 50), (4.37, 2.0, 50), (7.123, 1.28, 0), (7.123, 1.28, 37), (29.99, 2.0, 50), (30.0, 2.0, 100)],
+)
 def test_block_stream_equals_batch_rule(mha, pipelines, seconds, chunk, ahead):
     front = pipelines(mha).mel
     block = block_frames(chunk, front)
@@ -135,7 +139,9 @@ def test_block_causal_encoder_equals_its_masked_reference(mha, pipelines, ahead)
     got = BlockBatch(p.block_encoder(), tuple(blocks)).encode()
     with torch.inference_mode():
         ref = _reference_block_causal(p.block_encoder().module, blocks)
-    assert got.shape == ref.shape == (num_audio_tokens(p.mel.valid_frames(int(7.3 * 16000))), p.decoder.args.hidden_size)
+    assert (
+        got.shape == ref.shape == (num_audio_tokens(p.mel.valid_frames(int(7.3 * 16000))), p.decoder.args.hidden_size)
+    )
     err = float((got - ref).abs().max() / ref.abs().max())
     assert err < 2e-6, err  # fp32 with cached vs masked attention; measured 3.6e-7 / 3.7e-7 (look-ahead 0 / 0.5 s)
     # and the cache really carries context: without it (each block alone) the result differs
@@ -183,8 +189,12 @@ def _offline_chunked_greedy(p, x, chunk, n, lookahead=None):
 def test_push_to_talk_chunked_stream_equals_offline_chunked(mha, pipelines, seconds, chunk_samples):
     p = pipelines(mha)
     x = signal(seconds, seed=7)
-    session = p.stream(PROMPT, sampling=GREEDY, vad=None, options=StreamOptions(mode="chunked", chunk_seconds=2.0,
-                                                                               lookahead_seconds=0.5))
+    session = p.stream(
+        PROMPT,
+        sampling=GREEDY,
+        vad=None,
+        options=StreamOptions(mode="chunked", chunk_seconds=2.0, lookahead_seconds=0.5),
+    )
     for i in range(0, len(x), chunk_samples):
         session.feed(x[i : i + chunk_samples])
         if min(i + chunk_samples, len(x)) / 16000 > 2.75:  # block 0 (2 s) + its 0.5 s look-ahead + conv frames
@@ -205,7 +215,9 @@ def test_chunked_with_vad_and_speculation_equals_offline_chunked(mha, pipelines)
     p = pipelines(mha)
     y = espeak("Hello there. What is the weather like today in the big city?")  # real speech for silero-vad
     audio = np.concatenate([np.zeros(8000, np.float32), y, np.zeros(24000, np.float32)])
-    session = p.stream(PROMPT, sampling=GREEDY, vad=VadOptions(), options=StreamOptions(mode="chunked", chunk_seconds=1.28))
+    session = p.stream(
+        PROMPT, sampling=GREEDY, vad=VadOptions(), options=StreamOptions(mode="chunked", chunk_seconds=1.28)
+    )
     events = []
     for i in range(0, len(audio), 1600):
         events += session.feed(audio[i : i + 1600])
@@ -239,8 +251,12 @@ def test_compare_cli_chunked(mha, tmp_path):
     wav = tmp_path / "a.wav"
     sf.write(str(wav), signal(4.2, seed=3), 16000)
     cmd = [sys.executable, "-m", "qwen_audio_edge.cli", "compare", str(mha.artifacts)]
-    r = subprocess.run(cmd + ["--chunked", "2", "--audio", str(wav), "--json", "--new-tokens", "8"],
-                       capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        cmd + ["--chunked", "2", "--audio", str(wav), "--json", "--new-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert "chunked" in rep["candidate"] and rep["new_tokens"] == 8 and rep["files"] == 1
@@ -257,10 +273,34 @@ def test_stream_cli_chunked_json(mha, pipelines, tmp_path):
     wav = tmp_path / "a.wav"
     x = signal(6.1, seed=4)
     sf.write(str(wav), x, 16000)
-    r = subprocess.run([sys.executable, "-m", "qwen_audio_edge.cli", "stream", str(mha.artifacts), "--audio", str(wav),
-                        "--no-vad", "--stream-mode", "chunked", "--chunk-seconds", "2", "--json", "--greedy",
-                        "--max-new-tokens", "5", "--ignore-eos", "--repetition-penalty", "1.0", "--prompt", PROMPT],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qwen_audio_edge.cli",
+            "stream",
+            str(mha.artifacts),
+            "--audio",
+            str(wav),
+            "--no-vad",
+            "--stream-mode",
+            "chunked",
+            "--chunk-seconds",
+            "2",
+            "--json",
+            "--greedy",
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+            "--repetition-penalty",
+            "1.0",
+            "--prompt",
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip())
     assert row["stream"]["mode"] == "chunked"
@@ -308,10 +348,14 @@ def test_chunked_stream_warns_with_the_measured_loss(mha, pipelines):
     from qwen_audio_edge.runtime import chunked
 
     p = pipelines(mha)
-    for (block, ahead) in chunked.MEASURED_WER:
+    for block, ahead in chunked.MEASURED_WER:
         note = chunked.fidelity_note(block, ahead)
         if note:
             with pytest.warns(UserWarning, match="measured WER"):
-                p.stream(PROMPT, vad=None, options=StreamOptions(mode="chunked", chunk_seconds=block, lookahead_seconds=ahead))
+                p.stream(
+                    PROMPT,
+                    vad=None,
+                    options=StreamOptions(mode="chunked", chunk_seconds=block, lookahead_seconds=ahead),
+                )
     with pytest.warns(UserWarning, match="not measured"):
         p.stream(PROMPT, vad=None, options=StreamOptions(mode="chunked", chunk_seconds=1.28, lookahead_seconds=0.33))

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import GREEDY, GREEDY_KW, PROMPT, espeak, signal
 
+from helpers import GREEDY, GREEDY_KW, PROMPT, espeak, signal
 from qwen_audio_edge.runtime.errors import LimitError
 from qwen_audio_edge.runtime.generate import SamplingOptions, greedy_decode
 from qwen_audio_edge.runtime.prompt import embed_prompt
@@ -36,7 +36,9 @@ def test_context_policy_drops_oldest_exchanges_and_stays_exact(mha, pipelines):
     im_start = p.prompt.token_id("<|im_start|>")
     kept = len(conv.context.exchanges)
     assert conv.ids.count(im_start) == 1 + 2 * kept and kept == 6 - conv.dropped_exchanges
-    assert conv.ids[: conv.context.exchanges[0].start] == p.prompt.encode("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert conv.ids[: conv.context.exchanges[0].start] == p.prompt.encode(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    )
     # …and the cache holds exactly it: the last answer equals a from-scratch decode of the kept prompt.
     last = results[-1].token_ids
     prompt_ids = conv.ids[: len(conv.ids) - len(last)]
@@ -81,8 +83,13 @@ def test_barge_in_cancels_the_answer(mha, pipelines, words, mode):
 
     opts = SamplingOptions(max_new_tokens=150, **GREEDY_KW)
     finished = []
-    session = p.stream(PROMPT, sampling=opts, on_text=on_text, on_event=finished.append,
-                       options=StreamOptions(barge_in=True, mode=mode, chunk_seconds=1.0, lookahead_seconds=0.5))
+    session = p.stream(
+        PROMPT,
+        sampling=opts,
+        on_text=on_text,
+        on_event=finished.append,
+        options=StreamOptions(barge_in=True, mode=mode, chunk_seconds=1.0, lookahead_seconds=0.5),
+    )
     pause = np.zeros(int(0.9 * 16000), np.float32)  # > min silence: the first utterance ends here
     # the second utterance is long enough for its 1 s blocks (+ 0.5 s look-ahead) to become final while it goes on
     audio = np.concatenate([np.zeros(8000, np.float32), words, pause, words, words, np.zeros(16000, np.float32)])
@@ -104,9 +111,12 @@ def test_barge_in_cancels_the_answer(mha, pipelines, words, mode):
         return
     # The cancelled answer stays in the conversation as far as it got: replaying the two turns gives the same.
     conv = p.chat()
-    span = lambda e: audio[int(round(e.speech_start_s * 16000)) : int(round(e.speech_end_s * 16000))]  # noqa: E731
+    span = lambda e: audio[int(round(e.speech_start_s * 16000)) : int(round(e.speech_end_s * 16000))]
     n1 = len(first.result.token_ids)
-    assert conv.send(span(first), PROMPT, sampling=SamplingOptions(max_new_tokens=n1, **GREEDY_KW)).token_ids == first.result.token_ids
+    assert (
+        conv.send(span(first), PROMPT, sampling=SamplingOptions(max_new_tokens=n1, **GREEDY_KW)).token_ids
+        == first.result.token_ids
+    )
     assert conv.send(span(second), PROMPT, sampling=opts).token_ids == second.result.token_ids
 
 
@@ -140,8 +150,14 @@ def test_ten_minute_stream_keeps_bounded_memory(mha, pipelines, words):
     period = np.concatenate([words, gap])
     total = 600 * 16000
     now = [0.0]
-    session = StreamSession(p, PROMPT, sampling=opts, vad=VadOptions(), clock=lambda: now[0],
-                            options=StreamOptions(mode="chunked", chunk_seconds=1.0))
+    session = StreamSession(
+        p,
+        PROMPT,
+        sampling=opts,
+        vad=VadOptions(),
+        clock=lambda: now[0],
+        options=StreamOptions(mode="chunked", chunk_seconds=1.0),
+    )
     turns = peak_samples = peak_ids = peak_exchanges = 0
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fed = 0
@@ -241,8 +257,9 @@ def test_a_refused_turn_in_a_vad_stream_surfaces_and_the_next_one_is_answered(mh
     session = p.stream(PROMPT, sampling=GREEDY, vad=VadOptions(), options=StreamOptions(context_policy="error"))
     long_speech = np.concatenate([words, words, words])  # ~9 s: more audio tokens than the context holds
     short = words[: int(1.2 * 16000)]
-    audio = np.concatenate([np.zeros(8000, np.float32), long_speech, np.zeros(16000, np.float32), short,
-                            np.zeros(16000, np.float32)])
+    audio = np.concatenate(
+        [np.zeros(8000, np.float32), long_speech, np.zeros(16000, np.float32), short, np.zeros(16000, np.float32)]
+    )
     events, errors = [], []
     for i in range(0, len(audio), 1600):
         try:
@@ -275,4 +292,6 @@ def test_an_answer_holding_the_audio_token_id_survives_the_context_policy(mha, p
     assert second.token_ids[1] == p.prompt.audio_token_id
     monkeypatch.setattr(gen, "pick_token", real_pick)
     r = conv.send(signal(3.0, seed=3), PROMPT, sampling=GREEDY)  # forces the oldest exchange out, keeps the second
-    assert conv.dropped_exchanges == 1 and len(conv.context.exchanges) == 2 and len(r.token_ids) == GREEDY.max_new_tokens
+    assert (
+        conv.dropped_exchanges == 1 and len(conv.context.exchanges) == 2 and len(r.token_ids) == GREEDY.max_new_tokens
+    )

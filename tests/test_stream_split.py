@@ -71,8 +71,12 @@ def test_endpointer_forces_a_cut_at_max_speech_and_close_ends_the_utterance():
 def test_window_endpointer_cuts_each_full_window_and_restarts_at_close():
     ep = WindowEndpointer(max_samples=1000)
     assert list(ep.feed(np.zeros(1000, np.float32))) == []  # exactly one window: not cut yet
-    assert list(ep.feed(np.zeros(1500, np.float32))) == [("cut", 1000, 1000), ("start", 1000, 1000),
-                                                         ("cut", 2000, 2000), ("start", 2000, 2000)]
+    assert list(ep.feed(np.zeros(1500, np.float32))) == [
+        ("cut", 1000, 1000),
+        ("start", 1000, 1000),
+        ("cut", 2000, 2000),
+        ("start", 2000, 2000),
+    ]
     assert ep.safe_horizon() == 2500 and ep.pending_end() is None
     ep.close(2500)
     assert list(ep.feed(np.zeros(1000, np.float32))) == [] and ep.start == 2500
@@ -83,8 +87,12 @@ def test_window_endpointer_cuts_not_taken_are_found_at_the_next_feed():
     ep = WindowEndpointer(max_samples=1000)
     events = iter(ep.feed(np.zeros(3500, np.float32)))
     assert next(events) == ("cut", 1000, 1000)  # the session fails here and abandons the rest
-    assert list(ep.feed(np.zeros(0, np.float32))) == [("cut", 2000, 2000), ("start", 2000, 2000),
-                                                      ("cut", 3000, 3000), ("start", 3000, 3000)]
+    assert list(ep.feed(np.zeros(0, np.float32))) == [
+        ("cut", 2000, 2000),
+        ("start", 2000, 2000),
+        ("cut", 3000, 3000),
+        ("start", 3000, 3000),
+    ]
 
 
 def test_audio_buffer_places_utterances_and_stays_bounded():
@@ -117,7 +125,7 @@ class _Turn:
 def test_speculation_is_kept_for_its_endpoint_and_dropped_when_speech_resumes():
     spec = Speculation(enabled=True)
     turn, calls = _Turn(), []
-    prefill = lambda t: calls.append(t) or "prefilled"  # noqa: E731
+    prefill = lambda t: calls.append(t) or "prefilled"
     spec.update(None, lambda: turn, fed=0, start=0, prefill=prefill)  # speech goes on: nothing to do
     spec.update(5000, lambda: turn, fed=4999, start=0, prefill=prefill)  # mel not fed up to the end yet
     assert calls == [] and spec.runs == 0

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from helpers import require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,9 @@ def speech(tmp_path_factory) -> list[tuple[str, Path, np.ndarray]]:
     root = tmp_path_factory.mktemp("espeak")
     for i, (text, voice, speed) in enumerate(SENTENCES):
         raw = root / f"raw{i}.wav"
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True, capture_output=True)
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), text], check=True, capture_output=True
+        )
         x, sr = sf.read(str(raw), dtype="float32")
         wave = soxr.resample(x, sr, 16000).astype(np.float32)
         path = root / f"speech{i}.wav"
@@ -100,15 +103,22 @@ def hf_whisper(tiny_en, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen_ckpt(tiny_en, tmp_path_factory) -> Path:
-    return ct2_whisper.write_qwen2_audio_checkpoint(tiny_en, tmp_path_factory.mktemp("qwen2_audio_tiny_en") / "checkpoint")
+    return ct2_whisper.write_qwen2_audio_checkpoint(
+        tiny_en, tmp_path_factory.mktemp("qwen2_audio_tiny_en") / "checkpoint"
+    )
 
 
 @pytest.fixture(scope="module")
 def artifacts(qwen_ckpt) -> Path:
     """`qwen-audio-edge export` with default settings (fp16 decoder, fp32 encoder)."""
     out = qwen_ckpt.parent / "artifacts"
-    r = subprocess.run([*CLI, "export", str(qwen_ckpt), str(out), "--quiet"], capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    r = subprocess.run(
+        [*CLI, "export", str(qwen_ckpt), str(out), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -124,8 +134,16 @@ def test_model_bin_parser(tiny_en):
     assert t["encoder/layer_0/self_attention/linear_0/weight"].dtype == torch.float16
     assert t["decoder/projection/weight"] is t["decoder/embeddings/weight"]  # an alias, resolved
     cfg = ct2_whisper.whisper_config(tiny_en)
-    assert (cfg.num_mel_bins, cfg.d_model, cfg.encoder_layers, cfg.encoder_attention_heads, cfg.encoder_ffn_dim,
-            cfg.max_source_positions, cfg.decoder_layers, cfg.vocab_size) == (80, 384, 4, 6, 1536, 1500, 4, 51864)
+    assert (
+        cfg.num_mel_bins,
+        cfg.d_model,
+        cfg.encoder_layers,
+        cfg.encoder_attention_heads,
+        cfg.encoder_ffn_dim,
+        cfg.max_source_positions,
+        cfg.decoder_layers,
+        cfg.vocab_size,
+    ) == (80, 384, 4, 6, 1536, 1500, 4, 51864)
     assert (tiny_en.token_id("<|startoftranscript|>"), tiny_en.token_id("<|notimestamps|>")) == (50257, 50362)
 
 
@@ -136,7 +154,9 @@ def test_encoder_matches_ctranslate2(hf_whisper, ct2_model, speech):
     feats = _features(processor, speech[0][2])
     with torch.no_grad():
         ours = model.model.encoder(feats).last_hidden_state[0]
-    ref = torch.from_numpy(np.asarray(ct2_model.encode(ctranslate2.StorageView.from_array(feats.numpy()), to_cpu=True)))[0]
+    ref = torch.from_numpy(
+        np.asarray(ct2_model.encode(ctranslate2.StorageView.from_array(feats.numpy()), to_cpu=True))
+    )[0]
     assert ours.shape == ref.shape == (1500, 384)
     assert _rel_err(ours, ref) <= 2e-5  # measured 1.8e-6 (both fp32 from the same fp16 weights)
 
@@ -155,9 +175,12 @@ def test_greedy_transcripts_match_ctranslate2(hf_whisper, ct2_model, tiny_en, sp
         assert seq[:2] == prompt  # transformers built the same decoder prompt
         hf_ids = seq[2 : seq.index(eot) if eot in seq else len(seq)]
         ref = ct2_model.generate(ctranslate2.StorageView.from_array(feats.numpy()), [prompt], beam_size=1)[0]
-        assert hf_ids == ref.sequences_ids[0], (processor.tokenizer.decode(hf_ids), processor.tokenizer.decode(ref.sequences_ids[0]))
+        assert hf_ids == ref.sequences_ids[0], (
+            processor.tokenizer.decode(hf_ids),
+            processor.tokenizer.decode(ref.sequences_ids[0]),
+        )
         # Trained weights, not noise: most words of the sentence come back (espeak + tiny.en are imperfect).
-        words = lambda s: re.findall(r"[a-z]+", s.lower())  # noqa: E731
+        words = lambda s: re.findall(r"[a-z]+", s.lower())
         heard = set(words(processor.tokenizer.decode(hf_ids, skip_special_tokens=True)))
         assert sum(w in heard for w in words(text)) >= 0.5 * len(words(text)), heard
 
@@ -175,7 +198,9 @@ def test_qwen2_audio_tower_is_pooled_then_normalised_whisper(qwen_ckpt, hf_whisp
     feats = _features(processor, speech[0][2])
     enc = whisper.model.encoder
     captured = {}
-    hook = enc.layers[-1].register_forward_hook(lambda _m, _i, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o))
+    hook = enc.layers[-1].register_forward_hook(
+        lambda _m, _i, o: captured.setdefault("h", o[0] if isinstance(o, tuple) else o)
+    )
     with torch.no_grad():
         whisper_out = enc(feats).last_hidden_state[0]
         hook.remove()
@@ -196,22 +221,31 @@ def test_export_with_default_settings_and_run(artifacts, speech):
     m = json.loads((artifacts / "manifest.json").read_text())
     v = m["encoder"]["verification"]
     assert m["config"]["audio"]["num_mel_bins"] == 80 and m["preprocessor"]["n_mels"] == 80
-    bound = EncoderTolerances.for_config(EncoderConfig.from_dict(m["config"]["audio"], m["config"]["text"]["hidden_size"]))
+    bound = EncoderTolerances.for_config(
+        EncoderConfig.from_dict(m["config"]["audio"], m["config"]["text"]["hidden_size"])
+    )
     assert v["tolerances"]["fp32_max_rel_err"] == pytest.approx(bound.fp32_max_rel_err)
     assert v["fp32_max_rel_err_vs_transformers"] <= bound.fp32_max_rel_err
     assert v["fp32_min_cosine_vs_transformers"] >= MIN_COSINE
-    assert v["fp32_max_abs_err_vs_transformers"] == pytest.approx(v["fp32_max_rel_err_vs_transformers"] * v["reference_max_abs"])
-    r = subprocess.run([*CLI, "run", str(artifacts), "--audio", str(speech[0][1]), "--greedy", "--max-new-tokens", "4", "--json"],
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert v["fp32_max_abs_err_vs_transformers"] == pytest.approx(
+        v["fp32_max_rel_err_vs_transformers"] * v["reference_max_abs"]
+    )
+    r = subprocess.run(
+        [*CLI, "run", str(artifacts), "--audio", str(speech[0][1]), "--greedy", "--max-new-tokens", "4", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert 1 <= len(json.loads(r.stdout)["token_ids"]) <= 4
 
 
 def test_runtime_encoder_matches_transformers_on_speech(artifacts, qwen_ckpt, speech):
     """Our front end + fp32 ONNX encoder vs the audio embeddings Qwen2AudioForConditionalGeneration merges."""
-    from helpers import reference_inputs
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+    from helpers import reference_inputs
     from qwen_audio_edge.runtime.pipeline import Pipeline
 
     qwen = Qwen2AudioForConditionalGeneration.from_pretrained(str(qwen_ckpt), dtype=torch.float32).eval()
@@ -219,7 +253,8 @@ def test_runtime_encoder_matches_transformers_on_speech(artifacts, qwen_ckpt, sp
     p = Pipeline.from_artifacts(artifacts)
     captured = {}
     qwen.model.language_model.register_forward_pre_hook(
-        lambda _m, _a, kw: captured.__setitem__("embeds", kw["inputs_embeds"]), with_kwargs=True)
+        lambda _m, _a, kw: captured.__setitem__("embeds", kw["inputs_embeds"]), with_kwargs=True
+    )
     for _, _, wave in speech:
         inputs = reference_inputs(ref_model, wave, "What is said?")
         with torch.no_grad():
@@ -234,7 +269,9 @@ def test_runtime_encoder_matches_transformers_on_speech(artifacts, qwen_ckpt, sp
 def test_fp16_encoder_export_on_trained_weights(qwen_ckpt):
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
 
-    m = export_checkpoint(qwen_ckpt, qwen_ckpt.parent / "artifacts16", ExportOptions(encoder_dtype="fp16", progress=False))
+    m = export_checkpoint(
+        qwen_ckpt, qwen_ckpt.parent / "artifacts16", ExportOptions(encoder_dtype="fp16", progress=False)
+    )
     v = m["encoder"]["verification"]
     assert v["fp16_min_cosine_vs_fp32"] >= v["tolerances"]["fp16_min_cosine"]
     assert v["fp16_min_cosine_vs_fp32"] >= 0.9999  # measured 0.999995 on tiny.en

@@ -167,7 +167,10 @@ def whisper_config(model: CT2Model):
         decoder_ffn_dim=t["decoder/layer_0/ffn/linear_0/weight"].shape[0],
         max_source_positions=t["encoder/position_encodings/encodings"].shape[0],
         max_target_positions=t["decoder/position_encodings/encodings"].shape[0],
-        pad_token_id=eot, bos_token_id=sot, eos_token_id=eot, decoder_start_token_id=sot,
+        pad_token_id=eot,
+        bos_token_id=sot,
+        eos_token_id=eot,
+        decoder_start_token_id=sot,
         tie_word_embeddings=True,
     )
 
@@ -210,8 +213,12 @@ def _layer(t: dict, src: str, dst: str) -> dict[str, torch.Tensor]:
 def encoder_state_dict(model: CT2Model) -> dict[str, torch.Tensor]:
     """The Whisper encoder in transformers' names (also `Qwen2AudioEncoder`'s), float32, no prefix."""
     t = model.tensors
-    sd = {**_linear(t, "encoder/conv1", "conv1"), **_linear(t, "encoder/conv2", "conv2"),
-          "embed_positions.weight": t["encoder/position_encodings/encodings"], **_norm(t, "encoder/layer_norm", "layer_norm")}
+    sd = {
+        **_linear(t, "encoder/conv1", "conv1"),
+        **_linear(t, "encoder/conv2", "conv2"),
+        "embed_positions.weight": t["encoder/position_encodings/encodings"],
+        **_norm(t, "encoder/layer_norm", "layer_norm"),
+    }
     for i in range(model.n_layers("encoder")):
         sd |= _layer(t, f"encoder/layer_{i}", f"layers.{i}")
     return {k: v.float().contiguous() for k, v in sd.items()}
@@ -220,8 +227,11 @@ def encoder_state_dict(model: CT2Model) -> dict[str, torch.Tensor]:
 def decoder_state_dict(model: CT2Model) -> dict[str, torch.Tensor]:
     """The Whisper decoder in transformers' names (`model.decoder.*` without the prefix), float32."""
     t = model.tensors
-    sd = {"embed_tokens.weight": t["decoder/embeddings/weight"],
-          "embed_positions.weight": t["decoder/position_encodings/encodings"], **_norm(t, "decoder/layer_norm", "layer_norm")}
+    sd = {
+        "embed_tokens.weight": t["decoder/embeddings/weight"],
+        "embed_positions.weight": t["decoder/position_encodings/encodings"],
+        **_norm(t, "decoder/layer_norm", "layer_norm"),
+    }
     for i in range(model.n_layers("decoder")):
         src, dst = f"decoder/layer_{i}", f"layers.{i}"
         sd |= _layer(t, src, dst)
@@ -240,9 +250,15 @@ def generation_config(model: CT2Model):
 
     sot, eot = model.token_id("<|startoftranscript|>"), model.token_id("<|endoftext|>")
     return GenerationConfig(
-        decoder_start_token_id=sot, bos_token_id=sot, eos_token_id=eot,
-        pad_token_id=eot, no_timestamps_token_id=model.token_id("<|notimestamps|>"), is_multilingual=False,
-        return_timestamps=False, max_length=448, alignment_heads=model.config.get("alignment_heads"),
+        decoder_start_token_id=sot,
+        bos_token_id=sot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        no_timestamps_token_id=model.token_id("<|notimestamps|>"),
+        is_multilingual=False,
+        return_timestamps=False,
+        max_length=448,
+        alignment_heads=model.config.get("alignment_heads"),
         suppress_tokens=list(model.config.get("suppress_ids", [])),
         begin_suppress_tokens=list(model.config.get("suppress_ids_begin", [])),
     )
@@ -286,8 +302,9 @@ def save_hf_whisper(model: CT2Model, out_dir: str | Path) -> Path:
     return out
 
 
-def write_qwen2_audio_checkpoint(model: CT2Model, out_dir: str | Path, *, seed: int = 0,
-                                 max_shard_size: str = "4MB") -> Path:
+def write_qwen2_audio_checkpoint(
+    model: CT2Model, out_dir: str | Path, *, seed: int = 0, max_shard_size: str = "4MB"
+) -> Path:
     """A Qwen2-Audio checkpoint (published layout) whose audio tower is this Whisper's encoder.
 
     Built by random_checkpoint.py's `build_tiny_checkpoint` (tokenizer, chat template, processor files,
@@ -304,8 +321,13 @@ def write_qwen2_audio_checkpoint(model: CT2Model, out_dir: str | Path, *, seed: 
     cfg = whisper_config(model)
     if cfg.max_source_positions != 1500:
         raise ValueError(f"Qwen2-Audio's encoder needs 1500 positions, this model has {cfg.max_source_positions}")
-    shape = TinyShape(name="whisper", audio_d_model=cfg.d_model, audio_layers=cfg.encoder_layers,
-                      audio_heads=cfg.encoder_attention_heads, audio_ffn_dim=cfg.encoder_ffn_dim)
+    shape = TinyShape(
+        name="whisper",
+        audio_d_model=cfg.d_model,
+        audio_layers=cfg.encoder_layers,
+        audio_heads=cfg.encoder_attention_heads,
+        audio_ffn_dim=cfg.encoder_ffn_dim,
+    )
     out = build_tiny_checkpoint(out_dir, shape, seed=seed, max_shard_size=max_shard_size)
     tower = {f"audio_tower.{k}": v for k, v in encoder_state_dict(model).items()}
     index_path = out / "model.safetensors.index.json"

@@ -21,36 +21,71 @@ DEMO_MARKER = "qae-demo.json"  # written first ({"complete": false}) and complet
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="decoder activation dtype (default fp32 on CPU, fp16 on CUDA)")
-    g.add_argument("--max-context", type=int, default=None,
-                   help="KV cache positions (default: the config's max_position_embeddings, capped to fit memory)")
-    g.add_argument("--encoder-backend", default="onnx", choices=["onnx", "torch"],
-                   help="ONNX Runtime (default) or the torch module (GPUs without onnxruntime-gpu)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "fp16", "bf16"],
+        help="decoder activation dtype (default fp32 on CPU, fp16 on CUDA)",
+    )
+    g.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="KV cache positions (default: the config's max_position_embeddings, capped to fit memory)",
+    )
+    g.add_argument(
+        "--encoder-backend",
+        default="onnx",
+        choices=["onnx", "torch"],
+        help="ONNX Runtime (default) or the torch module (GPUs without onnxruntime-gpu)",
+    )
     g.add_argument("--encoder-precision", default=None, choices=["fp32", "fp16"], help="which exported encoder to run")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
-    g.add_argument("--w4-kernel", default="auto", choices=["auto", "ref", "cpu", "triton"],
-                   help="W4 matmul path for GPTQ decoders (auto: CPU int4 op on CPU, Triton on CUDA)")
-    g.add_argument("--no-fuse", action="store_true",
-                   help="keep the checkpoint's separate q/k/v and gate/up projections and plain torch ops (no fused "
-                        "Triton kernels on CUDA): for debugging, hooks, or a GPU where Triton does not work")
-    g.add_argument("--no-w4-tune", action="store_true",
-                   help="CUDA: use the default Triton launch configs instead of timing candidates per layer shape "
-                        "on first use (faster first start, slower decode)")
+    g.add_argument(
+        "--w4-kernel",
+        default="auto",
+        choices=["auto", "ref", "cpu", "triton"],
+        help="W4 matmul path for GPTQ decoders (auto: CPU int4 op on CPU, Triton on CUDA)",
+    )
+    g.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="keep the checkpoint's separate q/k/v and gate/up projections and plain torch ops (no fused "
+        "Triton kernels on CUDA): for debugging, hooks, or a GPU where Triton does not work",
+    )
+    g.add_argument(
+        "--no-w4-tune",
+        action="store_true",
+        help="CUDA: use the default Triton launch configs instead of timing candidates per layer shape "
+        "on first use (faster first start, slower decode)",
+    )
     g.add_argument("--no-verify", action="store_true", help="check file sizes only, skip sha256 of the artifacts")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
-        "generation", "Defaults come from the checkpoint's generation_config.json, read as transformers reads it: "
-        "a key it does not set means transformers' default (greedy, no repetition penalty, …). A flag overrides it.")
+        "generation",
+        "Defaults come from the checkpoint's generation_config.json, read as transformers reads it: "
+        "a key it does not set means transformers' default (greedy, no repetition penalty, …). A flag overrides it.",
+    )
     g.add_argument("--prompt", default=None, help="text after the audio in the user turn")
-    g.add_argument("--max-new-tokens", type=int, default=None,
-                   help="answer length limit (default: the generation config's max_new_tokens, else 256)")
-    g.add_argument("--greedy", action="store_true",
-                   help="argmax decoding (do_sample=false) even where the generation config samples")
-    g.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature; --temperature, --top-k or --top-p turn sampling on (not with --greedy)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer length limit (default: the generation config's max_new_tokens, else 256)",
+    )
+    g.add_argument(
+        "--greedy",
+        action="store_true",
+        help="argmax decoding (do_sample=false) even where the generation config samples",
+    )
+    g.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature; --temperature, --top-k or --top-p turn sampling on (not with --greedy)",
+    )
     g.add_argument("--top-k", type=int, default=None, help="sample from the K most likely tokens (0: all)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1: off)")
     g.add_argument("--repetition-penalty", type=float, default=None, help="1.0: off (applies to greedy decoding too)")
@@ -67,29 +102,52 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("src", help="local Hugging Face Qwen2-Audio checkpoint directory")
     e.add_argument("out", help="artifacts directory to create")
     e.add_argument("--bits", type=int, default=16, help="decoder weights: 4 (GPTQ), 16 (fp16, default) or 32 (fp32)")
-    e.add_argument("--encoder-dtype", default="fp32", choices=["fp32", "fp16"],
-                   help="encoder ONNX the runtime uses by default (fp16 also keeps the verified fp32 file)")
+    e.add_argument(
+        "--encoder-dtype",
+        default="fp32",
+        choices=["fp32", "fp16"],
+        help="encoder ONNX the runtime uses by default (fp16 also keeps the verified fp32 file)",
+    )
     e.add_argument("--force", action="store_true", help="replace an existing output directory")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     q = e.add_argument_group("GPTQ (--bits 4)")
     q.add_argument("--group-size", type=int, default=128, help="32, 64, 128 (default) or -1 (per channel)")
-    q.add_argument("--no-act-order", action="store_true", help="quantize columns in order (default: act-order, desc_act)")
+    q.add_argument(
+        "--no-act-order", action="store_true", help="quantize columns in order (default: act-order, desc_act)"
+    )
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric zero points (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric zero points")
     q.add_argument("--damp", type=float, default=0.01, help="dampening, fraction of mean diag(H) (default 0.01)")
-    q.add_argument("--calibration", default=None, help="directory of audio files (+ prompts.txt, NAME.txt transcripts); "
-                   "default: built-in synthetic set")
+    q.add_argument(
+        "--calibration",
+        default=None,
+        help="directory of audio files (+ prompts.txt, NAME.txt transcripts); default: built-in synthetic set",
+    )
     q.add_argument("--num-samples", type=int, default=128, help="calibration prompts (default 128)")
     q.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    q.add_argument("--calibration-mode", default="audio", choices=["audio", "text"],
-                   help="audio (default): prompts with audio embeddings; text: the same prompts without audio")
-    q.add_argument("--lm-head", default="fp16", choices=["fp16", "int8"],
-                   help="int8 adds a weight-only per-channel head in a side file only this runtime reads")
-    q.add_argument("--hf-checkpoint", default=None, help="also write a full Qwen2-Audio GPTQ checkpoint here (vLLM layout)")
-    q.add_argument("--resume", action="store_true", help="continue an interrupted 4-bit export from its last finished layer")
+    q.add_argument(
+        "--calibration-mode",
+        default="audio",
+        choices=["audio", "text"],
+        help="audio (default): prompts with audio embeddings; text: the same prompts without audio",
+    )
+    q.add_argument(
+        "--lm-head",
+        default="fp16",
+        choices=["fp16", "int8"],
+        help="int8 adds a weight-only per-channel head in a side file only this runtime reads",
+    )
+    q.add_argument(
+        "--hf-checkpoint", default=None, help="also write a full Qwen2-Audio GPTQ checkpoint here (vLLM layout)"
+    )
+    q.add_argument(
+        "--resume", action="store_true", help="continue an interrupted 4-bit export from its last finished layer"
+    )
     q.add_argument("--threads", type=int, default=None, help="torch threads (fixed for reproducible/resumable GPTQ)")
-    q.add_argument("--quant-device", default="cpu", help="device for GPTQ (cpu, cuda): one decoder layer lives there at a time")
+    q.add_argument(
+        "--quant-device", default="cpu", help="device for GPTQ (cpu, cuda): one decoder layer lives there at a time"
+    )
 
     r = sub.add_parser("run", help="answer one user turn (audio and/or text) and stream the text")
     r.add_argument("artifacts")
@@ -108,47 +166,96 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--no-vad", action="store_true", help="no endpointing: end() after the last chunk")
     st.add_argument("--vad-threshold", type=float, default=0.5, help="silero-vad speech probability (default 0.5)")
     st.add_argument("--min-silence-ms", type=int, default=500, help="silence that ends an utterance (default 500)")
-    st.add_argument("--speech-pad-ms", type=int, default=100, help="audio kept on each side of the speech (default 100)")
-    st.add_argument("--max-speech-s", type=float, default=30.0, help="forced endpoint after this much speech (default 30)")
-    st.add_argument("--stream-mode", default="exact", choices=["exact", "chunked"],
-                    help="exact (default): output equals the offline run; chunked: block-wise encoder, each finished "
-                    "block prefilled while the person speaks (changes the output: check it with compare --chunked)")
-    st.add_argument("--chunk-seconds", type=float, default=3.0, help="chunked mode block length (multiple of 0.04 s, default 3)")
-    st.add_argument("--lookahead-seconds", type=float, default=2.0,
-                    help="chunked mode: audio after each block its tokens also attend to (default 2; a block is "
-                    "prefilled that long after it ends)")
-    st.add_argument("--barge-in", action="store_true",
-                    help="answer on a worker thread; speech detected during an answer cancels it (VAD mode)")
-    st.add_argument("--no-speculation", action="store_true", help="do not encode/prefill in the endpointing silence window")
-    st.add_argument("--context-policy", default="drop_oldest", choices=["drop_oldest", "error"],
-                    help="when a turn does not fit in --max-context: drop the oldest exchanges (default) or stop with an error")
+    st.add_argument(
+        "--speech-pad-ms", type=int, default=100, help="audio kept on each side of the speech (default 100)"
+    )
+    st.add_argument(
+        "--max-speech-s", type=float, default=30.0, help="forced endpoint after this much speech (default 30)"
+    )
+    st.add_argument(
+        "--stream-mode",
+        default="exact",
+        choices=["exact", "chunked"],
+        help="exact (default): output equals the offline run; chunked: block-wise encoder, each finished "
+        "block prefilled while the person speaks (changes the output: check it with compare --chunked)",
+    )
+    st.add_argument(
+        "--chunk-seconds", type=float, default=3.0, help="chunked mode block length (multiple of 0.04 s, default 3)"
+    )
+    st.add_argument(
+        "--lookahead-seconds",
+        type=float,
+        default=2.0,
+        help="chunked mode: audio after each block its tokens also attend to (default 2; a block is "
+        "prefilled that long after it ends)",
+    )
+    st.add_argument(
+        "--barge-in",
+        action="store_true",
+        help="answer on a worker thread; speech detected during an answer cancels it (VAD mode)",
+    )
+    st.add_argument(
+        "--no-speculation", action="store_true", help="do not encode/prefill in the endpointing silence window"
+    )
+    st.add_argument(
+        "--context-policy",
+        default="drop_oldest",
+        choices=["drop_oldest", "error"],
+        help="when a turn does not fit in --max-context: drop the oldest exchanges (default) or stop with an error",
+    )
     st.add_argument("--json", action="store_true", help="one JSON object per turn, with endpoint/first-token timings")
     _add_generation_args(st)
     _add_runtime_args(st)
 
     c = sub.add_parser("compare", help="quality of B vs reference A (artifacts dirs or HF checkpoints) on audio files")
     c.add_argument("a", help="reference: artifacts dir or Hugging Face checkpoint")
-    c.add_argument("b", nargs="?", default=None,
-                   help="candidate: artifacts dir or Hugging Face checkpoint (default: A again, with --chunked)")
-    c.add_argument("--chunked", type=float, default=None, metavar="SECONDS",
-                   help="run the candidate in the chunked stream mode with SECONDS blocks (e.g. compare ART --chunked 2)")
-    c.add_argument("--lookahead-seconds", type=float, default=None,
-                   help="with --chunked: the chunked mode's look-ahead per block (default 2, as stream)")
+    c.add_argument(
+        "b",
+        nargs="?",
+        default=None,
+        help="candidate: artifacts dir or Hugging Face checkpoint (default: A again, with --chunked)",
+    )
+    c.add_argument(
+        "--chunked",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="run the candidate in the chunked stream mode with SECONDS blocks (e.g. compare ART --chunked 2)",
+    )
+    c.add_argument(
+        "--lookahead-seconds",
+        type=float,
+        default=None,
+        help="with --chunked: the chunked mode's look-ahead per block (default 2, as stream)",
+    )
     c.add_argument("--audio", action="append", default=None, help="audio file (repeat for several)")
     c.add_argument("--prompt", default="What does the person say?")
     c.add_argument("--new-tokens", type=int, default=32, help="continuation length decoded by A and teacher-forced")
     c.add_argument("--json", action="store_true")
-    w = c.add_argument_group("WER (needs reference transcripts)",
-                             "Each side also transcribes every file (greedy, eval's instruction); the report adds both "
-                             "WERs and the relative change (WER_B - WER_A) / WER_A.")
-    w.add_argument("--transcripts", default=None, metavar="FILE_OR_DIR",
-                   help="transcripts of the --audio files: a file of `NAME TEXT` lines (LibriSpeech .trans.txt format; "
-                        "NAME = audio file name without extension) or a directory of NAME.txt / *.trans.txt files")
-    w.add_argument("--librispeech", default=None, metavar="DIR",
-                   help="LibriSpeech-format dir (*/*/*.flac + *.trans.txt): its utterances replace --audio")
+    w = c.add_argument_group(
+        "WER (needs reference transcripts)",
+        "Each side also transcribes every file (greedy, eval's instruction); the report adds both "
+        "WERs and the relative change (WER_B - WER_A) / WER_A.",
+    )
+    w.add_argument(
+        "--transcripts",
+        default=None,
+        metavar="FILE_OR_DIR",
+        help="transcripts of the --audio files: a file of `NAME TEXT` lines (LibriSpeech .trans.txt format; "
+        "NAME = audio file name without extension) or a directory of NAME.txt / *.trans.txt files",
+    )
+    w.add_argument(
+        "--librispeech",
+        default=None,
+        metavar="DIR",
+        help="LibriSpeech-format dir (*/*/*.flac + *.trans.txt): its utterances replace --audio",
+    )
     w.add_argument("--limit", type=int, default=None, help="first N LibriSpeech utterances (sorted by id)")
-    w.add_argument("--instruction", default=None,
-                   help="transcription instruction (default: eval's 'Recognize the speech and give me the transcription.')")
+    w.add_argument(
+        "--instruction",
+        default=None,
+        help="transcription instruction (default: eval's 'Recognize the speech and give me the transcription.')",
+    )
     w.add_argument("--max-new-tokens", type=int, default=256, help="transcription length limit (default 256)")
 
     v = sub.add_parser("eval", help="LibriSpeech WER of an artifacts dir (needs the [export] extra)")
@@ -162,10 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(v)
 
     d = sub.add_parser("demo", help="build a tiny random checkpoint, export it, run a test signal (no weights needed)")
-    d.add_argument("--dir", "--keep", dest="dir", default=DEMO_DIR, metavar="DIR",
-                   help=f"where checkpoint/, artifacts/ and signal.wav go (default ./{DEMO_DIR}); a finished demo "
-                        "there is reused, a directory holding anything else is refused (--keep: the older name)")
-    d.add_argument("--force", action="store_true", help="rebuild the checkpoint and artifacts of an existing demo directory")
+    d.add_argument(
+        "--dir",
+        "--keep",
+        dest="dir",
+        default=DEMO_DIR,
+        metavar="DIR",
+        help=f"where checkpoint/, artifacts/ and signal.wav go (default ./{DEMO_DIR}); a finished demo "
+        "there is reused, a directory holding anything else is refused (--keep: the older name)",
+    )
+    d.add_argument(
+        "--force", action="store_true", help="rebuild the checkpoint and artifacts of an existing demo directory"
+    )
     d.add_argument("--seconds", type=float, default=5.0, help="length of the generated test signal")
     d.add_argument("--json", action="store_true")
     d.add_argument("--max-new-tokens", type=int, default=32)
@@ -176,17 +291,30 @@ def _runtime_options(a: argparse.Namespace):
     from .runtime.pipeline import RuntimeOptions
 
     # --dtype not given: None, which RuntimeOptions resolves by the device (pipeline.default_dtype), as for the API
-    return RuntimeOptions(device=a.device, dtype=a.dtype, max_context=a.max_context, encoder_backend=a.encoder_backend,
-                          encoder_precision=a.encoder_precision, threads=a.threads, verify_hashes=not a.no_verify,
-                          w4_kernel=a.w4_kernel, w4_tune=not a.no_w4_tune, fuse=not a.no_fuse)
+    return RuntimeOptions(
+        device=a.device,
+        dtype=a.dtype,
+        max_context=a.max_context,
+        encoder_backend=a.encoder_backend,
+        encoder_precision=a.encoder_precision,
+        threads=a.threads,
+        verify_hashes=not a.no_verify,
+        w4_kernel=a.w4_kernel,
+        w4_tune=not a.no_w4_tune,
+        fuse=not a.no_fuse,
+    )
 
 
 def _sampling_flags(a: argparse.Namespace) -> list[str]:
     """The sampling flags given; refused with --greedy (checked before any loading)."""
-    flags = [f for f, v in (("--temperature", a.temperature), ("--top-k", a.top_k), ("--top-p", a.top_p)) if v is not None]
+    flags = [
+        f for f, v in (("--temperature", a.temperature), ("--top-k", a.top_k), ("--top-p", a.top_p)) if v is not None
+    ]
     if a.greedy and flags:
-        raise OptionsError(f"--greedy picks the most likely token, so {', '.join(flags)} would have no "
-                           "effect: drop --greedy to sample, or drop the sampling flags")
+        raise OptionsError(
+            f"--greedy picks the most likely token, so {', '.join(flags)} would have no "
+            "effect: drop --greedy to sample, or drop the sampling flags"
+        )
     return flags
 
 
@@ -194,8 +322,15 @@ def _sampling(pipeline, a: argparse.Namespace):
     """The generation config's options (Pipeline.default_sampling) with the flags given on top: --greedy forces
     argmax; --temperature/--top-k/--top-p force sampling (with the config's values for the others)."""
     sampling_flags = _sampling_flags(a)
-    over = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                repetition_penalty=a.repetition_penalty, seed=a.seed, ignore_eos=a.ignore_eos or None)
+    over = dict(
+        max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        ignore_eos=a.ignore_eos or None,
+    )
     if a.greedy:
         over["greedy"] = True
     elif sampling_flags:
@@ -223,25 +358,47 @@ def cmd_export(a: argparse.Namespace) -> int:
     try:
         from .export.package import ExportOptions, export_checkpoint
     except ImportError as e:
-        raise OptionsError(f"export needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'") from e
+        raise OptionsError(
+            f"export needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'"
+        ) from e
     from .export.calibrate import CalibrationOptions
     from .export.gptq import GPTQConfig
 
     gptq = GPTQConfig(group_size=a.group_size, act_order=not a.no_act_order, sym=a.sym, damp=a.damp)
-    calib = CalibrationOptions(directory=Path(a.calibration) if a.calibration else None, num_samples=a.num_samples,
-                               seed=a.seed, mode=a.calibration_mode)
-    opts = ExportOptions(bits=a.bits, encoder_dtype=a.encoder_dtype, force=a.force, progress=not a.quiet, gptq=gptq,
-                         calibration=calib, lm_head=a.lm_head, resume=a.resume, threads=a.threads,
-                         quant_device=a.quant_device, hf_checkpoint=Path(a.hf_checkpoint) if a.hf_checkpoint else None)
+    calib = CalibrationOptions(
+        directory=Path(a.calibration) if a.calibration else None,
+        num_samples=a.num_samples,
+        seed=a.seed,
+        mode=a.calibration_mode,
+    )
+    opts = ExportOptions(
+        bits=a.bits,
+        encoder_dtype=a.encoder_dtype,
+        force=a.force,
+        progress=not a.quiet,
+        gptq=gptq,
+        calibration=calib,
+        lm_head=a.lm_head,
+        resume=a.resume,
+        threads=a.threads,
+        quant_device=a.quant_device,
+        hf_checkpoint=Path(a.hf_checkpoint) if a.hf_checkpoint else None,
+    )
     manifest = export_checkpoint(a.src, a.out, opts)
     v = manifest["encoder"]["verification"]
     q = manifest["decoder"].get("quantization", {}).get("eval_vs_fp")
     if q:
         errs = ", ".join(f"{e:.3e}" for e in q["layer_rel_err"])
-        print(f"W4 vs fp on {q['samples']} calibration prompts ({q['positions']} positions): top-1 agreement "
-              f"{q['top1_agreement']:.4f}, mean KL {q['mean_kl']:.3e}; hidden-state rel. error per layer: {errs}", file=sys.stderr)
-    print(f"wrote {a.out} ({len(manifest['files'])} files) in {manifest['export_seconds']} s; encoder vs transformers: "
-          f"max abs err {v['fp32_max_abs_err_vs_transformers']:.2e} on {v['audio_tokens']} tokens", file=sys.stderr)
+        print(
+            f"W4 vs fp on {q['samples']} calibration prompts ({q['positions']} positions): top-1 agreement "
+            f"{q['top1_agreement']:.4f}, mean KL {q['mean_kl']:.3e}; hidden-state rel. error per layer: {errs}",
+            file=sys.stderr,
+        )
+    print(
+        f"wrote {a.out} ({len(manifest['files'])} files) in {manifest['export_seconds']} s; encoder vs transformers: "
+        f"max abs err {v['fp32_max_abs_err_vs_transformers']:.2e} on {v['audio_tokens']} tokens",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -257,14 +414,28 @@ def cmd_run(a: argparse.Namespace) -> int:
 def _stream_session(pipeline, a: argparse.Namespace, on_event=None):
     from .runtime.stream import StreamOptions, VadOptions
 
-    options = StreamOptions(mode=a.stream_mode, chunk_seconds=a.chunk_seconds, lookahead_seconds=a.lookahead_seconds,
-                            speculate=not a.no_speculation,
-                            barge_in=a.barge_in, context_policy=a.context_policy)
+    options = StreamOptions(
+        mode=a.stream_mode,
+        chunk_seconds=a.chunk_seconds,
+        lookahead_seconds=a.lookahead_seconds,
+        speculate=not a.no_speculation,
+        barge_in=a.barge_in,
+        context_policy=a.context_policy,
+    )
     on_text = None if a.json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
-    vad = None if a.no_vad else VadOptions(threshold=a.vad_threshold, min_silence_ms=a.min_silence_ms,
-                                           speech_pad_ms=a.speech_pad_ms, max_speech_s=a.max_speech_s)
-    return pipeline.stream(a.prompt, sampling=_sampling(pipeline, a), vad=vad, on_text=on_text, options=options,
-                           on_event=on_event)
+    vad = (
+        None
+        if a.no_vad
+        else VadOptions(
+            threshold=a.vad_threshold,
+            min_silence_ms=a.min_silence_ms,
+            speech_pad_ms=a.speech_pad_ms,
+            max_speech_s=a.max_speech_s,
+        )
+    )
+    return pipeline.stream(
+        a.prompt, sampling=_sampling(pipeline, a), vad=vad, on_text=on_text, options=options, on_event=on_event
+    )
 
 
 def _print_events(events, a: argparse.Namespace) -> int:
@@ -314,20 +485,27 @@ def _stream_mic(a: argparse.Namespace) -> int:
     try:
         import sounddevice as sd
     except (ImportError, OSError) as e:
-        raise OptionsError(f"--mic needs the sounddevice package and PortAudio ({e}); pip install sounddevice, or use --audio FILE") from e
+        raise OptionsError(
+            f"--mic needs the sounddevice package and PortAudio ({e}); pip install sounddevice, or use --audio FILE"
+        ) from e
     from .runtime.pipeline import Pipeline
 
     try:
         sd.query_devices(kind="input")
-    except Exception as e:  # noqa: BLE001 — PortAudio reports a missing device in several ways
+    except Exception as e:
         raise OptionsError(f"--mic: no audio input device is available ({e})") from e
     pipeline = Pipeline.from_artifacts(a.artifacts, _runtime_options(a))
     sr = pipeline.mel.config.sampling_rate
     chunks: queue.Queue = queue.Queue()
     session = _stream_session(pipeline, a)
     print("listening (Ctrl-C to stop)", file=sys.stderr)
-    with sd.InputStream(samplerate=sr, channels=1, dtype="float32", blocksize=sr * a.chunk_ms // 1000,
-                        callback=lambda data, frames, t, status: chunks.put(data[:, 0].copy())):
+    with sd.InputStream(
+        samplerate=sr,
+        channels=1,
+        dtype="float32",
+        blocksize=sr * a.chunk_ms // 1000,
+        callback=lambda data, frames, t, status: chunks.put(data[:, 0].copy()),
+    ):
         try:
             while True:
                 pcm = [chunks.get()]
@@ -347,9 +525,13 @@ def cmd_compare(a: argparse.Namespace) -> int:
     except ImportError as e:
         raise OptionsError(f"compare needs the [export] extra ({e.name} is missing)") from e
     if a.b is None and a.chunked is None:
-        raise OptionsError("compare needs a candidate B, or --chunked SECONDS to compare A's chunked stream mode with A")
+        raise OptionsError(
+            "compare needs a candidate B, or --chunked SECONDS to compare A's chunked stream mode with A"
+        )
     if a.librispeech and (a.audio or a.transcripts):
-        raise OptionsError("--librispeech DIR brings its own audio files and transcripts: give it without --audio/--transcripts")
+        raise OptionsError(
+            "--librispeech DIR brings its own audio files and transcripts: give it without --audio/--transcripts"
+        )
     if not a.librispeech and not a.audio:
         raise OptionsError("compare needs --audio FILE (repeat for several) or --librispeech DIR")
     if a.limit is not None and not a.librispeech:
@@ -370,8 +552,17 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if a.lookahead_seconds is not None and a.chunked is None:
         raise OptionsError("--lookahead-seconds applies to --chunked")
     cand = open_model(a.b or a.a, chunk_seconds=a.chunked, lookahead_seconds=a.lookahead_seconds)
-    report = compare(ref, cand, files, a.prompt, a.new_tokens, transcripts=transcripts, instruction=a.instruction,
-                     max_new_tokens=a.max_new_tokens, progress=True)
+    report = compare(
+        ref,
+        cand,
+        files,
+        a.prompt,
+        a.new_tokens,
+        transcripts=transcripts,
+        instruction=a.instruction,
+        max_new_tokens=a.max_new_tokens,
+        progress=True,
+    )
     print(json.dumps(report) if a.json else format_table(report))
     return 0
 
@@ -392,9 +583,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         pub = report["published_wer_percent"]
-        print(f"WER {report['wer_percent']:.2f}% on {report['utterances']} utterances (per-utterance results: {out})\n"
-              f"published (Qwen2-Audio-7B-Instruct): test-clean {pub['test-clean']['original']} / test-other "
-              f"{pub['test-other']['original']} (original), {pub['test-clean']['hf']} / {pub['test-other']['hf']} (HF)")
+        print(
+            f"WER {report['wer_percent']:.2f}% on {report['utterances']} utterances (per-utterance results: {out})\n"
+            f"published (Qwen2-Audio-7B-Instruct): test-clean {pub['test-clean']['original']} / test-other "
+            f"{pub['test-other']['original']} (original), {pub['test-clean']['hf']} / {pub['test-other']['hf']} (HF)"
+        )
     return 0
 
 
@@ -422,7 +615,9 @@ def _build_demo(root: Path) -> None:
         from .export.package import ExportOptions, export_checkpoint
         from .random_checkpoint import build_tiny_checkpoint
     except ImportError as e:
-        raise OptionsError(f"demo needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'") from e
+        raise OptionsError(
+            f"demo needs the [export] extra ({e.name} is missing): pip install 'qwen-audio-edge[export]'"
+        ) from e
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_MARKER).write_text(json.dumps({"complete": False}))
     for name in ("checkpoint", "artifacts"):  # ours: the marker says this directory is a demo's
@@ -454,11 +649,22 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
     wav = root / "signal.wav"
     sf.write(str(wav), speech_like_signal(a.seconds), 16000)  # rewritten every time: --seconds may differ
-    print(f"[demo] running {wav} ({a.seconds} s) through the runtime (random weights: the text is noise)", file=sys.stderr)
+    print(
+        f"[demo] running {wav} ({a.seconds} s) through the runtime (random weights: the text is noise)", file=sys.stderr
+    )
     pipeline = Pipeline.from_artifacts(root / "artifacts", RuntimeOptions())
-    run_args = argparse.Namespace(prompt="What does the person say?", json=a.json, max_new_tokens=a.max_new_tokens,
-                                  greedy=True, temperature=None, top_k=None, top_p=None, repetition_penalty=None,
-                                  seed=None, ignore_eos=True)
+    run_args = argparse.Namespace(
+        prompt="What does the person say?",
+        json=a.json,
+        max_new_tokens=a.max_new_tokens,
+        greedy=True,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+        repetition_penalty=None,
+        seed=None,
+        ignore_eos=True,
+    )
     out = _run_turn(pipeline, str(wav), run_args)
     if not a.json:
         t = out["timings"]
@@ -477,8 +683,14 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning  # warnings print as one `warning: …` line, like errors
     parser = build_parser()
     a = parser.parse_args(argv)
-    handlers = {"export": cmd_export, "run": cmd_run, "demo": cmd_demo, "compare": cmd_compare, "eval": cmd_eval,
-                "stream": cmd_stream}
+    handlers = {
+        "export": cmd_export,
+        "run": cmd_run,
+        "demo": cmd_demo,
+        "compare": cmd_compare,
+        "eval": cmd_eval,
+        "stream": cmd_stream,
+    }
     try:
         return handlers[a.command](a)
     except QwenAudioEdgeError as e:
@@ -489,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 — one line for users, traceback with --debug
+    except Exception as e:
         if a.debug:
             raise
         print(f"error: internal error {type(e).__name__}: {e} (rerun with --debug for a traceback)", file=sys.stderr)

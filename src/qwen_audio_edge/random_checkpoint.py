@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>")
 
 # The Qwen2-Audio-7B-Instruct chat template (ChatML with a default system turn and numbered audio slots).
@@ -169,7 +168,6 @@ def build_tiny_checkpoint(
         Qwen2AudioProcessor,
         WhisperFeatureExtractor,
     )
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter demo and test output
@@ -208,9 +206,7 @@ def build_tiny_checkpoint(
         "d_model": shape.audio_d_model,
         "max_source_positions": 1500,
     }
-    config = Qwen2AudioConfig(
-        audio_config=audio_config, text_config=text_config, audio_token_index=ids["<|AUDIO|>"]
-    )
+    config = Qwen2AudioConfig(audio_config=audio_config, text_config=text_config, audio_token_index=ids["<|AUDIO|>"])
     config.tie_word_embeddings = shape.tie_word_embeddings
     torch.manual_seed(seed)
     model = Qwen2AudioForConditionalGeneration(config).eval()

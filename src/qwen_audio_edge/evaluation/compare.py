@@ -61,8 +61,15 @@ class OurModel:
     `stream --stream-mode chunked` computes; `lookahead_seconds` as its look-ahead, default 2) instead of exactly.
     """
 
-    def __init__(self, path: Path | None = None, *, pipeline=None, chunk_seconds: float | None = None,
-                 lookahead_seconds: float | None = None, **options):
+    def __init__(
+        self,
+        path: Path | None = None,
+        *,
+        pipeline=None,
+        chunk_seconds: float | None = None,
+        lookahead_seconds: float | None = None,
+        **options,
+    ):
         from ..runtime.chunked import DEFAULT_LOOKAHEAD_S
         from ..runtime.pipeline import Pipeline, RuntimeOptions
 
@@ -70,11 +77,18 @@ class OurModel:
         self.chunk_seconds = chunk_seconds
         self.lookahead_seconds = DEFAULT_LOOKAHEAD_S if lookahead_seconds is None else lookahead_seconds
         self.name = str(path if path is not None else self.p.artifacts.root) + (
-            f" (chunked stream mode, {chunk_seconds:g} s blocks, {self.lookahead_seconds:g} s look-ahead)" if chunk_seconds else "")
+            f" (chunked stream mode, {chunk_seconds:g} s blocks, {self.lookahead_seconds:g} s look-ahead)"
+            if chunk_seconds
+            else ""
+        )
 
     def prompt(self, audio, text: str) -> tuple[list[int], torch.Tensor | None]:
-        return self.p.single_turn(audio if not isinstance(audio, Path) else str(audio), text, chunk_seconds=self.chunk_seconds,
-                                  lookahead_seconds=self.lookahead_seconds)
+        return self.p.single_turn(
+            audio if not isinstance(audio, Path) else str(audio),
+            text,
+            chunk_seconds=self.chunk_seconds,
+            lookahead_seconds=self.lookahead_seconds,
+        )
 
     def _embeds(self, ids: list[int], audio: torch.Tensor | None, n_prompt: int | None = None) -> torch.Tensor:
         """`ids` embedded, the audio in the prompt's slots (ids past `n_prompt` are generated text: an audio id there is a token)."""
@@ -123,7 +137,8 @@ class HFModel:
         self.model = Qwen2AudioForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32).eval()
         self.proc = AutoProcessor.from_pretrained(str(path))
         self.has_template = any((path / n).is_file() for n in ("chat_template.json", "chat_template.jinja")) or bool(
-            getattr(self.proc.tokenizer, "chat_template", None))
+            getattr(self.proc.tokenizer, "chat_template", None)
+        )
         self._features = None
 
     def prompt(self, audio: Path, text: str):
@@ -132,10 +147,14 @@ class HFModel:
         wave = load_audio(audio, self.proc.feature_extractor.sampling_rate)
         if self.has_template:
             content = [{"type": "audio", "audio_url": str(audio)}, {"type": "text", "text": text}]
-            rendered = self.proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+            rendered = self.proc.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
         else:
             rendered = "<|audio_bos|><|AUDIO|><|audio_eos|>" + text
-        inputs = self.proc(text=rendered, audio=[wave], sampling_rate=self.proc.feature_extractor.sampling_rate, return_tensors="pt")
+        inputs = self.proc(
+            text=rendered, audio=[wave], sampling_rate=self.proc.feature_extractor.sampling_rate, return_tensors="pt"
+        )
         self._features = inputs
         return inputs["input_ids"][0].tolist(), None
 
@@ -145,9 +164,16 @@ class HFModel:
         input_ids = torch.tensor([ids])
         outs, handles = _hook_layers(self.model.model.language_model.layers)
         try:
-            logits = self.model(input_ids=input_ids, input_features=f["input_features"],
-                                feature_attention_mask=f["feature_attention_mask"],
-                                attention_mask=torch.ones_like(input_ids)).logits[0].float()
+            logits = (
+                self.model(
+                    input_ids=input_ids,
+                    input_features=f["input_features"],
+                    feature_attention_mask=f["feature_attention_mask"],
+                    attention_mask=torch.ones_like(input_ids),
+                )
+                .logits[0]
+                .float()
+            )
         finally:
             for h in handles:
                 h.remove()
@@ -160,19 +186,26 @@ class HFModel:
         cfg = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
             out = self.model.generate(**f, generation_config=cfg)
-        return out[0, len(ids):].tolist()
+        return out[0, len(ids) :].tolist()
 
     def transcribe(self, audio, instruction: str, max_new_tokens: int) -> str:
         """Greedy answer, no repetition penalty; eos ids from the checkpoint's generation config (as ours)."""
         from transformers import GenerationConfig
 
         ids, _ = self.prompt(audio, instruction)
-        cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, repetition_penalty=1.0,
-                               no_repeat_ngram_size=0, min_new_tokens=0)
+        cfg = GenerationConfig(
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            min_new_tokens=0,
+        )
         with torch.no_grad():
             out = self.model.generate(**self._features, generation_config=cfg)
         vocab = len(self.proc.tokenizer)
-        return self.proc.tokenizer.decode([i for i in out[0, len(ids):].tolist() if i < vocab], skip_special_tokens=True)
+        return self.proc.tokenizer.decode(
+            [i for i in out[0, len(ids) :].tolist() if i < vocab], skip_special_tokens=True
+        )
 
 
 def open_model(path: str | Path, chunk_seconds: float | None = None, lookahead_seconds: float | None = None, **options):
@@ -180,10 +213,14 @@ def open_model(path: str | Path, chunk_seconds: float | None = None, lookahead_s
     if (p / "manifest.json").is_file():
         return OurModel(p, chunk_seconds=chunk_seconds, lookahead_seconds=lookahead_seconds, **options)
     if chunk_seconds is not None:
-        raise OptionsError(f"{p}: --chunked applies to an artifacts directory (our runtime), not a Hugging Face checkpoint")
+        raise OptionsError(
+            f"{p}: --chunked applies to an artifacts directory (our runtime), not a Hugging Face checkpoint"
+        )
     if (p / "config.json").is_file():
         return HFModel(p)
-    raise OptionsError(f"{p} is neither an artifacts directory (manifest.json) nor a Hugging Face checkpoint (config.json)")
+    raise OptionsError(
+        f"{p} is neither an artifacts directory (manifest.json) nor a Hugging Face checkpoint (config.json)"
+    )
 
 
 def audio_cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> list[float] | None:
@@ -193,8 +230,18 @@ def audio_cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> list[float] 
     return F.cosine_similarity(a.float(), b.float(), dim=-1).tolist()
 
 
-def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32, *, transcripts: list[str] | None = None,
-            instruction: str | None = None, max_new_tokens: int = 256, progress: bool = False) -> dict:
+def compare(
+    a,
+    b,
+    audio_files: list,
+    prompt: str,
+    new_tokens: int = 32,
+    *,
+    transcripts: list[str] | None = None,
+    instruction: str | None = None,
+    max_new_tokens: int = 256,
+    progress: bool = False,
+) -> dict:
     """Run the comparison over `audio_files` (paths, or arrays of 16 kHz samples); returns the aggregated
     report (and per-file rows). With two runtime models the audio embeddings' cosine similarity is reported too.
 
@@ -224,8 +271,10 @@ def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32, *, trans
         ids_a, audio_a = a.prompt(f, prompt)
         ids_b, audio_b = b.prompt(f, prompt)
         if ids_a != ids_b:
-            raise OptionsError(f"{f}: the two models build different prompt ids ({len(ids_a)} vs {len(ids_b)} tokens): "
-                               "different tokenizers/templates cannot be compared token by token")
+            raise OptionsError(
+                f"{f}: the two models build different prompt ids ({len(ids_a)} vs {len(ids_b)} tokens): "
+                "different tokenizers/templates cannot be compared token by token"
+            )
         cont = a.greedy(ids_a, audio_a, new_tokens)
         seq = ids_a + cont
         ref, cand = a.score(seq, audio_a, len(ids_a)), b.score(seq, audio_b, len(ids_a))
@@ -233,9 +282,14 @@ def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32, *, trans
             raise OptionsError(f"the models have {len(ref.layers)} and {len(cand.layers)} decoder layers")
         r = layer_error_and_kl(ref, cand, len(ids_a) - 1)
         r["kl"], r["agree"] = r["kl"][:-1], r["agree"][:-1]  # the last position predicts past the sequence
-        row = {"audio": str(f) if isinstance(f, (str, Path)) else f"<{len(f)} samples>", "prompt_tokens": len(ids_a),
-               "continuation": len(cont), "mean_kl": sum(r["kl"]) / len(r["kl"]),
-               "top1_agreement": sum(r["agree"]) / len(r["agree"]), "layer_rel_err": r["layer_rel_err"]}
+        row = {
+            "audio": str(f) if isinstance(f, (str, Path)) else f"<{len(f)} samples>",
+            "prompt_tokens": len(ids_a),
+            "continuation": len(cont),
+            "mean_kl": sum(r["kl"]) / len(r["kl"]),
+            "top1_agreement": sum(r["agree"]) / len(r["agree"]),
+            "layer_rel_err": r["layer_rel_err"],
+        }
         cos = audio_cosine(audio_a, audio_b)
         if cos is not None:
             row.update(audio_cosine_mean=sum(cos) / len(cos), audio_cosine_min=min(cos))
@@ -248,9 +302,16 @@ def compare(a, b, audio_files: list, prompt: str, new_tokens: int = 32, *, trans
         all_agree += r["agree"]
         layer_sums = [x + y for x, y in zip(layer_sums, r["layer_rel_err"])] if layer_sums else list(r["layer_rel_err"])
     n = len(audio_files)
-    report = {"reference": a.name, "candidate": b.name, "files": n, "new_tokens": new_tokens,
-              "mean_kl": sum(all_kl) / len(all_kl), "top1_agreement": sum(all_agree) / len(all_agree),
-              "layer_rel_err": [x / n for x in layer_sums], "rows": rows}
+    report = {
+        "reference": a.name,
+        "candidate": b.name,
+        "files": n,
+        "new_tokens": new_tokens,
+        "mean_kl": sum(all_kl) / len(all_kl),
+        "top1_agreement": sum(all_agree) / len(all_agree),
+        "layer_rel_err": [x / n for x in layer_sums],
+        "rows": rows,
+    }
     if all_cos:
         report.update(audio_cosine_mean=sum(all_cos) / len(all_cos), audio_cosine_min=min(all_cos))
     if transcripts is not None:
@@ -282,22 +343,31 @@ def wer_report(transcripts: list[str], hyps: list[tuple[str, str]], rows: list[d
 
 
 def format_table(report: dict) -> str:
-    lines = [f"reference: {report['reference']}", f"candidate: {report['candidate']}",
-             f"{report['files']} file(s), {report['new_tokens']} teacher-forced tokens each",
-             f"top-1 agreement {report['top1_agreement']:.4f}   mean KL {report['mean_kl']:.3e}"]
+    lines = [
+        f"reference: {report['reference']}",
+        f"candidate: {report['candidate']}",
+        f"{report['files']} file(s), {report['new_tokens']} teacher-forced tokens each",
+        f"top-1 agreement {report['top1_agreement']:.4f}   mean KL {report['mean_kl']:.3e}",
+    ]
     if "audio_cosine_mean" in report:
-        lines.append(f"audio embeddings: cosine mean {report['audio_cosine_mean']:.4f}, min {report['audio_cosine_min']:.4f}")
-    lines += ["",
-             "layer  rel. output error"]
+        lines.append(
+            f"audio embeddings: cosine mean {report['audio_cosine_mean']:.4f}, min {report['audio_cosine_min']:.4f}"
+        )
+    lines += ["", "layer  rel. output error"]
     lines += [f"{i:5d}  {e:.3e}" for i, e in enumerate(report["layer_rel_err"])]
     if not all(math.isfinite(e) for e in report["layer_rel_err"]):
         lines.append("warning: non-finite layer errors")
     w = report.get("wer")
     if w:
         rel = w["relative_change"]
-        lines += ["", (f"WER on {w['utterances']} utterance(s), {w['words']} words (instruction {w['instruction']!r}, "
-                       f"greedy, ≤ {w['max_new_tokens']} tokens; Whisper English normalizer):"),
-                  f"  reference  {w['reference']['wer_percent']:7.2f} %  ({w['reference']['errors']} errors)",
-                  f"  candidate  {w['candidate']['wer_percent']:7.2f} %  ({w['candidate']['errors']} errors)",
-                  "  relative change  " + (f"{100 * rel:+.1f} %" if rel is not None else "n/a (reference WER is 0)")]
+        lines += [
+            "",
+            (
+                f"WER on {w['utterances']} utterance(s), {w['words']} words (instruction {w['instruction']!r}, "
+                f"greedy, ≤ {w['max_new_tokens']} tokens; Whisper English normalizer):"
+            ),
+            f"  reference  {w['reference']['wer_percent']:7.2f} %  ({w['reference']['errors']} errors)",
+            f"  candidate  {w['candidate']['wer_percent']:7.2f} %  ({w['candidate']['errors']} errors)",
+            "  relative change  " + (f"{100 * rel:+.1f} %" if rel is not None else "n/a (reference WER is 0)"),
+        ]
     return "\n".join(lines)

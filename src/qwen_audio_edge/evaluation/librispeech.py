@@ -64,7 +64,9 @@ def read_transcripts(source: str | Path, audio_files: list) -> list[str]:
             if single.is_file():
                 refs[name] = " ".join(single.read_text().split())
     else:
-        raise OptionsError(f"transcripts not found: {source} (a file of `NAME TEXT` lines, or a directory of NAME.txt files)")
+        raise OptionsError(
+            f"transcripts not found: {source} (a file of `NAME TEXT` lines, or a directory of NAME.txt files)"
+        )
     for f in files:
         for line in f.read_text().splitlines():
             uid, _, text = line.strip().partition(" ")
@@ -73,7 +75,9 @@ def read_transcripts(source: str | Path, audio_files: list) -> list[str]:
     missing = [str(f) for f in audio_files if Path(f).stem not in refs]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise OptionsError(f"{source} has no transcript for {shown}: give a `NAME TEXT` line (or NAME.txt) per audio file NAME.*")
+        raise OptionsError(
+            f"{source} has no transcript for {shown}: give a `NAME TEXT` line (or NAME.txt) per audio file NAME.*"
+        )
     return [refs[Path(f).stem] for f in audio_files]
 
 
@@ -94,12 +98,22 @@ def wer_stats(references: list[str], hypotheses: list[str]) -> dict:
     if not pairs:
         return {"wer_percent": float("nan"), "errors": 0, "words": 0, "utterances": 0}
     out = jiwer.process_words([r for r, _ in pairs], [h for _, h in pairs])
-    return {"wer_percent": 100 * out.wer, "errors": out.substitutions + out.deletions + out.insertions,
-            "words": out.hits + out.substitutions + out.deletions, "utterances": len(pairs)}
+    return {
+        "wer_percent": 100 * out.wer,
+        "errors": out.substitutions + out.deletions + out.insertions,
+        "words": out.hits + out.substitutions + out.deletions,
+        "utterances": len(pairs),
+    }
 
 
-def evaluate(pipeline, utterances: list[Utterance], instruction: str, out_jsonl: Path | None,
-             max_new_tokens: int = 256, progress: bool = True) -> dict:
+def evaluate(
+    pipeline,
+    utterances: list[Utterance],
+    instruction: str,
+    out_jsonl: Path | None,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+) -> dict:
     import jiwer
     from tqdm import tqdm
 
@@ -110,17 +124,35 @@ def evaluate(pipeline, utterances: list[Utterance], instruction: str, out_jsonl:
     sink = open(out_jsonl, "w") if out_jsonl else None
     try:
         for u in tqdm(utterances, desc="eval", disable=not progress, file=sys.stderr, dynamic_ncols=True):
-            r = pipeline.run(str(u.audio), instruction, sampling=SamplingOptions(max_new_tokens=max_new_tokens, greedy=True,
-                                                                                  repetition_penalty=1.0))
+            r = pipeline.run(
+                str(u.audio),
+                instruction,
+                sampling=SamplingOptions(max_new_tokens=max_new_tokens, greedy=True, repetition_penalty=1.0),
+            )
             hyp, ref = norm(r.text), norm(u.reference)
             hyps.append(hyp)
             refs.append(ref)
             if sink:
-                sink.write(json.dumps({"id": u.id, "reference": u.reference, "hypothesis": r.text,
-                                       "wer": jiwer.wer(ref, hyp) if ref else None}) + "\n")
+                sink.write(
+                    json.dumps(
+                        {
+                            "id": u.id,
+                            "reference": u.reference,
+                            "hypothesis": r.text,
+                            "wer": jiwer.wer(ref, hyp) if ref else None,
+                        }
+                    )
+                    + "\n"
+                )
     finally:
         if sink:
             sink.close()
     stats = wer_stats(refs, hyps)
-    return {"utterances": len(utterances), "wer_percent": stats["wer_percent"], "errors": stats["errors"],
-            "words": stats["words"], "instruction": instruction, "published_wer_percent": PUBLISHED}
+    return {
+        "utterances": len(utterances),
+        "wer_percent": stats["wer_percent"],
+        "errors": stats["errors"],
+        "words": stats["words"],
+        "instruction": instruction,
+        "published_wer_percent": PUBLISHED,
+    }

@@ -73,7 +73,9 @@ class CalibrationSample:
     source: str
 
 
-def _directory_items(opts: CalibrationOptions, rng: np.random.Generator) -> tuple[list[tuple[str, object, str | None]], dict]:
+def _directory_items(
+    opts: CalibrationOptions, rng: np.random.Generator
+) -> tuple[list[tuple[str, object, str | None]], dict]:
     root = Path(opts.directory)
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
     if not files:
@@ -92,8 +94,13 @@ def _directory_items(opts: CalibrationOptions, rng: np.random.Generator) -> tupl
         transcript = f.with_suffix(".txt")
         answer = transcript.read_text().strip() if transcript.is_file() else None
         items.append((str(f.relative_to(root)), f, instructions[int(rng.integers(len(instructions)))], answer))
-    summary = {"source": "directory", "directory": str(root), "audio_files": len(files),
-               "prompts_file": prompts_file.is_file(), "transcripts": sum(f.with_suffix(".txt").is_file() for f in files)}
+    summary = {
+        "source": "directory",
+        "directory": str(root),
+        "audio_files": len(files),
+        "prompts_file": prompts_file.is_file(),
+        "transcripts": sum(f.with_suffix(".txt").is_file() for f in files),
+    }
     return items, summary
 
 
@@ -109,7 +116,9 @@ def _builtin_items(opts: CalibrationOptions, rng: np.random.Generator, sr: int) 
     return items, {"source": "builtin", "description": "speech-like synthetic signals 1.5-25 s + built-in instructions"}
 
 
-def build_calibration(opts: CalibrationOptions, prompt: PromptFormat, front: MelFrontEnd, encoder) -> tuple[list[CalibrationSample], dict]:
+def build_calibration(
+    opts: CalibrationOptions, prompt: PromptFormat, front: MelFrontEnd, encoder
+) -> tuple[list[CalibrationSample], dict]:
     """Calibration samples (ids + audio embeddings from `encoder`) and a summary for the manifest."""
     rng = np.random.default_rng(opts.seed)
     sr = front.config.sampling_rate
@@ -134,10 +143,18 @@ def build_calibration(opts: CalibrationOptions, prompt: PromptFormat, front: Mel
         text = prompt.render(messages, add_generation_prompt=not answer)
         ids = prompt.expand_audio(prompt.encode(text), counts)
         if len(ids) > opts.max_tokens:
-            raise OptionsError(f"calibration sample {name} has {len(ids)} tokens > {opts.max_tokens}; use shorter audio")
+            raise OptionsError(
+                f"calibration sample {name} has {len(ids)} tokens > {opts.max_tokens}; use shorter audio"
+            )
         samples.append(CalibrationSample(ids=ids, audio=embeds, source=name))
         n_tokens += len(ids)
         n_audio += sum(counts)
-    summary.update(mode=opts.mode, num_samples=len(samples), seed=opts.seed, tokens=n_tokens, audio_tokens=n_audio,
-                   text_only_samples=sum(s.audio is None for s in samples))
+    summary.update(
+        mode=opts.mode,
+        num_samples=len(samples),
+        seed=opts.seed,
+        tokens=n_tokens,
+        audio_tokens=n_audio,
+        text_only_samples=sum(s.audio is None for s in samples),
+    )
     return samples, summary

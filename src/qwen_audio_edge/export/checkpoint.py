@@ -35,7 +35,9 @@ _PREFIXES = (
 
 # The runtime names each part can hold (the loaders check shapes; this catches a foreign key at export).
 _RUNTIME_KEY = {
-    "encoder": re.compile(r"audio_tower\.(conv[12]|embed_positions|layer_norm|layers\.\d+)\.|multi_modal_projector\.linear\."),
+    "encoder": re.compile(
+        r"audio_tower\.(conv[12]|embed_positions|layer_norm|layers\.\d+)\.|multi_modal_projector\.linear\."
+    ),
     "decoder": re.compile(r"model\.(embed_tokens|norm|layers\.\d+)\.|lm_head\."),
 }
 
@@ -61,7 +63,7 @@ class SourceCheckpoint:
     weight_files: tuple[Path, ...]
 
     @classmethod
-    def open(cls, path: str | Path) -> "SourceCheckpoint":
+    def open(cls, path: str | Path) -> SourceCheckpoint:
         root = Path(path)
         if not root.is_dir():
             raise CheckpointError(f"checkpoint directory not found: {root}")
@@ -78,7 +80,9 @@ class SourceCheckpoint:
         else:
             files = tuple(sorted(root.glob("*.safetensors")))
         if not files:
-            raise CheckpointError(f"{root} has no *.safetensors weights (.bin checkpoints are not supported: convert them)")
+            raise CheckpointError(
+                f"{root} has no *.safetensors weights (.bin checkpoints are not supported: convert them)"
+            )
         for f in files:
             if not f.is_file():
                 raise CheckpointError(f"shard {f.name} listed in the index is missing from {root}")
@@ -118,7 +122,9 @@ class SourceCheckpoint:
             proc = self.read_json("processor_config.json") or {}
             pre = proc.get("feature_extractor")
         if not pre:
-            raise CheckpointError(f"{self.root}: no preprocessor_config.json (or processor_config.json feature_extractor)")
+            raise CheckpointError(
+                f"{self.root}: no preprocessor_config.json (or processor_config.json feature_extractor)"
+            )
         return pre
 
     def chat_template(self) -> str | None:

@@ -65,7 +65,7 @@ class EncoderTolerances:
     fp16_min_cosine: float = 0.999
 
     @classmethod
-    def for_config(cls, cfg: EncoderConfig) -> "EncoderTolerances":
+    def for_config(cls, cfg: EncoderConfig) -> EncoderTolerances:
         """The fp32 bound 4·u·√(K_max·D) of this encoder's widths and depth (see the class docstring)."""
         k_max = max(3 * cfg.num_mel_bins, 3 * cfg.d_model, cfg.encoder_ffn_dim, cfg.max_source_positions)
         depth = 2 + 6 * cfg.encoder_layers + 1
@@ -78,8 +78,13 @@ def embedding_errors(ours: torch.Tensor, reference: torch.Tensor) -> dict[str, f
     err = float((ours - reference).abs().max())
     ref_max = float(reference.abs().max())
     cos = torch.nn.functional.cosine_similarity(ours, reference, dim=-1)
-    return {"max_abs_err": err, "reference_max_abs": ref_max, "max_rel_err": err / ref_max if ref_max > 0 else math.inf,
-            "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+    return {
+        "max_abs_err": err,
+        "reference_max_abs": ref_max,
+        "max_rel_err": err / ref_max if ref_max > 0 else math.inf,
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+    }
 
 
 @contextlib.contextmanager
@@ -110,11 +115,16 @@ def export_encoder_onnx(module: AudioEncoderWithProjector, path: Path, dtype: to
     try:
         with _quiet():
             torch.onnx.export(
-                m, (mel, n_valid, pos_offset), str(path), dynamo=True, external_data=True,
-                input_names=["mel", "n_valid", "pos_offset"], output_names=["audio_embeds"],
+                m,
+                (mel, n_valid, pos_offset),
+                str(path),
+                dynamo=True,
+                external_data=True,
+                input_names=["mel", "n_valid", "pos_offset"],
+                output_names=["audio_embeds"],
                 dynamic_shapes=({2: frames}, None, None),
             )
-    except Exception as e:  # noqa: BLE001 — exporter failures come in many types
+    except Exception as e:
         raise ExportError(f"ONNX export of the encoder failed: {type(e).__name__}: {e}") from e
     return [p for p in (path, path.with_name(path.name + ".data")) if p.exists()]
 
@@ -127,13 +137,24 @@ def reference_embeddings(
     from transformers import Qwen2AudioEncoder, Qwen2AudioEncoderConfig
     from transformers.masking_utils import create_bidirectional_mask
 
-    cfg = Qwen2AudioEncoderConfig(**{k: v for k, v in audio_config.items() if k not in ("model_type", "transformers_version")})
+    cfg = Qwen2AudioEncoderConfig(
+        **{k: v for k, v in audio_config.items() if k not in ("model_type", "transformers_version")}
+    )
     tower = Qwen2AudioEncoder(cfg).eval()
-    tower.load_state_dict({k[len("audio_tower."):]: v.float() for k, v in state.items() if k.startswith("audio_tower.")})
+    tower.load_state_dict(
+        {k[len("audio_tower.") :]: v.float() for k, v in state.items() if k.startswith("audio_tower.")}
+    )
     proj = nn.Linear(cfg.d_model, text_hidden)
-    proj.load_state_dict({k.rsplit(".", 1)[1]: v.float() for k, v in state.items() if k.startswith("multi_modal_projector.linear.")})
-    feats = feature_extractor(waveform, sampling_rate=feature_extractor.sampling_rate, return_attention_mask=True,
-                              padding="max_length", return_tensors="pt")
+    proj.load_state_dict(
+        {k.rsplit(".", 1)[1]: v.float() for k, v in state.items() if k.startswith("multi_modal_projector.linear.")}
+    )
+    feats = feature_extractor(
+        waveform,
+        sampling_rate=feature_extractor.sampling_rate,
+        return_attention_mask=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
     lengths, out_lengths = tower._get_feat_extract_output_lengths(feats["attention_mask"].sum(-1))
     n_pos = cfg.max_source_positions
     mask2d = (torch.arange(n_pos)[None] < lengths[:, None]).long()
@@ -144,8 +165,14 @@ def reference_embeddings(
 
 
 def verify_encoder(
-    onnx_fp32: Path, reference: torch.Tensor, front: MelFrontEnd, waveform: np.ndarray,
-    onnx_fp16: Path | None = None, threads: int | None = None, *, tolerances: EncoderTolerances,
+    onnx_fp32: Path,
+    reference: torch.Tensor,
+    front: MelFrontEnd,
+    waveform: np.ndarray,
+    onnx_fp16: Path | None = None,
+    threads: int | None = None,
+    *,
+    tolerances: EncoderTolerances,
 ) -> dict:
     """Compare the exported encoder(s) with the reference; raise ExportError past the tolerances.
 
@@ -154,7 +181,9 @@ def verify_encoder(
     mel, n_valid = front.log_mel(waveform)
     ours = OnnxEncoder(onnx_fp32, threads=threads)(mel, n_valid)
     if ours.shape != reference.shape:
-        raise ExportError(f"encoder verification: ONNX gave {tuple(ours.shape)} tokens, transformers {tuple(reference.shape)}")
+        raise ExportError(
+            f"encoder verification: ONNX gave {tuple(ours.shape)} tokens, transformers {tuple(reference.shape)}"
+        )
     e = embedding_errors(ours, reference)
     report = {
         "signal_seconds": round(len(waveform) / front.config.sampling_rate, 4),
@@ -172,8 +201,10 @@ def verify_encoder(
             f"{e['max_rel_err']:.3g} of max |reference| ({e['reference_max_abs']:.3g}) > {tolerances.fp32_max_rel_err:.3g}"
         )
     if not e["min_cosine"] >= tolerances.fp32_min_cosine:
-        raise ExportError(f"encoder verification failed: fp32 ONNX vs transformers min per-token cosine "
-                          f"{e['min_cosine']:.7f} < {tolerances.fp32_min_cosine}")
+        raise ExportError(
+            f"encoder verification failed: fp32 ONNX vs transformers min per-token cosine "
+            f"{e['min_cosine']:.7f} < {tolerances.fp32_min_cosine}"
+        )
     if onnx_fp16 is not None:
         half = OnnxEncoder(onnx_fp16, threads=threads)(mel, n_valid)
         h = embedding_errors(half, ours)
@@ -184,5 +215,7 @@ def verify_encoder(
             fp16_mean_cosine_vs_fp32=h["mean_cosine"],
         )
         if not h["min_cosine"] >= tolerances.fp16_min_cosine:
-            raise ExportError(f"fp16 encoder verification failed: min cosine {h['min_cosine']:.5f} < {tolerances.fp16_min_cosine}")
+            raise ExportError(
+                f"fp16 encoder verification failed: min cosine {h['min_cosine']:.5f} < {tolerances.fp16_min_cosine}"
+            )
     return report

@@ -45,14 +45,25 @@ class GPTQConfig:
 
     def check_layer(self, name: str, in_features: int, out_features: int) -> None:
         if in_features % 8 or out_features % 8:
-            raise OptionsError(f"{name}: in/out features {in_features}/{out_features} must be multiples of 8 for 4-bit packing")
+            raise OptionsError(
+                f"{name}: in/out features {in_features}/{out_features} must be multiples of 8 for 4-bit packing"
+            )
         if self.group_size != -1 and in_features % self.group_size:
             raise OptionsError(f"--group-size {self.group_size} does not divide {name}'s in_features {in_features}")
 
     def quantization_config(self) -> dict:
-        return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size, "desc_act": self.act_order,
-                "sym": self.sym, "checkpoint_format": "gptq", "damp_percent": self.damp, "true_sequential": True,
-                "static_groups": False, "pack_dtype": "int32"}
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.act_order,
+            "sym": self.sym,
+            "checkpoint_format": "gptq",
+            "damp_percent": self.damp,
+            "true_sequential": True,
+            "static_groups": False,
+            "pack_dtype": "int32",
+        }
 
 
 @dataclass
@@ -66,8 +77,12 @@ class QuantizedLinear:
     dequantized: torch.Tensor  # float32 [N, K] (nn.Linear layout), exactly what the runtime computes
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        return {f"{prefix}.qweight": self.qweight, f"{prefix}.qzeros": self.qzeros,
-                f"{prefix}.scales": self.scales, f"{prefix}.g_idx": self.g_idx}
+        return {
+            f"{prefix}.qweight": self.qweight,
+            f"{prefix}.qzeros": self.qzeros,
+            f"{prefix}.scales": self.scales,
+            f"{prefix}.g_idx": self.g_idx,
+        }
 
 
 def group_params(w: torch.Tensor, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,8 +119,15 @@ def _quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch
     return torch.clamp(torch.round(w / scale) + zero, 0, MAXQ)
 
 
-def _finish(q_perm: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, perm: torch.Tensor | None,
-            cfg: GPTQConfig, n: int, k: int) -> QuantizedLinear:
+def _finish(
+    q_perm: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: torch.Tensor | None,
+    cfg: GPTQConfig,
+    n: int,
+    k: int,
+) -> QuantizedLinear:
     """Codes in processing order [N, K] + per-group params [G, N] → GPTQ tensors in the original column order."""
     gs = k if cfg.group_size == -1 else cfg.group_size
     order = torch.arange(k) if perm is None else perm
@@ -198,8 +220,10 @@ def _upper_cholesky_inverse(h: torch.Tensor) -> torch.Tensor:
             return torch.linalg.cholesky(inv, upper=True)
         except torch.linalg.LinAlgError:
             extra = 0.01 if extra == 0 else extra * 10
-    raise ExportError("the calibration Hessian is not positive definite even with 1000x extra dampening: "
-                      "give more (or longer) calibration samples or a larger --damp")
+    raise ExportError(
+        "the calibration Hessian is not positive definite even with 1000x extra dampening: "
+        "give more (or longer) calibration samples or a larger --damp"
+    )
 
 
 class HessianAccumulator:

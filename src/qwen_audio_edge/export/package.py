@@ -24,8 +24,8 @@ from ..runtime.encoder import EncoderConfig, load_encoder_module
 from ..runtime.errors import ArtifactsError, CheckpointError, ExportError, OptionsError
 from .calibrate import CalibrationOptions
 from .checkpoint import SourceCheckpoint
-from .gptq import GPTQConfig
 from .encoder_onnx import EncoderTolerances, export_encoder_onnx, reference_embeddings, verify_encoder
+from .gptq import GPTQConfig
 
 DECODER_DTYPES = {16: torch.float16, 32: torch.float32}
 ENCODER_DTYPES = ("fp32", "fp16")
@@ -88,7 +88,7 @@ def write_shards(out: Path, items, n_items: int, max_shard_bytes: int, desc: str
             name = f"model-{len(names) + 1:05d}.safetensors"
             save_file(shard, str(out / name), metadata={"format": "pt"})
             names.append(name)
-            weight_map.update({k: name for k in shard})
+            weight_map.update(dict.fromkeys(shard, name))
             shard, shard_bytes = {}, 0
 
     with _progress(n_items, desc, progress) as bar:
@@ -153,8 +153,10 @@ def _write_tokenizer(src: SourceCheckpoint, tmp: Path) -> None:
 
         try:
             tok = AutoTokenizer.from_pretrained(str(src.root))
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{src.root}: no tokenizer.json and transformers could not load the tokenizer: {e}") from e
+        except Exception as e:
+            raise CheckpointError(
+                f"{src.root}: no tokenizer.json and transformers could not load the tokenizer: {e}"
+            ) from e
         tok.backend_tokenizer.save(str(tmp / "tokenizer.json"))
     if (src.root / "tokenizer_config.json").is_file():
         shutil.copyfile(src.root / "tokenizer_config.json", tmp / "tokenizer_config.json")
@@ -169,7 +171,9 @@ def export_checkpoint(src_dir: str | Path, out_dir: str | Path, opts: ExportOpti
     if out.exists() and not out.is_dir():
         raise OptionsError(f"output {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise OptionsError(f"output {out} is a non-empty directory that is not an artifacts directory; refusing to replace it")
+        raise OptionsError(
+            f"output {out} is a non-empty directory that is not an artifacts directory; refusing to replace it"
+        )
     src = SourceCheckpoint.open(src_dir)
     config = src.resolved_config()
     if opts.threads:
@@ -232,9 +236,13 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
     roles: dict[str, str] = {}
     # Front end: preprocessor values and the mel filter bank (stored, never re-derived at run time).
     pre = src.preprocessor_config()
-    fe = WhisperFeatureExtractor(**{k: v for k, v in pre.items() if k not in ("feature_extractor_type", "processor_class")})
+    fe = WhisperFeatureExtractor(
+        **{k: v for k, v in pre.items() if k not in ("feature_extractor_type", "processor_class")}
+    )
     if fe.feature_size != config["audio"]["num_mel_bins"]:
-        raise CheckpointError(f"preprocessor feature_size {fe.feature_size} != encoder num_mel_bins {config['audio']['num_mel_bins']}")
+        raise CheckpointError(
+            f"preprocessor feature_size {fe.feature_size} != encoder num_mel_bins {config['audio']['num_mel_bins']}"
+        )
     mel_cfg = MelConfig.from_dict(fe.to_dict())
     save_file({"mel_filters": torch.from_numpy(fe.mel_filters).contiguous()}, str(tmp / "mel_filters.safetensors"))
     (tmp / "preprocessor_config.json").write_text(json.dumps(fe.to_dict(), indent=2, sort_keys=True))
@@ -249,7 +257,9 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
     gen_cfg = src.read_json("generation_config.json") or {}
 
     # Encoder + projector → ONNX (fp32 always: it is what fp16 is checked against), verified.
-    steps = ["encoder fp32 ONNX", "verify vs transformers"] + (["encoder fp16 ONNX"] if opts.encoder_dtype == "fp16" else [])
+    steps = ["encoder fp32 ONNX", "verify vs transformers"] + (
+        ["encoder fp16 ONNX"] if opts.encoder_dtype == "fp16" else []
+    )
     enc_state = dict(src.iter_tensors("encoder"))
     enc_cfg = EncoderConfig.from_dict(config["audio"], config["text"]["hidden_size"])
     try:
@@ -266,7 +276,13 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
         signal = speech_like_signal(opts.verify_seconds, mel_cfg.sampling_rate, loud_end=True)
         front = MelFrontEnd(mel_cfg, torch.from_numpy(fe.mel_filters).float())
         reference = reference_embeddings(enc_state, config["audio"], config["text"]["hidden_size"], fe, signal)
-        feats = fe(signal, sampling_rate=mel_cfg.sampling_rate, return_attention_mask=True, padding="max_length", return_tensors="pt")
+        feats = fe(
+            signal,
+            sampling_rate=mel_cfg.sampling_rate,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
         mel, n_valid = front.log_mel(signal)
         mel_err = float((mel[:, :n_valid] - feats["input_features"][0, :, :n_valid]).abs().max())
         bar.update(1)
@@ -276,8 +292,9 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
             onnx_files["fp16"] = "encoder.fp16.onnx"
             fp16_path = tmp / "encoder.fp16.onnx"
             bar.update(1)
-        verification = verify_encoder(tmp / "encoder.onnx", reference, front, signal, fp16_path,
-                                      tolerances=EncoderTolerances.for_config(enc_cfg))
+        verification = verify_encoder(
+            tmp / "encoder.onnx", reference, front, signal, fp16_path, tolerances=EncoderTolerances.for_config(enc_cfg)
+        )
     verification["mel_max_abs_err_vs_feature_extractor"] = mel_err
     # The torch backend's master copy: the verified fp32 weights (cast to fp16 at load on a GPU if asked).
     save_file({k: v.float().contiguous() for k, v in enc_state.items()}, str(tmp / "encoder.safetensors"))
@@ -286,7 +303,9 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
     # Decoder → standard Qwen2ForCausalLM safetensors folder (fp, or GPTQ W4 calibrated on audio + text).
     src_quant = src.raw_config.get("quantization_config")
     if src_quant and opts.bits != 4:
-        raise OptionsError(f"{src.root} is already a GPTQ checkpoint: export it with --bits 4 (its tensors are copied as they are)")
+        raise OptionsError(
+            f"{src.root} is already a GPTQ checkpoint: export it with --bits 4 (its tensors are copied as they are)"
+        )
     if src_quant:
         quant_info = _copy_w4_decoder(src, config, tmp, opts, src_quant)
     elif opts.bits == 4:
@@ -294,8 +313,14 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
     else:
         dtype = DECODER_DTYPES[opts.bits]
         n = sum(1 for _ in _decoder_keys(src))
-        write_shards(tmp / "decoder", _fp_decoder_items(src, dtype), n, opts.max_shard_bytes, "decoder tensors", opts.progress)
-        (tmp / "decoder" / "config.json").write_text(json.dumps(_decoder_config(config["text"], str(dtype).replace("torch.", ""), None), indent=2, sort_keys=True))
+        write_shards(
+            tmp / "decoder", _fp_decoder_items(src, dtype), n, opts.max_shard_bytes, "decoder tensors", opts.progress
+        )
+        (tmp / "decoder" / "config.json").write_text(
+            json.dumps(
+                _decoder_config(config["text"], str(dtype).replace("torch.", ""), None), indent=2, sort_keys=True
+            )
+        )
         quant_info = None
     if gen_cfg:
         (tmp / "decoder" / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
@@ -309,21 +334,37 @@ def _export_into(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOpt
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"path": str(src.root), "name_or_path": src.raw_config.get("_name_or_path"), "config": src.raw_config},
+        "source": {
+            "path": str(src.root),
+            "name_or_path": src.raw_config.get("_name_or_path"),
+            "config": src.raw_config,
+        },
         "config": config,
         "preprocessor": fe.to_dict() | {"n_mels": mel_cfg.n_mels},
         "generation_config": gen_cfg,
-        "decoder": {"bits": opts.bits, "format": "gptq" if opts.bits == 4 else "safetensors",
-                    "dtype": "float16" if opts.bits == 4 else str(DECODER_DTYPES[opts.bits]).replace("torch.", ""),
-                    **({"quantization": quant_info} if quant_info else {}),
-                    **({"lm_head_int8": "lm_head.int8.safetensors"} if opts.bits == 4 and opts.lm_head == "int8" else {})},
-        "encoder": {"onnx": onnx_files, "default": opts.encoder_dtype, "weights": "encoder.safetensors",
-                    "weights_dtype": "fp32", "verification": verification},
+        "decoder": {
+            "bits": opts.bits,
+            "format": "gptq" if opts.bits == 4 else "safetensors",
+            "dtype": "float16" if opts.bits == 4 else str(DECODER_DTYPES[opts.bits]).replace("torch.", ""),
+            **({"quantization": quant_info} if quant_info else {}),
+            **({"lm_head_int8": "lm_head.int8.safetensors"} if opts.bits == 4 and opts.lm_head == "int8" else {}),
+        },
+        "encoder": {
+            "onnx": onnx_files,
+            "default": opts.encoder_dtype,
+            "weights": "encoder.safetensors",
+            "weights_dtype": "fp32",
+            "verification": verification,
+        },
         "files_role": roles,
         "export_options": json.loads(json.dumps(asdict(opts), default=str)),
         "tools": {
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "qwen_audio_edge": _own_version(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "qwen_audio_edge": _own_version(),
         },
     }
 
@@ -332,8 +373,15 @@ def _source_fingerprint(src: SourceCheckpoint) -> dict:
     return {"config": src.raw_config, "files": {f.name: f.stat().st_size for f in src.weight_files}}
 
 
-def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: ExportOptions, front: MelFrontEnd,
-                      state_dir: Path, roles: dict) -> dict:
+def _write_w4_decoder(
+    src: SourceCheckpoint,
+    config: dict,
+    tmp: Path,
+    opts: ExportOptions,
+    front: MelFrontEnd,
+    state_dir: Path,
+    roles: dict,
+) -> dict:
     """Calibrate (audio + text, through the exported encoder), GPTQ layer by layer, write decoder/ (+ int8 head)."""
     from tokenizers import Tokenizer
 
@@ -345,22 +393,34 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
 
     args = ModelArgs.from_config(config["text"])
     q_out, kv_out = args.num_attention_heads * args.head_dim, args.num_key_value_heads * args.head_dim
-    for name, k, n in (("q_proj", args.hidden_size, q_out), ("k_proj", args.hidden_size, kv_out), ("o_proj", q_out, args.hidden_size),
-                       ("gate_proj", args.hidden_size, args.intermediate_size), ("down_proj", args.intermediate_size, args.hidden_size)):
+    for name, k, n in (
+        ("q_proj", args.hidden_size, q_out),
+        ("k_proj", args.hidden_size, kv_out),
+        ("o_proj", q_out, args.hidden_size),
+        ("gate_proj", args.hidden_size, args.intermediate_size),
+        ("down_proj", args.intermediate_size, args.hidden_size),
+    ):
         opts.gptq.check_layer(name, k, n)  # before any calibration work or resume state
     template = (tmp / "chat_template.jinja").read_text() if "chat_template" in roles else None
     prompt = PromptFormat(Tokenizer.from_file(str(tmp / "tokenizer.json")), template, config["audio_token_id"])
-    settings = {"gptq": asdict(opts.gptq), "calibration": json.loads(json.dumps(asdict(opts.calibration), default=str)),
-                "source": _source_fingerprint(src), "threads": torch.get_num_threads(), "device": opts.quant_device,
-                "torch": torch.__version__}
+    settings = {
+        "gptq": asdict(opts.gptq),
+        "calibration": json.loads(json.dumps(asdict(opts.calibration), default=str)),
+        "source": _source_fingerprint(src),
+        "threads": torch.get_num_threads(),
+        "device": opts.quant_device,
+        "torch": torch.__version__,
+    }
     settings_path = state_dir / "settings.json"
     if state_dir.exists() and not opts.resume:
         shutil.rmtree(state_dir)
     if state_dir.exists():  # checked before the (slow) calibration pass
         saved = json.loads(settings_path.read_text()) if settings_path.is_file() else None
         if saved != settings:
-            raise OptionsError(f"--resume: the saved GPTQ state in {state_dir} was made with other settings "
-                               "(options, calibration, source, threads or device); rerun without --resume")
+            raise OptionsError(
+                f"--resume: the saved GPTQ state in {state_dir} was made with other settings "
+                "(options, calibration, source, threads or device); rerun without --resume"
+            )
     encoder = OnnxEncoder(tmp / "encoder.onnx", threads=opts.threads)
     samples, calib_summary = build_calibration(opts.calibration, prompt, front, encoder)
     if not state_dir.exists():
@@ -368,8 +428,16 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
         tmp_settings = settings_path.with_name("settings.json.tmp")
         tmp_settings.write_text(json.dumps(settings, indent=2, sort_keys=True))
         os.replace(tmp_settings, settings_path)
-    result = quantize_decoder(src, args, samples, opts.gptq, state_dir, config["audio_token_id"],
-                              device=opts.quant_device, progress=opts.progress)
+    result = quantize_decoder(
+        src,
+        args,
+        samples,
+        opts.gptq,
+        state_dir,
+        config["audio_token_id"],
+        device=opts.quant_device,
+        progress=opts.progress,
+    )
     metrics = result["layers"]
     index = _tensor_index(src)
 
@@ -388,14 +456,22 @@ def _write_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expo
     n_items = 2 + int("lm_head.weight" in index) + sum(1 for _ in _layer_keys(state_dir, args.num_hidden_layers))
     write_shards(tmp / "decoder", items(), n_items, opts.max_shard_bytes, "decoder W4 tensors", opts.progress)
     qc = opts.gptq.quantization_config()
-    (tmp / "decoder" / "config.json").write_text(json.dumps(_decoder_config(config["text"], "float16", qc), indent=2, sort_keys=True))
+    (tmp / "decoder" / "config.json").write_text(
+        json.dumps(_decoder_config(config["text"], "float16", qc), indent=2, sort_keys=True)
+    )
     if opts.lm_head == "int8":
         _write_int8_head(src, tmp)
     layer_errs = {name: max(v["rel_err"] for v in m.values()) for name, m in metrics.items()}
-    return {"config": qc, "calibration": calib_summary, "layer_metrics": metrics, "eval_vs_fp": result["eval"],
-            "worst_layer_rel_err": max(layer_errs.values()), "mean_rel_err":
-            sum(v["rel_err"] for m in metrics.values() for v in m.values()) / sum(len(m) for m in metrics.values()),
-            "threads": torch.get_num_threads()}
+    return {
+        "config": qc,
+        "calibration": calib_summary,
+        "layer_metrics": metrics,
+        "eval_vs_fp": result["eval"],
+        "worst_layer_rel_err": max(layer_errs.values()),
+        "mean_rel_err": sum(v["rel_err"] for m in metrics.values() for v in m.values())
+        / sum(len(m) for m in metrics.values()),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _write_int8_head(src: SourceCheckpoint, tmp: Path) -> None:
@@ -406,7 +482,9 @@ def _write_int8_head(src: SourceCheckpoint, tmp: Path) -> None:
     from .quantize import _read, _tensor_index
 
     index = _tensor_index(src)
-    q, scales = quantize_int8_rows(_read(index, "lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight"))
+    q, scales = quantize_int8_rows(
+        _read(index, "lm_head.weight" if "lm_head.weight" in index else "model.embed_tokens.weight")
+    )
     save_file({"weight": q, "scales": scales}, str(tmp / "lm_head.int8.safetensors"))
 
 
@@ -415,9 +493,13 @@ def _copy_w4_decoder(src: SourceCheckpoint, config: dict, tmp: Path, opts: Expor
     if qc.get("quant_method") != "gptq" or int(qc.get("bits", 0)) != 4 or qc.get("checkpoint_format", "gptq") != "gptq":
         raise CheckpointError(f"{src.root}: quantization_config {qc} is not 4-bit GPTQ (checkpoint_format gptq)")
     n = sum(1 for _ in _decoder_keys(src))
-    items = ((k, t if t.dtype in (torch.int32, torch.int8) else t.to(torch.float16)) for k, t in src.iter_tensors("decoder"))
+    items = (
+        (k, t if t.dtype in (torch.int32, torch.int8) else t.to(torch.float16)) for k, t in src.iter_tensors("decoder")
+    )
     write_shards(tmp / "decoder", items, n, opts.max_shard_bytes, "decoder W4 tensors", opts.progress)
-    (tmp / "decoder" / "config.json").write_text(json.dumps(_decoder_config(config["text"], "float16", qc), indent=2, sort_keys=True))
+    (tmp / "decoder" / "config.json").write_text(
+        json.dumps(_decoder_config(config["text"], "float16", qc), indent=2, sort_keys=True)
+    )
     try:
         from ..runtime.decoder import load_decoder
 
@@ -441,7 +523,9 @@ def write_hf_checkpoint(src: SourceCheckpoint, artifacts: Path, dest: Path, forc
     if dest.exists() and not force:
         raise OptionsError(f"--hf-checkpoint {dest} already exists; pass --force to replace it")
     if dest.exists() and any(dest.iterdir()) and not (dest / "config.json").is_file():
-        raise OptionsError(f"--hf-checkpoint {dest} is a non-empty directory that is not a checkpoint; refusing to replace it")
+        raise OptionsError(
+            f"--hf-checkpoint {dest} is a non-empty directory that is not a checkpoint; refusing to replace it"
+        )
     dec = artifacts / "decoder"
     qc = json.loads((dec / "config.json").read_text())["quantization_config"]
     files = sorted(dec.glob("*.safetensors"))
@@ -459,15 +543,26 @@ def write_hf_checkpoint(src: SourceCheckpoint, artifacts: Path, dest: Path, forc
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             n += len(sf.keys())
+
     def fill(tmp: Path) -> None:
         write_shards(tmp, items(), n, 2 << 30, "hf checkpoint tensors", progress)
         cfg = dict(src.raw_config)
         cfg["quantization_config"] = qc
         cfg["torch_dtype"] = cfg["dtype"] = "float16"
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                     "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
-                     "chat_template.json", "chat_template.jinja"):
+        for name in (
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+            "special_tokens_map.json",
+            "added_tokens.json",
+            "preprocessor_config.json",
+            "processor_config.json",
+            "chat_template.json",
+            "chat_template.jinja",
+        ):
             if (src.root / name).is_file():
                 shutil.copyfile(src.root / name, tmp / name)
 

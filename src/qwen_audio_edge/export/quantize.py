@@ -103,7 +103,9 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
-def _layer_from_state(args: ModelArgs, state: dict[str, torch.Tensor], prefix: str, device: torch.device) -> DecoderLayer:
+def _layer_from_state(
+    args: ModelArgs, state: dict[str, torch.Tensor], prefix: str, device: torch.device
+) -> DecoderLayer:
     """An fp32 DecoderLayer whose linears hold the dequantized W4 weights of a saved layer."""
     from ..kernels.w4_ref import dequantize
 
@@ -113,7 +115,9 @@ def _layer_from_state(args: ModelArgs, state: dict[str, torch.Tensor], prefix: s
         base = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and base in W4_LINEARS:
             p = f"{prefix}.{base}"
-            sd[name] = dequantize(state[f"{p}.qweight"], state[f"{p}.qzeros"], state[f"{p}.scales"], state[f"{p}.g_idx"]).T
+            sd[name] = dequantize(
+                state[f"{p}.qweight"], state[f"{p}.qzeros"], state[f"{p}.scales"], state[f"{p}.g_idx"]
+            ).T
         else:
             sd[name] = state[f"{prefix}.{name}"].float()
     layer.load_state_dict(sd)
@@ -151,7 +155,9 @@ def quantize_decoder(
     eval_idx = list(range(min(eval_samples, len(hidden))))
     fp_stream = [hidden[j].clone() for j in eval_idx]
     eval_err: list[float] = []
-    bar = tqdm(range(args.num_hidden_layers), desc="GPTQ layers", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        range(args.num_hidden_layers), desc="GPTQ layers", disable=not progress, file=sys.stderr, dynamic_ncols=True
+    )
     for i in bar:
         prefix = f"model.layers.{i}"
         done = state_dir / f"layer-{i:05d}.safetensors"
@@ -160,7 +166,7 @@ def quantize_decoder(
                 with safe_open(str(done), framework="pt", device="cpu") as sf:
                     state = {k: sf.get_tensor(k) for k in sf.keys()}
                     layer_metrics = json.loads(sf.metadata()["metrics"])
-            except Exception as e:  # noqa: BLE001 — a damaged state file, whatever the parser says
+            except Exception as e:
                 raise ExportError(f"GPTQ resume state {done} is unreadable ({e}); rerun without --resume") from e
             layer = _layer_from_state(args, state, prefix, dev)
             fp_stream = runner.run(_fp_layer(index, args, prefix, dev, cfg), fp_stream)
@@ -229,7 +235,9 @@ def _head_agreement(index: dict, args: ModelArgs, quant: list[torch.Tensor], fp:
     return {"top1_agreement": agree / n if n else None, "mean_kl": kl_sum / n if n else None, "positions": int(n)}
 
 
-def _quantize_layer(layer: DecoderLayer, hidden: list[torch.Tensor], runner: _LayerRunner, cfg: GPTQConfig, prefix: str):
+def _quantize_layer(
+    layer: DecoderLayer, hidden: list[torch.Tensor], runner: _LayerRunner, cfg: GPTQConfig, prefix: str
+):
     state: dict[str, torch.Tensor] = {}
     metrics: dict[str, dict] = {}
     for group in SEQUENTIAL_GROUPS:
@@ -257,6 +265,6 @@ def _quantize_layer(layer: DecoderLayer, hidden: list[torch.Tensor], runner: _La
                 lin.weight.copy_(q.dequantized.to(lin.weight.device))
     for name, t in layer.state_dict().items():
         base = name.rsplit(".", 1)[0]
-        if not (base in W4_LINEARS):
+        if base not in W4_LINEARS:
             state[f"{prefix}.{name}"] = t.detach().cpu().to(torch.float16)
     return state, metrics

@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def speech_like_signal(seconds: float, sample_rate: int = 16000, *, seed: int = 0, loud_end: bool = False) -> np.ndarray:
+def speech_like_signal(
+    seconds: float, sample_rate: int = 16000, *, seed: int = 0, loud_end: bool = False
+) -> np.ndarray:
     """A speech-like test signal: gliding harmonics with a syllable envelope plus a little noise.
 
     `loud_end=True` ends the signal at its loudest (a click + burst in the last 20 ms), the case where

@@ -50,8 +50,22 @@ def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, D, eps, HAS_DELTA: t
 
 
 @triton.jit
-def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, start, row_stride, NQ, NKV, max_ctx,
-                       POS_FROM_PTR: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+def _rope_cache_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    start,
+    row_stride,
+    NQ,
+    NKV,
+    max_ctx,
+    POS_FROM_PTR: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     token = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, HALF)
@@ -100,49 +114,94 @@ def _silu_mul_kernel(gu_ptr, out_ptr, I, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * I + offs, silu * u, mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(s) · weight, s) with s = x + delta (or x). x, delta [..., D] in the activation dtype."""
     d = x.shape[-1]
     if weight.shape != (d,) or (delta is not None and delta.shape != x.shape):
-        raise ValueError(f"rms_norm: x {tuple(x.shape)}, delta {None if delta is None else tuple(delta.shape)}, "
-                         f"weight {tuple(weight.shape)} do not match")
+        raise ValueError(
+            f"rms_norm: x {tuple(x.shape)}, delta {None if delta is None else tuple(delta.shape)}, "
+            f"weight {tuple(weight.shape)} do not match"
+        )
     x2 = x.reshape(-1, d).contiguous()
     out = torch.empty_like(x2)
     s = torch.empty_like(x2) if delta is not None else x2
     dl = delta.reshape(-1, d).contiguous() if delta is not None else x2
     block = triton.next_power_of_2(d)
     with on_device(x2):
-        _rms_norm_kernel[(x2.shape[0],)](x2, dl, weight, s, out, d, eps, HAS_DELTA=delta is not None, BLOCK=block,
-                                         num_warps=8 if block >= 4096 else 4)
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2,
+            dl,
+            weight,
+            s,
+            out,
+            d,
+            eps,
+            HAS_DELTA=delta is not None,
+            BLOCK=block,
+            num_warps=8 if block >= 4096 else 4,
+        )
     return out.view(x.shape), s.view(x.shape)
 
 
-def rope_kv_cache_(qkv: torch.Tensor, n_q: int, n_kv: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
-                   cache_k: torch.Tensor, cache_v: torch.Tensor, start: int | torch.Tensor) -> None:
+def rope_kv_cache_(
+    qkv: torch.Tensor,
+    n_q: int,
+    n_kv: int,
+    head_dim: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    start: int | torch.Tensor,
+) -> None:
     """qkv [tokens, (n_q + 2·n_kv)·head_dim]: rotate the q heads in place; write the rotated k heads and the
     v heads into cache_k / cache_v [1, n_kv, max_context, head_dim] (one layer's slice, contiguous) at
     positions start … start + tokens − 1. `start` is an int, or a device tensor [1] (graph replays)."""
     if qkv.ndim != 2 or qkv.stride(-1) != 1 or head_dim % 2 or head_dim & (head_dim - 1):
-        raise ValueError(f"rope_kv_cache_: qkv must be 2-D, last dim contiguous, power-of-two head_dim (got {head_dim})")
+        raise ValueError(
+            f"rope_kv_cache_: qkv must be 2-D, last dim contiguous, power-of-two head_dim (got {head_dim})"
+        )
     tokens = qkv.shape[0]
     if cos.shape != (tokens, head_dim) or sin.shape != cos.shape:
         raise ValueError(f"rope_kv_cache_: cos/sin must be [{tokens}, {head_dim}], got {tuple(cos.shape)}")
-    if (cache_k.shape != cache_v.shape or cache_k.ndim != 4 or cache_k.shape[1] != n_kv or cache_k.shape[3] != head_dim
-            or not cache_k.is_contiguous() or not cache_v.is_contiguous()):
+    if (
+        cache_k.shape != cache_v.shape
+        or cache_k.ndim != 4
+        or cache_k.shape[1] != n_kv
+        or cache_k.shape[3] != head_dim
+        or not cache_k.is_contiguous()
+        or not cache_v.is_contiguous()
+    ):
         raise ValueError(f"rope_kv_cache_: caches must be contiguous [1, {n_kv}, max_context, {head_dim}]")
     heads = n_q + 2 * n_kv
     if qkv.shape[1] != heads * head_dim:
         raise ValueError(f"rope_kv_cache_: qkv width {qkv.shape[1]} != ({n_q} + 2·{n_kv}) × {head_dim}")
     from_ptr = isinstance(start, torch.Tensor)
     if not from_ptr and not 0 <= start <= cache_k.shape[2] - tokens:
-        raise ValueError(f"rope_kv_cache_: positions {start}…{start + tokens - 1} are outside the cache ({cache_k.shape[2]})")
+        raise ValueError(
+            f"rope_kv_cache_: positions {start}…{start + tokens - 1} are outside the cache ({cache_k.shape[2]})"
+        )
     # a device-tensor position is not read on the host (graph replays); DecodeStep checks it before each step
     block_h = min(16, triton.next_power_of_2(heads))
     with on_device(qkv):
         _rope_cache_kernel[(tokens, triton.cdiv(heads, block_h))](
-            qkv, cos.contiguous(), sin.contiguous(), cache_k, cache_v, start if from_ptr else qkv, 0 if from_ptr else start,
-            qkv.stride(0), n_q, n_kv, cache_k.shape[2], POS_FROM_PTR=from_ptr, HALF=head_dim // 2, BLOCK_H=block_h)
+            qkv,
+            cos.contiguous(),
+            sin.contiguous(),
+            cache_k,
+            cache_v,
+            start if from_ptr else qkv,
+            0 if from_ptr else start,
+            qkv.stride(0),
+            n_q,
+            n_kv,
+            cache_k.shape[2],
+            POS_FROM_PTR=from_ptr,
+            HALF=head_dim // 2,
+            BLOCK_H=block_h,
+        )
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

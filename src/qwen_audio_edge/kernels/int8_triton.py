@@ -57,7 +57,9 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr,
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        w = tl.load(
+            w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0
+        )
         wb = ((w.to(tl.int32) & 0xFF) ^ 0x80) | 0x4B000000  # bits of 2^23 + (w + 128)
         wf = wb.to(tl.float32, bitcast=True) - 8388736.0  # exact w
         x = tl.load(x_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
@@ -66,8 +68,14 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr,
     tl.store(out_ptr + offs_n, y, mask=n_mask)
 
 
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, config: Int8GemvConfig | None = None,
-              tuner: Tuner | None = TUNER) -> torch.Tensor:
+def int8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    config: Int8GemvConfig | None = None,
+    tuner: Tuner | None = TUNER,
+) -> torch.Tensor:
     """x [1, K] → (x @ weight.T) · scales as [1, N] in x's dtype. `config` forces a launch shape (tests);
     else the tuner picks one per shape on CUDA (the first candidate when tuner is None or on CPU)."""
     if x.ndim != 2 or x.shape[0] != 1 or x.shape[1] != weight.shape[1]:
@@ -83,9 +91,18 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *, co
     out = torch.empty(1, n, device=x.device, dtype=x.dtype)
 
     def run(c: Int8GemvConfig) -> None:
-        _int8_gemv_kernel[(triton.cdiv(n, c.block_n),)](x, weight, scales, out, n, k, BLOCK_N=c.block_n,
-                                                        BLOCK_K=c.block_k, num_warps=c.num_warps,
-                                                        num_stages=c.num_stages)
+        _int8_gemv_kernel[(triton.cdiv(n, c.block_n),)](
+            x,
+            weight,
+            scales,
+            out,
+            n,
+            k,
+            BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k,
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
 
     with on_device(x):
         if config is None:

@@ -46,7 +46,9 @@ DENSE_MIN_ROWS = 320  # from this many rows on, dequantize once + dense bf16 mat
 
 
 def available() -> bool:
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
+        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
+    )
 
 
 @dataclass
@@ -59,7 +61,9 @@ class CpuW4Weight:
     n: int
 
     @classmethod
-    def build(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> "CpuW4Weight | None":
+    def build(
+        cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor
+    ) -> CpuW4Weight | None:
         """Repack GPTQ tensors; None when this layer cannot use the CPU int4 op."""
         if not available():
             return None
@@ -80,7 +84,7 @@ class CpuW4Weight:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().to(torch.int32), 1)
         return cls(packed=packed, scales_zeros=sz, group=sub, perm=perm, k=k, n=n)
 
-    def dequantize_t(self, layout: "PackedLayout | None" = None) -> torch.Tensor:
+    def dequantize_t(self, layout: PackedLayout | None = None) -> torch.Tensor:
         """The weight as bf16 [K, N] (K in the activation-permuted order), decoded from the packed layout."""
         layout = layout or packed_layout()
         if layout is None or self.n % layout.block:
@@ -88,7 +92,9 @@ class CpuW4Weight:
         w = layout.unpack(self.packed, self.n, self.k)  # [K, N] bf16, nibbles 0…15
         g = self.group
         wv = w.view(self.k // g, g, self.n)
-        torch.addcmul(self.scales_zeros[..., 1].unsqueeze(1), wv.sub_(8), self.scales_zeros[..., 0].unsqueeze(1), out=wv)
+        torch.addcmul(
+            self.scales_zeros[..., 1].unsqueeze(1), wv.sub_(8), self.scales_zeros[..., 0].unsqueeze(1), out=wv
+        )
         return w
 
     def _dense_ok(self) -> bool:
@@ -96,9 +102,12 @@ class CpuW4Weight:
         if layout is None:
             return False
         if self.n % layout.block:
-            _warn_once(f"n{layout.block}", f"CPU W4: a layer with N = {self.n} output rows is not a whole number of torch's "
-                       f"{layout.block}-row int4 blocks; its large-M prefill uses the int4 op (slower) instead of "
-                       "dequantize + dense matmul")
+            _warn_once(
+                f"n{layout.block}",
+                f"CPU W4: a layer with N = {self.n} output rows is not a whole number of torch's "
+                f"{layout.block}-row int4 blocks; its large-M prefill uses the int4 op (slower) instead of "
+                "dequantize + dense matmul",
+            )
             return False
         return True
 
@@ -182,8 +191,12 @@ def infer_packed_layout(pack=None, n: int = 128, k: int = 32) -> PackedLayout | 
         byte = torch.arange(planes[0].numel())
         nb, kk, j = byte // (k * half), (byte // half) % k, byte % half
         lo, hi = lo_row[:half] % block, hi_row[:half] % block
-        if not (torch.equal(lo_col, kk) and torch.equal(hi_col, kk)
-                and torch.equal(lo_row, nb * block + lo[j]) and torch.equal(hi_row, nb * block + hi[j])):
+        if not (
+            torch.equal(lo_col, kk)
+            and torch.equal(hi_col, kk)
+            and torch.equal(lo_row, nb * block + lo[j])
+            and torch.equal(hi_row, nb * block + hi[j])
+        ):
             continue
         if sorted(lo.tolist() + hi.tolist()) != list(range(block)):
             continue
@@ -202,11 +215,17 @@ def packed_layout() -> PackedLayout | None:
         cap = torch.backends.cpu.get_cpu_capability()
         layout = infer_packed_layout() if available() else None
         if layout is None:
-            _warn_once("layout", f"CPU W4: torch {torch.__version__}'s packed int4 layout on this CPU ({cap}) matches no "
-                       "known block layout; large-M prefill uses the int4 op (slower) instead of dequantize + dense matmul")
+            _warn_once(
+                "layout",
+                f"CPU W4: torch {torch.__version__}'s packed int4 layout on this CPU ({cap}) matches no "
+                "known block layout; large-M prefill uses the int4 op (slower) instead of dequantize + dense matmul",
+            )
         elif not _check_against_op(layout):
-            _warn_once("layout", f"CPU W4: the inferred int4 layout (blocks of {layout.block} rows, {cap}) disagrees with "
-                       "torch's int4 op on a probe; large-M prefill uses the int4 op (slower) instead of dequantize + dense")
+            _warn_once(
+                "layout",
+                f"CPU W4: the inferred int4 layout (blocks of {layout.block} rows, {cap}) disagrees with "
+                "torch's int4 op on a probe; large-M prefill uses the int4 op (slower) instead of dequantize + dense",
+            )
             layout = None
         _LAYOUT = layout
     return _LAYOUT
@@ -218,8 +237,9 @@ def _check_against_op(layout: PackedLayout) -> bool:
     n, k, g = 128, 64, 32
     q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
     sz = (torch.rand(k // g, n, 2, generator=gen) + 0.5).to(torch.bfloat16)
-    probe = CpuW4Weight(packed=torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros=sz,
-                        group=g, perm=None, k=k, n=n)
+    probe = CpuW4Weight(
+        packed=torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros=sz, group=g, perm=None, k=k, n=n
+    )
     if not torch.equal(layout.unpack(probe.packed, n, k).T.to(torch.int32), q):
         return False
     eye = torch.eye(k, dtype=torch.bfloat16)

@@ -56,7 +56,9 @@ def unpack_cols(packed: torch.Tensor) -> torch.Tensor:
     return vals.reshape(packed.shape[0], -1)
 
 
-def check_shapes(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor) -> tuple[int, int, int]:
+def check_shapes(
+    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor
+) -> tuple[int, int, int]:
     """Validate a GPTQ tensor set; return (K, N, G). Raises ValueError naming the inconsistent tensor."""
     if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
         raise ValueError(f"qweight/qzeros must be int32, got {qweight.dtype}/{qzeros.dtype}")
@@ -71,8 +73,13 @@ def check_shapes(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     return k, n, g
 
 
-def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """GPTQ tensors → W [K, N] in `dtype` (x @ W is the layer)."""
     check_shapes(qweight, qzeros, scales, g_idx)
     q = unpack_rows(qweight)
@@ -81,8 +88,14 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     return ((q - zeros[g]).to(dtype)) * scales[g].to(dtype)
 
 
-def w4_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                  g_idx: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def w4_matmul_ref(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y = x @ dequant(W) + bias. x [..., K] (any float dtype) → y [..., N] in x's dtype."""
     w = dequantize(qweight, qzeros, scales, g_idx, dtype=x.dtype)
     if x.shape[-1] != w.shape[0]:
@@ -109,4 +122,9 @@ def int4pack_scales_zeros(qzeros: torch.Tensor, scales: torch.Tensor, group_size
     group_size / sub sub-groups (the ops support fewer group sizes than GPTQ)."""
     z = (unpack_cols(qzeros) + 1).float()
     s = scales.float()
-    return torch.stack([s, s * (8.0 - z)], dim=-1).repeat_interleave(group_size // sub, dim=0).to(torch.bfloat16).contiguous()
+    return (
+        torch.stack([s, s * (8.0 - z)], dim=-1)
+        .repeat_interleave(group_size // sub, dim=0)
+        .to(torch.bfloat16)
+        .contiguous()
+    )

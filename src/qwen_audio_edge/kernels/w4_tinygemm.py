@@ -32,8 +32,9 @@ class TinygemmW4Weight:
     n: int
 
     @classmethod
-    def build(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-              g_idx: torch.Tensor) -> "TinygemmW4Weight | None":
+    def build(
+        cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor
+    ) -> TinygemmW4Weight | None:
         """Repack GPTQ tensors on their CUDA device; None where tinygemm cannot run this layer."""
         if qweight.device.type != "cuda" or not available():
             return None
@@ -63,8 +64,9 @@ class TinygemmW4Weight:
         x2 = x.reshape(-1, self.k)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.group,
-                                               self.scales_zeros).to(x.dtype)
+        y = torch.ops.aten._weight_int4pack_mm(
+            x2.to(torch.bfloat16).contiguous(), self.packed, self.group, self.scales_zeros
+        ).to(x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, self.n)

@@ -40,8 +40,8 @@ import contextlib
 import functools
 import statistics
 import warnings
+from collections.abc import Callable
 from dataclasses import astuple, dataclass, field, replace
-from typing import Callable
 
 import torch
 import triton
@@ -134,8 +134,11 @@ class GpuLimits:
         """Whether a kernel using `shared` bytes (static + dynamic), `regs` registers per thread and
         `threads` per block can launch. Registers are allocated per warp in units of 256 (8 per thread)."""
         regs_allocated = -(-regs // 8) * 8
-        return (shared <= self.shared_per_block and regs <= self.regs_per_thread
-                and regs_allocated * threads <= self.regs_per_block)
+        return (
+            shared <= self.shared_per_block
+            and regs <= self.regs_per_thread
+            and regs_allocated * threads <= self.regs_per_block
+        )
 
 
 # CUDA C++ Programming Guide, 5.1 "Compute Capabilities", Table 31 "Memory Information per Compute
@@ -143,12 +146,15 @@ class GpuLimits:
 # maximum shared memory per thread block 163 KB on 8.0, 99 KB on 8.6 and 8.9, 227 KB on 9.0 (1 KB of each
 # SM's 164/100/228 KB is reserved for the system); 64 K 32-bit registers per SM and per thread block, and at
 # most 255 per thread, on all four. bench/compile_check.py compiles every variant for these targets.
-GPU_LIMITS: dict[int, GpuLimits] = {lim.arch: lim for lim in (
-    GpuLimits(80, "A100, A30", 163 * 1024),
-    GpuLimits(86, "RTX 30xx, A10, A40, RTX A-series", 99 * 1024),
-    GpuLimits(89, "RTX 40xx, L4, L40, RTX Ada", 99 * 1024),
-    GpuLimits(90, "H100, H200", 227 * 1024),
-)}
+GPU_LIMITS: dict[int, GpuLimits] = {
+    lim.arch: lim
+    for lim in (
+        GpuLimits(80, "A100, A30", 163 * 1024),
+        GpuLimits(86, "RTX 30xx, A10, A40, RTX A-series", 99 * 1024),
+        GpuLimits(89, "RTX 40xx, L4, L40, RTX Ada", 99 * 1024),
+        GpuLimits(90, "H100, H200", 227 * 1024),
+    )
+}
 
 
 @functools.cache
@@ -159,9 +165,12 @@ def gpu_limits(arch: int) -> GpuLimits:
     if arch in GPU_LIMITS:
         return GPU_LIMITS[arch]
     smallest = min(GPU_LIMITS.values(), key=lambda lim: lim.shared_per_block)
-    warnings.warn(f"Triton kernel configs were not compiled for sm_{arch} (bench/compile_check.py covers "
-                  f"{', '.join(f'sm_{a}' for a in GPU_LIMITS)}): using sm_{smallest.arch}'s limits, "
-                  f"{smallest.shared_per_block} B of shared memory per block", stacklevel=2)
+    warnings.warn(
+        f"Triton kernel configs were not compiled for sm_{arch} (bench/compile_check.py covers "
+        f"{', '.join(f'sm_{a}' for a in GPU_LIMITS)}): using sm_{smallest.arch}'s limits, "
+        f"{smallest.shared_per_block} B of shared memory per block",
+        stacklevel=2,
+    )
     return replace(smallest, arch=arch, gpus="unknown")
 
 
@@ -233,8 +242,9 @@ def fit_block_k(block_k: int, group: int, k: int) -> int:
 
 
 @functools.cache  # asked at every call (the tuner's key lookup comes after): ~100 µs uncached
-def gemv_candidates(block_m: int, group: int = 128, k: int = 0, arch: int | None = None,
-                    dtype: torch.dtype = torch.float16) -> tuple[GemvConfig, ...]:
+def gemv_candidates(
+    block_m: int, group: int = 128, k: int = 0, arch: int | None = None, dtype: torch.dtype = torch.float16
+) -> tuple[GemvConfig, ...]:
     """Decode candidates for BLOCK_M rows on sm_<arch> (every one when arch is None). One row:
     ROW_CANDIDATES with BLOCK_K fitted to the group (kernel "gemv1"). More rows (kernel "gemv<BLOCK_M>": what
     spills differs with BLOCK_M): no split-K (the workspace is SPLIT_MAX × N) and tiles small enough that
@@ -257,10 +267,29 @@ def _gemm_candidates(tallest: int, arch: int | None, dtype: torch.dtype) -> tupl
 
 
 @triton.jit
-def _w4_gemv1_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                     N, K, TILES_PER_SPLIT, MAGIC, GS: tl.constexpr,
-                     HAS_PERM: tl.constexpr, X_PREP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+def _w4_gemv1_kernel(
+    x_ptr,
+    perm_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    N,
+    K,
+    TILES_PER_SPLIT,
+    MAGIC,
+    GS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    X_PREP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
     """One activation row, tiles within one group (GS % BLOCK_K == 0 or one group): the decode kernel.
 
     Per nibble: one LOP3 (mask the nibble in place and set the exponent bits: 2^23 + q·16^i for nibble
@@ -339,10 +368,31 @@ def _x_prep_kernel(x_ptr, perm_ptr, out_ptr, K, KP, HAS_PERM: tl.constexpr, BLOC
 
 
 @triton.jit
-def _w4_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, cnt_ptr,
-                    M, N, K, GS, stride_xm, stride_om, TILES_PER_SPLIT,
-                    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def _w4_gemv_kernel(
+    x_ptr,
+    perm_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    GS,
+    stride_xm,
+    stride_om,
+    TILES_PER_SPLIT,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
     P: tl.constexpr = BLOCK_K // 8  # packed rows per tile
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -384,8 +434,9 @@ def _w4_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_pt
                 x = tl.load(x_ptr + kk, mask=r_mask, other=0.0).to(tl.float32)
                 acc += x[:, None] * w
             else:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & r_mask[None, :],
-                            other=0.0).to(tl.float32)
+                x = tl.load(
+                    x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & r_mask[None, :], other=0.0
+                ).to(tl.float32)
                 acc += x[:, :, None] * w[None, :, :]
     if BLOCK_M == 1:
         part = tl.sum(acc, axis=0)[None, :]
@@ -403,8 +454,12 @@ def _w4_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_pt
         if ticket == SPLIT_K - 1:  # the last program of this column block reduces, in split order
             y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for sk in tl.static_range(SPLIT_K):
-                y += tl.load(ws_ptr + (sk * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :], mask=out_mask,
-                             other=0.0, cache_modifier=".cg")
+                y += tl.load(
+                    ws_ptr + (sk * BLOCK_M + offs_m[:, None]) * N + offs_n[None, :],
+                    mask=out_mask,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
             if HAS_BIAS:
                 y += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=out_mask)
@@ -412,9 +467,28 @@ def _w4_gemv_kernel(x_ptr, perm_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_pt
 
 
 @triton.jit
-def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GS, stride_xm, stride_om,
-                    HAS_BIAS: tl.constexpr, TILE_IN_GROUP: tl.constexpr, IEEE: tl.constexpr,
-                    EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _w4_gemm_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    GS,
+    stride_xm,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    TILE_IN_GROUP: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     P: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -433,7 +507,7 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GS, st
     shifts = tl.arange(0, 8) * 4
     z_shift = (offs_n % 8) * 4
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(0, tl.cdiv(K, BLOCK_K)):
+    for t in range(tl.cdiv(K, BLOCK_K)):
         rows = t * P + offs_p
         r_mask = rows < K // 8
         w_mask = r_mask[:, None] & n_mask[None, :]
@@ -451,7 +525,9 @@ def _w4_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, GS, st
         # the 8 nibble positions stacked j-major, [8, P, BN] → [BLOCK_K, BN]: row j·P + p is kernel row 8p + j,
         # the order in which `prefill_columns` laid out the activations, so one MMA takes the whole tile
         qf = (((packed[None, :, :] >> shifts[:, None, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (t * BLOCK_K + offs_k)[None, :], mask=m_mask[:, None], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + (t * BLOCK_K + offs_k)[None, :], mask=m_mask[:, None], other=0.0
+        )
         w = tl.reshape(((qf - zc) * s).to(x.dtype), (BLOCK_K, BLOCK_N))
         if EMULATE_BF16:  # CPU interpreter: its bf16 dot is wrong; bf16 products are exact in fp32
             x = x.to(tl.float32)
@@ -508,7 +584,7 @@ class Tuner:
         for cfg in candidates:
             try:
                 results.append((cfg, self.measure(lambda: run(cfg))))
-            except Exception as e:  # noqa: BLE001 — a config the device cannot run is skipped, not fatal
+            except Exception as e:
                 last_error = e
                 results.append((cfg, None))
         timed = [(t, i) for i, (_, t) in enumerate(results) if t is not None]
@@ -542,14 +618,22 @@ class TritonW4Weight:
     group: int
     k: int
     n: int
-    counters: torch.Tensor  # int32 tickets for the split-K reduction, one per column block (≥ N/BLOCK_N), back to 0 after each call
+    counters: (
+        torch.Tensor
+    )  # int32 tickets for the split-K reduction, one per column block (≥ N/BLOCK_N), back to 0 after each call
     tuner: Tuner | None = TUNER  # None: the default configs, untimed
     workspace: torch.Tensor | None = None  # fp32 [SPLIT_MAX, N] for split-K partials (made at build on CUDA)
     _xcols: torch.Tensor | None = None  # the prefill gather index (see prefill_columns), built at first use
 
     @classmethod
-    def build(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-              tuner: Tuner | None = TUNER) -> "TritonW4Weight | None":
+    def build(
+        cls,
+        qweight: torch.Tensor,
+        qzeros: torch.Tensor,
+        scales: torch.Tensor,
+        g_idx: torch.Tensor,
+        tuner: Tuner | None = TUNER,
+    ) -> TritonW4Weight | None:
         """Repack for the kernels; None if the groups are not contiguous equal blocks even after sorting."""
         k, n, g = check_shapes(qweight, qzeros, scales, g_idx)
         if k % g or n % 8 or (k // g) % 8:
@@ -568,15 +652,24 @@ class TritonW4Weight:
         # the workspace exists before any CUDA-graph capture (an allocation inside one would come from the
         # graph's private pool); on CPU (the interpreter, tests) it is made at the first split-K call
         ws = torch.empty(SPLIT_MAX, n, device=dev, dtype=torch.float32) if dev.type == "cuda" else None
-        w = cls(qweight=qw.contiguous(), qzeros=qzeros.contiguous(), scales=scales.contiguous(),
-                perm=None if perm is None else perm.to(torch.int32).to(dev), group=gs, k=k, n=n,
-                counters=torch.zeros(triton.cdiv(n, COUNTER_BLOCK), dtype=torch.int32, device=dev),
-                tuner=tuner, workspace=ws)
+        w = cls(
+            qweight=qw.contiguous(),
+            qzeros=qzeros.contiguous(),
+            scales=scales.contiguous(),
+            perm=None if perm is None else perm.to(torch.int32).to(dev),
+            group=gs,
+            k=k,
+            n=n,
+            counters=torch.zeros(triton.cdiv(n, COUNTER_BLOCK), dtype=torch.int32, device=dev),
+            tuner=tuner,
+            workspace=ws,
+        )
         w._xcols = w._prefill_index()  # built here, never inside a CUDA-graph capture
         return w
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None, *,
-               config: GemvConfig | GemmConfig | None = None) -> torch.Tensor:
+    def matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, *, config: GemvConfig | GemmConfig | None = None
+    ) -> torch.Tensor:
         """y = x @ W + bias. `config` forces a launch shape (tests sweep them); else the tuner picks."""
         if x.shape[-1] != self.k:
             raise ValueError(f"x has {x.shape[-1]} features, the W4 weight expects {self.k}")
@@ -598,22 +691,48 @@ class TritonW4Weight:
         if m <= DECODE_MAX_M:
             bm = triton.next_power_of_2(m)
             cands = gemv_candidates(bm, self.group, self.k, arch, x.dtype)
-            run = lambda c: self._gemv(x2, bias, out, c, bm)  # noqa: E731
-            key = ("gemv", self.k, self.n, self.group, bm, x.dtype, bias is not None, self.perm is not None, str(x.device))
+            run = lambda c: self._gemv(x2, bias, out, c, bm)
+            key = (
+                "gemv",
+                self.k,
+                self.n,
+                self.group,
+                bm,
+                x.dtype,
+                bias is not None,
+                self.perm is not None,
+                str(x.device),
+            )
         else:
             cands = gemm_candidates(m, arch, x.dtype)
-            run = lambda c: self._gemm(x2, bias, out, c)  # noqa: E731
-            key = ("gemm", self.k, self.n, self.group, min(triton.next_power_of_2(m), 1024), x.dtype,
-                   bias is not None, self.perm is not None, str(x.device))
+            run = lambda c: self._gemm(x2, bias, out, c)
+            key = (
+                "gemm",
+                self.k,
+                self.n,
+                self.group,
+                min(triton.next_power_of_2(m), 1024),
+                x.dtype,
+                bias is not None,
+                self.perm is not None,
+                str(x.device),
+            )
         with on_device(x):
             if config is None:
-                config = cands[0] if self.tuner is None or x.device.type != "cuda" else self.tuner.choose(key, cands, run)
+                config = (
+                    cands[0] if self.tuner is None or x.device.type != "cuda" else self.tuner.choose(key, cands, run)
+                )
             run(config)
         return out.reshape(*lead, self.n)
 
     def _gemv(self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemvConfig, bm: int) -> None:
-        if (not isinstance(c, GemvConfig) or (c.split_k > 1 and bm > 1) or c.split_k > SPLIT_MAX
-                or c.block_n < COUNTER_BLOCK or (c.x_prep and bm > 1)):
+        if (
+            not isinstance(c, GemvConfig)
+            or (c.split_k > 1 and bm > 1)
+            or c.split_k > SPLIT_MAX
+            or c.block_n < COUNTER_BLOCK
+            or (c.x_prep and bm > 1)
+        ):
             raise ValueError(f"{c} is not a decode config for {x2.shape[0]} rows")
         tiles = triton.cdiv(self.k, c.block_k)
         per_split = triton.cdiv(tiles, c.split_k)
@@ -629,23 +748,63 @@ class TritonW4Weight:
             if c.x_prep:
                 kp = tiles * c.block_k
                 x = torch.empty(kp, device=x2.device, dtype=torch.float32)
-                _x_prep_kernel[(triton.cdiv(kp, 1024),)](x2, perm, x, self.k, kp, HAS_PERM=self.perm is not None,
-                                                        BLOCK_K=c.block_k, BLOCK=1024)
-            _w4_gemv1_kernel[grid](x, perm, self.qweight, self.scales, self.qzeros, bias if bias is not None else out,
-                                   out, ws, self.counters, self.n, self.k, per_split, MAGIC, GS=self.group,
-                                   HAS_PERM=self.perm is not None and not c.x_prep, X_PREP=c.x_prep,
-                                   HAS_BIAS=bias is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=split,
-                                   NUM_STAGES=c.num_stages, num_warps=c.num_warps)
+                _x_prep_kernel[(triton.cdiv(kp, 1024),)](
+                    x2, perm, x, self.k, kp, HAS_PERM=self.perm is not None, BLOCK_K=c.block_k, BLOCK=1024
+                )
+            _w4_gemv1_kernel[grid](
+                x,
+                perm,
+                self.qweight,
+                self.scales,
+                self.qzeros,
+                bias if bias is not None else out,
+                out,
+                ws,
+                self.counters,
+                self.n,
+                self.k,
+                per_split,
+                MAGIC,
+                GS=self.group,
+                HAS_PERM=self.perm is not None and not c.x_prep,
+                X_PREP=c.x_prep,
+                HAS_BIAS=bias is not None,
+                BLOCK_N=c.block_n,
+                BLOCK_K=c.block_k,
+                SPLIT_K=split,
+                NUM_STAGES=c.num_stages,
+                num_warps=c.num_warps,
+            )
             return
         if c.x_prep:
             raise ValueError(f"{c}: the activation prep needs tiles within one group (group {self.group})")
-        _w4_gemv_kernel[grid](x2, self.perm if self.perm is not None else x2, self.qweight, self.scales, self.qzeros,
-                              bias if bias is not None else out, out, ws, self.counters,
-                              x2.shape[0], self.n, self.k, self.group, x2.stride(0), out.stride(0), per_split,
-                              HAS_PERM=self.perm is not None, HAS_BIAS=bias is not None,
-                              TILE_IN_GROUP=self.group % c.block_k == 0,
-                              BLOCK_M=bm, BLOCK_N=c.block_n, BLOCK_K=c.block_k, SPLIT_K=split,
-                              num_warps=c.num_warps, num_stages=c.num_stages)
+        _w4_gemv_kernel[grid](
+            x2,
+            self.perm if self.perm is not None else x2,
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            bias if bias is not None else out,
+            out,
+            ws,
+            self.counters,
+            x2.shape[0],
+            self.n,
+            self.k,
+            self.group,
+            x2.stride(0),
+            out.stride(0),
+            per_split,
+            HAS_PERM=self.perm is not None,
+            HAS_BIAS=bias is not None,
+            TILE_IN_GROUP=self.group % c.block_k == 0,
+            BLOCK_M=bm,
+            BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k,
+            SPLIT_K=split,
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
 
     def prefill_columns(self, x2: torch.Tensor) -> torch.Tensor:
         """x [M, K] → [M, ⌈K/128⌉·128] in the prefill kernel's tile order: tile t holds, for j = 0…7, the
@@ -668,14 +827,30 @@ class TritonW4Weight:
         m = x2.shape[0]
         xt = self.prefill_columns(x2)
         grid = (triton.cdiv(m, c.block_m) * triton.cdiv(self.n, c.block_n),)
-        _w4_gemm_kernel[grid](xt, self.qweight, self.scales, self.qzeros,
-                              bias if bias is not None else out, out, m, self.n, self.k, self.group,
-                              xt.stride(0), out.stride(0),
-                              HAS_BIAS=bias is not None,
-                              TILE_IN_GROUP=self.group % c.block_k == 0, IEEE=x2.dtype == torch.float32,
-                              EMULATE_BF16=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
-                              BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, GROUP_M=c.group_m,
-                              num_warps=c.num_warps, num_stages=c.num_stages)
+        _w4_gemm_kernel[grid](
+            xt,
+            self.qweight,
+            self.scales,
+            self.qzeros,
+            bias if bias is not None else out,
+            out,
+            m,
+            self.n,
+            self.k,
+            self.group,
+            xt.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            TILE_IN_GROUP=self.group % c.block_k == 0,
+            IEEE=x2.dtype == torch.float32,
+            EMULATE_BF16=x2.device.type == "cpu" and x2.dtype == torch.bfloat16,
+            BLOCK_M=c.block_m,
+            BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k,
+            GROUP_M=c.group_m,
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
 
 
 # What bench/compile_check.py measured for each tuner candidate: (kernel, config fields in order, activation
@@ -683,117 +858,182 @@ class TritonW4Weight:
 # the largest over the 7B launches and triton versions compiled (bench/results/compile/). Generated by
 # `python bench/compile_check.py --table bench/results/compile/triton-*`; fits_target reads it.
 COMPILED: dict[tuple[str, tuple, str], dict[int, tuple[int, int]]] = {
-    ('gemm', (16, 64, 128, 4, 3, 8), 'bfloat16'): {80: (33280, 0), 86: (33280, 0), 89: (33280, 0), 90: (34304, 0)},
-    ('gemm', (32, 128, 128, 4, 3, 8), 'bfloat16'): {80: (66560, 16), 86: (66560, 0), 89: (66560, 0), 90: (67584, 0)},
-    ('gemm', (64, 64, 128, 4, 3, 8), 'bfloat16'): {80: (57856, 0), 86: (57856, 0), 89: (57856, 0), 90: (75264, 0)},
-    ('gemm', (64, 128, 128, 8, 3, 8), 'bfloat16'): {80: (82944, 0), 86: (82944, 0), 89: (82944, 0), 90: (100352, 0)},
-    ('gemm', (128, 128, 128, 8, 2, 8), 'bfloat16'): {80: (74240, 64), 86: (74240, 80), 89: (74240, 80), 90: (108032, 0)},
-    ('gemm', (16, 64, 128, 4, 3, 8), 'float16'): {80: (45056, 0), 86: (45056, 0), 89: (45056, 0), 90: (46080, 0)},
-    ('gemm', (32, 128, 128, 4, 3, 8), 'float16'): {80: (90112, 16), 86: (90112, 16), 89: (90112, 16), 90: (91136, 24)},
-    ('gemm', (64, 64, 128, 4, 3, 8), 'float16'): {80: (69632, 0), 86: (69632, 0), 89: (69632, 0), 90: (87040, 0)},
-    ('gemm', (64, 128, 128, 8, 3, 8), 'float16'): {80: (106496, 0), 86: (106496, 0), 89: (106496, 0), 90: (123904, 0)},
-    ('gemm', (128, 128, 128, 8, 2, 8), 'float16'): {80: (86016, 216), 86: (86016, 168), 89: (86016, 168), 90: (119808, 0)},
-    ('gemm', (16, 64, 128, 4, 3, 8), 'float32'): {80: (57856, 3472), 86: (57856, 2872), 89: (57856, 2872), 90: (58880, 2560)},
-    ('gemm', (32, 128, 128, 4, 3, 8), 'float32'): {80: (115712, 10568), 86: (115712, 8152), 89: (115712, 8152), 90: (116736, 9592)},
-    ('gemm', (64, 64, 128, 4, 3, 8), 'float32'): {80: (107008, 8704), 86: (107008, 7048), 89: (107008, 7048), 90: (108032, 7928)},
-    ('gemm', (64, 128, 128, 8, 3, 8), 'float32'): {80: (148480, 8952), 86: (148480, 7208), 89: (148480, 7208), 90: (149504, 8032)},
-    ('gemm', (128, 128, 128, 8, 2, 8), 'float32'): {80: (139776, 26664), 86: (139776, 19440), 89: (139776, 19440), 90: (140800, 20816)},
-    ('gemv1', (32, 128, 8, 2, 4, True), 'bfloat16'): {80: (8256, 0), 86: (8256, 0), 89: (8256, 0), 90: (9280, 0)},
-    ('gemv1', (64, 128, 1, 2, 3, True), 'bfloat16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 1, 4, 3, False), 'bfloat16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 2, 2, 3, True), 'bfloat16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 4, 2, 3, True), 'bfloat16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 4, 4, 4, False), 'bfloat16'): {80: (14976, 0), 86: (14976, 0), 89: (14976, 0), 90: (16000, 0)},
-    ('gemv1', (64, 128, 8, 2, 4, True), 'bfloat16'): {80: (14848, 0), 86: (14848, 0), 89: (14848, 0), 90: (15872, 0)},
-    ('gemv1', (128, 128, 1, 4, 3, True), 'bfloat16'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
-    ('gemv1', (128, 128, 2, 4, 3, False), 'bfloat16'): {80: (18944, 8), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
-    ('gemv1', (128, 128, 4, 4, 3, True), 'bfloat16'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
-    ('gemv1', (32, 32, 8, 2, 4, True), 'float16'): {80: (2496, 0), 86: (2496, 0), 89: (2496, 0), 90: (3520, 0)},
-    ('gemv1', (32, 64, 8, 2, 4, True), 'float16'): {80: (4416, 0), 86: (4416, 0), 89: (4416, 0), 90: (5440, 0)},
-    ('gemv1', (32, 128, 8, 2, 4, True), 'float16'): {80: (8256, 0), 86: (8256, 0), 89: (8256, 0), 90: (9280, 0)},
-    ('gemv1', (64, 32, 1, 2, 3, True), 'float16'): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
-    ('gemv1', (64, 32, 1, 4, 3, False), 'float16'): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
-    ('gemv1', (64, 32, 2, 2, 3, True), 'float16'): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
-    ('gemv1', (64, 32, 4, 2, 3, True), 'float16'): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
-    ('gemv1', (64, 32, 4, 4, 4, False), 'float16'): {80: (4608, 0), 86: (4608, 0), 89: (4608, 0), 90: (5632, 0)},
-    ('gemv1', (64, 32, 8, 2, 4, True), 'float16'): {80: (4480, 0), 86: (4480, 0), 89: (4480, 0), 90: (5504, 0)},
-    ('gemv1', (64, 64, 1, 2, 3, True), 'float16'): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 0)},
-    ('gemv1', (64, 64, 1, 4, 3, False), 'float16'): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 0)},
-    ('gemv1', (64, 64, 2, 2, 3, True), 'float16'): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 8)},
-    ('gemv1', (64, 64, 4, 2, 3, True), 'float16'): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 8)},
-    ('gemv1', (64, 64, 4, 4, 4, False), 'float16'): {80: (8064, 0), 86: (8064, 0), 89: (8064, 0), 90: (9088, 0)},
-    ('gemv1', (64, 64, 8, 2, 4, True), 'float16'): {80: (7936, 0), 86: (7936, 0), 89: (7936, 0), 90: (8960, 0)},
-    ('gemv1', (64, 128, 1, 2, 3, True), 'float16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 1, 4, 3, False), 'float16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 2, 2, 3, True), 'float16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 4, 2, 3, True), 'float16'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 4, 4, 4, False), 'float16'): {80: (14976, 0), 86: (14976, 0), 89: (14976, 0), 90: (16000, 0)},
-    ('gemv1', (64, 128, 8, 2, 4, True), 'float16'): {80: (14848, 0), 86: (14848, 0), 89: (14848, 0), 90: (15872, 0)},
-    ('gemv1', (128, 32, 1, 4, 3, True), 'float16'): {80: (5888, 0), 86: (5888, 0), 89: (5888, 0), 90: (6912, 0)},
-    ('gemv1', (128, 32, 2, 4, 3, False), 'float16'): {80: (5888, 0), 86: (5888, 0), 89: (5888, 0), 90: (6912, 0)},
-    ('gemv1', (128, 32, 4, 4, 3, True), 'float16'): {80: (5888, 0), 86: (5888, 0), 89: (5888, 0), 90: (6912, 0)},
-    ('gemv1', (128, 64, 1, 4, 3, True), 'float16'): {80: (10240, 0), 86: (10240, 0), 89: (10240, 0), 90: (11264, 0)},
-    ('gemv1', (128, 64, 2, 4, 3, False), 'float16'): {80: (10240, 0), 86: (10240, 0), 89: (10240, 0), 90: (11264, 0)},
-    ('gemv1', (128, 64, 4, 4, 3, True), 'float16'): {80: (10240, 0), 86: (10240, 0), 89: (10240, 0), 90: (11264, 0)},
-    ('gemv1', (128, 128, 1, 4, 3, True), 'float16'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
-    ('gemv1', (128, 128, 2, 4, 3, False), 'float16'): {80: (18944, 8), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
-    ('gemv1', (128, 128, 4, 4, 3, True), 'float16'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
-    ('gemv1', (32, 128, 8, 2, 4, True), 'float32'): {80: (8256, 0), 86: (8256, 0), 89: (8256, 0), 90: (9280, 0)},
-    ('gemv1', (64, 128, 1, 2, 3, True), 'float32'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 1, 4, 3, False), 'float32'): {80: (11008, 0), 86: (11008, 0), 89: (11008, 0), 90: (12032, 8)},
-    ('gemv1', (64, 128, 2, 2, 3, True), 'float32'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 4, 2, 3, True), 'float32'): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
-    ('gemv1', (64, 128, 4, 4, 4, False), 'float32'): {80: (16512, 0), 86: (16512, 0), 89: (16512, 0), 90: (17536, 0)},
-    ('gemv1', (64, 128, 8, 2, 4, True), 'float32'): {80: (14848, 0), 86: (14848, 0), 89: (14848, 0), 90: (15872, 0)},
-    ('gemv1', (128, 128, 1, 4, 3, True), 'float32'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
-    ('gemv1', (128, 128, 2, 4, 3, False), 'float32'): {80: (19968, 0), 86: (19968, 0), 89: (19968, 0), 90: (20992, 0)},
-    ('gemv1', (128, 128, 4, 4, 3, True), 'float32'): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
-    ('gemv2', (32, 64, 1, 2, 3, False), 'bfloat16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
-    ('gemv2', (32, 128, 1, 4, 4, False), 'bfloat16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
-    ('gemv2', (64, 128, 1, 4, 3, False), 'bfloat16'): {80: (2048, 8), 86: (2048, 0), 89: (2048, 0), 90: (3072, 8)},
-    ('gemv2', (128, 128, 1, 8, 3, False), 'bfloat16'): {80: (4096, 8), 86: (4096, 0), 89: (4096, 0), 90: (5120, 16)},
-    ('gemv2', (32, 64, 1, 2, 3, False), 'float16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
-    ('gemv2', (32, 128, 1, 4, 4, False), 'float16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
-    ('gemv2', (64, 128, 1, 4, 3, False), 'float16'): {80: (4096, 56), 86: (4096, 16), 89: (4096, 16), 90: (5120, 8)},
-    ('gemv2', (128, 128, 1, 8, 3, False), 'float16'): {80: (8192, 112), 86: (8192, 24), 89: (8192, 24), 90: (9216, 40)},
-    ('gemv2', (32, 64, 1, 2, 3, False), 'float32'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
-    ('gemv2', (32, 128, 1, 4, 4, False), 'float32'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
-    ('gemv2', (64, 128, 1, 4, 3, False), 'float32'): {80: (2048, 8), 86: (2048, 0), 89: (2048, 0), 90: (3072, 8)},
-    ('gemv2', (128, 128, 1, 8, 3, False), 'float32'): {80: (4096, 8), 86: (4096, 0), 89: (4096, 0), 90: (5120, 8)},
-    ('gemv4', (32, 64, 1, 2, 3, False), 'bfloat16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
-    ('gemv4', (32, 128, 1, 4, 4, False), 'bfloat16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
-    ('gemv4', (64, 128, 1, 4, 3, False), 'bfloat16'): {80: (2048, 776), 86: (2048, 792), 89: (2048, 792), 90: (3072, 776)},
-    ('gemv4', (128, 128, 1, 8, 3, False), 'bfloat16'): {80: (4096, 1872), 86: (4096, 800), 89: (4096, 800), 90: (5120, 776)},
-    ('gemv4', (32, 64, 1, 2, 3, False), 'float16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
-    ('gemv4', (32, 128, 1, 4, 4, False), 'float16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
-    ('gemv4', (64, 128, 1, 4, 3, False), 'float16'): {80: (4096, 776), 86: (4096, 792), 89: (4096, 792), 90: (5120, 776)},
-    ('gemv4', (128, 128, 1, 8, 3, False), 'float16'): {80: (8192, 1872), 86: (8192, 800), 89: (8192, 800), 90: (9216, 776)},
-    ('gemv4', (32, 64, 1, 2, 3, False), 'float32'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
-    ('gemv4', (32, 128, 1, 4, 4, False), 'float32'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
-    ('gemv4', (64, 128, 1, 4, 3, False), 'float32'): {80: (2048, 3672), 86: (2048, 632), 89: (2048, 632), 90: (3072, 632)},
-    ('gemv4', (128, 128, 1, 8, 3, False), 'float32'): {80: (4096, 3672), 86: (4096, 632), 89: (4096, 632), 90: (5120, 632)},
-    ('gemv8', (32, 64, 1, 2, 3, False), 'bfloat16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
-    ('gemv8', (32, 128, 1, 4, 4, False), 'bfloat16'): {80: (4096, 32), 86: (4096, 0), 89: (4096, 0), 90: (5120, 0)},
-    ('gemv8', (64, 128, 1, 4, 3, False), 'bfloat16'): {80: (4096, 16), 86: (4096, 40), 89: (4096, 40), 90: (5120, 0)},
-    ('gemv8', (32, 64, 1, 2, 3, False), 'float16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 8)},
-    ('gemv8', (32, 128, 1, 4, 4, False), 'float16'): {80: (4096, 32), 86: (4096, 0), 89: (4096, 0), 90: (5120, 0)},
-    ('gemv8', (64, 128, 1, 4, 3, False), 'float16'): {80: (4096, 16), 86: (4096, 32), 89: (4096, 32), 90: (5120, 16)},
-    ('gemv8', (32, 64, 1, 2, 3, False), 'float32'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
-    ('gemv8', (32, 128, 1, 4, 4, False), 'float32'): {80: (4096, 32), 86: (4096, 0), 89: (4096, 0), 90: (5120, 0)},
-    ('gemv8', (64, 128, 1, 4, 3, False), 'float32'): {80: (4096, 8), 86: (4096, 24), 89: (4096, 24), 90: (5120, 0)},
-    ('int8', (16, 512, 4, 4), 'bfloat16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (1536, 0)},
-    ('int8', (32, 256, 4, 3), 'bfloat16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (1536, 0)},
-    ('int8', (64, 128, 4, 3), 'bfloat16'): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
-    ('int8', (64, 256, 8, 3), 'bfloat16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
-    ('int8', (128, 128, 8, 3), 'bfloat16'): {80: (256, 0), 86: (256, 0), 89: (256, 0), 90: (1280, 0)},
-    ('int8', (16, 512, 4, 4), 'float16'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (1536, 0)},
-    ('int8', (32, 256, 4, 3), 'float16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (1536, 0)},
-    ('int8', (64, 128, 4, 3), 'float16'): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
-    ('int8', (64, 256, 8, 3), 'float16'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
-    ('int8', (128, 128, 8, 3), 'float16'): {80: (256, 0), 86: (256, 0), 89: (256, 0), 90: (1280, 0)},
-    ('int8', (16, 512, 4, 4), 'float32'): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (1536, 0)},
-    ('int8', (32, 256, 4, 3), 'float32'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (1536, 0)},
-    ('int8', (64, 128, 4, 3), 'float32'): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
-    ('int8', (64, 256, 8, 3), 'float32'): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
-    ('int8', (128, 128, 8, 3), 'float32'): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
+    ("gemm", (16, 64, 128, 4, 3, 8), "bfloat16"): {80: (33280, 0), 86: (33280, 0), 89: (33280, 0), 90: (34304, 0)},
+    ("gemm", (32, 128, 128, 4, 3, 8), "bfloat16"): {80: (66560, 16), 86: (66560, 0), 89: (66560, 0), 90: (67584, 0)},
+    ("gemm", (64, 64, 128, 4, 3, 8), "bfloat16"): {80: (57856, 0), 86: (57856, 0), 89: (57856, 0), 90: (75264, 0)},
+    ("gemm", (64, 128, 128, 8, 3, 8), "bfloat16"): {80: (82944, 0), 86: (82944, 0), 89: (82944, 0), 90: (100352, 0)},
+    ("gemm", (128, 128, 128, 8, 2, 8), "bfloat16"): {
+        80: (74240, 64),
+        86: (74240, 80),
+        89: (74240, 80),
+        90: (108032, 0),
+    },
+    ("gemm", (16, 64, 128, 4, 3, 8), "float16"): {80: (45056, 0), 86: (45056, 0), 89: (45056, 0), 90: (46080, 0)},
+    ("gemm", (32, 128, 128, 4, 3, 8), "float16"): {80: (90112, 16), 86: (90112, 16), 89: (90112, 16), 90: (91136, 24)},
+    ("gemm", (64, 64, 128, 4, 3, 8), "float16"): {80: (69632, 0), 86: (69632, 0), 89: (69632, 0), 90: (87040, 0)},
+    ("gemm", (64, 128, 128, 8, 3, 8), "float16"): {80: (106496, 0), 86: (106496, 0), 89: (106496, 0), 90: (123904, 0)},
+    ("gemm", (128, 128, 128, 8, 2, 8), "float16"): {
+        80: (86016, 216),
+        86: (86016, 168),
+        89: (86016, 168),
+        90: (119808, 0),
+    },
+    ("gemm", (16, 64, 128, 4, 3, 8), "float32"): {
+        80: (57856, 3472),
+        86: (57856, 2872),
+        89: (57856, 2872),
+        90: (58880, 2560),
+    },
+    ("gemm", (32, 128, 128, 4, 3, 8), "float32"): {
+        80: (115712, 10568),
+        86: (115712, 8152),
+        89: (115712, 8152),
+        90: (116736, 9592),
+    },
+    ("gemm", (64, 64, 128, 4, 3, 8), "float32"): {
+        80: (107008, 8704),
+        86: (107008, 7048),
+        89: (107008, 7048),
+        90: (108032, 7928),
+    },
+    ("gemm", (64, 128, 128, 8, 3, 8), "float32"): {
+        80: (148480, 8952),
+        86: (148480, 7208),
+        89: (148480, 7208),
+        90: (149504, 8032),
+    },
+    ("gemm", (128, 128, 128, 8, 2, 8), "float32"): {
+        80: (139776, 26664),
+        86: (139776, 19440),
+        89: (139776, 19440),
+        90: (140800, 20816),
+    },
+    ("gemv1", (32, 128, 8, 2, 4, True), "bfloat16"): {80: (8256, 0), 86: (8256, 0), 89: (8256, 0), 90: (9280, 0)},
+    ("gemv1", (64, 128, 1, 2, 3, True), "bfloat16"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 1, 4, 3, False), "bfloat16"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 2, 2, 3, True), "bfloat16"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 4, 2, 3, True), "bfloat16"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 4, 4, 4, False), "bfloat16"): {80: (14976, 0), 86: (14976, 0), 89: (14976, 0), 90: (16000, 0)},
+    ("gemv1", (64, 128, 8, 2, 4, True), "bfloat16"): {80: (14848, 0), 86: (14848, 0), 89: (14848, 0), 90: (15872, 0)},
+    ("gemv1", (128, 128, 1, 4, 3, True), "bfloat16"): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ("gemv1", (128, 128, 2, 4, 3, False), "bfloat16"): {80: (18944, 8), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ("gemv1", (128, 128, 4, 4, 3, True), "bfloat16"): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ("gemv1", (32, 32, 8, 2, 4, True), "float16"): {80: (2496, 0), 86: (2496, 0), 89: (2496, 0), 90: (3520, 0)},
+    ("gemv1", (32, 64, 8, 2, 4, True), "float16"): {80: (4416, 0), 86: (4416, 0), 89: (4416, 0), 90: (5440, 0)},
+    ("gemv1", (32, 128, 8, 2, 4, True), "float16"): {80: (8256, 0), 86: (8256, 0), 89: (8256, 0), 90: (9280, 0)},
+    ("gemv1", (64, 32, 1, 2, 3, True), "float16"): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
+    ("gemv1", (64, 32, 1, 4, 3, False), "float16"): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
+    ("gemv1", (64, 32, 2, 2, 3, True), "float16"): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
+    ("gemv1", (64, 32, 4, 2, 3, True), "float16"): {80: (3072, 0), 86: (3072, 0), 89: (3072, 0), 90: (4096, 0)},
+    ("gemv1", (64, 32, 4, 4, 4, False), "float16"): {80: (4608, 0), 86: (4608, 0), 89: (4608, 0), 90: (5632, 0)},
+    ("gemv1", (64, 32, 8, 2, 4, True), "float16"): {80: (4480, 0), 86: (4480, 0), 89: (4480, 0), 90: (5504, 0)},
+    ("gemv1", (64, 64, 1, 2, 3, True), "float16"): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 0)},
+    ("gemv1", (64, 64, 1, 4, 3, False), "float16"): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 0)},
+    ("gemv1", (64, 64, 2, 2, 3, True), "float16"): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 8)},
+    ("gemv1", (64, 64, 4, 2, 3, True), "float16"): {80: (5376, 0), 86: (5376, 0), 89: (5376, 0), 90: (6400, 8)},
+    ("gemv1", (64, 64, 4, 4, 4, False), "float16"): {80: (8064, 0), 86: (8064, 0), 89: (8064, 0), 90: (9088, 0)},
+    ("gemv1", (64, 64, 8, 2, 4, True), "float16"): {80: (7936, 0), 86: (7936, 0), 89: (7936, 0), 90: (8960, 0)},
+    ("gemv1", (64, 128, 1, 2, 3, True), "float16"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 1, 4, 3, False), "float16"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 2, 2, 3, True), "float16"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 4, 2, 3, True), "float16"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 4, 4, 4, False), "float16"): {80: (14976, 0), 86: (14976, 0), 89: (14976, 0), 90: (16000, 0)},
+    ("gemv1", (64, 128, 8, 2, 4, True), "float16"): {80: (14848, 0), 86: (14848, 0), 89: (14848, 0), 90: (15872, 0)},
+    ("gemv1", (128, 32, 1, 4, 3, True), "float16"): {80: (5888, 0), 86: (5888, 0), 89: (5888, 0), 90: (6912, 0)},
+    ("gemv1", (128, 32, 2, 4, 3, False), "float16"): {80: (5888, 0), 86: (5888, 0), 89: (5888, 0), 90: (6912, 0)},
+    ("gemv1", (128, 32, 4, 4, 3, True), "float16"): {80: (5888, 0), 86: (5888, 0), 89: (5888, 0), 90: (6912, 0)},
+    ("gemv1", (128, 64, 1, 4, 3, True), "float16"): {80: (10240, 0), 86: (10240, 0), 89: (10240, 0), 90: (11264, 0)},
+    ("gemv1", (128, 64, 2, 4, 3, False), "float16"): {80: (10240, 0), 86: (10240, 0), 89: (10240, 0), 90: (11264, 0)},
+    ("gemv1", (128, 64, 4, 4, 3, True), "float16"): {80: (10240, 0), 86: (10240, 0), 89: (10240, 0), 90: (11264, 0)},
+    ("gemv1", (128, 128, 1, 4, 3, True), "float16"): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ("gemv1", (128, 128, 2, 4, 3, False), "float16"): {80: (18944, 8), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ("gemv1", (128, 128, 4, 4, 3, True), "float16"): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ("gemv1", (32, 128, 8, 2, 4, True), "float32"): {80: (8256, 0), 86: (8256, 0), 89: (8256, 0), 90: (9280, 0)},
+    ("gemv1", (64, 128, 1, 2, 3, True), "float32"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 1, 4, 3, False), "float32"): {80: (11008, 0), 86: (11008, 0), 89: (11008, 0), 90: (12032, 8)},
+    ("gemv1", (64, 128, 2, 2, 3, True), "float32"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 4, 2, 3, True), "float32"): {80: (9984, 0), 86: (9984, 0), 89: (9984, 0), 90: (11008, 0)},
+    ("gemv1", (64, 128, 4, 4, 4, False), "float32"): {80: (16512, 0), 86: (16512, 0), 89: (16512, 0), 90: (17536, 0)},
+    ("gemv1", (64, 128, 8, 2, 4, True), "float32"): {80: (14848, 0), 86: (14848, 0), 89: (14848, 0), 90: (15872, 0)},
+    ("gemv1", (128, 128, 1, 4, 3, True), "float32"): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ("gemv1", (128, 128, 2, 4, 3, False), "float32"): {80: (19968, 0), 86: (19968, 0), 89: (19968, 0), 90: (20992, 0)},
+    ("gemv1", (128, 128, 4, 4, 3, True), "float32"): {80: (18944, 0), 86: (18944, 0), 89: (18944, 0), 90: (19968, 0)},
+    ("gemv2", (32, 64, 1, 2, 3, False), "bfloat16"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ("gemv2", (32, 128, 1, 4, 4, False), "bfloat16"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ("gemv2", (64, 128, 1, 4, 3, False), "bfloat16"): {80: (2048, 8), 86: (2048, 0), 89: (2048, 0), 90: (3072, 8)},
+    ("gemv2", (128, 128, 1, 8, 3, False), "bfloat16"): {80: (4096, 8), 86: (4096, 0), 89: (4096, 0), 90: (5120, 16)},
+    ("gemv2", (32, 64, 1, 2, 3, False), "float16"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ("gemv2", (32, 128, 1, 4, 4, False), "float16"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ("gemv2", (64, 128, 1, 4, 3, False), "float16"): {80: (4096, 56), 86: (4096, 16), 89: (4096, 16), 90: (5120, 8)},
+    ("gemv2", (128, 128, 1, 8, 3, False), "float16"): {80: (8192, 112), 86: (8192, 24), 89: (8192, 24), 90: (9216, 40)},
+    ("gemv2", (32, 64, 1, 2, 3, False), "float32"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ("gemv2", (32, 128, 1, 4, 4, False), "float32"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ("gemv2", (64, 128, 1, 4, 3, False), "float32"): {80: (2048, 8), 86: (2048, 0), 89: (2048, 0), 90: (3072, 8)},
+    ("gemv2", (128, 128, 1, 8, 3, False), "float32"): {80: (4096, 8), 86: (4096, 0), 89: (4096, 0), 90: (5120, 8)},
+    ("gemv4", (32, 64, 1, 2, 3, False), "bfloat16"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ("gemv4", (32, 128, 1, 4, 4, False), "bfloat16"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ("gemv4", (64, 128, 1, 4, 3, False), "bfloat16"): {
+        80: (2048, 776),
+        86: (2048, 792),
+        89: (2048, 792),
+        90: (3072, 776),
+    },
+    ("gemv4", (128, 128, 1, 8, 3, False), "bfloat16"): {
+        80: (4096, 1872),
+        86: (4096, 800),
+        89: (4096, 800),
+        90: (5120, 776),
+    },
+    ("gemv4", (32, 64, 1, 2, 3, False), "float16"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ("gemv4", (32, 128, 1, 4, 4, False), "float16"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ("gemv4", (64, 128, 1, 4, 3, False), "float16"): {
+        80: (4096, 776),
+        86: (4096, 792),
+        89: (4096, 792),
+        90: (5120, 776),
+    },
+    ("gemv4", (128, 128, 1, 8, 3, False), "float16"): {
+        80: (8192, 1872),
+        86: (8192, 800),
+        89: (8192, 800),
+        90: (9216, 776),
+    },
+    ("gemv4", (32, 64, 1, 2, 3, False), "float32"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ("gemv4", (32, 128, 1, 4, 4, False), "float32"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ("gemv4", (64, 128, 1, 4, 3, False), "float32"): {
+        80: (2048, 3672),
+        86: (2048, 632),
+        89: (2048, 632),
+        90: (3072, 632),
+    },
+    ("gemv4", (128, 128, 1, 8, 3, False), "float32"): {
+        80: (4096, 3672),
+        86: (4096, 632),
+        89: (4096, 632),
+        90: (5120, 632),
+    },
+    ("gemv8", (32, 64, 1, 2, 3, False), "bfloat16"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ("gemv8", (32, 128, 1, 4, 4, False), "bfloat16"): {80: (4096, 32), 86: (4096, 0), 89: (4096, 0), 90: (5120, 0)},
+    ("gemv8", (64, 128, 1, 4, 3, False), "bfloat16"): {80: (4096, 16), 86: (4096, 40), 89: (4096, 40), 90: (5120, 0)},
+    ("gemv8", (32, 64, 1, 2, 3, False), "float16"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 8)},
+    ("gemv8", (32, 128, 1, 4, 4, False), "float16"): {80: (4096, 32), 86: (4096, 0), 89: (4096, 0), 90: (5120, 0)},
+    ("gemv8", (64, 128, 1, 4, 3, False), "float16"): {80: (4096, 16), 86: (4096, 32), 89: (4096, 32), 90: (5120, 16)},
+    ("gemv8", (32, 64, 1, 2, 3, False), "float32"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (3072, 0)},
+    ("gemv8", (32, 128, 1, 4, 4, False), "float32"): {80: (4096, 32), 86: (4096, 0), 89: (4096, 0), 90: (5120, 0)},
+    ("gemv8", (64, 128, 1, 4, 3, False), "float32"): {80: (4096, 8), 86: (4096, 24), 89: (4096, 24), 90: (5120, 0)},
+    ("int8", (16, 512, 4, 4), "bfloat16"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (1536, 0)},
+    ("int8", (32, 256, 4, 3), "bfloat16"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (1536, 0)},
+    ("int8", (64, 128, 4, 3), "bfloat16"): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
+    ("int8", (64, 256, 8, 3), "bfloat16"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ("int8", (128, 128, 8, 3), "bfloat16"): {80: (256, 0), 86: (256, 0), 89: (256, 0), 90: (1280, 0)},
+    ("int8", (16, 512, 4, 4), "float16"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (1536, 0)},
+    ("int8", (32, 256, 4, 3), "float16"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (1536, 0)},
+    ("int8", (64, 128, 4, 3), "float16"): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
+    ("int8", (64, 256, 8, 3), "float16"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ("int8", (128, 128, 8, 3), "float16"): {80: (256, 0), 86: (256, 0), 89: (256, 0), 90: (1280, 0)},
+    ("int8", (16, 512, 4, 4), "float32"): {80: (2048, 0), 86: (2048, 0), 89: (2048, 0), 90: (1536, 0)},
+    ("int8", (32, 256, 4, 3), "float32"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (1536, 0)},
+    ("int8", (64, 128, 4, 3), "float32"): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
+    ("int8", (64, 256, 8, 3), "float32"): {80: (1024, 0), 86: (1024, 0), 89: (1024, 0), 90: (2048, 0)},
+    ("int8", (128, 128, 8, 3), "float32"): {80: (512, 0), 86: (512, 0), 89: (512, 0), 90: (1536, 0)},
 }

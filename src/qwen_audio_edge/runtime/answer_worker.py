@@ -55,7 +55,7 @@ class AnswerWorker(Generic[T]):
     def _safely(self, answer: Callable[[], None]) -> None:
         try:
             answer()
-        except BaseException as e:  # noqa: BLE001 — raised on the feeding thread between events (raise_pending)
+        except BaseException as e:
             if self._error is None:
                 self._error = e
 

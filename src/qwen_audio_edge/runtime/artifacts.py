@@ -60,7 +60,9 @@ def load_manifest(root: str | Path, *, verify_hashes: bool = True) -> Artifacts:
         raise ArtifactsError(f"artifacts directory not found: {root} (create one with `qwen-audio-edge export`)")
     mpath = root / MANIFEST
     if not mpath.is_file():
-        raise ArtifactsError(f"{root} has no {MANIFEST}: not an artifacts directory, or an export that did not finish; re-export")
+        raise ArtifactsError(
+            f"{root} has no {MANIFEST}: not an artifacts directory, or an export that did not finish; re-export"
+        )
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -47,7 +47,7 @@ class MelConfig:
         return self.hop_length * (MIN_TOKEN_FRAMES - 1) + 1
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MelConfig":
+    def from_dict(cls, d: dict) -> MelConfig:
         return cls(
             sampling_rate=int(d["sampling_rate"]),
             n_fft=int(d["n_fft"]),
@@ -123,7 +123,9 @@ class MelFrontEnd:
         """
         cfg = self.config
         seg = padded[cfg.hop_length * first : cfg.hop_length * (first + count - 1) + cfg.n_fft]
-        stft = torch.stft(seg, cfg.n_fft, cfg.hop_length, window=torch.hann_window(cfg.n_fft), center=False, return_complex=True)
+        stft = torch.stft(
+            seg, cfg.n_fft, cfg.hop_length, window=torch.hann_window(cfg.n_fft), center=False, return_complex=True
+        )
         magnitudes = (stft.abs() ** 2).contiguous()
         return torch.clamp(self.filters.T @ magnitudes, min=1e-10).log10()
 
@@ -167,7 +169,7 @@ def _read_soundfile(p: Path) -> tuple[np.ndarray | None, int]:
         return _read_wav_stdlib(p)
     try:
         data, sr = sf.read(str(p), dtype="float32", always_2d=True)
-    except Exception:  # noqa: BLE001 — any libsndfile failure means "try PyAV"
+    except Exception:
         return None, 0
     return data, int(sr)
 
@@ -178,7 +180,12 @@ def _read_wav_stdlib(p: Path) -> tuple[np.ndarray | None, int]:
 
     try:
         with wave.open(str(p), "rb") as w:
-            width, channels, sr, frames = w.getsampwidth(), w.getnchannels(), w.getframerate(), w.readframes(w.getnframes())
+            width, channels, sr, frames = (
+                w.getsampwidth(),
+                w.getnchannels(),
+                w.getframerate(),
+                w.readframes(w.getnframes()),
+            )
     except (wave.Error, EOFError, OSError):
         return None, 0
     dtype = {1: np.uint8, 2: np.int16, 4: np.int32}.get(width)
@@ -191,8 +198,10 @@ def _read_pyav(p: Path) -> tuple[np.ndarray, int]:
     try:
         import av
     except ImportError as e:  # av is a dependency, but a bare machine may lack it (and soundfile)
-        raise AudioError(f"cannot read {p}: neither soundfile nor PyAV can decode it here (without them only PCM WAV "
-                         "is read); pip install soundfile av") from e
+        raise AudioError(
+            f"cannot read {p}: neither soundfile nor PyAV can decode it here (without them only PCM WAV "
+            "is read); pip install soundfile av"
+        ) from e
     try:
         with av.open(str(p)) as container:
             streams = [s for s in container.streams if s.type == "audio"]
@@ -212,7 +221,7 @@ def _read_pyav(p: Path) -> tuple[np.ndarray, int]:
                 sr = frame.sample_rate or sr
     except AudioError:
         raise
-    except Exception as e:  # noqa: BLE001 — FFmpeg raises many kinds; all mean unreadable
+    except Exception as e:
         raise AudioError(f"cannot read {p}: not a supported audio file ({type(e).__name__}: {e})") from e
     if not chunks:
         raise AudioError(f"audio file {p} contains no samples")
@@ -230,9 +239,7 @@ def _pcm_to_float(arr: np.ndarray) -> np.ndarray:
     raise AudioError(f"unsupported PCM sample type {arr.dtype}: give int8/16/32, uint8 or float samples")
 
 
-def prepare_waveform(
-    data: np.ndarray, sr: int, target_sr: int = 16000, *, source: str = "audio input"
-) -> np.ndarray:
+def prepare_waveform(data: np.ndarray, sr: int, target_sr: int = 16000, *, source: str = "audio input") -> np.ndarray:
     """Validate PCM (any int/float dtype, [n] or [n, channels]) → mono float32 at `target_sr` (soxr)."""
     arr = np.asarray(data)
     if arr.dtype == object or arr.dtype.kind not in "iuf":

@@ -104,7 +104,7 @@ class BlockCausalEncoder:
         self.cache = LayerCache()
         self.next_pos = 0
 
-    def fork(self) -> "BlockCausalEncoder":
+    def fork(self) -> BlockCausalEncoder:
         """A copy whose later blocks do not touch this one's cache (speculative or not-yet-committed work)."""
         twin = BlockCausalEncoder(self.module, self.device)
         twin.cache = LayerCache(list(self.cache.keys), list(self.cache.values))

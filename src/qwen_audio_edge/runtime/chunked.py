@@ -38,7 +38,6 @@ from .audio import IncrementalMel, MelFrontEnd
 from .block_encoder import BlockInput
 from .errors import OptionsError
 
-
 CLAMP_FLOOR = -1.0  # log10 mel power; the running max is held at least here (see the module docstring)
 DEFAULT_CHUNK_S = 3.0  # block + look-ahead ≤ 5 s keeps end() → first token flat; see docs/fidelity.md
 DEFAULT_LOOKAHEAD_S = 2.0
@@ -75,13 +74,17 @@ def fidelity_note(chunk_seconds: float, lookahead_seconds: float) -> str | None:
     where = "bench/fidelity.py, trained Whisper tiny.en, its own decoder"
     got = MEASURED_WER.get(key)
     if got is None:
-        return (f"chunked stream mode with {chunk_seconds:g} s blocks + {lookahead_seconds:g} s look-ahead is approximate "
-                f"and its cost was not measured ({where}); check it with `compare ARTIFACTS --chunked {chunk_seconds:g}`")
+        return (
+            f"chunked stream mode with {chunk_seconds:g} s blocks + {lookahead_seconds:g} s look-ahead is approximate "
+            f"and its cost was not measured ({where}); check it with `compare ARTIFACTS --chunked {chunk_seconds:g}`"
+        )
     if got[0] <= TARGET_RATIO[0] * EXACT_WER[0] and got[1] <= TARGET_RATIO[1] * EXACT_WER[1]:
         return None
-    return (f"chunked stream mode is approximate: with {chunk_seconds:g} s blocks + {lookahead_seconds:g} s look-ahead the "
-            f"measured WER was {got[0]:.1%} vs {EXACT_WER[0]:.1%} exact on clean speech and {got[1]:.1%} vs "
-            f"{EXACT_WER[1]:.1%} at 10 dB SNR ({where}); use --stream-mode exact where accuracy matters most")
+    return (
+        f"chunked stream mode is approximate: with {chunk_seconds:g} s blocks + {lookahead_seconds:g} s look-ahead the "
+        f"measured WER was {got[0]:.1%} vs {EXACT_WER[0]:.1%} exact on clean speech and {got[1]:.1%} vs "
+        f"{EXACT_WER[1]:.1%} at 10 dB SNR ({where}); use --stream-mode exact where accuracy matters most"
+    )
 
 
 def lookahead_frames(seconds: float, front: MelFrontEnd) -> int:
@@ -89,8 +92,10 @@ def lookahead_frames(seconds: float, front: MelFrontEnd) -> int:
     cfg = front.config
     frames = seconds * cfg.sampling_rate / cfg.hop_length
     if not math.isfinite(frames) or frames < 0 or abs(frames - round(frames)) > 1e-6:
-        raise OptionsError(f"--lookahead-seconds must be ≥ 0 and a whole number of {cfg.hop_length / cfg.sampling_rate:g} s "
-                           f"frames, got {seconds}")
+        raise OptionsError(
+            f"--lookahead-seconds must be ≥ 0 and a whole number of {cfg.hop_length / cfg.sampling_rate:g} s "
+            f"frames, got {seconds}"
+        )
     return int(round(frames))
 
 
@@ -101,17 +106,22 @@ def block_frames(chunk_seconds: float, front: MelFrontEnd) -> int:
     frames = chunk_seconds * frames_per_s
     quantum = 4 / frames_per_s
     if not math.isfinite(frames) or abs(frames - round(frames)) > 1e-6 or round(frames) % 4:
-        raise OptionsError(f"--chunk-seconds {chunk_seconds} is not a multiple of {quantum:g} s "
-                           f"(4 mel frames, one pair of audio tokens); e.g. use 2 or 1.28")
+        raise OptionsError(
+            f"--chunk-seconds {chunk_seconds} is not a multiple of {quantum:g} s "
+            f"(4 mel frames, one pair of audio tokens); e.g. use 2 or 1.28"
+        )
     frames = int(round(frames))
     if not 8 <= frames <= cfg.nb_max_frames:
-        raise OptionsError(f"--chunk-seconds must be between {8 / frames_per_s:g} and "
-                           f"{cfg.nb_max_frames / frames_per_s:g} s, got {chunk_seconds}")
+        raise OptionsError(
+            f"--chunk-seconds must be between {8 / frames_per_s:g} and "
+            f"{cfg.nb_max_frames / frames_per_s:g} s, got {chunk_seconds}"
+        )
     return frames
 
 
-def causal_block_input(front: MelFrontEnd, logspec: torch.Tensor, n_valid: int, block: int, index: int,
-                       lookahead: int) -> BlockInput:
+def causal_block_input(
+    front: MelFrontEnd, logspec: torch.Tensor, n_valid: int, block: int, index: int, lookahead: int
+) -> BlockInput:
     """Block-causal encoder input of block `index` (runtime/block_encoder.py) from unclamped frames [n_mels, T].
 
     Two real frames before the block feed the convolutions (none for the first block), then the block,
@@ -129,10 +139,14 @@ def causal_block_input(front: MelFrontEnd, logspec: torch.Tensor, n_valid: int, 
     return BlockInput(mel=mel, left=first - start, rows=rows, extra_rows=extra, pos_offset=first // 2)
 
 
-def causal_blocks(front: MelFrontEnd, logspec: torch.Tensor, n_valid: int, block: int, lookahead: int,
-                  first_index: int = 0) -> list[BlockInput]:
+def causal_blocks(
+    front: MelFrontEnd, logspec: torch.Tensor, n_valid: int, block: int, lookahead: int, first_index: int = 0
+) -> list[BlockInput]:
     """Block-causal inputs of every block from `first_index` to the end of the utterance."""
-    return [causal_block_input(front, logspec, n_valid, block, i, lookahead) for i in range(first_index, -(-n_valid // block))]
+    return [
+        causal_block_input(front, logspec, n_valid, block, i, lookahead)
+        for i in range(first_index, -(-n_valid // block))
+    ]
 
 
 def causal_utterance(front: MelFrontEnd, waveform, block: int, lookahead: int) -> list[BlockInput]:

@@ -137,7 +137,10 @@ class ContextPolicy:
         if self.one_shot:
             options = ["use shorter audio or a shorter prompt"]
         elif self.policy == "drop_oldest":  # nothing is left to drop: the turn alone is too long
-            prefix, options = "with every earlier exchange dropped this turn is still too long: ", ["use shorter audio or text"]
+            prefix, options = (
+                "with every earlier exchange dropped this turn is still too long: ",
+                ["use shorter audio or text"],
+            )
         else:
             options = ["start a new conversation", "use the drop_oldest context policy", "use shorter audio or text"]
         if self.max_context < self.model_limit:

@@ -76,7 +76,12 @@ class TurnResult:
     timings: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason, "timings": self.timings}
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "timings": self.timings,
+        }
 
 
 class Conversation:
@@ -95,8 +100,9 @@ class Conversation:
     """
 
     def __init__(self, pipeline: Pipeline, context_policy: str = "error", *, one_shot: bool = False):
-        self.context = ContextPolicy(context_policy, pipeline.max_context, pipeline.decoder.args.max_position_embeddings,
-                                     one_shot=one_shot)
+        self.context = ContextPolicy(
+            context_policy, pipeline.max_context, pipeline.decoder.args.max_position_embeddings, one_shot=one_shot
+        )
         self.p = pipeline
         pipeline._owner = self
         self.messages: list[dict] = []
@@ -117,11 +123,20 @@ class Conversation:
         if self.p._owner is not self:
             raise OptionsError("this conversation's KV cache was taken by a newer conversation; start a new chat()")
         if self.failed:
-            raise OptionsError("an earlier turn of this conversation failed mid-generation; start a new chat() "
-                               "(or reset() a stream session)")
+            raise OptionsError(
+                "an earlier turn of this conversation failed mid-generation; start a new chat() "
+                "(or reset() a stream session)"
+            )
 
-    def send(self, audio=None, text: str | None = None, *, sampling: SamplingOptions | None = None,
-             sampling_rate: int | None = None, on_text: Callable[[str], None] | None = None) -> TurnResult:
+    def send(
+        self,
+        audio=None,
+        text: str | None = None,
+        *,
+        sampling: SamplingOptions | None = None,
+        sampling_rate: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> TurnResult:
         """Add a user turn, generate the answer (streamed through `on_text`), keep the cache."""
         self._check_usable()
         p = self.p
@@ -166,15 +181,27 @@ class Conversation:
         self.messages = self.messages[2 * drop.exchanges :]
         if self.ids:
             with torch.inference_mode():
-                embeds = embed_prompt(p.decoder, self.ids, self.context.audio(), p.prompt.audio_token_id,
-                                      text_spans=self.context.answers())
+                embeds = embed_prompt(
+                    p.decoder,
+                    self.ids,
+                    self.context.audio(),
+                    p.prompt.audio_token_id,
+                    text_spans=self.context.answers(),
+                )
                 p.decoder(embeds, 0, p.cache)
         self.cached = len(self.ids)
         self.failed = False
 
     # --- the turn protocol -----------------------------------------------------------------------
-    def begin_turn(self, text: str | None, n_audio: int, *, dry_run_counts: list[int] | None = None,
-                   reserve: int = 0, blockwise: bool = False) -> PendingTurn:
+    def begin_turn(
+        self,
+        text: str | None,
+        n_audio: int,
+        *,
+        dry_run_counts: list[int] | None = None,
+        reserve: int = 0,
+        blockwise: bool = False,
+    ) -> PendingTurn:
         """Render the turn and prefill everything before its first audio slot (the shared prompt prefix).
 
         Streaming calls this before any audio arrives; `send` calls it too, so offline and streaming runs
@@ -226,14 +253,21 @@ class Conversation:
         if n == 0:
             return turn
         if not torch.isfinite(embeds).all():
-            raise NumericalError("the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32")
+            raise NumericalError(
+                "the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32"
+            )
         self._make_room(n, n, reserve)
         self.failed = True
         audio = embeds.to(p.device, p.dtype)
         pending = self.ids[self.cached :]  # not yet in the cache: the last answer's final id, if any
         with torch.inference_mode():
-            x = embed_prompt(p.decoder, pending + [p.prompt.audio_token_id] * n, audio, p.prompt.audio_token_id,
-                             text_spans=[(0, len(pending))])
+            x = embed_prompt(
+                p.decoder,
+                pending + [p.prompt.audio_token_id] * n,
+                audio,
+                p.prompt.audio_token_id,
+                text_spans=[(0, len(pending))],
+            )
             p.decoder(x, self.cached, p.cache)
         self.ids = self.ids + [p.prompt.audio_token_id] * n
         self.cached = len(self.ids)
@@ -269,19 +303,36 @@ class Conversation:
         with torch.inference_mode():
             audio = torch.cat(audio_embeds).to(p.device, p.dtype) if audio_embeds else None
             # Only this turn's new ids hold audio slots (what precedes them is the last answer's final id).
-            embeds = embed_prompt(p.decoder, pending, audio, p.prompt.audio_token_id,
-                                  text_spans=[(0, len(pending) - len(new_ids))])
+            embeds = embed_prompt(
+                p.decoder, pending, audio, p.prompt.audio_token_id, text_spans=[(0, len(pending) - len(new_ids))]
+            )
             logits = p.decoder(embeds, self.cached, p.cache)[0, -1]
         if not torch.isfinite(logits).all():
             raise NumericalError("the decoder produced NaN/Inf logits during prefill; rerun with --dtype fp32 or bf16")
-        return PrefilledTurn(turn=turn, new_ids=new_ids, n_pending=len(pending), logits=logits, audio_tokens=sum(slot_counts),
-                             start=self.cached, encoder_ms=encoder_ms, prefill_ms=1000 * (time.perf_counter() - t),
-                             audio_embeds=audio)
+        return PrefilledTurn(
+            turn=turn,
+            new_ids=new_ids,
+            n_pending=len(pending),
+            logits=logits,
+            audio_tokens=sum(slot_counts),
+            start=self.cached,
+            encoder_ms=encoder_ms,
+            prefill_ms=1000 * (time.perf_counter() - t),
+            audio_embeds=audio,
+        )
 
-    def finish_turn(self, turn: PendingTurn, mels: list[tuple[torch.Tensor, int]] | None = None, *,
-                    sampling: SamplingOptions | None = None, on_text: Callable[[str], None] | None = None,
-                    t0: float | None = None, timings: dict | None = None, prefilled: PrefilledTurn | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> TurnResult:
+    def finish_turn(
+        self,
+        turn: PendingTurn,
+        mels: list[tuple[torch.Tensor, int]] | None = None,
+        *,
+        sampling: SamplingOptions | None = None,
+        on_text: Callable[[str], None] | None = None,
+        t0: float | None = None,
+        timings: dict | None = None,
+        prefilled: PrefilledTurn | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> TurnResult:
         """Encode + prefill (unless `prefilled` already did, e.g. speculatively), then decode and commit.
 
         `should_stop` is polled before every decode step (barge-in): when it returns True the answer ends
@@ -307,8 +358,20 @@ class Conversation:
         self.failed = True  # until the turn completes: a half-written cache must not be reused
         answer_from = len(self.ids)
         stats = GenerationStats(prefill_tokens=prefilled.n_pending, prefill_s=prefilled.prefill_ms / 1000)
-        tokens = generate(p.decoder, p.cache, None, start, self.ids, opts, p.stop_ids, stats, first_logits=prefilled.logits,
-                          prompt_len=prefilled.n_pending, should_stop=should_stop, step=p.decode_step())
+        tokens = generate(
+            p.decoder,
+            p.cache,
+            None,
+            start,
+            self.ids,
+            opts,
+            p.stop_ids,
+            stats,
+            first_logits=prefilled.logits,
+            prompt_len=prefilled.n_pending,
+            should_stop=should_stop,
+            step=p.decode_step(),
+        )
         text_out = _detokenize(tokens, p.prompt.tokenizer, on_text)
         self.cached = len(self.ids) - 1  # the last generated id is fed at the start of the next turn
         if stats.finish_reason == "stop" and self.ids[-1] != p.prompt.token_id("<|im_end|>"):
@@ -324,14 +387,18 @@ class Conversation:
             audio_tokens=prefilled.audio_tokens,
             ttft_ms=round(1000 * ((stats.first_token_s or time.perf_counter()) - t0), 3),
             decode_tokens=stats.decode_tokens,
-            decode_tok_s=round(stats.decode_tokens / stats.decode_s, 3) if stats.decode_s > 0 and stats.decode_tokens else None,
+            decode_tok_s=round(stats.decode_tokens / stats.decode_s, 3)
+            if stats.decode_s > 0 and stats.decode_tokens
+            else None,
             total_ms=round(1000 * (time.perf_counter() - t0), 3),
         )
         if turn.blockwise:
             timings["audio_tokens_prefilled_early"] = turn.audio_done  # blocks prefilled while the audio arrived
         if self.dropped_exchanges:
             timings["dropped_exchanges"] = self.dropped_exchanges
-        return TurnResult(text=text_out, token_ids=list(stats.token_ids), finish_reason=stats.finish_reason, timings=timings)
+        return TurnResult(
+            text=text_out, token_ids=list(stats.token_ids), finish_reason=stats.finish_reason, timings=timings
+        )
 
 
 def _detokenize(tokens, tokenizer, on_text: Callable[[str], None] | None) -> str:
@@ -346,4 +413,3 @@ def _detokenize(tokens, tokenizer, on_text: Callable[[str], None] | None) -> str
     if pieces[-1] and on_text:
         on_text(pieces[-1])
     return "".join(pieces)
-

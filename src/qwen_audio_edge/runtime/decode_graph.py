@@ -71,7 +71,7 @@ class DecodeStep:
         self._pool = graph.pool()
         return graph, out
 
-    def captured(self, pos: int) -> "torch.cuda.CUDAGraph | None":
+    def captured(self, pos: int) -> torch.cuda.CUDAGraph | None:
         """The graph already captured for `pos`'s bucket, if any (benchmarks replay it to time one step)."""
         entry = self._captured.get(self.bucket(pos))
         return entry[0] if entry is not None else None

@@ -38,14 +38,16 @@ class ModelArgs:
     tie_word_embeddings: bool
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "ModelArgs":
+    def from_config(cls, cfg: dict) -> ModelArgs:
         """Parse a Qwen2 text config (transformers 4.x `rope_theta` or 5.x `rope_parameters` form)."""
         try:
             act = cfg.get("hidden_act", "silu")
             if act != "silu":
                 raise ArtifactsError(f"decoder hidden_act {act!r} is not supported (Qwen2 uses silu)")
             if cfg.get("use_sliding_window"):
-                raise ArtifactsError("decoder config enables sliding-window attention, which this runtime does not implement")
+                raise ArtifactsError(
+                    "decoder config enables sliding-window attention, which this runtime does not implement"
+                )
             rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type not in ("default", None):
@@ -107,15 +109,25 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Module | None = None  # q, k, v fused into one matmul at load (fuse_projections)
         self.fused_kernels = None  # kernels/fused_triton.py on CUDA (enable_fused_kernels), else torch ops
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "KVCache", layer: int, start: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, start: int
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         step = isinstance(start, StepPosition)  # static-shape decode step (CUDA-graph capturable)
         if self.qkv_proj is not None and self.fused_kernels is not None and b == 1:
             # one launch: q rotated in place, rotated k and v written straight into the cache
             qkv = self.qkv_proj(x)
-            self.fused_kernels.rope_kv_cache_(qkv.view(s, -1), self.n_heads, self.n_kv, self.head_dim,
-                                              cos.reshape(s, -1), sin.reshape(s, -1), cache.k[layer], cache.v[layer],
-                                              start.pos if step else start)
+            self.fused_kernels.rope_kv_cache_(
+                qkv.view(s, -1),
+                self.n_heads,
+                self.n_kv,
+                self.head_dim,
+                cos.reshape(s, -1),
+                sin.reshape(s, -1),
+                cache.k[layer],
+                cache.v[layer],
+                start.pos if step else start,
+            )
             q = qkv[..., : self.n_heads * self.head_dim].view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
             end = start.bucket if step else start + s
             keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
@@ -147,7 +159,9 @@ class Attention(nn.Module):
 
 def rope_tables(a: ModelArgs, max_context: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [max_context, head_dim] computed in fp32 (as the reference), cast to the activation dtype."""
-    inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64, device=device).float() / a.head_dim))
+    inv_freq = 1.0 / (
+        a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64, device=device).float() / a.head_dim)
+    )
     pos = torch.arange(max_context, device=device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -240,8 +254,9 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def update_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_at(
+        self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one position given as a device tensor; return the first `bucket` positions (static shapes)."""
         self.k[layer].index_copy_(2, pos, k)
         self.v[layer].index_copy_(2, pos, v)
@@ -352,13 +367,19 @@ def enable_fused_kernels(model: Qwen2Decoder, module=None) -> bool:
         try:
             from ..kernels import fused_triton as module
         except ImportError:
-            warn_once("fused/no-triton", "fused decoder kernels: triton is not installed; norms, RoPE and SwiGLU "
-                      "run as plain torch ops (correct, slower decode): pip install triton")
+            warn_once(
+                "fused/no-triton",
+                "fused decoder kernels: triton is not installed; norms, RoPE and SwiGLU "
+                "run as plain torch ops (correct, slower decode): pip install triton",
+            )
             return False
     problem = fused_kernels_problem(model, module)
     if problem is not None:
-        warn_once(f"fused/{problem}", f"fused Triton kernels failed their self-check ({problem}); the decoder uses "
-                  "plain torch ops (correct, slower decode)")
+        warn_once(
+            f"fused/{problem}",
+            f"fused Triton kernels failed their self-check ({problem}); the decoder uses "
+            "plain torch ops (correct, slower decode)",
+        )
         return False
     hd = model.args.head_dim
     for layer in model.model.layers:
@@ -384,8 +405,10 @@ def fused_kernels_problem(model: Qwen2Decoder, module) -> str | None:
 
     try:
         x, delta = rand(2, a.hidden_size), rand(2, a.hidden_size)
-        problems = [check("rms_norm", module.rms_norm(x, w, norm.eps)[0], norm(x)),
-                    check("rms_norm+residual", module.rms_norm(x, w, norm.eps, delta=delta)[0], norm(x + delta))]
+        problems = [
+            check("rms_norm", module.rms_norm(x, w, norm.eps)[0], norm(x)),
+            check("rms_norm+residual", module.rms_norm(x, w, norm.eps, delta=delta)[0], norm(x + delta)),
+        ]
         gu = rand(2, 2 * a.intermediate_size)
         gate, up = gu.chunk(2, dim=-1)
         problems.append(check("silu_mul", module.silu_mul(gu), F.silu(gate) * up))
@@ -398,16 +421,27 @@ def fused_kernels_problem(model: Qwen2Decoder, module) -> str | None:
             expected = _apply_rope(heads[: nq + nkv], cos, sin)
             ck, cv = torch.zeros(1, nkv, 4, hd, device=dev, dtype=dt), torch.zeros(1, nkv, 4, hd, device=dev, dtype=dt)
             module.rope_kv_cache_(qkv, nq, nkv, hd, cos, sin, ck, cv, 1)
-            problems += [check("rope q", heads[:nq], expected[:nq]), check("rope k→cache", ck[0, :, 1:3], expected[nq:])]
+            problems += [
+                check("rope q", heads[:nq], expected[:nq]),
+                check("rope k→cache", ck[0, :, 1:3], expected[nq:]),
+            ]
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-    except Exception as e:  # noqa: BLE001 — any failure means: keep the torch ops
+    except Exception as e:
         return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     return next((p for p in problems if p is not None), None)
 
 
-def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *, lm_head_int8=None,
-                 w4_kernel: str = "ref", fuse: bool = True, w4_tune: bool = True) -> Qwen2Decoder:
+def load_decoder(
+    decoder_dir,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    lm_head_int8=None,
+    w4_kernel: str = "ref",
+    fuse: bool = True,
+    w4_tune: bool = True,
+) -> Qwen2Decoder:
     """Load a text-only Qwen2 checkpoint folder (config.json + safetensors, sharded or not), fp or GPTQ W4.
 
     The module is built on the meta device and each tensor is assigned as it is read, so peak memory is
@@ -436,7 +470,12 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
         model = Qwen2Decoder(args)
         if cfg.get("quantization_config"):
             swap_in_quant_linears(model, cfg["quantization_config"])
-    packed = {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, QuantLinear) for b in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    packed = {
+        f"{name}.{b}"
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+        for b in ("qweight", "qzeros", "scales", "g_idx", "bias")
+    }
     expected = set(model.state_dict())
     skip = {"lm_head.weight"} if lm_head_int8 is not None else set()
     state: dict[str, torch.Tensor] = {}
@@ -457,7 +496,9 @@ def load_decoder(decoder_dir, dtype: torch.dtype, device: torch.device | str, *,
     reference = model.state_dict()
     for name, t in state.items():
         if t.shape != reference[name].shape:
-            raise ArtifactsError(f"{d}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(reference[name].shape)}")
+            raise ArtifactsError(
+                f"{d}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(reference[name].shape)}"
+            )
     checks = SelfCheck()  # the fast paths' per-shape verdicts, shared by all layers (runtime/selfcheck.py)
     model.selfcheck = checks
     if lm_head_int8 is not None:

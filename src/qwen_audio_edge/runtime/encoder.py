@@ -42,7 +42,7 @@ class EncoderConfig:
     scale_embedding: bool = False
 
     @classmethod
-    def from_dict(cls, audio_config: dict, text_hidden_size: int) -> "EncoderConfig":
+    def from_dict(cls, audio_config: dict, text_hidden_size: int) -> EncoderConfig:
         return cls(
             num_mel_bins=int(audio_config["num_mel_bins"]),
             d_model=int(audio_config["d_model"]),
@@ -159,7 +159,9 @@ def _take_prefix(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
     return x.index_select(1, idx)
 
 
-def load_encoder_module(cfg: EncoderConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> AudioEncoderWithProjector:
+def load_encoder_module(
+    cfg: EncoderConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype
+) -> AudioEncoderWithProjector:
     """Build the module on the meta device and assign the weights (no random init, no extra copy)."""
     with torch.device("meta"):
         module = AudioEncoderWithProjector(cfg)
@@ -167,7 +169,9 @@ def load_encoder_module(cfg: EncoderConfig, state_dict: dict[str, torch.Tensor],
     missing = sorted(expected - set(state_dict))
     unexpected = sorted(set(state_dict) - expected)
     if missing or unexpected:
-        raise ArtifactsError(f"encoder weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ArtifactsError(
+            f"encoder weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     module.load_state_dict({k: v.to(dtype) for k, v in state_dict.items()}, assign=True)
     return module.eval()
 
@@ -188,23 +192,28 @@ class TorchEncoder:
     def __call__(self, mel: torch.Tensor, n_valid: int, pos_offset: int = 0) -> torch.Tensor:
         m = mel.to(self.device, self.dtype).unsqueeze(0)
         check_positions(mel.shape[-1], pos_offset, self.module.config.max_source_positions)
-        out = self.module(m, torch.tensor([n_valid], dtype=torch.int64, device=self.device),
-                          torch.tensor([pos_offset], dtype=torch.int64, device=self.device))
+        out = self.module(
+            m,
+            torch.tensor([n_valid], dtype=torch.int64, device=self.device),
+            torch.tensor([pos_offset], dtype=torch.int64, device=self.device),
+        )
         return out[0]
 
 
 def check_positions(frames: int, pos_offset: int, max_positions: int) -> None:
     """A block must fit in the encoder's learned positions (a clear error instead of an index error)."""
     if pos_offset < 0 or (frames + 1) // 2 + pos_offset > max_positions:
-        raise AudioError(f"encoder input of {frames} frames at position offset {pos_offset} exceeds the "
-                         f"{max_positions} learned positions (one 30 s window); end the utterance sooner")
+        raise AudioError(
+            f"encoder input of {frames} frames at position offset {pos_offset} exceeds the "
+            f"{max_positions} learned positions (one 30 s window); end the utterance sooner"
+        )
 
 
 def cuda_available() -> bool:
     """A real GPU, detected through torch: onnxruntime-gpu lists CUDA providers even with no GPU."""
     try:
         return bool(torch.cuda.is_available())
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
 
 
@@ -226,19 +235,27 @@ class OnnxEncoder:
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        except Exception as e:  # noqa: BLE001 — ORT raises its own exception types
+        except Exception as e:
             raise ArtifactsError(f"ONNX Runtime cannot load {Path(path).name}: {e}; re-export") from e
         self.providers = self.session.get_providers()
         if device.startswith("cuda") and self.providers[0] != "CUDAExecutionProvider":
-            why = ("no CUDA GPU is visible" if not cuda_available() else
-                   "this onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu, i.e. the [gpu] "
-                   "extra instead of [cpu])")
-            warn_once("onnx/cpu-ep", f"--device {device}: the ONNX encoder runs on the CPU because {why}; "
-                      "--encoder-backend torch runs it on the GPU instead")
+            why = (
+                "no CUDA GPU is visible"
+                if not cuda_available()
+                else "this onnxruntime has no CUDA execution provider (pip install onnxruntime-gpu, i.e. the [gpu] "
+                "extra instead of [cpu])"
+            )
+            warn_once(
+                "onnx/cpu-ep",
+                f"--device {device}: the ONNX encoder runs on the CPU because {why}; "
+                "--encoder-backend torch runs it on the GPU instead",
+            )
         inputs = {i.name: i for i in self.session.get_inputs()}
         # Exports before the chunked stream mode have no pos_offset input; they serve exact mode only.
         if set(inputs) not in ({"mel", "n_valid"}, {"mel", "n_valid", "pos_offset"}):
-            raise ArtifactsError(f"{path}: expected encoder inputs mel, n_valid (and pos_offset), found {sorted(inputs)}")
+            raise ArtifactsError(
+                f"{path}: expected encoder inputs mel, n_valid (and pos_offset), found {sorted(inputs)}"
+            )
         self.supports_pos_offset = "pos_offset" in inputs
         self._mel_dtype = np.float16 if inputs["mel"].type == "tensor(float16)" else np.float32
         self.max_positions: int | None = None  # set by the pipeline from the audio config
@@ -253,7 +270,9 @@ class OnnxEncoder:
                 check_positions(mel.shape[-1], pos_offset, self.max_positions)
             feeds["pos_offset"] = np.array([pos_offset], dtype=np.int64)
         elif pos_offset:
-            raise ArtifactsError("this encoder.onnx was exported before the chunked stream mode (no pos_offset input); "
-                                 "re-export the checkpoint with this version to use --stream-mode chunked")
+            raise ArtifactsError(
+                "this encoder.onnx was exported before the chunked stream mode (no pos_offset input); "
+                "re-export the checkpoint with this version to use --stream-mode chunked"
+            )
         (out,) = self.session.run(None, feeds)
         return torch.from_numpy(out[0].astype(np.float32, copy=False))

@@ -81,7 +81,9 @@ class SileroVad:
 
     def __call__(self, frame: np.ndarray) -> float:
         x = np.concatenate([self.context, frame.reshape(1, self.FRAME).astype(np.float32)], axis=1)
-        prob, self.state = self.session.run(None, {"input": x, "state": self.state, "sr": np.array(16000, dtype=np.int64)})
+        prob, self.state = self.session.run(
+            None, {"input": x, "state": self.state, "sr": np.array(16000, dtype=np.int64)}
+        )
         self.context = x[:, -self.CONTEXT :]
         return float(prob.reshape(-1)[0])
 
@@ -102,8 +104,9 @@ class Endpointer:
 
     uses_vad = True
 
-    def __init__(self, opts: VadOptions, vad: Callable[[np.ndarray], float] | None = None,
-                 sample_rate: int = 16000) -> None:
+    def __init__(
+        self, opts: VadOptions, vad: Callable[[np.ndarray], float] | None = None, sample_rate: int = 16000
+    ) -> None:
         # vad: speech probability of one 512-sample frame; silero-vad unless given (tests script one).
         self.o = opts
         self.vad = vad or SileroVad()

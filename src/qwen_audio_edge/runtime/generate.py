@@ -56,7 +56,9 @@ class SamplingOptions:
         if self.no_repeat_ngram_size < 0:
             raise OptionsError(f"no_repeat_ngram_size must be ≥ 0 (0 disables it), got {self.no_repeat_ngram_size}")
         if self.min_new_tokens < 0 or self.min_length < 0:
-            raise OptionsError(f"min_new_tokens and min_length must be ≥ 0, got {self.min_new_tokens} and {self.min_length}")
+            raise OptionsError(
+                f"min_new_tokens and min_length must be ≥ 0, got {self.min_new_tokens} and {self.min_length}"
+            )
         if self.max_length is not None and self.max_length < 1:
             raise OptionsError(f"max_length must be ≥ 1, got {self.max_length}")
         if self.greedy:
@@ -71,8 +73,9 @@ class SamplingOptions:
             raise OptionsError(f"min_p must be in [0, 1], got {self.min_p}")
 
 
-def process_logits(logits: torch.Tensor, seen: torch.Tensor, opts: SamplingOptions,
-                   banned: Sequence[int] = ()) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor, seen: torch.Tensor, opts: SamplingOptions, banned: Sequence[int] = ()
+) -> torch.Tensor:
     """logits [V] → processed scores [V] fp32, in transformers' order: repetition penalty (over `seen`, every
     id so far, prompt included), the `banned` ids → −inf (n-gram ban, minimum length), then when sampling
     temperature, top-k, top-p, min-p (filtered → −inf)."""
@@ -238,8 +241,10 @@ def generate(
     limit = opts.max_new_tokens
     if opts.max_length is not None:
         if n_history >= opts.max_length:
-            raise LimitError(f"the sequence is already {n_history} tokens but the generation config's max_length is "
-                             f"{opts.max_length}: set max_new_tokens (--max-new-tokens), which takes precedence")
+            raise LimitError(
+                f"the sequence is already {n_history} tokens but the generation config's max_length is "
+                f"{opts.max_length}: set max_new_tokens (--max-new-tokens), which takes precedence"
+            )
         limit = min(limit, opts.max_length - n_history)
     min_new = max(opts.min_new_tokens, opts.min_length - n_history)
     ngrams = NgramBan(opts.no_repeat_ngram_size, history) if opts.no_repeat_ngram_size else None
@@ -298,8 +303,9 @@ def generate(
 
 
 @torch.inference_mode()
-def greedy_decode(model: Qwen2Decoder, embeds: torch.Tensor, ids: Sequence[int], max_new_tokens: int,
-                  stop_ids: Sequence[int] = ()) -> list[int]:
+def greedy_decode(
+    model: Qwen2Decoder, embeds: torch.Tensor, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()
+) -> list[int]:
     """The model's plain greedy answer, from scratch: a KV cache of its own, one prefill of `embeds`
     ([1, S, hidden]: the embeddings of `ids` with the audio in place, prompt.embed_prompt), then argmax
     with no repetition penalty, n-gram ban or minimum length, until one of `stop_ids` or `max_new_tokens`

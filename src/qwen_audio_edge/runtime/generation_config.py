@@ -42,32 +42,74 @@ from .generate import SamplingOptions
 DEFAULT_MAX_NEW_TOKENS = 256
 
 # Keys we implement (each maps onto a SamplingOptions field, or the stop ids).
-IMPLEMENTED_KEYS = frozenset({
-    "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
-    "min_new_tokens", "min_length", "max_new_tokens", "max_length", "eos_token_id",
-})
+IMPLEMENTED_KEYS = frozenset(
+    {
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "no_repeat_ngram_size",
+        "min_new_tokens",
+        "min_length",
+        "max_new_tokens",
+        "max_length",
+        "eos_token_id",
+    }
+)
 
 # Keys that cannot change the tokens of one answer here, whatever their value.
-IGNORED_KEYS = frozenset({
-    # metadata
-    "transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash",
-    # special tokens other than eos: padding (one sequence, none), encoder-decoder start
-    "pad_token_id", "bos_token_id", "decoder_start_token_id",
-    # cache / compilation / memory: same tokens
-    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
-    "prefill_chunk_size", "continuous_batching_config", "low_memory",
-    # what generate() returns besides the ids
-    "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
-    # beam search only (num_beams > 1 is refused)
-    "early_stopping", "length_penalty", "num_beam_groups", "diversity_penalty",
-    # assisted / speculative decoding: used only with an assistant model passed to generate(), or lossless
-    # (prompt lookup, early-exit self-speculation, MTP: the same greedy tokens, the same distribution)
-    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
-    "assistant_lookbehind", "target_lookbehind", "max_matching_ngram_size", "assistant_ensemble_weight",
-    "speculation_type", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp",
-    # NaN/Inf replacement (we stop with a NumericalError instead) and a final log-softmax: same choice
-    "remove_invalid_values", "renormalize_logits",
-})
+IGNORED_KEYS = frozenset(
+    {
+        # metadata
+        "transformers_version",
+        "_from_model_config",
+        "_commit_hash",
+        "_original_object_hash",
+        # special tokens other than eos: padding (one sequence, none), encoder-decoder start
+        "pad_token_id",
+        "bos_token_id",
+        "decoder_start_token_id",
+        # cache / compilation / memory: same tokens
+        "use_cache",
+        "cache_implementation",
+        "cache_config",
+        "max_cache_len",
+        "compile_config",
+        "disable_compile",
+        "prefill_chunk_size",
+        "continuous_batching_config",
+        "low_memory",
+        # what generate() returns besides the ids
+        "output_attentions",
+        "output_hidden_states",
+        "output_scores",
+        "output_logits",
+        "return_dict_in_generate",
+        # beam search only (num_beams > 1 is refused)
+        "early_stopping",
+        "length_penalty",
+        "num_beam_groups",
+        "diversity_penalty",
+        # assisted / speculative decoding: used only with an assistant model passed to generate(), or lossless
+        # (prompt lookup, early-exit self-speculation, MTP: the same greedy tokens, the same distribution)
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "assistant_confidence_threshold",
+        "assistant_lookbehind",
+        "target_lookbehind",
+        "max_matching_ngram_size",
+        "assistant_ensemble_weight",
+        "speculation_type",
+        "prompt_lookup_num_tokens",
+        "assistant_early_exit",
+        "use_mtp",
+        # NaN/Inf replacement (we stop with a NumericalError instead) and a final log-softmax: same choice
+        "remove_invalid_values",
+        "renormalize_logits",
+    }
+)
 
 # Keys from outside transformers that are known to be informational.
 SILENT_UNKNOWN_KEYS = frozenset({"chat_format"})  # Qwen's remote code: the prompt format (we use the chat template)
@@ -100,8 +142,12 @@ def _not(neutral) -> Callable[[object, dict], bool]:
 UNSUPPORTED = (
     Unsupported("num_beams", _not(1), "beam search", "set it to 1"),
     Unsupported("num_return_sequences", _not(1), "several answers per prompt", "set it to 1"),
-    Unsupported("penalty_alpha", lambda v, o: v is not None and v > 0 and o["greedy"] and o["top_k"] > 1,
-                "contrastive search", "remove it"),
+    Unsupported(
+        "penalty_alpha",
+        lambda v, o: v is not None and v > 0 and o["greedy"] and o["top_k"] > 1,
+        "contrastive search",
+        "remove it",
+    ),
     Unsupported("dola_layers", _set, "DoLa decoding", "remove it"),
     Unsupported("constraints", _set, "constrained beam search", "remove it"),
     Unsupported("force_words_ids", _set, "constrained beam search", "remove it"),
@@ -160,8 +206,10 @@ def stop_token_ids(gen: Mapping, where: str = "generation config") -> list[int]:
         return []
     ids = [eos] if not isinstance(eos, list) else eos
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise OptionsError(f"{where}: eos_token_id={eos!r} must be a token id or a list of token ids; fix the "
-                           "checkpoint's generation_config.json and re-export")
+        raise OptionsError(
+            f"{where}: eos_token_id={eos!r} must be a token id or a list of token ids; fix the "
+            "checkpoint's generation_config.json and re-export"
+        )
     return sorted(set(ids))
 
 
@@ -170,8 +218,10 @@ def _number(gen: Mapping, key: str, where: str, integer: bool = False):
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise OptionsError(f"{where}: generation config {key}={v!r} is not {'an integer' if integer else 'a number'}; "
-                           "fix the checkpoint's generation_config.json and re-export")
+        raise OptionsError(
+            f"{where}: generation config {key}={v!r} is not {'an integer' if integer else 'a number'}; "
+            "fix the checkpoint's generation_config.json and re-export"
+        )
     return v
 
 
@@ -189,12 +239,31 @@ def resolve_sampling(gen: Mapping, where: str = "generation config", **overrides
     over = {k: v for k, v in overrides.items() if v is not None}
     do_sample = gen.get("do_sample")
     if do_sample is not None and not isinstance(do_sample, bool):
-        raise OptionsError(f"{where}: generation config do_sample={do_sample!r} is not true/false; fix the checkpoint's "
-                           "generation_config.json and re-export")
-    num = {k: _number(gen, k, where, integer=k in ("top_k", "no_repeat_ngram_size", "min_new_tokens", "min_length",
-                                                      "max_new_tokens", "max_length"))
-           for k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size",
-                     "min_new_tokens", "min_length", "max_new_tokens", "max_length")}
+        raise OptionsError(
+            f"{where}: generation config do_sample={do_sample!r} is not true/false; fix the checkpoint's "
+            "generation_config.json and re-export"
+        )
+    num = {
+        k: _number(
+            gen,
+            k,
+            where,
+            integer=k
+            in ("top_k", "no_repeat_ngram_size", "min_new_tokens", "min_length", "max_new_tokens", "max_length"),
+        )
+        for k in (
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "no_repeat_ngram_size",
+            "min_new_tokens",
+            "min_length",
+            "max_new_tokens",
+            "max_length",
+        )
+    }
     o = {
         "greedy": over.pop("greedy", do_sample is not True),
         "temperature": float(_first(over.pop("temperature", None), num["temperature"], 1.0)),
@@ -210,7 +279,9 @@ def resolve_sampling(gen: Mapping, where: str = "generation config", **overrides
     if max_new is not None:
         o.update(max_new_tokens=max_new, max_length=None)
     elif max_length is not None:
-        o.update(max_new_tokens=max_length, max_length=max_length)  # the answer is shorter: max_length − sequence so far
+        o.update(
+            max_new_tokens=max_length, max_length=max_length
+        )  # the answer is shorter: max_length − sequence so far
     else:
         o.update(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, max_length=None)
     min_new = _first(over.pop("min_new_tokens", None), num["min_new_tokens"])
@@ -226,13 +297,22 @@ def resolve_sampling(gen: Mapping, where: str = "generation config", **overrides
             raise OptionsError(
                 f"{where}: generation config {rule.key}={value!r} asks for {rule.what}, which qwen-audio-edge does not "
                 f"implement; {rule.fix} in the checkpoint's generation_config.json and re-export (or in the "
-                "\"generation_config\" entry of the artifacts' manifest.json), or in Python pass explicit "
-                "sampling=SamplingOptions(...)")
+                '"generation_config" entry of the artifacts\' manifest.json), or in Python pass explicit '
+                "sampling=SamplingOptions(...)"
+            )
     for key in gen:
-        if key not in TRANSFORMERS_KEYS and key not in SILENT_UNKNOWN_KEYS and not key.startswith("_") and key not in _warned:
+        if (
+            key not in TRANSFORMERS_KEYS
+            and key not in SILENT_UNKNOWN_KEYS
+            and not key.startswith("_")
+            and key not in _warned
+        ):
             _warned.add(key)
-            warnings.warn(f"{where}: generation config key {key!r} is not a transformers GenerationConfig key; "
-                          "ignored (as transformers' generate() ignores it)", stacklevel=3)
+            warnings.warn(
+                f"{where}: generation config key {key!r} is not a transformers GenerationConfig key; "
+                "ignored (as transformers' generate() ignores it)",
+                stacklevel=3,
+            )
     try:
         return SamplingOptions(**o, **over)
     except OptionsError as e:

@@ -29,8 +29,16 @@ from .generation_config import effective_generation_config, resolve_sampling, st
 from .prompt import PromptFormat, user_message
 from .quant_linear import Int8Linear
 
-__all__ = ["CONTEXT_POLICIES", "DTYPES", "Conversation", "PendingTurn", "Pipeline", "PrefilledTurn", "RuntimeOptions",
-           "TurnResult"]
+__all__ = [
+    "CONTEXT_POLICIES",
+    "DTYPES",
+    "Conversation",
+    "PendingTurn",
+    "Pipeline",
+    "PrefilledTurn",
+    "RuntimeOptions",
+    "TurnResult",
+]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -128,21 +136,28 @@ class Pipeline:
         )
         try:
             tokenizer = Tokenizer.from_file(str(artifacts.path(m["files_role"]["tokenizer"])))
-        except Exception as e:  # noqa: BLE001 — tokenizers raises a bare Exception on bad JSON
+        except Exception as e:
             raise ArtifactsError(f"tokenizer.json cannot be loaded: {e}; re-export") from e
         template_rel = m["files_role"].get("chat_template")
         template = artifacts.path(template_rel).read_text() if template_rel else None
         self.prompt = PromptFormat(tokenizer, template, artifacts.audio_token_id)
         # What transformers would use (generation_config.json, else derived from config.json): generation_config.py
-        self.generation_config = effective_generation_config(m.get("generation_config"), m.get("source", {}).get("config"))
+        self.generation_config = effective_generation_config(
+            m.get("generation_config"), m.get("source", {}).get("config")
+        )
         self.stop_ids = stop_token_ids(self.generation_config, str(artifacts.root))
         self.encoder = self._load_encoder()
         self._block_module: tuple | None = None  # the torch encoder for chunked streaming, loaded on first use
         head = m.get("decoder", {}).get("lm_head_int8")
-        self.decoder: Qwen2Decoder = load_decoder(artifacts.path(m["files_role"]["decoder_dir"]), self.dtype, self.device,
-                                                  lm_head_int8=artifacts.path(head) if head else None,
-                                                  w4_kernel=options.w4_kernel, fuse=options.fuse,
-                                                  w4_tune=options.w4_tune)
+        self.decoder: Qwen2Decoder = load_decoder(
+            artifacts.path(m["files_role"]["decoder_dir"]),
+            self.dtype,
+            self.device,
+            lm_head_int8=artifacts.path(head) if head else None,
+            w4_kernel=options.w4_kernel,
+            fuse=options.fuse,
+            w4_tune=options.w4_tune,
+        )
         self.max_context = self._resolve_max_context()
         self.cache: KVCache = self.decoder.setup_cache(self.max_context)
         self._owner: object | None = None
@@ -150,7 +165,7 @@ class Pipeline:
         self.load_s = time.perf_counter() - t0
 
     @classmethod
-    def from_artifacts(cls, path: str | Path, options: RuntimeOptions | None = None, **kwargs) -> "Pipeline":
+    def from_artifacts(cls, path: str | Path, options: RuntimeOptions | None = None, **kwargs) -> Pipeline:
         """Verify the manifest (format version, files, sha256) and load everything onto `options.device`."""
         options = options or RuntimeOptions(**kwargs)
         return cls(load_manifest(path, verify_hashes=options.verify_hashes), options)
@@ -172,16 +187,22 @@ class Pipeline:
         precision = self.options.encoder_precision or enc["default"]
         if self.options.encoder_backend == "onnx":
             if precision not in enc["onnx"]:
-                raise OptionsError(f"no {precision} ONNX encoder in these artifacts (have {sorted(enc['onnx'])}); "
-                                   "re-export with --encoder-dtype fp16 or use --encoder-precision fp32")
-            onnx = OnnxEncoder(self.artifacts.path(enc["onnx"][precision]), threads=self.options.threads, device=self.options.device)
+                raise OptionsError(
+                    f"no {precision} ONNX encoder in these artifacts (have {sorted(enc['onnx'])}); "
+                    "re-export with --encoder-dtype fp16 or use --encoder-precision fp32"
+                )
+            onnx = OnnxEncoder(
+                self.artifacts.path(enc["onnx"][precision]), threads=self.options.threads, device=self.options.device
+            )
             onnx.max_positions = int(self.artifacts.audio_config["max_source_positions"])
             return onnx
         from safetensors.torch import load_file
 
         cfg = EncoderConfig.from_dict(self.artifacts.audio_config, self.artifacts.text_config["hidden_size"])
         state = load_file(str(self.artifacts.path(enc["weights"])))
-        dtype = torch.float32 if self.device.type == "cpu" else (torch.float16 if precision == "fp16" else torch.float32)
+        dtype = (
+            torch.float32 if self.device.type == "cpu" else (torch.float16 if precision == "fp16" else torch.float32)
+        )
         return TorchEncoder(load_encoder_module(cfg, state, dtype), self.device)
 
     def block_encoder(self) -> BlockCausalEncoder:
@@ -241,12 +262,20 @@ class Pipeline:
         for item in mels:
             emb = item.encode() if isinstance(item, BlockBatch) else self.encoder(*item)
             if not torch.isfinite(emb).all():
-                raise NumericalError("the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32")
+                raise NumericalError(
+                    "the audio encoder produced NaN/Inf (fp16 overflow?); rerun with --encoder-precision fp32"
+                )
             out.append(emb)
         return out
 
-    def single_turn(self, audio=None, text: str | None = None, sampling_rate: int | None = None,
-                    chunk_seconds: float | None = None, lookahead_seconds: float | None = None) -> tuple[list[int], torch.Tensor | None]:
+    def single_turn(
+        self,
+        audio=None,
+        text: str | None = None,
+        sampling_rate: int | None = None,
+        chunk_seconds: float | None = None,
+        lookahead_seconds: float | None = None,
+    ) -> tuple[list[int], torch.Tensor | None]:
         """Prompt ids and audio embeddings (concatenated, prompt order) of a one-turn conversation — no decoding.
 
         chunk_seconds: encode each segment with the chunked stream mode's block-causal rule (runtime/chunked.py,
@@ -255,20 +284,33 @@ class Pipeline:
         from .chunked import DEFAULT_LOOKAHEAD_S, block_frames, causal_utterance, lookahead_frames
 
         self.prompt.check_user_text(text)
-        segments = split_segments(self.load_waveform(audio, sampling_rate), self.mel.config) if audio is not None else []
+        segments = (
+            split_segments(self.load_waveform(audio, sampling_rate), self.mel.config) if audio is not None else []
+        )
         counts = [num_audio_tokens(self.mel.valid_frames(len(s))) for s in segments]
-        ids = self.prompt.expand_audio(self.prompt.encode(self.prompt.render([user_message(len(segments), text)])), counts)
+        ids = self.prompt.expand_audio(
+            self.prompt.encode(self.prompt.render([user_message(len(segments), text)])), counts
+        )
         if chunk_seconds is None:
             embeds = self.encode_mels([self.mel.log_mel(s) for s in segments])
         else:
             block = block_frames(chunk_seconds, self.mel)
             ahead = lookahead_frames(DEFAULT_LOOKAHEAD_S if lookahead_seconds is None else lookahead_seconds, self.mel)
-            embeds = self.encode_mels([BlockBatch(self.block_encoder(), tuple(causal_utterance(self.mel, s, block, ahead)))
-                                       for s in segments])
+            embeds = self.encode_mels(
+                [BlockBatch(self.block_encoder(), tuple(causal_utterance(self.mel, s, block, ahead))) for s in segments]
+            )
         return ids, (torch.cat(embeds) if embeds else None)
 
-    def stream(self, prompt: str | None = None, *, sampling: SamplingOptions | None = None, vad="default",
-               on_text: Callable[[str], None] | None = None, options=None, on_event=None):
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        sampling: SamplingOptions | None = None,
+        vad="default",
+        on_text: Callable[[str], None] | None = None,
+        options=None,
+        on_event=None,
+    ):
         """A streaming session (runtime/stream.py): feed PCM chunks, get turns at VAD endpoints or `end()`.
 
         vad: "default" (VadOptions()), a VadOptions, or None for push-to-talk only.
@@ -276,8 +318,15 @@ class Pipeline:
         """
         from .stream import StreamOptions, StreamSession, VadOptions
 
-        return StreamSession(self, prompt, sampling=sampling, vad=VadOptions() if vad == "default" else vad, on_text=on_text,
-                             options=options or StreamOptions(), on_event=on_event)
+        return StreamSession(
+            self,
+            prompt,
+            sampling=sampling,
+            vad=VadOptions() if vad == "default" else vad,
+            on_text=on_text,
+            options=options or StreamOptions(),
+            on_event=on_event,
+        )
 
     def chat(self, context_policy: str = "error") -> Conversation:
         """Start a conversation; it owns the KV cache until another conversation starts.
@@ -287,8 +336,15 @@ class Pipeline:
         """
         return Conversation(self, context_policy)
 
-    def run(self, audio=None, prompt: str | None = None, *, sampling: SamplingOptions | None = None,
-            sampling_rate: int | None = None, on_text: Callable[[str], None] | None = None) -> TurnResult:
+    def run(
+        self,
+        audio=None,
+        prompt: str | None = None,
+        *,
+        sampling: SamplingOptions | None = None,
+        sampling_rate: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> TurnResult:
         """One user turn (audio and/or text) in a fresh conversation."""
         conv = Conversation(self, one_shot=True)
         return conv.send(audio, prompt, sampling=sampling, sampling_rate=sampling_rate, on_text=on_text)
@@ -300,7 +356,11 @@ class Pipeline:
         enc, dec = self.encoder, self.decoder
         head = dec.lm_head
         if isinstance(head, Int8Linear):
-            lm_head = "int8: torch CPU op" if head._cpu_op and self.device.type == "cpu" else "int8: Triton GEMV (self-checked)"
+            lm_head = (
+                "int8: torch CPU op"
+                if head._cpu_op and self.device.type == "cpu"
+                else "int8: Triton GEMV (self-checked)"
+            )
         else:
             lm_head = f"dense {self.options.dtype}"
         return {

@@ -165,8 +165,14 @@ def audio_slots(ids: Sequence[int], audio_token_id: int, text_spans: Sequence[tu
     return [i for i, t in enumerate(ids) if t == audio_token_id and i not in excluded]
 
 
-def place_audio(embeds: torch.Tensor, ids: Sequence[int], audio: torch.Tensor | Sequence[torch.Tensor] | None,
-                audio_token_id: int, *, text_spans: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+def place_audio(
+    embeds: torch.Tensor,
+    ids: Sequence[int],
+    audio: torch.Tensor | Sequence[torch.Tensor] | None,
+    audio_token_id: int,
+    *,
+    text_spans: Sequence[tuple[int, int]] = (),
+) -> torch.Tensor:
     """Write the audio embeddings [N, hidden] (or a list of them, concatenated in prompt order) over the N
     audio slots of `ids` in `embeds` ([S, hidden] or [1, S, hidden], the ids' token embeddings), in place;
     returns `embeds`. The audio is cast to the embeddings' dtype and device.
@@ -181,16 +187,24 @@ def place_audio(embeds: torch.Tensor, ids: Sequence[int], audio: torch.Tensor | 
     n_audio = 0 if audio is None else int(audio.shape[0])
     slots = audio_slots(list(ids), audio_token_id, text_spans)
     if len(slots) != n_audio:
-        raise OptionsError(f"the prompt ids hold {len(slots)} audio slots but {n_audio} audio embeddings were given; "
-                           "expand each <|AUDIO|> to its segment's token count first (PromptFormat.expand_audio)")
+        raise OptionsError(
+            f"the prompt ids hold {len(slots)} audio slots but {n_audio} audio embeddings were given; "
+            "expand each <|AUDIO|> to its segment's token count first (PromptFormat.expand_audio)"
+        )
     if audio is not None and n_audio:
         rows = embeds[0] if embeds.dim() == 3 else embeds
         rows[torch.tensor(slots, device=embeds.device)] = audio.to(embeds.device, embeds.dtype)
     return embeds
 
 
-def embed_prompt(decoder: Qwen2Decoder, ids: Sequence[int], audio: torch.Tensor | Sequence[torch.Tensor] | None,
-                 audio_token_id: int, *, text_spans: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+def embed_prompt(
+    decoder: Qwen2Decoder,
+    ids: Sequence[int],
+    audio: torch.Tensor | Sequence[torch.Tensor] | None,
+    audio_token_id: int,
+    *,
+    text_spans: Sequence[tuple[int, int]] = (),
+) -> torch.Tensor:
     """The decoder's input for `ids`: their token embeddings [1, S, hidden] on the decoder's device, with
     `audio` in the audio slots (see place_audio; `text_spans` are ranges whose audio ids are not slots)."""
     import torch

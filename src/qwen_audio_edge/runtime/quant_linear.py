@@ -62,19 +62,28 @@ class QuantLinear(nn.Module):
             except ImportError:
                 triton_missing = True
                 if kernel == "auto":
-                    warn_once("w4/no-triton", "W4 on CUDA: triton is not installed, so the Triton W4 kernels are off; "
-                              "the reference dequantize-matmul runs instead (correct, much slower decode): pip install triton")
+                    warn_once(
+                        "w4/no-triton",
+                        "W4 on CUDA: triton is not installed, so the Triton W4 kernels are off; "
+                        "the reference dequantize-matmul runs instead (correct, much slower decode): pip install triton",
+                    )
             else:
-                built = TritonW4Weight.build(self.qweight, self.qzeros, self.scales, self.g_idx,
-                                             tuner=TUNER if tune else None)
+                built = TritonW4Weight.build(
+                    self.qweight, self.qzeros, self.scales, self.g_idx, tuner=TUNER if tune else None
+                )
         if built is None and kernel not in ("auto", "ref"):
-            raise ArtifactsError(f"W4 kernel {kernel!r} cannot run this {self.in_features}x{self.out_features} layer "
-                                 f"on {self.qweight.device}; use --w4-kernel auto or ref")
+            raise ArtifactsError(
+                f"W4 kernel {kernel!r} cannot run this {self.in_features}x{self.out_features} layer "
+                f"on {self.qweight.device}; use --w4-kernel auto or ref"
+            )
         if built is None and kernel == "auto" and (want == "cpu" or on_cuda) and not triton_missing:
             shape = f"{self.in_features}x{self.out_features}"
-            warn_once(f"w4/{want}/{shape}", f"W4 {shape}: the {want} fast path cannot run this layer on {self.qweight.device} "
-                      "(its groups are not equal contiguous blocks, or its sizes or this torch build are not supported); "
-                      "the reference dequantize-matmul runs for it (correct, slower)")
+            warn_once(
+                f"w4/{want}/{shape}",
+                f"W4 {shape}: the {want} fast path cannot run this layer on {self.qweight.device} "
+                "(its groups are not equal contiguous blocks, or its sizes or this torch build are not supported); "
+                "the reference dequantize-matmul runs for it (correct, slower)",
+            )
         self.kernel = built
         if want == "triton" and built is not None:
             self.chain = _triton_chain(built, f"W4 {self.in_features}x{self.out_features}", checks or SelfCheck())
@@ -121,7 +130,9 @@ def _triton_chain(w, label: str, checks: SelfCheck) -> CheckedChain:
         perm = w.perm.long() if w.perm is not None else None
         return lambda x, bias: t.matmul(x if perm is None else x.index_select(-1, perm), bias)
 
-    return CheckedChain(label, [Candidate("triton", lambda: w.matmul), Candidate("tinygemm", tinygemm)], reference, checks)
+    return CheckedChain(
+        label, [Candidate("triton", lambda: w.matmul), Candidate("tinygemm", tinygemm)], reference, checks
+    )
 
 
 class Int8Linear(nn.Module):
@@ -135,8 +146,15 @@ class Int8Linear(nn.Module):
     head never materializes a full fp copy.
     """
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, chunk: int = 16384, *, tune: bool = True,
-                 checks: SelfCheck | None = None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scales: torch.Tensor,
+        chunk: int = 16384,
+        *,
+        tune: bool = True,
+        checks: SelfCheck | None = None,
+    ):
         super().__init__()
         if weight.dtype != torch.int8 or weight.ndim != 2 or scales.shape != (weight.shape[0],):
             raise ArtifactsError("int8 lm_head: expected weight int8 [vocab, hidden] and scales [vocab]")
@@ -147,14 +165,19 @@ class Int8Linear(nn.Module):
         self._cpu_op = weight.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         self._scales_bf16 = scales.to(torch.bfloat16) if self._cpu_op else None
         # one row on CUDA (decode; prefill's last position): the Triton GEMV, self-checked on first use
-        self.chain = CheckedChain(f"int8 lm_head {weight.shape[0]}x{weight.shape[1]}",
-                                  [Candidate("triton", self._cuda_gemv)], self.reference, checks or SelfCheck())
+        self.chain = CheckedChain(
+            f"int8 lm_head {weight.shape[0]}x{weight.shape[1]}",
+            [Candidate("triton", self._cuda_gemv)],
+            self.reference,
+            checks or SelfCheck(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._cpu_op and x.device.type == "cpu":
             lead = x.shape[:-1]
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous(),
-                                                   self.weight, self._scales_bf16)
+            y = torch.ops.aten._weight_int8pack_mm(
+                x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous(), self.weight, self._scales_bf16
+            )
             return y.to(x.dtype).reshape(*lead, -1)
         if (x.device.type == "cuda" or _interpreted()) and x.numel() == x.shape[-1]:
             return self.chain(f"gemv {str(x.dtype).removeprefix('torch.')}", x)
@@ -168,8 +191,11 @@ class Int8Linear(nn.Module):
             from ..kernels.int8_triton import int8_gemv
             from ..kernels.w4_triton import TUNER
         except ImportError:
-            warn_once("int8/no-triton", "int8 lm_head on CUDA: triton is not installed, so the int8 GEMV kernel is off; "
-                      "the chunked dequantize-matmul runs instead (slower decode): pip install triton")
+            warn_once(
+                "int8/no-triton",
+                "int8 lm_head on CUDA: triton is not installed, so the int8 GEMV kernel is off; "
+                "the chunked dequantize-matmul runs instead (slower decode): pip install triton",
+            )
             return None
         gemv = partial(int8_gemv, tuner=TUNER if self.tune else None)
         return lambda x: gemv(x.reshape(1, -1), self.weight, self.scales).reshape(*x.shape[:-1], -1)
@@ -201,8 +227,15 @@ def quantize_int8_rows(weight: torch.Tensor, chunk: int = 16384) -> tuple[torch.
     return q, scales
 
 
-W4_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+W4_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def swap_in_quant_linears(model: nn.Module, quant_config: dict) -> None:
@@ -233,14 +266,24 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
     """
     first = parts[0]
     if isinstance(first, QuantLinear):
-        if not all(isinstance(p, QuantLinear) and p.kernel is None and p.in_features == first.in_features
-                   and p.scales.shape[0] == first.scales.shape[0] and torch.equal(p.g_idx, first.g_idx)
-                   and (p.bias is None) == (first.bias is None) for p in parts):
+        if not all(
+            isinstance(p, QuantLinear)
+            and p.kernel is None
+            and p.in_features == first.in_features
+            and p.scales.shape[0] == first.scales.shape[0]
+            and torch.equal(p.g_idx, first.g_idx)
+            and (p.bias is None) == (first.bias is None)
+            for p in parts
+        ):
             return None
         groups = first.scales.shape[0]
         with torch.device("meta"):  # shapes only; the concatenated tensors are assigned below
-            fused = QuantLinear(first.in_features, sum(p.out_features for p in parts),
-                                first.in_features // groups if groups > 1 else -1, first.bias is not None)
+            fused = QuantLinear(
+                first.in_features,
+                sum(p.out_features for p in parts),
+                first.in_features // groups if groups > 1 else -1,
+                first.bias is not None,
+            )
         fused.qweight = torch.cat([p.qweight for p in parts], dim=1)
         fused.qzeros = torch.cat([p.qzeros for p in parts], dim=1)
         fused.scales = torch.cat([p.scales for p in parts], dim=1)
@@ -248,11 +291,18 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
         if first.bias is not None:
             fused.bias = torch.cat([p.bias for p in parts])
         return fused
-    if type(first) is nn.Linear and all(type(p) is nn.Linear and p.in_features == first.in_features
-                                        and (p.bias is None) == (first.bias is None) for p in parts):
+    if type(first) is nn.Linear and all(
+        type(p) is nn.Linear and p.in_features == first.in_features and (p.bias is None) == (first.bias is None)
+        for p in parts
+    ):
         w = first.weight
-        fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
-                          device="meta", dtype=w.dtype)
+        fused = nn.Linear(
+            first.in_features,
+            sum(p.out_features for p in parts),
+            bias=first.bias is not None,
+            device="meta",
+            dtype=w.dtype,
+        )
         fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
         if first.bias is not None:
             fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)

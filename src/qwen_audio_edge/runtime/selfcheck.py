@@ -52,7 +52,7 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 class CheckedChain:
     """Fast paths (best first) over one reference twin, each checked on its first call per shape class."""
 
-    def __init__(self, label: str, candidates: list[Candidate], reference: Callable, verdicts: "SelfCheck"):
+    def __init__(self, label: str, candidates: list[Candidate], reference: Callable, verdicts: SelfCheck):
         self.label, self.candidates, self.reference, self.verdicts = label, candidates, reference, verdicts
         self._built: dict[str, Callable | None] = {}
 
@@ -61,9 +61,12 @@ class CheckedChain:
             cand = next(c for c in self.candidates if c.name == name)
             try:
                 self._built[name] = cand.build()
-            except Exception as e:  # noqa: BLE001 — a path that cannot even be built is skipped, with a warning
-                warn_once(f"{self.label}/{name}/build", f"{self.label}: the {name} kernel cannot be built "
-                          f"({type(e).__name__}: {_first_line(e)}); trying the next path")
+            except Exception as e:
+                warn_once(
+                    f"{self.label}/{name}/build",
+                    f"{self.label}: the {name} kernel cannot be built "
+                    f"({type(e).__name__}: {_first_line(e)}); trying the next path",
+                )
                 self._built[name] = None
         return self._built[name]
 
@@ -85,7 +88,7 @@ class CheckedChain:
             try:
                 y = fn(*args)
                 _sync(y)
-            except Exception as e:  # noqa: BLE001 — a launch failure means: the next path
+            except Exception as e:
                 problem = f"{type(e).__name__}: {_first_line(e)}"
             else:
                 ref = self.reference(*args) if ref is None else ref
@@ -95,8 +98,11 @@ class CheckedChain:
                     return y
                 problem = f"max error {err:.3g} of max |reference|, over the {tol:g} allowed"
             following = next((n for n in names[i + 1 :] if self._fn(n) is not None), "reference")
-            warn_once(f"{key}/{name}", f"{self.label}: the {name} kernel failed its self-check for {shape} "
-                      f"({problem}); using the {following} path for this shape instead")
+            warn_once(
+                f"{key}/{name}",
+                f"{self.label}: the {name} kernel failed its self-check for {shape} "
+                f"({problem}); using the {following} path for this shape instead",
+            )
         self.verdicts.set(key, "reference")
         return self.reference(*args) if ref is None else ref
 

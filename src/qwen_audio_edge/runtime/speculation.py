@@ -41,8 +41,14 @@ class Speculation:
             self.discarded += 1
         self.clear()
 
-    def update(self, end: int | None, turn: Callable[[], PendingTurn], fed: int, start: int,
-               prefill: Callable[[PendingTurn], PrefilledTurn]) -> None:
+    def update(
+        self,
+        end: int | None,
+        turn: Callable[[], PendingTurn],
+        fed: int,
+        start: int,
+        prefill: Callable[[PendingTurn], PrefilledTurn],
+    ) -> None:
         """Speculate for the utterance [start, end) whose mel is fed up to `fed`, unless already done for it.
 
         end: the endpointer's pending end (None: speech goes on, a speculation made in the silence is

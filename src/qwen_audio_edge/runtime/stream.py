@@ -122,7 +122,8 @@ class StreamEvent:
             "speech_start_s": round(self.speech_start_s, 3),
             "speech_end_s": round(self.speech_end_s, 3),
             "endpoint_decided_at_s": round(self.decided_at_s, 3),
-            "ttft_after_endpoint_ms": None if self.first_token_wall is None
+            "ttft_after_endpoint_ms": None
+            if self.first_token_wall is None
             else round(1000 * (self.first_token_wall - self.endpoint_wall), 3),
             "lag_s": round(self.lag_s, 3),
             "forced_endpoint": self.forced,
@@ -145,8 +146,15 @@ class _Job:
     lag: float
     forced: bool
 
-    def answer(self, conv: Conversation, sampling: SamplingOptions, on_text: Callable[[str], None] | None,
-               should_stop: Callable[[], bool], sr: int, mode: str) -> StreamEvent:
+    def answer(
+        self,
+        conv: Conversation,
+        sampling: SamplingOptions,
+        on_text: Callable[[str], None] | None,
+        should_stop: Callable[[], bool],
+        sr: int,
+        mode: str,
+    ) -> StreamEvent:
         """Decode the answer (streamed through `on_text`) and return the turn event. The first token's wall
         time comes from the turn's own TTFT, else from when the first text arrived."""
         first: list[float] = []
@@ -157,13 +165,27 @@ class _Job:
             if on_text:
                 on_text(piece)
 
-        result = conv.finish_turn(self.turn, self.mels, sampling=sampling, on_text=text, t0=self.t_end,
-                                  prefilled=self.prefilled, should_stop=should_stop)
+        result = conv.finish_turn(
+            self.turn,
+            self.mels,
+            sampling=sampling,
+            on_text=text,
+            t0=self.t_end,
+            prefilled=self.prefilled,
+            should_stop=should_stop,
+        )
         ttft = result.timings.get("ttft_ms")
-        return StreamEvent(result=result, speech_start_s=self.start / sr, speech_end_s=self.end / sr,
-                           decided_at_s=max(self.decided, self.end) / sr, endpoint_wall=self.t_end,
-                           first_token_wall=self.t_end + ttft / 1000 if ttft is not None else (first[0] if first else None),
-                           mode=mode, lag_s=self.lag, forced=self.forced)
+        return StreamEvent(
+            result=result,
+            speech_start_s=self.start / sr,
+            speech_end_s=self.end / sr,
+            decided_at_s=max(self.decided, self.end) / sr,
+            endpoint_wall=self.t_end,
+            first_token_wall=self.t_end + ttft / 1000 if ttft is not None else (first[0] if first else None),
+            mode=mode,
+            lag_s=self.lag,
+            forced=self.forced,
+        )
 
 
 def _chunked_layout(options: StreamOptions, front: MelFrontEnd) -> tuple[int | None, int]:
@@ -191,10 +213,18 @@ class StreamSession:
     audio buffer, utterance features, speculation, answer worker) owns its state and is handed the rest.
     """
 
-    def __init__(self, pipeline: Pipeline, prompt: str | None = None, *, sampling: SamplingOptions | None = None,
-                 vad: VadOptions | None = VadOptions(), on_text: Callable[[str], None] | None = None,
-                 options: StreamOptions = StreamOptions(), on_event: Callable[[StreamEvent], None] | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        prompt: str | None = None,
+        *,
+        sampling: SamplingOptions | None = None,
+        vad: VadOptions | None = VadOptions(),
+        on_text: Callable[[str], None] | None = None,
+        options: StreamOptions = StreamOptions(),
+        on_event: Callable[[StreamEvent], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.p = pipeline
         self.options = options
         self.prompt = prompt
@@ -227,7 +257,9 @@ class StreamSession:
 
     def _begin_turn(self) -> PendingTurn:
         # The next turn's prompt prefix is prefilled right away, before any of its audio (work ahead).
-        return self.conv.begin_turn(self.prompt, 1, reserve=self.sampling.max_new_tokens, blockwise=self.block is not None)
+        return self.conv.begin_turn(
+            self.prompt, 1, reserve=self.sampling.max_new_tokens, blockwise=self.block is not None
+        )
 
     @property
     def speculations(self) -> int:
@@ -305,9 +337,15 @@ class StreamSession:
         if self.endpointer.uses_vad and self.lag_s <= self.options.max_lag_s:
             # In the silence the endpointer must wait out, the utterance is already fully known: encode and
             # prefill it now; kept if the endpoint is confirmed at that sample, dropped if speech resumes.
-            self._speculation.update(self.endpointer.pending_end(), self._ensure_turn, self.features.fed,
-                                     self.audio.start or 0, lambda turn: self.conv.prefill_turn(
-                                         turn, self.features.tail_inputs(), reserve=self.sampling.max_new_tokens))
+            self._speculation.update(
+                self.endpointer.pending_end(),
+                self._ensure_turn,
+                self.features.fed,
+                self.audio.start or 0,
+                lambda turn: self.conv.prefill_turn(
+                    turn, self.features.tail_inputs(), reserve=self.sampling.max_new_tokens
+                ),
+            )
 
     def _ensure_turn(self) -> PendingTurn:
         """The pending turn, begun now if beginning it after the last answer failed (e.g. context full)."""
@@ -365,8 +403,17 @@ class StreamSession:
                 self._start_next_utterance(end, forced)
                 raise
         prefilled = self._speculation.take(end, turn.audio_done)
-        job = _Job(turn=turn, mels=None if prefilled else self.features.tail_inputs(), prefilled=prefilled,
-                   start=start, end=end, decided=decided, t_end=t_end, lag=self.lag_s, forced=forced)
+        job = _Job(
+            turn=turn,
+            mels=None if prefilled else self.features.tail_inputs(),
+            prefilled=prefilled,
+            start=start,
+            end=end,
+            decided=decided,
+            t_end=t_end,
+            lag=self.lag_s,
+            forced=forced,
+        )
         self._start_next_utterance(end, forced)
         self.turn = None  # the answer begins the next turn (prefix prefilled right after it)
         self._answers.run(lambda: self._answer(job))
@@ -378,8 +425,9 @@ class StreamSession:
     def _answer(self, job: _Job) -> None:
         """Answer an ended utterance, publish its event, and prefill the next turn's prefix."""
         try:
-            event = job.answer(self.conv, self.sampling, self.on_text, self._answers.stop_requested, self.sr,
-                               self.options.mode)
+            event = job.answer(
+                self.conv, self.sampling, self.on_text, self._answers.stop_requested, self.sr, self.options.mode
+            )
         except QwenAudioEdgeError:
             if not self.conv.failed:  # e.g. a turn too long for the context: refused, the session goes on
                 self.turn = self._begin_turn()

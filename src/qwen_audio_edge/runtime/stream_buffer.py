@@ -39,9 +39,13 @@ class AudioBuffer:
         self.sr = sample_rate
         self.clock = clock
         self.continuous = continuous  # no VAD: every sample belongs to an utterance, one starts where the last ended
-        self.samples: np.ndarray = np.zeros(0, np.float32)  # audio since origin (the current utterance, or recent silence)
+        self.samples: np.ndarray = np.zeros(
+            0, np.float32
+        )  # audio since origin (the current utterance, or recent silence)
         self.origin = 0  # absolute sample index of samples[0]
-        self.start: int | None = 0 if continuous else None  # where the utterance under way began (None: between utterances)
+        self.start: int | None = (
+            0 if continuous else None
+        )  # where the utterance under way began (None: between utterances)
         self.arrived = 0  # samples received since the session started (16 kHz)
         self.t_first: float | None = None  # wall time of the first chunk
         self._resampler: Any = None
@@ -59,13 +63,21 @@ class AudioBuffer:
     def _to_16k(self, pcm: Any, sampling_rate: int) -> np.ndarray:
         data = np.asarray(pcm)
         if sampling_rate == self.sr:
-            return prepare_waveform(data, self.sr, self.sr, source="stream chunk") if data.size else np.zeros(0, np.float32)
+            return (
+                prepare_waveform(data, self.sr, self.sr, source="stream chunk")
+                if data.size
+                else np.zeros(0, np.float32)
+            )
         import soxr
 
         if self._resampler is None or self._in_rate != sampling_rate:
             self._resampler = soxr.ResampleStream(sampling_rate, self.sr, 1, dtype="float32", quality="HQ")
             self._in_rate = sampling_rate
-        mono = prepare_waveform(data, sampling_rate, sampling_rate, source="stream chunk") if data.size else np.zeros(0, np.float32)
+        mono = (
+            prepare_waveform(data, sampling_rate, sampling_rate, source="stream chunk")
+            if data.size
+            else np.zeros(0, np.float32)
+        )
         return self._resampler.resample_chunk(mono).astype(np.float32)
 
     @property
@@ -133,8 +145,9 @@ class UtteranceFeatures:
         """The endpointer placed this utterance's start at `start`: nothing before it is fed."""
         self.fed = start
 
-    def work_ahead(self, pipeline: Pipeline, conv: Conversation, turn: Callable[[], PendingTurn],
-                   reserve: int) -> PendingTurn | None:
+    def work_ahead(
+        self, pipeline: Pipeline, conv: Conversation, turn: Callable[[], PendingTurn], reserve: int
+    ) -> PendingTurn | None:
         """Chunked mode: encode the blocks that became final and prefill them in one call.
 
         `turn` gives the pending turn (begun on demand). Returns the extended turn, or None when nothing
@@ -147,8 +160,9 @@ class UtteranceFeatures:
             return None
         encoder = self.block_encoder.fork()  # committed only once the blocks are in the KV cache
         try:
-            extended = conv.extend_audio(turn(), torch.cat(pipeline.encode_mels([BlockBatch(encoder, tuple(ready))])),
-                                         reserve=reserve)
+            extended = conv.extend_audio(
+                turn(), torch.cat(pipeline.encode_mels([BlockBatch(encoder, tuple(ready))])), reserve=reserve
+            )
         except QwenAudioEdgeError:
             # E.g. the utterance outgrew the context: the blocks stay pending for the end of the
             # utterance, where the turn is refused once with this error (not at every chunk).
