@@ -113,15 +113,15 @@ def test_bad_files_raise_audio_error(tmp_path):
         load_audio(tmp_path)
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"RIFF....not really a wave file" * 10)
-    with pytest.raises(AudioError, match="garbage.wav"):
+    with pytest.raises(AudioError, match=r"garbage\.wav"):
         load_audio(garbage)
     empty = tmp_path / "empty.wav"
     sf.write(str(empty), np.zeros(0, np.float32), 16000)
-    with pytest.raises(AudioError, match="empty|no samples"):
+    with pytest.raises(AudioError, match=r"empty|no samples"):
         load_audio(empty)
     zero_bytes = tmp_path / "zero.flac"
     zero_bytes.write_bytes(b"")
-    with pytest.raises(AudioError, match="zero.flac"):
+    with pytest.raises(AudioError, match=r"zero\.flac"):
         load_audio(zero_bytes)
 
 
@@ -159,5 +159,5 @@ def test_pcm_wav_is_read_without_soundfile_and_pyav(tmp_path, monkeypatch, subty
     np.testing.assert_array_equal(without, with_libs)
     flac = tmp_path / "a.flac"
     sf.write(str(flac), wave, 16000, format="FLAC")
-    with pytest.raises(AudioError, match="neither soundfile nor PyAV can decode it here .*pip install soundfile av"):
+    with pytest.raises(AudioError, match=r"neither soundfile nor PyAV can decode it here .*pip install soundfile av"):
         load_audio(flac)

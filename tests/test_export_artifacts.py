@@ -87,11 +87,11 @@ def _copy(art, tmp_path):
 def test_manifest_errors_name_the_file(mha, tmp_path):
     with pytest.raises(ArtifactsError, match="not found"):
         load_manifest(tmp_path / "nope")
-    with pytest.raises(ArtifactsError, match="no manifest.json"):
+    with pytest.raises(ArtifactsError, match=r"no manifest\.json"):
         load_manifest(tmp_path)
     art = _copy(mha.artifacts, tmp_path)
     (art / "tokenizer.json").unlink()
-    with pytest.raises(ArtifactsError, match="missing: tokenizer.json"):
+    with pytest.raises(ArtifactsError, match=r"missing: tokenizer\.json"):
         load_manifest(art)
     shutil.rmtree(art)
 
@@ -99,12 +99,12 @@ def test_manifest_errors_name_the_file(mha, tmp_path):
     data = bytearray((art / "chat_template.jinja").read_bytes())
     data[0] ^= 1
     (art / "chat_template.jinja").write_bytes(bytes(data))
-    with pytest.raises(ArtifactsError, match="chat_template.jinja fails its sha256"):
+    with pytest.raises(ArtifactsError, match=r"chat_template\.jinja fails its sha256"):
         load_manifest(art)
     load_manifest(art, verify_hashes=False)  # sizes still match: --no-verify accepts it
     with open(art / "encoder.onnx", "ab") as f:
         f.write(b"x")
-    with pytest.raises(ArtifactsError, match="encoder.onnx has .* bytes"):
+    with pytest.raises(ArtifactsError, match=r"encoder\.onnx has .* bytes"):
         load_manifest(art, verify_hashes=False)
     shutil.rmtree(art)
 
@@ -151,7 +151,7 @@ def test_bad_checkpoints_are_rejected(tmp_path, mha):
     with pytest.raises(CheckpointError, match="not found"):
         export_checkpoint(tmp_path / "missing", tmp_path / "o1", ExportOptions(progress=False))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         export_checkpoint(tmp_path / "empty", tmp_path / "o2", ExportOptions(progress=False))
     bad = tmp_path / "bad"
     shutil.copytree(mha.checkpoint, bad)

@@ -91,7 +91,7 @@ def _errors(exact, states) -> list[dict]:
     from fidelity import PAD_S
     from fidelity_onnx import errors
 
-    return [errors(s, ex, int(PAD_S * 50)) for s, ex in zip(states, exact)]
+    return [errors(s, ex, int(PAD_S * 50)) for s, ex in zip(states, exact, strict=True)]
 
 
 def _states(path: Path, study, waves) -> list[torch.Tensor]:
@@ -118,7 +118,7 @@ def test_fp32_graph_interface(exported, study):
 
 def test_fp32_matches_exact(exported, study, waves, exact):
     states = _states(exported["fp32"], study, waves)
-    for w, s, ex in zip(waves, states, exact):
+    for w, s, ex in zip(waves, states, exact, strict=True):
         n_valid = study.front.log_mel(w)[1]
         assert s.shape == ex.shape == ((n_valid - 1) // 2 + 1, study.cfg.d_model)
     for e in _errors(exact, states):

@@ -356,9 +356,9 @@ def test_overrides_and_entry_points_use_one_resolution(mha, variants, pipelines)
 def test_greedy_override_makes_sampling_only_keys_moot():
     gen = {"do_sample": True, "typical_p": 0.9}
     assert resolve_sampling(gen, greedy=True).greedy
-    with pytest.raises(OptionsError, match="typical_p=0.9"):
+    with pytest.raises(OptionsError, match=r"typical_p=0\.9"):
         resolve_sampling(gen)
-    with pytest.raises(OptionsError, match="typical_p=0.9"):  # a greedy config that a flag turns into sampling
+    with pytest.raises(OptionsError, match=r"typical_p=0\.9"):  # a greedy config that a flag turns into sampling
         resolve_sampling({"typical_p": 0.9}, greedy=False)
 
 

@@ -340,7 +340,7 @@ def test_triton_kernel_on_cpu_weights_is_refused_clearly(monkeypatch):
     q = _layer(256, 64, 64, False, True)
     ql = QuantLinear(256, 64, 64, bias=False)
     ql.qweight, ql.qzeros, ql.scales, ql.g_idx = q.qweight, q.qzeros, q.scales, q.g_idx
-    with pytest.raises(ArtifactsError, match="cannot run .* on cpu; use --w4-kernel auto or ref"):
+    with pytest.raises(ArtifactsError, match=r"cannot run .* on cpu; use --w4-kernel auto or ref"):
         ql.prepare("triton")
     assert ql.prepare("auto") == "cpu"
 

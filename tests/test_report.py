@@ -131,7 +131,7 @@ def test_missing_result_file_or_key_is_named(tree, capsys):
 def test_stream_block_reads_the_current_keys(tree, capsys):
     """bench/stream.py renamed its keys (endpoint_decision_to_first_token_ms_*, lag_s_max) and records its chunked
     rule: a file in that form renders, with its chunked rows, and the renamed figures land in the table."""
-    root, results = tree
+    _root, results = tree
     path = results / "cpu" / "stream_mid.json"
     data = json.loads(path.read_text())
     renames = {

@@ -111,7 +111,7 @@ def test_barge_in_cancels_the_answer(mha, pipelines, words, mode):
         return
     # The cancelled answer stays in the conversation as far as it got: replaying the two turns gives the same.
     conv = p.chat()
-    span = lambda e: audio[int(round(e.speech_start_s * 16000)) : int(round(e.speech_end_s * 16000))]
+    span = lambda e: audio[round(e.speech_start_s * 16000) : round(e.speech_end_s * 16000)]
     n1 = len(first.result.token_ids)
     assert (
         conv.send(span(first), PROMPT, sampling=SamplingOptions(max_new_tokens=n1, **GREEDY_KW)).token_ids
@@ -269,7 +269,7 @@ def test_a_refused_turn_in_a_vad_stream_surfaces_and_the_next_one_is_answered(mh
     assert errors and len(events) == 1  # each too-long utterance refused once (VAD may split the long speech)
     ev = events[0]
     assert ev.speech_end_s - ev.speech_start_s < 2.0
-    span = audio[int(round(ev.speech_start_s * 16000)) : int(round(ev.speech_end_s * 16000))]
+    span = audio[round(ev.speech_start_s * 16000) : round(ev.speech_end_s * 16000)]
     assert ev.result.token_ids == p.chat().send(span, PROMPT, sampling=GREEDY).token_ids
 
 

@@ -303,4 +303,4 @@ def test_chunked_mode_stays_close_to_exact_on_trained_weights(artifacts, speech)
         causal.append(torch.nn.functional.cosine_similarity(chunked, exact, dim=-1).mean().item())
         alone.append(torch.nn.functional.cosine_similarity(first_rule, exact, dim=-1).mean().item())
     # measured: block-causal 0.961–0.977 per sentence, blocks alone 0.795–0.845 (0.8 s blocks, 0.4 s look-ahead)
-    assert min(causal) >= 0.95 and max(alone) <= 0.87 and min(c - a for c, a in zip(causal, alone)) >= 0.1
+    assert min(causal) >= 0.95 and max(alone) <= 0.87 and min(c - a for c, a in zip(causal, alone, strict=True)) >= 0.1
