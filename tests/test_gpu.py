@@ -37,7 +37,7 @@ def test_triton_real_shapes_on_cuda(k, n, dtype, tol):
 @pytest.mark.parametrize("k,n", [(4096, 4096), (11008, 4096)])
 def test_tinygemm_fallback_matches_the_reference_on_cuda(k, n):
     """torch's CUDA int4 op over our repack (the Triton kernels' fallback) computes the same layer, act-order
-    included; it runs in bf16, so the bound is bf16's (measured on the GPU run: see bench/results/<gpu>/)."""
+    included; it runs in bf16, so the bound is bf16's (see the comment at the assertion)."""
     from qwen_audio_edge.kernels.w4_ref import w4_matmul_ref
     from qwen_audio_edge.kernels.w4_tinygemm import TinygemmW4Weight
 
@@ -49,6 +49,10 @@ def test_tinygemm_fallback_matches_the_reference_on_cuda(k, n):
         ref = w4_matmul_ref(x, qweight, qzeros, scales, g_idx)
         err = ((t.matmul(x.half()).float() - ref).abs().max() / ref.abs().max()).item()
         print(f"tinygemm {k}x{n} m={m}: relative error {err:.2e}")
+        # Not measured: no GPU on the machines this bound was reviewed on (bench/results/ holds no GPU run yet), so
+        # it stays bf16's, as CPU_TOL in test_kernels.py for the CPU int4 op (bf16 too: measured 2.8e-3–4.0e-3 on
+        # the 7B shapes, max_rel_err in bench/results/cpu/kernels.json). Tighten to measured + margin from the
+        # first GPU run (the value is printed above; pytest -rA shows it).
         assert err <= 2e-2
 
 
