@@ -42,6 +42,7 @@ import statistics
 import warnings
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field, replace
+from typing import TypeVar
 
 import torch
 import triton
@@ -55,6 +56,7 @@ MAGIC = 0x4B000000  # fp32 bits of 2^23: OR-ing a small integer q into the manti
 GEMM_BLOCK_K = 128  # the prefill activation layout is built for this tile depth (see prefill_columns)
 COUNTER_BLOCK = 16  # smallest BLOCK_N: one ticket counter per 16 output columns covers every config
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+C = TypeVar("C")  # a launch config type that Tuner.choose picks among (GemvConfig, GemmConfig, Int8GemvConfig)
 
 
 @dataclass(frozen=True)
@@ -218,7 +220,7 @@ def fits_target(kernel: str, config, dtype: torch.dtype, arch: int) -> bool:
     measured = COMPILED.get((kernel, astuple(config), _dtype_name(dtype)))
     if not measured:
         return limits.fits(estimate_shared(kernel, config, dtype))
-    shared, spill = measured.get(arch) or tuple(map(max, zip(*measured.values())))
+    shared, spill = measured.get(arch) or tuple(map(max, zip(*measured.values(), strict=True)))
     return limits.fits(shared) and (spill == 0 or dtype == torch.float32)
 
 
@@ -575,15 +577,16 @@ class Tuner:
     choices: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)  # key → [(config, seconds or None)] for reports
 
-    def choose(self, key: tuple, candidates: tuple, run: Callable[[object], None]):
+    def choose(self, key: tuple, candidates: tuple[C, ...], run: Callable[[C], None]) -> C:
         if key in self.choices:
             return self.choices[key]
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return candidates[0]
-        results, last_error = [], None
+        results: list[tuple[C, float | None]] = []
+        last_error: Exception | None = None
         for cfg in candidates:
             try:
-                results.append((cfg, self.measure(lambda: run(cfg))))
+                results.append((cfg, self.measure(functools.partial(run, cfg))))
             except Exception as e:
                 last_error = e
                 results.append((cfg, None))
@@ -688,9 +691,13 @@ class TritonW4Weight:
         if m == 0:
             return out.reshape(*lead, self.n)
         arch = device_arch(x.device)  # candidates that do not fit this GPU are left out
+        # tuple(...) keeps both branches' candidates at this one type (an assignment of the branch's own tuple
+        # type would narrow `cands` to it, and Tuner.choose would then see two unrelated tuple types)
+        cands: tuple[GemvConfig | GemmConfig, ...]
+        run: Callable[[GemvConfig | GemmConfig], None]  # a config of the other kind: ValueError (tests force them)
         if m <= DECODE_MAX_M:
             bm = triton.next_power_of_2(m)
-            cands = gemv_candidates(bm, self.group, self.k, arch, x.dtype)
+            cands = tuple(gemv_candidates(bm, self.group, self.k, arch, x.dtype))
             run = lambda c: self._gemv(x2, bias, out, c, bm)
             key = (
                 "gemv",
@@ -704,7 +711,7 @@ class TritonW4Weight:
                 str(x.device),
             )
         else:
-            cands = gemm_candidates(m, arch, x.dtype)
+            cands = tuple(gemm_candidates(m, arch, x.dtype))
             run = lambda c: self._gemm(x2, bias, out, c)
             key = (
                 "gemm",
@@ -719,13 +726,16 @@ class TritonW4Weight:
             )
         with on_device(x):
             if config is None:
-                config = (
-                    cands[0] if self.tuner is None or x.device.type != "cuda" else self.tuner.choose(key, cands, run)
-                )
+                if self.tuner is None or x.device.type != "cuda":
+                    config = cands[0]
+                else:
+                    config = self.tuner.choose(key, cands, run)
             run(config)
         return out.reshape(*lead, self.n)
 
-    def _gemv(self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemvConfig, bm: int) -> None:
+    def _gemv(
+        self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemvConfig | GemmConfig, bm: int
+    ) -> None:
         if (
             not isinstance(c, GemvConfig)
             or (c.split_k > 1 and bm > 1)
@@ -821,7 +831,7 @@ class TritonW4Weight:
         base = src if self.perm is None else self.perm.long()[src.clamp(max=self.k - 1)]
         return torch.where(src < self.k, base, self.k).to(torch.int32)  # column K of the padded input is zero
 
-    def _gemm(self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemmConfig) -> None:
+    def _gemm(self, x2: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, c: GemvConfig | GemmConfig) -> None:
         if not isinstance(c, GemmConfig) or c.block_k != GEMM_BLOCK_K or c.block_m < 16 or c.block_n < 16:
             raise ValueError(f"{c} is not a prefill config (BLOCK_K = {GEMM_BLOCK_K}, BLOCK_M/N ≥ 16)")
         m = x2.shape[0]

@@ -39,7 +39,7 @@ class DecodeStep:
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._pool: torch.cuda._POOL_HANDLE | None = None  # the graphs' shared memory pool, after the first capture
 
     def bucket(self, pos: int) -> int:
         """The smallest power-of-two prefix (≥ min_bucket, ≤ the cache) that holds positions 0…pos."""

@@ -11,7 +11,9 @@ on a context length, so any number of caches — a pipeline's, a scoring run's, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,9 @@ from torch import nn
 
 from .errors import ArtifactsError, LimitError
 from .selfcheck import TOLERANCE, SelfCheck, relative_error, warn_once
+
+if TYPE_CHECKING:
+    from .quant_linear import Int8Linear
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,30 @@ class ModelArgs:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elt
 
 
+class FusedKernels(Protocol):
+    """What the decoder calls on its fused kernel module (kernels/fused_triton.py; tests pass substitutes)."""
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, /, delta: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def silu_mul(self, gate_up: torch.Tensor, /) -> torch.Tensor: ...
+
+    def rope_kv_cache_(
+        self,
+        qkv: torch.Tensor,
+        n_q: int,
+        n_kv: int,
+        head_dim: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        start: int | torch.Tensor,
+        /,
+    ) -> None: ...
+
+
 class RMSNorm(nn.Module):
     """Qwen2 RMSNorm: normalise in fp32, cast back, then scale (the reference's order of operations)."""
 
@@ -107,13 +136,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, a.hidden_size, bias=False)
         self.qkv_proj: nn.Module | None = None  # q, k, v fused into one matmul at load (fuse_projections)
-        self.fused_kernels = None  # kernels/fused_triton.py on CUDA (enable_fused_kernels), else torch ops
+        self.fused_kernels: FusedKernels | None = None  # on CUDA: enable_fused_kernels; None: torch ops
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int, start: int
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        start: int | StepPosition,  # a StepPosition: a static-shape decode step (CUDA-graph capturable)
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        step = isinstance(start, StepPosition)  # static-shape decode step (CUDA-graph capturable)
         if self.qkv_proj is not None and self.fused_kernels is not None and b == 1:
             # one launch: q rotated in place, rotated k and v written straight into the cache
             qkv = self.qkv_proj(x)
@@ -126,10 +160,10 @@ class Attention(nn.Module):
                 sin.reshape(s, -1),
                 cache.k[layer],
                 cache.v[layer],
-                start.pos if step else start,
+                start.pos if isinstance(start, StepPosition) else start,
             )
             q = qkv[..., : self.n_heads * self.head_dim].view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-            end = start.bucket if step else start + s
+            end = start.bucket if isinstance(start, StepPosition) else start + s
             keys, values = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
         else:
             if self.qkv_proj is not None:
@@ -141,11 +175,12 @@ class Attention(nn.Module):
             k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
             v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-            if step:
+            if isinstance(start, StepPosition):
                 keys, values = cache.update_at(layer, start.pos, k, v, start.bucket)
             else:
                 keys, values = cache.update(layer, start, k, v)
-        if step:
+        mask: torch.Tensor | None
+        if isinstance(start, StepPosition):
             mask = start.mask
         else:
             end = start + s
@@ -184,7 +219,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
         self.gate_up_proj: nn.Module | None = None  # gate and up fused into one matmul at load
-        self.fused_kernels = None  # kernels/fused_triton.py on CUDA (enable_fused_kernels), else torch ops
+        self.fused_kernels: FusedKernels | None = None  # on CUDA: enable_fused_kernels; None: torch ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
@@ -202,20 +237,38 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(a)
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.fused_kernels = None  # kernels/fused_triton.py on CUDA (enable_fused_kernels), else torch ops
+        self.fused_kernels: FusedKernels | None = None  # on CUDA: enable_fused_kernels; None: torch ops
 
-    def forward(self, x, cos, sin, cache, layer, start):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        start: int | StepPosition,
+    ) -> torch.Tensor:
         if self.fused_kernels is not None:
             x, delta = self.forward_fused(x, None, cos, sin, cache, layer, start)
             return x + delta
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_fused(self, x, delta, cos, sin, cache, layer, start):
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        start: int | StepPosition,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer on the fused kernels, with the residual stream carried as (x, delta): the input is
         x + delta (delta None: x), the output (x', delta') means x' + delta'. Each norm is one launch that
         also does the residual add before it."""
         fk, n1, n2 = self.fused_kernels, self.input_layernorm, self.post_attention_layernorm
+        assert fk is not None, "forward_fused runs only on a layer whose fused kernels are enabled"
         h, x = fk.rms_norm(x, n1.weight, n1.eps, delta=delta)
         h, x = fk.rms_norm(x, n2.weight, n2.eps, delta=self.self_attn(h, cos, sin, cache, layer, start))
         return x, self.mlp(h)
@@ -263,17 +316,34 @@ class KVCache:
         return self.k[layer, :, :, :bucket], self.v[layer, :, :, :bucket]
 
 
+class DecoderBody(nn.Module):
+    """The checkpoint's `model.*` part: token embeddings, the layers, the final norm (its own class so that
+    each part has a type; the parameter names are the checkpoint's)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(args) for _ in range(args.num_hidden_layers)])
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def decoder_layers(self) -> Sequence[DecoderLayer]:
+        """`layers` typed as what it holds (an nn.ModuleList's items are typed as plain Modules)."""
+        return cast("Sequence[DecoderLayer]", self.layers)
+
+
 class Qwen2Decoder(nn.Module):
     """The decoder. `forward(embeds, start)` runs positions start…start+S−1 through the cache."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.model.layers = nn.ModuleList([DecoderLayer(args) for _ in range(args.num_hidden_layers)])
-        self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.model = DecoderBody(args)
+        self.lm_head: nn.Linear | Int8Linear = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # what load_decoder set up (runtime/pipeline.py reports them): these defaults are a plain decoder's
+        self.selfcheck = SelfCheck()  # the fast paths' per-shape verdicts, shared by all its layers
+        self.fused_projections = 0  # layers' q/k/v and gate/up fused into one matmul each (fuse_projections)
+        self.fused_kernels = False  # norms, RoPE and SwiGLU on the Triton kernels (enable_fused_kernels)
+        self.w4_kernels: list[str] = []  # the W4 matmul paths its QuantLinears prepared
 
     def setup_cache(self, max_context: int) -> KVCache:
         """A new KV cache (with its RoPE tables) for `max_context` positions in the weights' dtype/device.
@@ -297,20 +367,31 @@ class Qwen2Decoder(nn.Module):
         sin = cache.sin[start : start + s][None, None]
         return self._layers_and_head(embeds, cos, sin, cache, start, last_only=not all_logits)
 
-    def _layers_and_head(self, x, cos, sin, cache, start, *, last_only: bool) -> torch.Tensor:
-        fk = self.model.layers[0].fused_kernels if len(self.model.layers) else None
+    def _layers_and_head(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        start: int | StepPosition,
+        *,
+        last_only: bool,
+    ) -> torch.Tensor:
+        layers = self.model.decoder_layers()
+        fk = layers[0].fused_kernels if len(layers) else None
         if fk is None:
-            for i, layer in enumerate(self.model.layers):
+            for i, layer in enumerate(layers):
                 x = layer(x, cos, sin, cache, i, start)
             if last_only:
                 x = x[:, -1:]
             return self.lm_head(self.model.norm(x))
         # fused kernels: each layer's closing residual add is done inside the next norm (and the last
         # layer's inside the final norm), so no layer ends with a separate add launch
-        delta = None
-        for i, layer in enumerate(self.model.layers):
+        delta: torch.Tensor | None = None
+        for i, layer in enumerate(layers):
             x, delta = layer.forward_fused(x, delta, cos, sin, cache, i, start)
         if last_only:
+            assert delta is not None, "fk came from layers[0], so the loop ran and left a delta"
             x, delta = x[:, -1:], delta[:, -1:]
         h, _ = fk.rms_norm(x, self.model.norm.weight, self.model.norm.eps, delta=delta)
         return self.lm_head(h)
@@ -338,7 +419,7 @@ def fuse_projections(model: Qwen2Decoder) -> int:
     from .quant_linear import fuse_linears
 
     fused = 0
-    for layer in model.model.layers:
+    for layer in model.model.decoder_layers():
         attn, mlp = layer.self_attn, layer.mlp
         qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
         if qkv is not None:
@@ -353,7 +434,7 @@ def fuse_projections(model: Qwen2Decoder) -> int:
     return fused
 
 
-def enable_fused_kernels(model: Qwen2Decoder, module=None) -> bool:
+def enable_fused_kernels(model: Qwen2Decoder, module: FusedKernels | None = None) -> bool:
     """Route every layer's norms, RoPE (fused q/k/v only) and SwiGLU (fused gate/up only) through the
     Triton kernels of kernels/fused_triton.py; returns False (torch ops kept, with one warning) when
     Triton is missing or a kernel fails its self-check.
@@ -365,7 +446,7 @@ def enable_fused_kernels(model: Qwen2Decoder, module=None) -> bool:
     than the first forward failing deep inside Triton or decoding wrong tokens."""
     if module is None:
         try:
-            from ..kernels import fused_triton as module
+            from ..kernels import fused_triton
         except ImportError:
             warn_once(
                 "fused/no-triton",
@@ -373,6 +454,7 @@ def enable_fused_kernels(model: Qwen2Decoder, module=None) -> bool:
                 "run as plain torch ops (correct, slower decode): pip install triton",
             )
             return False
+        module = fused_triton
     problem = fused_kernels_problem(model, module)
     if problem is not None:
         warn_once(
@@ -382,14 +464,14 @@ def enable_fused_kernels(model: Qwen2Decoder, module=None) -> bool:
         )
         return False
     hd = model.args.head_dim
-    for layer in model.model.layers:
+    for layer in model.model.decoder_layers():
         layer.fused_kernels = layer.mlp.fused_kernels = module
         layer.self_attn.fused_kernels = module if hd % 2 == 0 and hd & (hd - 1) == 0 else None  # RoPE: 2^n head_dim
     return True
 
 
 @torch.no_grad()
-def fused_kernels_problem(model: Qwen2Decoder, module) -> str | None:
+def fused_kernels_problem(model: Qwen2Decoder, module: FusedKernels) -> str | None:
     """None if each fused kernel runs on the model's device and matches its torch twin, else what failed."""
     a, norm = model.args, model.model.norm
     w = norm.weight
@@ -481,7 +563,7 @@ def load_decoder(
     state: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
+            for key in sf.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
                 if key in skip:
                     continue
                 if key not in expected:

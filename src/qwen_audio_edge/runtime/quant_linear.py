@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,9 +20,21 @@ from ..kernels.w4_ref import PACK, w4_matmul_ref
 from .errors import ArtifactsError
 from .selfcheck import Candidate, CheckedChain, SelfCheck, warn_once
 
+if TYPE_CHECKING:
+    from ..kernels.w4_cpu import CpuW4Weight
+    from ..kernels.w4_triton import TritonW4Weight
+    from .decoder import Qwen2Decoder
+
 
 class QuantLinear(nn.Module):
     """GPTQ W4 linear: y = x @ dequant(qweight, qzeros, scales, g_idx) + bias."""
+
+    # buffers (register_buffer), declared for the type checker
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool):
         super().__init__()
@@ -36,7 +50,8 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.empty(out_features, dtype=torch.float16))
         else:
             self.bias = None
-        self.kernel = None  # a repacked fast-path weight (kernels/w4_cpu.py or w4_triton.py), or None = reference
+        # a repacked fast-path weight (kernels/w4_cpu.py or w4_triton.py), or None = reference
+        self.kernel: CpuW4Weight | TritonW4Weight | None = None
         self.chain: CheckedChain | None = None  # Triton → tinygemm → reference, self-checked (runtime/selfcheck.py)
 
     def prepare(self, kernel: str = "auto", *, tune: bool = True, checks: SelfCheck | None = None) -> str:
@@ -51,7 +66,9 @@ class QuantLinear(nn.Module):
             raise ValueError(f"unknown W4 kernel {kernel!r}: use auto, ref, cpu or triton")
         on_cuda = self.qweight.device.type == "cuda"
         want = ("triton" if on_cuda else "cpu") if kernel == "auto" else kernel
-        built, triton_missing = None, False
+        built: CpuW4Weight | TritonW4Weight | None = None
+        triton_built: TritonW4Weight | None = None  # the Triton path gets a self-checked fallback chain
+        triton_missing = False
         if want == "cpu" and not on_cuda:
             from ..kernels.w4_cpu import CpuW4Weight
 
@@ -68,7 +85,7 @@ class QuantLinear(nn.Module):
                         "the reference dequantize-matmul runs instead (correct, much slower decode): pip install triton",
                     )
             else:
-                built = TritonW4Weight.build(
+                built = triton_built = TritonW4Weight.build(
                     self.qweight, self.qzeros, self.scales, self.g_idx, tuner=TUNER if tune else None
                 )
         if built is None and kernel not in ("auto", "ref"):
@@ -85,8 +102,10 @@ class QuantLinear(nn.Module):
                 "the reference dequantize-matmul runs for it (correct, slower)",
             )
         self.kernel = built
-        if want == "triton" and built is not None:
-            self.chain = _triton_chain(built, f"W4 {self.in_features}x{self.out_features}", checks or SelfCheck())
+        if triton_built is not None:
+            self.chain = _triton_chain(
+                triton_built, f"W4 {self.in_features}x{self.out_features}", checks or SelfCheck()
+            )
         if built is not None:
             empty = torch.empty(0, dtype=torch.int32, device=self.qweight.device)
             self.qweight, self.qzeros, self.g_idx = empty, empty, empty
@@ -112,7 +131,7 @@ def _shape_class(m: int, dtype: torch.dtype, has_bias: bool) -> str:
     return f"{kind} {str(dtype).removeprefix('torch.')}{' +bias' if has_bias else ''}"
 
 
-def _triton_chain(w, label: str, checks: SelfCheck) -> CheckedChain:
+def _triton_chain(w: TritonW4Weight, label: str, checks: SelfCheck) -> CheckedChain:
     """Triton first, then torch's CUDA int4 op built from the same repacked tensors, over the reference
     dequantize-matmul of those tensors (rows in group order, activations permuted as the kernel does)."""
     from ..kernels.w4_tinygemm import TinygemmW4Weight
@@ -145,6 +164,10 @@ class Int8Linear(nn.Module):
     int8 bytes once. Otherwise (the reference twin): row chunks dequantized per call, so that a 156k-row
     head never materializes a full fp copy.
     """
+
+    # buffers (register_buffer), declared for the type checker
+    weight: torch.Tensor
+    scales: torch.Tensor
 
     def __init__(
         self,
@@ -238,7 +261,7 @@ W4_LINEARS = (
 )
 
 
-def swap_in_quant_linears(model: nn.Module, quant_config: dict) -> None:
+def swap_in_quant_linears(model: Qwen2Decoder, quant_config: dict) -> None:
     """Replace every decoder-layer linear by a QuantLinear (on the meta device, before weights load)."""
     if quant_config.get("quant_method") != "gptq" or int(quant_config.get("bits", 0)) != 4:
         raise ArtifactsError(f"unsupported quantization_config {quant_config}: this runtime reads 4-bit GPTQ")
@@ -246,7 +269,7 @@ def swap_in_quant_linears(model: nn.Module, quant_config: dict) -> None:
     if fmt != "gptq":
         raise ArtifactsError(f"GPTQ checkpoint_format {fmt!r} is not supported (use 'gptq', the v1 zero-point layout)")
     group_size = int(quant_config.get("group_size", 128))
-    for layer in model.model.layers:
+    for layer in model.model.decoder_layers():
         for path in W4_LINEARS:
             parent_name, child = path.split(".")
             parent = getattr(layer, parent_name)
@@ -256,7 +279,7 @@ def swap_in_quant_linears(model: nn.Module, quant_config: dict) -> None:
             setattr(parent, child, QuantLinear(lin.in_features, lin.out_features, group_size, lin.bias is not None))
 
 
-def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
+def fuse_linears(parts: Sequence[nn.Module]) -> nn.Module | None:
     """One linear computing the concatenated outputs of `parts` (same input), or None when they differ.
 
     W4: the GPTQ tensors are concatenated along N — possible only when every part has the same g_idx
@@ -266,45 +289,47 @@ def fuse_linears(parts: list[nn.Module]) -> nn.Module | None:
     """
     first = parts[0]
     if isinstance(first, QuantLinear):
-        if not all(
-            isinstance(p, QuantLinear)
-            and p.kernel is None
+        quant = [p for p in parts if isinstance(p, QuantLinear)]
+        if len(quant) < len(parts) or not all(
+            p.kernel is None
             and p.in_features == first.in_features
             and p.scales.shape[0] == first.scales.shape[0]
             and torch.equal(p.g_idx, first.g_idx)
             and (p.bias is None) == (first.bias is None)
-            for p in parts
+            for p in quant
         ):
             return None
         groups = first.scales.shape[0]
         with torch.device("meta"):  # shapes only; the concatenated tensors are assigned below
             fused = QuantLinear(
                 first.in_features,
-                sum(p.out_features for p in parts),
+                sum(p.out_features for p in quant),
                 first.in_features // groups if groups > 1 else -1,
                 first.bias is not None,
             )
-        fused.qweight = torch.cat([p.qweight for p in parts], dim=1)
-        fused.qzeros = torch.cat([p.qzeros for p in parts], dim=1)
-        fused.scales = torch.cat([p.scales for p in parts], dim=1)
+        fused.qweight = torch.cat([p.qweight for p in quant], dim=1)
+        fused.qzeros = torch.cat([p.qzeros for p in quant], dim=1)
+        fused.scales = torch.cat([p.scales for p in quant], dim=1)
         fused.g_idx = first.g_idx
-        if first.bias is not None:
-            fused.bias = torch.cat([p.bias for p in parts])
+        if first.bias is not None:  # then every part has one (checked above)
+            fused.bias = torch.cat([p.bias for p in quant if p.bias is not None])
         return fused
-    if type(first) is nn.Linear and all(
-        type(p) is nn.Linear and p.in_features == first.in_features and (p.bias is None) == (first.bias is None)
-        for p in parts
+    dense = [p for p in parts if type(p) is nn.Linear]
+    if (
+        type(first) is nn.Linear
+        and len(dense) == len(parts)
+        and all(p.in_features == first.in_features and (p.bias is None) == (first.bias is None) for p in dense)
     ):
         w = first.weight
-        fused = nn.Linear(
+        linear = nn.Linear(
             first.in_features,
-            sum(p.out_features for p in parts),
+            sum(p.out_features for p in dense),
             bias=first.bias is not None,
             device="meta",
             dtype=w.dtype,
         )
-        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
-        if first.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
-        return fused
+        linear.weight = nn.Parameter(torch.cat([p.weight for p in dense]), requires_grad=False)
+        if first.bias is not None:  # then every part has one (checked above)
+            linear.bias = nn.Parameter(torch.cat([p.bias for p in dense if p.bias is not None]), requires_grad=False)
+        return linear
     return None

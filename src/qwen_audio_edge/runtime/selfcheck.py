@@ -75,7 +75,12 @@ class CheckedChain:
         key = f"{self.label} {shape}"
         chosen = self.verdicts.get(key)
         if chosen is not None:
-            fn = self.reference if chosen == "reference" else self._fn(chosen)
+            if chosen == "reference":
+                return self.reference(*args)
+            fn = self._fn(chosen)
+            # a verdict names a path that built and passed for this shape class, and it builds the same for
+            # every layer of that shape (the build depends on the shape, not on the weights)
+            assert fn is not None, f"{key}: the {chosen} path was chosen but cannot be built for this layer"
             return fn(*args)
         if _capturing():  # no checks inside a CUDA-graph capture (warm-up runs before every capture)
             return self._first_available()(*args)
