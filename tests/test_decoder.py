@@ -402,7 +402,9 @@ def test_fused_projections_equal_separate_ones(mha, w4, tmp_path):
     with torch.inference_mode():
         a = sep(sep.embed(ids), 0, sep.setup_cache(8), all_logits=True)[0]
         b = fused(fused.embed(ids), 0, fused.setup_cache(8), all_logits=True)[0]
-    assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item()
+    # measured 0 (fp32 and W4: each output column is the same dot product, fused or not): fusing must not change the
+    # arithmetic; bound 1e-6 × max (a few float32 ulps of room)
+    assert (a - b).abs().max().item() <= 1e-6 * a.abs().max().item()
     if w4:  # parts with different g_idx (no shared Hessian) are left separate
         layer = sep.model.layers[0].mlp
         layer.up_proj.g_idx = layer.up_proj.g_idx.flip(0)

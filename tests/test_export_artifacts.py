@@ -61,7 +61,8 @@ def test_decoder_folder_is_a_standard_qwen2_checkpoint(mha, pipelines):
         expected = ref(ids).logits[0]
         cache = p.decoder.setup_cache(16)
         ours = p.decoder(p.decoder.embed(ids), 0, cache, all_logits=True)[0]
-    assert torch.allclose(ours, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+    # measured 0 (the same fp32 ops in the same order); bound 1e-5 × max (room for another torch build's order)
+    assert (ours - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
 
 
 def test_fp16_encoder_and_torch_backend(mha_fp16, mha, pipelines):
@@ -70,12 +71,12 @@ def test_fp16_encoder_and_torch_backend(mha_fp16, mha, pipelines):
     mel, n = p32.mel.log_mel(wave)
     ref = p32.encoder(mel, n)
     torch_backend = pipelines(mha, encoder_backend="torch").encoder(mel, n)
-    assert (torch_backend - ref).abs().max().item() <= 1e-4
+    assert (torch_backend - ref).abs().max().item() <= 1e-5  # measured 1.8e-6 (outputs reach |4|); margin 5×
     p16 = pipelines(mha_fp16)  # default encoder of this export: fp16
     half = p16.encoder(mel, n)
     full = pipelines(mha_fp16, encoder_precision="fp32").encoder(mel, n)
     cos = torch.nn.functional.cosine_similarity(half, full, dim=-1)
-    assert cos.min().item() >= 0.999
+    assert 1 - cos.min().item() <= 5e-6  # measured 5.4e-7; bound 5e-6 (margin 10×)
 
 
 def _copy(art, tmp_path):

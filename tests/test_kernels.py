@@ -108,6 +108,8 @@ x = torch.randn(w4_cpu.DENSE_MIN_ROWS, k, generator=gen).to(torch.bfloat16)
 op = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, 64, sz).float()
 dense = w.matmul(x).float()
 err = ((dense - op).abs().max() / op.abs().max()).item()
+# measured 5.6e-3 on every build path (5.4e-3 with seed 2): both sides are bf16 matmuls, and rounding the bf16
+# output alone is up to 2^-8 = 3.9e-3 of an element; bound 1e-2 (margin 1.8×)
 assert err < 1e-2, err
 print(torch.backends.cpu.get_cpu_capability(), layout.block, f"{err:.2e}")
 """
