@@ -59,9 +59,10 @@ def test_compressed_formats_via_pyav(tmp_path, suffix, codec):
     y = load_audio(path)
     assert y.dtype == np.float32
     # Length: measured +0 samples (mp3), +694 (aac: its priming); bound ± one codec frame more (mp3: 576 samples at
-    # 16 kHz; aac: 1024 at 44.1 kHz = 372 here). Peak vs the written one: measured −6.7 % (mp3), −0.5 % (aac), and
-    # −5.5 %, +0.9 % at worst with seeds 1 and 2; bound 15 % and 3 % (margin ≥ 2×).
-    priming, frame, peak_tol = {"mp3": (0, 576, 0.15), "m4a": (694, 372, 0.03)}[suffix]
+    # 16 kHz; aac: 1024 at 44.1 kHz = 372 here), the same with PyAV 12 (CI's second environment) and 18. Peak vs the
+    # written one: measured −6.7 % (mp3), −0.5 % (aac) with PyAV 18, −5.4 %, −3.8 % with PyAV 12 (its FFmpeg's aac
+    # encoder); bound 15 % and 8 % (margin 2×).
+    priming, frame, peak_tol = {"mp3": (0, 576, 0.15), "m4a": (694, 372, 0.08)}[suffix]
     assert -frame <= len(y) - len(x) <= priming + frame, len(y)
     assert abs(np.abs(y).max() / np.abs(data).max() - 1) <= peak_tol
 
