@@ -16,6 +16,7 @@ from qwen_audio_edge.export.gptq import GPTQConfig, HessianAccumulator, gptq_qua
 from qwen_audio_edge.kernels.w4_ref import dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows, w4_matmul_ref
 from qwen_audio_edge.runtime.errors import OptionsError
 from qwen_audio_edge.runtime.generate import SamplingOptions
+from qwen_audio_edge.runtime.prompt import embed_prompt
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 LINEARS = (
@@ -77,15 +78,11 @@ def _layer_inputs(pipeline, samples) -> dict[str, torch.Tensor]:
     try:
         with torch.inference_mode():
             for s in samples:
-                t = torch.tensor([s.ids])
-                emb = d.embed(t)
-                if s.audio is not None:
-                    emb[0, t[0] == pipeline.prompt.audio_token_id] = s.audio
+                emb = embed_prompt(d, s.ids, s.audio, pipeline.prompt.audio_token_id)
                 d(emb, 0, d.setup_cache(len(s.ids)))
     finally:
         for h in handles:
             h.remove()
-        pipeline.cache = d.setup_cache(pipeline.max_context)
     return {k: torch.cat(v) for k, v in store.items()}
 
 
@@ -265,7 +262,6 @@ def test_int8_lm_head_side_file(w4):
     with torch.no_grad():
         a = p.decoder(p.decoder.embed(ids), 0, p.decoder.setup_cache(8), all_logits=True)[0]
         b = fp16_head(fp16_head.embed(ids), 0, fp16_head.setup_cache(8), all_logits=True)[0]
-    p.cache = p.decoder.setup_cache(p.max_context)
     rel = (a - b).abs().max().item() / b.abs().max().item()
     print(f"int8 head vs fp16 head: max rel logit diff {rel:.2e}")
     assert rel < 2e-2 and torch.equal(a.argmax(-1), b.argmax(-1))  # measured 9.5e-3; margin ×2 (per-row int8 rounding)
@@ -446,11 +442,8 @@ def _w4_decoder(fp_decoder, state_dir):
 def _score(decoder, pipeline, sample):
     from qwen_audio_edge.evaluation.compare import Scored, _hook_layers
 
-    t = torch.tensor([sample.ids])
     with torch.inference_mode():
-        emb = decoder.embed(t)
-        if sample.audio is not None:
-            emb[0, t[0] == pipeline.prompt.audio_token_id] = sample.audio
+        emb = embed_prompt(decoder, sample.ids, sample.audio, pipeline.prompt.audio_token_id)
         outs, handles = _hook_layers(decoder.model.layers)
         logits = decoder(emb, 0, decoder.setup_cache(len(sample.ids)), all_logits=True)[0]
         for h in handles:
@@ -497,7 +490,6 @@ def test_audio_aware_calibration_beats_text_only(loud_audio, tmp_path):
             f"text-only layer err {result['text'][0]:.4f} KL {result['text'][1]:.4f}"
         )
         assert result["audio"][0] < result["text"][0] and result["audio"][1] < result["text"][1]
-    p.cache = p.decoder.setup_cache(p.max_context)
 
 
 def test_w4_pipeline_fast_cpu_path_matches_reference_kernel(w4):

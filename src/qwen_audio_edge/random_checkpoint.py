@@ -101,8 +101,8 @@ def build_tokenizer(out_dir: Path):
         vocab[special] = len(vocab)
     tok = Qwen2Tokenizer(
         vocab=vocab,
-        merges=merges,
-        unk_token=None,
+        merges=merges,  # type: ignore[arg-type]  # tokenizers' BPE takes (a, b) pairs; transformers hints str
+        unk_token=None,  # type: ignore[arg-type]  # byte-level BPE needs no unknown token; the hint says str
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=list(SPECIAL_TOKENS),

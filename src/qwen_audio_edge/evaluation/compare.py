@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _hook_layers(layers) -> tuple[list, list]:
 
 def layer_error_and_kl(ref: Scored, cand: Scored, start: int) -> dict:
     """Per-layer relative error over all positions; top-1 agreement and mean KL(ref‖cand) from `start`."""
-    errs = [float((b - a).norm() / a.norm().clamp(min=1e-12)) for a, b in zip(ref.layers, cand.layers)]
+    errs = [float((b - a).norm() / a.norm().clamp(min=1e-12)) for a, b in zip(ref.layers, cand.layers, strict=True)]
     la = ref.logits[start:].float().log_softmax(-1)
     lb = cand.logits[start:].float().log_softmax(-1)
     n = min(la.shape[-1], lb.shape[-1])
@@ -73,7 +74,11 @@ class OurModel:
         from ..runtime.chunked import DEFAULT_LOOKAHEAD_S
         from ..runtime.pipeline import Pipeline, RuntimeOptions
 
-        self.p = pipeline if pipeline is not None else Pipeline.from_artifacts(path, RuntimeOptions(**options))
+        if pipeline is None:
+            if path is None:
+                raise TypeError("OurModel needs an artifacts `path` or a loaded `pipeline`")
+            pipeline = Pipeline.from_artifacts(path, RuntimeOptions(**options))
+        self.p = pipeline
         self.chunk_seconds = chunk_seconds
         self.lookahead_seconds = DEFAULT_LOOKAHEAD_S if lookahead_seconds is None else lookahead_seconds
         self.name = str(path if path is not None else self.p.artifacts.root) + (
@@ -139,7 +144,13 @@ class HFModel:
         self.has_template = any((path / n).is_file() for n in ("chat_template.json", "chat_template.jinja")) or bool(
             getattr(self.proc.tokenizer, "chat_template", None)
         )
-        self._features = None
+        self._features: Mapping[str, torch.Tensor] | None = None
+
+    def _inputs(self) -> Mapping[str, torch.Tensor]:
+        """The processor's outputs for the last `prompt` (score, greedy and transcribe run on that prompt)."""
+        if self._features is None:
+            raise RuntimeError("HFModel: call prompt() before score(), greedy() or transcribe()")
+        return self._features
 
     def prompt(self, audio: Path, text: str):
         from ..runtime.audio import load_audio
@@ -160,7 +171,7 @@ class HFModel:
 
     @torch.inference_mode()
     def score(self, ids: list[int], audio, n_prompt: int) -> Scored:
-        f = self._features
+        f = self._inputs()
         input_ids = torch.tensor([ids])
         outs, handles = _hook_layers(self.model.model.language_model.layers)
         try:
@@ -182,7 +193,7 @@ class HFModel:
     def greedy(self, ids, audio, n: int) -> list[int]:
         from transformers import GenerationConfig
 
-        f = self._features
+        f = self._inputs()
         cfg = GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
         with torch.no_grad():
             out = self.model.generate(**f, generation_config=cfg)
@@ -201,7 +212,7 @@ class HFModel:
             min_new_tokens=0,
         )
         with torch.no_grad():
-            out = self.model.generate(**self._features, generation_config=cfg)
+            out = self.model.generate(**self._inputs(), generation_config=cfg)
         vocab = len(self.proc.tokenizer)
         return self.proc.tokenizer.decode(
             [i for i in out[0, len(ids) :].tolist() if i < vocab], skip_special_tokens=True
@@ -300,7 +311,11 @@ def compare(
         rows.append(row)
         all_kl += r["kl"]
         all_agree += r["agree"]
-        layer_sums = [x + y for x, y in zip(layer_sums, r["layer_rel_err"])] if layer_sums else list(r["layer_rel_err"])
+        layer_sums = (
+            [x + y for x, y in zip(layer_sums, r["layer_rel_err"], strict=True)]
+            if layer_sums
+            else list(r["layer_rel_err"])
+        )
     n = len(audio_files)
     report = {
         "reference": a.name,
@@ -335,7 +350,7 @@ def wer_report(transcripts: list[str], hyps: list[tuple[str, str]], rows: list[d
         stats = wer_stats(refs, out)
         report.update(utterances=stats["utterances"], words=stats["words"])  # the same for both sides
         report[side] = {"wer_percent": stats["wer_percent"], "errors": stats["errors"]}
-        for row, ref, hyp in zip(rows, refs, out):
+        for row, ref, hyp in zip(rows, refs, out, strict=True):
             row.setdefault("wer", {})[side] = jiwer.wer(ref, hyp) if ref else None
     a, b = report["reference"]["wer_percent"], report["candidate"]["wer_percent"]
     report["relative_change"] = (b - a) / a if a > 0 and math.isfinite(b) else None

@@ -12,6 +12,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass
@@ -94,7 +95,7 @@ def wer_stats(references: list[str], hypotheses: list[str]) -> dict:
     (reference words) and utterances (pairs scored)."""
     import jiwer
 
-    pairs = [(r, h) for r, h in zip(references, hypotheses) if r]
+    pairs = [(r, h) for r, h in zip(references, hypotheses, strict=True) if r]
     if not pairs:
         return {"wer_percent": float("nan"), "errors": 0, "words": 0, "utterances": 0}
     out = jiwer.process_words([r for r, _ in pairs], [h for _, h in pairs])
@@ -121,8 +122,7 @@ def evaluate(
 
     norm = normalizer()
     hyps, refs = [], []
-    sink = open(out_jsonl, "w") if out_jsonl else None
-    try:
+    with open(out_jsonl, "w") if out_jsonl else contextlib.nullcontext() as sink:
         for u in tqdm(utterances, desc="eval", disable=not progress, file=sys.stderr, dynamic_ncols=True):
             r = pipeline.run(
                 str(u.audio),
@@ -144,9 +144,6 @@ def evaluate(
                     )
                     + "\n"
                 )
-    finally:
-        if sink:
-            sink.close()
     stats = wer_stats(refs, hyps)
     return {
         "utterances": len(utterances),

@@ -66,6 +66,10 @@ class CalibrationOptions:
             raise OptionsError(f"calibration directory not found: {self.directory}")
 
 
+# One calibration prompt before encoding: (name, audio file or waveform, instruction, reference answer or None)
+CalibrationItem = tuple[str, Path | np.ndarray, str, str | None]
+
+
 @dataclass
 class CalibrationSample:
     ids: list[int]
@@ -74,21 +78,21 @@ class CalibrationSample:
 
 
 def _directory_items(
-    opts: CalibrationOptions, rng: np.random.Generator
-) -> tuple[list[tuple[str, object, str | None]], dict]:
-    root = Path(opts.directory)
+    root: Path, opts: CalibrationOptions, rng: np.random.Generator
+) -> tuple[list[CalibrationItem], dict]:
+    """Items from the audio files under `root` (`opts.directory`), with their transcripts when present."""
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
     if not files:
         raise OptionsError(f"calibration directory {root} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
     prompts_file = root / "prompts.txt"
-    instructions = INSTRUCTIONS
+    instructions: tuple[str, ...] = INSTRUCTIONS
     if prompts_file.is_file():
         lines = [ln.strip() for ln in prompts_file.read_text().splitlines() if ln.strip()]
         if not lines:
             raise OptionsError(f"{prompts_file} is empty: give one instruction per line or remove it")
         instructions = tuple(lines)
     order = rng.permutation(len(files))
-    items = []
+    items: list[CalibrationItem] = []
     for i in range(opts.num_samples):
         f = files[order[i % len(files)]]
         transcript = f.with_suffix(".txt")
@@ -104,10 +108,10 @@ def _directory_items(
     return items, summary
 
 
-def _builtin_items(opts: CalibrationOptions, rng: np.random.Generator, sr: int) -> tuple[list, dict]:
+def _builtin_items(opts: CalibrationOptions, rng: np.random.Generator, sr: int) -> tuple[list[CalibrationItem], dict]:
     from .synthetic_audio import speech_like_signal
 
-    items = []
+    items: list[CalibrationItem] = []
     for i in range(opts.num_samples):
         seconds = float(rng.uniform(1.5, 25.0))
         wave = speech_like_signal(seconds, sr, seed=int(rng.integers(1 << 30)), loud_end=bool(rng.integers(2)))
@@ -123,7 +127,7 @@ def build_calibration(
     rng = np.random.default_rng(opts.seed)
     sr = front.config.sampling_rate
     if opts.directory is not None:
-        items, summary = _directory_items(opts, rng)
+        items, summary = _directory_items(Path(opts.directory), opts, rng)
     else:
         items, summary = _builtin_items(opts, rng, sr)
     samples: list[CalibrationSample] = []

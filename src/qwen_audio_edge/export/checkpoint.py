@@ -90,9 +90,12 @@ class SourceCheckpoint:
 
     def resolved_config(self) -> dict:
         """config.json with every default filled in by transformers (the real 7B config omits most values)."""
-        from transformers import Qwen2AudioConfig
+        from transformers import PreTrainedConfig, Qwen2AudioConfig
 
         cfg = Qwen2AudioConfig.from_pretrained(str(self.root))
+        # The sub-configs are typed "dict | config | None" as constructor arguments; the constructor turns
+        # both a dict and a missing one into a config object.
+        assert isinstance(cfg.text_config, PreTrainedConfig) and isinstance(cfg.audio_config, PreTrainedConfig)
         text = cfg.text_config.to_dict()
         audio = cfg.audio_config.to_dict()
         text.setdefault("tie_word_embeddings", bool(self.raw_config.get("tie_word_embeddings", False)))
@@ -107,7 +110,7 @@ class SourceCheckpoint:
 
         for f in self.weight_files:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
+                for key in sf.keys():  # noqa: SIM118 -- safe_open has keys() but is not iterable
                     p, new = map_key(key)
                     if p == part:
                         yield new, sf.get_tensor(key)

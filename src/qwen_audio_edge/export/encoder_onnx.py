@@ -99,7 +99,7 @@ def _quiet():
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, lvl in zip(loggers, levels):
+        for lg, lvl in zip(loggers, levels, strict=True):
             lg.setLevel(lvl)
 
 

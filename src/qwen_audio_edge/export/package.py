@@ -13,7 +13,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,8 +45,8 @@ class ExportOptions:
     max_shard_bytes: int = 2 << 30
     verify_seconds: float = 7.3371  # a length not a multiple of the hop, ending loud
     progress: bool = True
-    gptq: GPTQConfig = GPTQConfig()
-    calibration: CalibrationOptions = CalibrationOptions()
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     lm_head: str = "fp16"  # fp16 | int8 (side file only our runtime reads)
     resume: bool = False
     threads: int | None = None  # fixed for reproducible (resumable) GPTQ
@@ -139,7 +139,7 @@ def _decoder_keys(src: SourceCheckpoint):
 
     for f in src.weight_files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
+            for key in sf.keys():  # noqa: SIM118 -- safe_open has keys() but is not iterable
                 if map_key(key)[0] == "decoder":
                     yield key
 
@@ -447,7 +447,7 @@ def _write_w4_decoder(
             from safetensors import safe_open
 
             with safe_open(str(state_dir / f"layer-{i:05d}.safetensors"), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
+                for key in sf.keys():  # noqa: SIM118 -- safe_open has keys() but is not iterable
                     yield key, sf.get_tensor(key)
         yield "model.norm.weight", _read(index, "model.norm.weight").to(torch.float16)
         if "lm_head.weight" in index:
@@ -535,7 +535,7 @@ def write_hf_checkpoint(src: SourceCheckpoint, artifacts: Path, dest: Path, forc
             yield key, t.to(torch.float16)
         for f in files:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
+                for key in sf.keys():  # noqa: SIM118 -- safe_open has keys() but is not iterable
                     new = "language_model.lm_head.weight" if key == "lm_head.weight" else "language_model." + key
                     yield new, sf.get_tensor(key)
 

@@ -19,12 +19,13 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..runtime.decoder import DecoderLayer, KVCache, ModelArgs, rope_tables
+from ..runtime.decoder import DecoderLayer, KVCache, ModelArgs
 from ..runtime.errors import CheckpointError, ExportError
 from ..runtime.prompt import place_audio
 from ..runtime.quant_linear import W4_LINEARS
@@ -47,7 +48,7 @@ def _tensor_index(src: SourceCheckpoint) -> dict[str, tuple[Path, str]]:
     index = {}
     for f in src.weight_files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for key in sf.keys():
+            for key in sf.keys():  # noqa: SIM118 -- safe_open has keys() but is not iterable
                 part, new = map_key(key)
                 if part == "decoder":
                     index[new] = (f, key)
@@ -70,19 +71,19 @@ def _get(layer: nn.Module, path: str) -> nn.Linear:
 
 
 class _LayerRunner:
-    """Runs one decoder layer over every calibration sample (a one-layer KV cache, RoPE tables)."""
+    """Runs one decoder layer over every calibration sample (a one-layer fp32 KV cache and its RoPE tables)."""
 
     def __init__(self, args: ModelArgs, max_len: int, device: torch.device):
         self.one = dataclasses.replace(args, num_hidden_layers=1)
-        self.cos, self.sin = rope_tables(args, max_len, device, torch.float32)
         self.cache = KVCache(self.one, max_len, torch.float32, device)
 
     @torch.no_grad()
     def run(self, layer: DecoderLayer, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        cos, sin = self.cache.cos, self.cache.sin
         out = []
         for x in hidden:
             s = x.shape[1]
-            out.append(layer(x, self.cos[:s][None, None], self.sin[:s][None, None], self.cache, 0, 0))
+            out.append(layer(x, cos[:s][None, None], sin[:s][None, None], self.cache, 0, 0))
         return out
 
 
@@ -164,7 +165,7 @@ def quantize_decoder(
         if done.exists():
             try:
                 with safe_open(str(done), framework="pt", device="cpu") as sf:
-                    state = {k: sf.get_tensor(k) for k in sf.keys()}
+                    state = {k: sf.get_tensor(k) for k in sf.keys()}  # noqa: SIM118 -- safe_open is not iterable
                     layer_metrics = json.loads(sf.metadata()["metrics"])
             except Exception as e:
                 raise ExportError(f"GPTQ resume state {done} is unreadable ({e}); rerun without --resume") from e
@@ -200,7 +201,7 @@ def _fp_layer(index: dict, args: ModelArgs, prefix: str, dev: torch.device, cfg:
 
 
 def _rel_err(cand: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
-    num = sum(float((c - r).pow(2).sum()) for c, r in zip(cand, ref))
+    num = sum(float((c - r).pow(2).sum()) for c, r in zip(cand, ref, strict=True))
     den = sum(float(r.pow(2).sum()) for r in ref)
     return math.sqrt(num / den) if den > 0 else 0.0
 
@@ -224,7 +225,7 @@ def _head_agreement(index: dict, args: ModelArgs, quant: list[torch.Tensor], fp:
         return torch.cat(parts, dim=-1)
 
     kl_sum = agree = n = 0.0
-    for q, f in zip(quant, fp):
+    for q, f in zip(quant, fp, strict=True):
         hf_, hq = norm(f.cpu())[0], norm(q.cpu())[0]
         for p0 in range(0, hf_.shape[0], 256):  # positions in chunks: [S, 156k] fp32 logits are large
             lf = logits(hf_[p0 : p0 + 256], False).log_softmax(-1)
@@ -235,15 +236,25 @@ def _head_agreement(index: dict, args: ModelArgs, quant: list[torch.Tensor], fp:
     return {"top1_agreement": agree / n if n else None, "mean_kl": kl_sum / n if n else None, "positions": int(n)}
 
 
+def _accumulate_into(acc: HessianAccumulator) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+    """A forward hook adding the module's input rows to `acc` (a function, so each group's hook binds its own)."""
+
+    def hook(module: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        acc.add(inp[0].detach())
+
+    return hook
+
+
 def _quantize_layer(
     layer: DecoderLayer, hidden: list[torch.Tensor], runner: _LayerRunner, cfg: GPTQConfig, prefix: str
-):
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """GPTQ one layer group by group (true-sequential); returns its stored tensors and per-linear metrics."""
     state: dict[str, torch.Tensor] = {}
     metrics: dict[str, dict] = {}
     for group in SEQUENTIAL_GROUPS:
         first = _get(layer, group[0])
         acc = HessianAccumulator(first.in_features, first.weight.device)
-        handle = first.register_forward_hook(lambda m, inp, out: acc.add(inp[0].detach()))
+        handle = first.register_forward_hook(_accumulate_into(acc))
         try:
             runner.run(layer, hidden)
         finally:

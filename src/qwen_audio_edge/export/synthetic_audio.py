@@ -19,7 +19,7 @@ def speech_like_signal(
     the Whisper clamp's global max sits in the boundary frames.
     """
     rng = np.random.default_rng(seed)
-    n = int(round(seconds * sample_rate))
+    n = round(seconds * sample_rate)
     t = np.arange(n) / sample_rate
     f0 = 140 + 40 * np.sin(2 * np.pi * 0.7 * t)
     phase = 2 * np.pi * np.cumsum(f0) / sample_rate
