@@ -11,6 +11,7 @@ hold the end of the signal and feed the encoder's boundary convolutions, so we r
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,8 @@ class MelConfig:
             sampling_rate=int(d["sampling_rate"]),
             n_fft=int(d["n_fft"]),
             hop_length=int(d["hop_length"]),
-            n_mels=int(d.get("feature_size", d.get("n_mels"))),
+            # transformers' preprocessor_config.json calls it feature_size; a hand-written config may say n_mels
+            n_mels=int(d["feature_size"] if "feature_size" in d else d["n_mels"]),
             n_samples=int(d["n_samples"]),
             nb_max_frames=int(d["nb_max_frames"]),
         )
@@ -204,7 +206,7 @@ def _read_pyav(p: Path) -> tuple[np.ndarray, int]:
         ) from e
     try:
         with av.open(str(p)) as container:
-            streams = [s for s in container.streams if s.type == "audio"]
+            streams = container.streams.audio
             if not streams:
                 raise AudioError(f"cannot read {p}: the file has no audio stream")
             stream = streams[0]
@@ -282,7 +284,7 @@ def split_segments(waveform: np.ndarray, config: MelConfig, *, source: str = "au
         )
     count = -(-n // config.n_samples)
     bounds = np.linspace(0, n, count + 1).round().astype(int)
-    return [waveform[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return [waveform[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 class IncrementalMel:
@@ -351,7 +353,7 @@ class IncrementalMel:
         n_valid = self.front.valid_frames(self.n)
         frames = min(n_valid + 2, self.cfg.nb_max_frames)
         padded = self.front.padded_signal(wave)
-        blocks = [blk for blk in self._blocks[: frames // MEL_BLOCK]]
+        blocks = list(self._blocks[: frames // MEL_BLOCK])
         for b in range(MEL_BLOCK * len(blocks), frames, MEL_BLOCK):
             blocks.append(self.front.mel_block(padded, b, min(MEL_BLOCK, frames - b)))
         return torch.cat(blocks, dim=1)[:, :frames], n_valid

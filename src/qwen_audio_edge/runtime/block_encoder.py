@@ -20,12 +20,14 @@ per-frame encoder states.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
-from .encoder import AudioEncoderWithProjector, _AudioTower, pool_pairs
+from .encoder import AudioEncoderWithProjector, _AudioTower, _EncoderLayer, pool_pairs
 
 
 @dataclass
@@ -66,7 +68,9 @@ def tower_block(tower: _AudioTower, block: BlockInput, cache: LayerCache | None)
     if x.shape[0] != n:
         raise ValueError(f"block input gives {x.shape[0]} positions, {n} expected")
     x = x + tower.embed_positions.weight[block.pos_offset : block.pos_offset + n].to(x.dtype)
-    for i, layer in enumerate(tower.layers):
+    # nn.ModuleList is not generic: its items are typed as plain Modules, but the tower builds only _EncoderLayer
+    layers = cast("Sequence[_EncoderLayer]", tower.layers)
+    for i, layer in enumerate(layers):
         h = layer.self_attn_layer_norm(x)
         a = layer.self_attn
         heads = layer.n_heads

@@ -96,7 +96,7 @@ def lookahead_frames(seconds: float, front: MelFrontEnd) -> int:
             f"--lookahead-seconds must be ≥ 0 and a whole number of {cfg.hop_length / cfg.sampling_rate:g} s "
             f"frames, got {seconds}"
         )
-    return int(round(frames))
+    return round(frames)
 
 
 def block_frames(chunk_seconds: float, front: MelFrontEnd) -> int:
@@ -110,7 +110,7 @@ def block_frames(chunk_seconds: float, front: MelFrontEnd) -> int:
             f"--chunk-seconds {chunk_seconds} is not a multiple of {quantum:g} s "
             f"(4 mel frames, one pair of audio tokens); e.g. use 2 or 1.28"
         )
-    frames = int(round(frames))
+    frames = round(frames)
     if not 8 <= frames <= cfg.nb_max_frames:
         raise OptionsError(
             f"--chunk-seconds must be between {8 / frames_per_s:g} and "

@@ -4,7 +4,7 @@ A conversation's ids are the system turn followed by exchanges (a user turn and 
 oldest exchanges and re-prefill the rest, the conversation must know where each exchange starts in its
 ids, which audio embeddings its slots hold (audio is not re-encoded) and which ids are generated text
 (an answer may contain the audio token id, which is then not a slot). `ContextPolicy` keeps exactly
-that, decides what to drop, and words the refusal when nothing helps; `Conversation`
+that, decides what to drop, and words the refusal when nothing helps; a conversation's `CacheLedger`
 (runtime/conversation.py) applies a drop to its ids, messages and cache.
 """
 

@@ -61,16 +61,32 @@ class EncoderConfig:
         return 2 * self.max_source_positions
 
 
+class _SelfAttention(nn.Module):
+    """The attention projections under the checkpoint's names (`self_attn.q_proj`, …); the arithmetic is
+    in `_EncoderLayer.forward` (and `block_encoder.tower_block`, which adds the block-causal cache)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d)
+        self.out_proj = nn.Linear(d, d)
+
+
+class _Projector(nn.Module):
+    """`multi_modal_projector.linear`: audio states [.., d_model] → the decoder's hidden size."""
+
+    def __init__(self, d_model: int, output_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(d_model, output_dim)
+
+
 class _EncoderLayer(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         d = cfg.d_model
         self.n_heads = cfg.encoder_attention_heads
-        self.self_attn = nn.Module()
-        self.self_attn.q_proj = nn.Linear(d, d)
-        self.self_attn.k_proj = nn.Linear(d, d, bias=False)
-        self.self_attn.v_proj = nn.Linear(d, d)
-        self.self_attn.out_proj = nn.Linear(d, d)
+        self.self_attn = _SelfAttention(d)
         self.self_attn_layer_norm = nn.LayerNorm(d)
         self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
@@ -118,8 +134,7 @@ class AudioEncoderWithProjector(nn.Module):
             raise ArtifactsError(f"audio encoder activation {cfg.activation_function!r} is not supported (gelu only)")
         self.config = cfg
         self.audio_tower = _AudioTower(cfg)
-        self.multi_modal_projector = nn.Module()
-        self.multi_modal_projector.linear = nn.Linear(cfg.d_model, cfg.output_dim)
+        self.multi_modal_projector = _Projector(cfg.d_model, cfg.output_dim)
 
     def forward(self, mel: torch.Tensor, n_valid: torch.Tensor, pos_offset: torch.Tensor | None = None) -> torch.Tensor:
         tower = self.audio_tower
@@ -229,7 +244,7 @@ class OnnxEncoder:
         opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
         if device.startswith("cuda") and cuda_available() and "CUDAExecutionProvider" in ort.get_available_providers():
             index = torch.device(device).index or 0
             providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]

@@ -67,7 +67,7 @@ class SileroVad:
         spec = importlib.util.find_spec("silero_vad")
         if spec is None or not spec.submodule_search_locations:
             raise OptionsError("VAD needs the silero-vad package (pip install silero-vad), or use --no-vad")
-        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.onnx"
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
         if not path.is_file():
             raise OptionsError(f"silero-vad is installed but its model file {path} is missing; reinstall silero-vad")
         opts = ort.SessionOptions()

@@ -225,10 +225,12 @@ def generate(
     logits of a prefill of `prompt_len` positions already run into the cache, e.g. speculatively) skips
     the prefill; `prompt_embeds` may then be None.
     """
-    if first_logits is None and prompt_embeds is None:
+    if first_logits is not None and prompt_len is not None:
+        device, n_prompt = first_logits.device, int(prompt_len)
+    elif first_logits is None and prompt_embeds is not None:
+        device, n_prompt = prompt_embeds.device, int(prompt_embeds.shape[1])
+    else:
         raise ValueError("generate() needs prompt_embeds, or first_logits with prompt_len")
-    device = first_logits.device if first_logits is not None else prompt_embeds.device
-    n_prompt = prompt_embeds.shape[1] if first_logits is None else int(prompt_len)
     gen = torch.Generator(device="cpu")
     if opts.seed is not None:
         gen.manual_seed(opts.seed)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from .errors import OptionsError
 from .generate import SamplingOptions
@@ -118,7 +119,9 @@ SILENT_UNKNOWN_KEYS = frozenset({"chat_format"})  # Qwen's remote code: the prom
 @dataclasses.dataclass(frozen=True)
 class Unsupported:
     key: str
-    active: Callable[[object, dict], bool]  # (value, resolved options) → the key would change the tokens
+    # (value, resolved options) → the key would change the tokens; the value is as generation_config.json
+    # holds it (any JSON value: the predicates compare it with the neutral value its key expects)
+    active: Callable[[Any, dict], bool]
     what: str
     fix: str
 
@@ -131,11 +134,11 @@ def _truthy(v, _o) -> bool:
     return bool(v)
 
 
-def _sampling(pred: Callable[[object], bool]) -> Callable[[object, dict], bool]:
+def _sampling(pred: Callable[[Any], bool]) -> Callable[[Any, dict], bool]:
     return lambda v, o: v is not None and not o["greedy"] and pred(v)
 
 
-def _not(neutral) -> Callable[[object, dict], bool]:
+def _not(neutral) -> Callable[[Any, dict], bool]:
     return lambda v, _o: v is not None and v != neutral
 
 

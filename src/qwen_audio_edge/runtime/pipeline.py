@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,10 @@ from .generate import SamplingOptions
 from .generation_config import effective_generation_config, resolve_sampling, stop_token_ids
 from .prompt import PromptFormat, user_message
 from .quant_linear import Int8Linear
+from .selfcheck import SelfCheck
+
+if TYPE_CHECKING:
+    from .decode_graph import DecodeStep
 
 __all__ = [
     "CONTEXT_POLICIES",
@@ -41,6 +46,10 @@ __all__ = [
 ]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# One encoder input of `Pipeline.encode_mels`: (mel [n_mels, T], valid frames[, position offset]) for the
+# exact encoder, or a BlockBatch of the chunked stream mode's consecutive blocks.
+MelInput = tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int] | BlockBatch
 
 
 def default_dtype(device: str) -> str:
@@ -161,7 +170,7 @@ class Pipeline:
         self.max_context = self._resolve_max_context()
         self.cache: KVCache = self.decoder.setup_cache(self.max_context)
         self._owner: object | None = None
-        self._step = None
+        self._step: DecodeStep | None = None
         self.load_s = time.perf_counter() - t0
 
     @classmethod
@@ -170,7 +179,7 @@ class Pipeline:
         options = options or RuntimeOptions(**kwargs)
         return cls(load_manifest(path, verify_hashes=options.verify_hashes), options)
 
-    def decode_step(self):
+    def decode_step(self) -> DecodeStep | None:
         """The static, graph-replayed decode step for the current decoder and cache (CUDA only), else None."""
         if self.device.type != "cuda" or not self.options.cuda_graphs:
             return None
@@ -256,8 +265,8 @@ class Pipeline:
             return prepare_waveform(data, sr if sampling_rate is None else sampling_rate, sr)
         raise AudioError(f"audio must be a file path or an array of samples, got {type(audio).__name__}")
 
-    def encode_mels(self, mels: list[tuple]) -> list[torch.Tensor]:
-        """Encoder outputs [N_i, hidden] per (mel, valid frames[, position offset]) input, checked finite."""
+    def encode_mels(self, mels: Sequence[MelInput]) -> list[torch.Tensor]:
+        """Encoder outputs [N_i, hidden] per input (see MelInput), checked finite."""
         out = []
         for item in mels:
             emb = item.encode() if isinstance(item, BlockBatch) else self.encoder(*item)
@@ -354,6 +363,7 @@ class Pipeline:
         first use per shape class, so after a run this also says which path each shape class took
         (runtime/selfcheck.py); `run --json` prints it under "paths"."""
         enc, dec = self.encoder, self.decoder
+        checks = getattr(dec, "selfcheck", None)  # a SelfCheck, attached by load_decoder
         head = dec.lm_head
         if isinstance(head, Int8Linear):
             lm_head = (
@@ -371,7 +381,7 @@ class Pipeline:
             "fused_kernels": bool(getattr(dec, "fused_kernels", False)),
             "lm_head": lm_head,
             "cuda_graphs": self.device.type == "cuda" and self.options.cuda_graphs,
-            "self_check": dec.selfcheck.report() if hasattr(dec, "selfcheck") else {},
+            "self_check": checks.report() if isinstance(checks, SelfCheck) else {},
         }
 
     def default_sampling(self, **overrides) -> SamplingOptions:

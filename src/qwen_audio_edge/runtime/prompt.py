@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from .errors import ArtifactsError, OptionsError
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
+    from tokenizers import Tokenizer
 
     from .decoder import Qwen2Decoder
 
@@ -59,7 +59,7 @@ def user_message(n_audio: int, text: str | None) -> dict:
 class PromptFormat:
     """Tokenizer + template + the special ids the runtime needs."""
 
-    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer: Tokenizer
     chat_template: str | None
     audio_token_id: int
 
@@ -209,6 +209,5 @@ def embed_prompt(
     `audio` in the audio slots (see place_audio; `text_spans` are ranges whose audio ids are not slots)."""
     import torch
 
-    table = cast("nn.Embedding", decoder.model.embed_tokens)
-    t = torch.tensor([list(ids)], dtype=torch.long, device=table.weight.device)
+    t = torch.tensor([list(ids)], dtype=torch.long, device=decoder.model.embed_tokens.weight.device)
     return place_audio(decoder.embed(t), ids, audio, audio_token_id, text_spans=text_spans)

@@ -56,9 +56,11 @@ from .stream_buffer import AudioBuffer, UtteranceFeatures
 
 if TYPE_CHECKING:
     from .audio import IncrementalMel, MelFrontEnd
-    from .pipeline import Conversation, PendingTurn, Pipeline, PrefilledTurn, TurnResult
+    from .pipeline import Conversation, MelInput, PendingTurn, Pipeline, PrefilledTurn, TurnResult
 
 __all__ = ["Endpointer", "SileroVad", "StreamEvent", "StreamOptions", "StreamSession", "VadOptions", "WindowEndpointer"]
+
+DEFAULT_VAD = VadOptions()  # a session's endpointing unless told otherwise (frozen: safe to share as a default)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ class _Job:
     """An ended utterance waiting for its answer: the turn, and either its prefill or its encoder inputs."""
 
     turn: PendingTurn
-    mels: list | None
+    mels: list[MelInput] | None
     prefilled: PrefilledTurn | None  # from speculation
     start: int
     end: int
@@ -219,7 +221,7 @@ class StreamSession:
         prompt: str | None = None,
         *,
         sampling: SamplingOptions | None = None,
-        vad: VadOptions | None = VadOptions(),
+        vad: VadOptions | None = DEFAULT_VAD,
         on_text: Callable[[str], None] | None = None,
         options: StreamOptions = StreamOptions(),
         on_event: Callable[[StreamEvent], None] | None = None,

@@ -24,7 +24,7 @@ from .chunked import BlockStream
 from .errors import QwenAudioEdgeError
 
 if TYPE_CHECKING:
-    from .pipeline import Conversation, PendingTurn, Pipeline
+    from .pipeline import Conversation, MelInput, PendingTurn, Pipeline
 
 
 class AudioBuffer:
@@ -172,7 +172,7 @@ class UtteranceFeatures:
         self.block_encoder = encoder
         return extended
 
-    def tail_inputs(self) -> list:
+    def tail_inputs(self) -> list[MelInput]:
         """Encoder inputs still to encode at the end of the utterance (does not consume the mel state, so
         a speculative end can be withdrawn and more audio fed)."""
         if self.blocks is None or self.block_encoder is None:
