@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     cold = not any(triton_cache_dir().glob("*"))
     t0 = time.perf_counter()
     done = [check_target(arch, a.quick, a.jobs) for arch in archs]
-    results = {arch: report(arch, rows, secs, a.quick, cold) for arch, (rows, secs) in zip(archs, done)}
+    results = {arch: report(arch, rows, secs, a.quick, cold) for arch, (rows, secs) in zip(archs, done, strict=True)}
     print_table(results)
     total = {
         k: sum(r["summary"][k] for r in results.values())

@@ -257,7 +257,7 @@ def breakdown(model, step, pos: int, token_ms: float, dtype: torch.dtype) -> dic
     dev = step.cache.k.device
     xs = [torch.randn(1, m.in_features, device=dev, dtype=dtype) for m in lins]
     h = torch.randn(1, model.args.hidden_size, device=dev, dtype=dtype)
-    run_lins, run_head = (lambda: [m(x) for m, x in zip(lins, xs)]), (lambda: model.lm_head(h))
+    run_lins, run_head = (lambda: [m(x) for m, x in zip(lins, xs, strict=True)]), (lambda: model.lm_head(h))
     if dev.type == "cuda":
         lin_ms, head_ms = 1e3 * graph_seconds([run_lins]), 1e3 * graph_seconds([run_head])
         captured = step.captured(pos)

@@ -131,7 +131,7 @@ class Study:
 
     @torch.inference_mode()
     def causal(self, wave: np.ndarray, seconds: float, lookahead_s: float) -> torch.Tensor:
-        blocks = causal_utterance(self.front, wave, block_frames(seconds, self.front), int(round(lookahead_s * 100)))
+        blocks = causal_utterance(self.front, wave, block_frames(seconds, self.front), round(lookahead_s * 100))
         return self._blocks(blocks, causal=True)
 
     def _blocks(self, blocks: list[BlockInput], causal: bool) -> torch.Tensor:

@@ -311,7 +311,7 @@ def measure(
         path = export_states_onnx(study.module, study.cfg, out_dir, prec, calibration=calibration)
         sessions[prec] = sess = session(path)
         study.onnx[prec] = sess
-        per = [errors(run_states(sess, m, n), ex, pad_frames) for (m, n), ex in zip(inputs, exact)]
+        per = [errors(run_states(sess, m, n), ex, pad_frames) for (m, n), ex in zip(inputs, exact, strict=True)]
         r = {
             "file_mb": round(path.stat().st_size / 2**20, 2),
             "export_seconds": round(time.perf_counter() - t0, 1),

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import json
 import os
 import platform
@@ -52,6 +53,7 @@ from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
 from qwen_audio_edge.export.synthetic_audio import speech_like_signal
 from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
 from qwen_audio_edge.runtime.pipeline import Pipeline
+from qwen_audio_edge.runtime.prompt import embed_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEARS = (
@@ -68,11 +70,7 @@ PROMPT = "What does the person say?"
 
 
 def _embed(pipeline: Pipeline, decoder, sample) -> torch.Tensor:
-    t = torch.tensor([sample.ids])
-    emb = decoder.embed(t)
-    if sample.audio is not None:
-        emb[0, t[0] == pipeline.prompt.audio_token_id] = sample.audio
-    return emb
+    return embed_prompt(decoder, sample.ids, sample.audio, pipeline.prompt.audio_token_id)
 
 
 def layer_inputs(pipeline: Pipeline, samples) -> dict[str, torch.Tensor]:
@@ -125,6 +123,11 @@ def gptqmodel_quantize(weight: torch.Tensor, x: torch.Tensor, cfg: GPTQConfig) -
     return lin.weight.data.float()
 
 
+def _output_err(x: torch.Tensor, target: torch.Tensor, wq: torch.Tensor) -> float:
+    """Relative error ‖x·Ŵᵀ − target‖/‖target‖ of a linear's output with weight Ŵ = `wq` (target = x·Wᵀ)."""
+    return float((x @ wq.T - target).norm() / target.norm())
+
+
 def per_linear(artifacts: Path) -> dict:
     """Held-out relative output error of ours / RTN / gptqmodel for every linear, per GPTQ config."""
     p = Pipeline.from_artifacts(artifacts, fuse=False)  # the hooks need the checkpoint's separate q/k/v, gate/up
@@ -139,11 +142,7 @@ def per_linear(artifacts: Path) -> dict:
             w = p.decoder.model.layers[int(layer)].get_submodule(path).weight.detach().float()
             acc = HessianAccumulator(w.shape[1])
             acc.add(x)
-            target = xh[key] @ w.T
-
-            def err(wq: torch.Tensor) -> float:
-                return float((xh[key] @ wq.T - target).norm() / target.norm())
-
+            err = functools.partial(_output_err, xh[key], xh[key] @ w.T)
             ours, rtn = err(gptq_quantize(w, acc.h, cfg).dequantized), err(rtn_quantize(w, cfg).dequantized)
             ref = err(gptqmodel_quantize(w, x, cfg))
             rows.append(
@@ -224,7 +223,7 @@ def calibration_modes(root: Path) -> dict:
             quantize_decoder(src, p.decoder.args, samples, GPTQConfig(), state, p.prompt.audio_token_id, progress=False)
             q = _w4_copy(p.decoder, state)
             errs, kls = [], []
-            for ref, s in zip(fp_scores, held):
+            for ref, s in zip(fp_scores, held, strict=True):
                 r = layer_error_and_kl(ref, score(q, s), 0)
                 errs.append(sum(r["layer_rel_err"]) / len(r["layer_rel_err"]))
                 kls.append(sum(r["kl"]) / len(r["kl"]))

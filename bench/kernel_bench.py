@@ -289,12 +289,12 @@ def bench_shape(
         xb = x.to(torch.bfloat16)  # tinygemm takes bf16 activations
         ref = w4_matmul_ref(x.float(), *ref_args)
         err = ((ours[0].matmul(x).float() - ref).abs().max() / ref.abs().max()).item()
-        t_ours = seconds_per_call([lambda w=w: w.matmul(x) for w in ours], dev, iters)
-        t_dense = seconds_per_call([lambda d=d: x @ d.T for d in dense], dev, iters)
+        t_ours = seconds_per_call([lambda w=w, x=x: w.matmul(x) for w in ours], dev, iters)
+        t_dense = seconds_per_call([lambda d=d, x=x: x @ d.T for d in dense], dev, iters)
         try:
             if tiny is None:
                 raise RuntimeError("no tinygemm weights")
-            t_tiny = seconds_per_call([lambda i=i: tiny(xb, i) for i in range(copies)], dev, iters)
+            t_tiny = seconds_per_call([lambda i=i, xb=xb: tiny(xb, i) for i in range(copies)], dev, iters)
         except Exception as e:
             if strict:
                 raise
@@ -341,11 +341,18 @@ def bench_cpu_dtypes(k: int, n: int, head: tuple[int, int], iters: int, gen: tor
             torch.randn(n, k, dtype=dt),
             torch.randn(vocab, hidden, dtype=dt),
         )
+        # each callable binds this dtype's tensors (default arguments: the loop rebinds the names)
         cases = [
-            (f"int4pack_mm_for_cpu {k}x{n}", lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)),
-            (f"dense matmul {k}x{n}", lambda: x @ dense.T),
-            (f"int8pack_mm lm_head {vocab}x{hidden}", lambda: torch.ops.aten._weight_int8pack_mm(xh, w8, s8)),
-            (f"dense matmul lm_head {vocab}x{hidden}", lambda: xh @ dense_head.T),
+            (
+                f"int4pack_mm_for_cpu {k}x{n}",
+                lambda x=x, sz=sz: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz),
+            ),
+            (f"dense matmul {k}x{n}", lambda x=x, dense=dense: x @ dense.T),
+            (
+                f"int8pack_mm lm_head {vocab}x{hidden}",
+                lambda xh=xh, s8=s8: torch.ops.aten._weight_int8pack_mm(xh, w8, s8),
+            ),
+            (f"dense matmul lm_head {vocab}x{hidden}", lambda xh=xh, dense_head=dense_head: xh @ dense_head.T),
         ]
         for op, fn in cases:
             try:
@@ -373,7 +380,7 @@ def bench_layer(
     layer_bytes = sum(p[5] for p in parts)
     copies = max(2, -(-rotate_bytes // layer_bytes))
     ours, tiny, dense = [], [], []
-    for name, k, n, bias, t, _ in parts:
+    for _name, k, n, bias, t, _ in parts:
         b = torch.randn(n, device=dev, dtype=act) if bias else None
         x = torch.randn(1, k, device=dev, dtype=act)
         ws = [TritonW4Weight.build(*(a.clone() for a in t)) for _ in range(copies)]  # every copy cold, scales too

@@ -27,6 +27,7 @@ Only the standard library: it runs anywhere, in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -190,7 +191,7 @@ def kernels_cpu(r: Results) -> str:
     d = r.load("cpu/kernels.json")
     rows = []
     for row in d.get("rows"):
-        o = lambda k: row.get(k)
+        o = row.get
         err = row.get("max_rel_err")
         rows.append(
             [
@@ -247,7 +248,7 @@ def decode_cpu(r: Results) -> str:
     cfg = d.get("config")
     rows = []
     for label, run in runs.items():
-        o = lambda k, default="–": d.opt(k, default, run)
+        o = lambda k, default="–", run=run: d.opt(k, default, run)
         tok_s = d.get(f"runs.{label}.decode_tok_s")
         spread = f" ({o('decode_tok_s_min'):.1f}–{o('decode_tok_s_max'):.1f})" if "decode_tok_s_min" in run else ""
         engine = o("engine", "transformers" if label.startswith("transformers") else "qwen-audio-edge")
@@ -374,7 +375,7 @@ def _realtime_table(d: Doc, rule: str | None) -> str:
 def _component_table(d: Doc, rule: str | None) -> str:
     rows = []
     for row in d.get("rows"):
-        g = lambda k: d.get(k, row)
+        g = functools.partial(d.get, obj=row)
         run, hf = g("offline_run_ttft_ms"), g("transformers_offline_ttft_ms")
         same = {True: "yes", False: "**no**"}.get(row.get("first_token_equal"), "–")
         rows.append(
@@ -479,7 +480,7 @@ def quantize_memory(r: Results) -> str:
     d = r.load("cpu/quantize_memory.json")
     rows = []
     for name, m in d.get("models").items():
-        g = lambda k: d.get(k, m)
+        g = functools.partial(d.get, obj=m)
         rows.append(
             [
                 name,
@@ -525,7 +526,7 @@ def compile_check(r: Results) -> str:
     rows = []
     for d in docs:
         s = d.get("summary")
-        g = lambda k: d.get(k, s)
+        g = functools.partial(d.get, obj=s)
         target = f"sm_{d.get('target.arch')} ({d.get('target.gpus')})"
         counts = [str(g(key)) for key in ("failed", "excluded", "spills", "spills_fp32")]
         rows.append(
@@ -672,7 +673,7 @@ def encoder_precisions(r: Results) -> str:
     lengths = list(d.get("timing"))
     rows = []
     for name, p in d.get("precisions").items():
-        g = lambda k: d.get(k, p)
+        g = functools.partial(d.get, obj=p)
         per_utt = [d.get("mean_cosine", u) for u in g("per_utterance")]
         cells = []
         for length in lengths:
@@ -732,7 +733,7 @@ def chunked_default(r: Results) -> str:
             f"{ptt.get('lookahead_seconds')} s, not the default {block:g} + {ahead:g}"
         )
     lines = []
-    for cond, target in zip(("clean", "noisy"), WER_TARGETS):
+    for cond, target in zip(("clean", "noisy"), WER_TARGETS, strict=True):
         got, ref = d.get(f"wer_{cond}", row), d.get(f"wer_{cond}", exact)
         lines.append(
             [
@@ -800,7 +801,7 @@ def gptq_quality(r: Results) -> str:
     rows = []
     for name, c in d.get("per_linear.configs").items():
         lin = d.get("rows", c)
-        col = lambda k: [d.get(k, x) for x in lin]
+        col = lambda k, lin=lin: [d.get(k, x) for x in lin]
         rows.append(
             [
                 name,
@@ -809,7 +810,7 @@ def gptq_quality(r: Results) -> str:
                 span(col("rtn"), "{:.3f}"),
                 span(col("gptqmodel"), "{:.3f}"),
                 span(col("ours_over_gptqmodel"), "{:.3f}"),
-                span([x / y for x, y in zip(col("rtn"), col("ours"))], "{:.2f}"),
+                span([x / y for x, y in zip(col("rtn"), col("ours"), strict=True)], "{:.2f}"),
             ]
         )
     env = d.get("environment")

@@ -245,7 +245,12 @@ def plot(res: dict, out: Path, title: str) -> None:
     for mode in res.get("realtime_modes", []):
         pts = [(r["seconds"], r[mode]["end_of_speech_to_first_token_ms"]) for r in rt if mode in r]
         if pts:
-            ax.plot(*zip(*pts), marker="s", linewidth=2.5, label=f"end of speech → first token, real time, VAD, {mode}")
+            ax.plot(
+                *zip(*pts, strict=True),
+                marker="s",
+                linewidth=2.5,
+                label=f"end of speech → first token, real time, VAD, {mode}",
+            )
     xs = [r["seconds"] for r in res["rows"]]
     for key, label in [
         ("endpoint_decision_to_first_token_ms_exact_spec", "component: endpoint decision → first token (exact, spec.)"),

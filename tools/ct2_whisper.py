@@ -191,7 +191,7 @@ def _attention(t: dict, src: str, dst: str, fused: str, names: tuple[str, ...]) 
     out: dict[str, torch.Tensor] = {}
     weights = t[f"{src}/{fused}/weight"].chunk(len(names))
     biases = t[f"{src}/{fused}/bias"].chunk(len(names))
-    for name, w, b in zip(names, weights, biases):
+    for name, w, b in zip(names, weights, biases, strict=True):
         out[f"{dst}.{name}_proj.weight"] = w
         if name == "k":
             if b.abs().max() != 0:
