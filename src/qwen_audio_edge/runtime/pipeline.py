@@ -29,7 +29,6 @@ from .generate import SamplingOptions
 from .generation_config import effective_generation_config, resolve_sampling, stop_token_ids
 from .prompt import PromptFormat, user_message
 from .quant_linear import Int8Linear
-from .selfcheck import SelfCheck
 
 if TYPE_CHECKING:
     from .decode_graph import DecodeStep
@@ -363,7 +362,6 @@ class Pipeline:
         first use per shape class, so after a run this also says which path each shape class took
         (runtime/selfcheck.py); `run --json` prints it under "paths"."""
         enc, dec = self.encoder, self.decoder
-        checks = getattr(dec, "selfcheck", None)  # a SelfCheck, attached by load_decoder
         head = dec.lm_head
         if isinstance(head, Int8Linear):
             lm_head = (
@@ -381,7 +379,7 @@ class Pipeline:
             "fused_kernels": bool(getattr(dec, "fused_kernels", False)),
             "lm_head": lm_head,
             "cuda_graphs": self.device.type == "cuda" and self.options.cuda_graphs,
-            "self_check": checks.report() if isinstance(checks, SelfCheck) else {},
+            "self_check": dec.selfcheck.report(),
         }
 
     def default_sampling(self, **overrides) -> SamplingOptions:
