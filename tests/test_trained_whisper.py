@@ -182,6 +182,7 @@ def test_greedy_transcripts_match_ctranslate2(hf_whisper, ct2_model, tiny_en, sp
         # Trained weights, not noise: most words of the sentence come back (espeak + tiny.en are imperfect).
         words = lambda s: re.findall(r"[a-z]+", s.lower())
         heard = set(words(processor.tokenizer.decode(hf_ids, skip_special_tokens=True)))
+        # measured 5/9, 14/15, 9/10 of the words; bound half
         assert sum(w in heard for w in words(text)) >= 0.5 * len(words(text)), heard
 
 
@@ -274,8 +275,8 @@ def test_fp16_encoder_export_on_trained_weights(qwen_ckpt):
     )
     v = m["encoder"]["verification"]
     assert v["fp16_min_cosine_vs_fp32"] >= v["tolerances"]["fp16_min_cosine"]
-    assert v["fp16_min_cosine_vs_fp32"] >= 0.9999  # measured 0.999995 on tiny.en
-    assert v["fp16_max_rel_err_vs_fp32"] <= 1e-2  # measured 1.8e-3
+    assert 1 - v["fp16_min_cosine_vs_fp32"] <= 2e-5  # measured 5.1e-6 on tiny.en; bound 2e-5 (margin 4×)
+    assert v["fp16_max_rel_err_vs_fp32"] <= 4e-3  # measured 1.8e-3; bound 4e-3 (margin 2.2×)
 
 
 def test_chunked_mode_stays_close_to_exact_on_trained_weights(artifacts, speech):
