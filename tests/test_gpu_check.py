@@ -88,16 +88,37 @@ def test_dry_run_passes_and_returns_every_parts_json(tmp_path):
         ("stream.json", "rows"),
     ):
         res = json.loads(files[name])
-        assert len(res[key]) >= 1, name
+        assert res[key], name
         assert name == "gpu-tests.json" or res["complete"] is True, name
+    # Every row the dry run's arguments ask for (gpu_check.sh part_kernels/decode/stream with DRY=1).
     kernels = json.loads(files["kernels.json"])
-    assert kernels["kernel"] == "triton" and any(r["shape"] == "layer" for r in kernels["rows"])  # the GPU run's path
+    assert kernels["kernel"] == "triton"  # the GPU run's path
+    rows = kernels["rows"]  # --shapes qkvo_256x256 --ms 1,2,64, then the whole-layer row
+    assert [r["shape"] for r in rows] == ["qkvo_256x256"] * 3 + ["layer"] and [r["m"] for r in rows[:3]] == [1, 2, 64]
     decode = json.loads(files["decode.json"])
-    assert decode["w4_kernels"] == ["triton"] and "ours_w4_int8_head" in decode["runs"]
+    assert decode["w4_kernels"] == ["triton"]
+    assert sorted(decode["runs"]) == [  # --int8-head: the fp16 head (graphs and eager), the int8 head, transformers
+        "ours_w4_float16_head",
+        "ours_w4_float16_head_eager",
+        "ours_w4_int8_head",
+        "transformers_float16",
+    ]
     assert any("breakdown" in r for r in decode["runs"].values())
-    assert json.loads(files["stream.json"])["w4_kernels"] == ["triton"]
+    stream = json.loads(files["stream.json"])
+    assert stream["w4_kernels"] == ["triton"] and [r["seconds"] for r in stream["rows"]] == [1.0]  # --lengths 1
     tests = json.loads(files["gpu-tests.json"])
-    assert tests["failed"] == tests["error"] == 0 and tests["passed"] >= 1
+    assert tests["failed"] == tests["error"] == 0
+    # The dry run's fast subset: the selection less gpu_check.sh's DRY_SKIP patterns, every one run; test_gpu.py's
+    # tests skip without CUDA, all the others pass (measured: 61 selected, 29 ran, 19 skipped, 10 passed).
+    ids = [line for line in files["gpu-tests-selection.txt"].splitlines() if "::" in line]
+    skip_block = re.search(r"^DRY_SKIP=\((.*?)\)$", SCRIPT.read_text(), re.M | re.S)
+    assert skip_block, "no DRY_SKIP=(...) in gpu_check.sh"
+    dry_skip = re.findall(r"-e (\S+)", skip_block[1])
+    fast = [t for t in ids if not any(s in t for s in dry_skip)]
+    assert tests["selected"] == len(ids) and sorted(r["test"] for r in tests["rows"]) == sorted(fast)
+    on_gpu = {t for t in fast if t.startswith("tests/test_gpu.py::")}
+    assert {r["test"] for r in tests["rows"] if r["outcome"] == "skipped"} == on_gpu
+    assert tests["passed"] == len(fast) - len(on_gpu) > 0
 
     # the selection the GPU run uses: all of test_gpu.py (and test_kernel_selfcheck.py), the Triton tests of
     # test_kernels.py and the kernel checks next to them; not the CPU-only refusal check nor the sm_90 cross-compile
