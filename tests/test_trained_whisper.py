@@ -210,9 +210,10 @@ def test_qwen2_audio_tower_is_pooled_then_normalised_whisper(qwen_ckpt, hf_whisp
         pooled_then_ln = enc.layer_norm(torch.nn.functional.avg_pool1d(pre_ln.T[None], 2, 2)[0].T)
         ln_then_pooled = torch.nn.functional.avg_pool1d(whisper_out.T[None], 2, 2)[0].T
     assert _rel_err(tower, pooled_then_ln) <= 1e-6
-    # LayerNorm does not commute with pooling: on the speech tokens the two differ by 8–10 % of the max.
+    # LayerNorm does not commute with pooling: on the speech tokens the two differ by 9.2 % of the max (measured);
+    # bound half of that (was 1 %)
     n_tokens = num_audio_tokens(int(np.ceil(len(speech[0][2]) / 160)))
-    assert _rel_err(ln_then_pooled[:n_tokens], tower[:n_tokens]) > 1e-2
+    assert _rel_err(ln_then_pooled[:n_tokens], tower[:n_tokens]) > 0.046
 
 
 def test_export_with_default_settings_and_run(artifacts, speech):
