@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +26,7 @@ from .encoder import EncoderConfig, OnnxEncoder, TorchEncoder, load_encoder_modu
 from .errors import ArtifactsError, AudioError, LimitError, NumericalError, OptionsError
 from .generate import SamplingOptions
 from .generation_config import effective_generation_config, resolve_sampling, stop_token_ids
+from .options import DTYPES, RuntimeOptions, decoder_load_kwargs, default_dtype
 from .prompt import PromptFormat, user_message
 from .quant_linear import Int8Linear
 
@@ -44,73 +44,9 @@ __all__ = [
     "TurnResult",
 ]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 # One encoder input of `Pipeline.encode_mels`: (mel [n_mels, T], valid frames[, position offset]) for the
 # exact encoder, or a BlockBatch of the chunked stream mode's consecutive blocks.
 MelInput = tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int] | BlockBatch
-
-
-def default_dtype(device: str) -> str:
-    """The decoder's activation dtype when none is asked for — one rule for the API and the CLI: fp16 on
-    CUDA (half fp32's KV cache and activation traffic; the GPTQ scales' own dtype), fp32 on CPU (most CPUs
-    have no fast half-precision matmul, and fp32 is what the parity tests hold to transformers)."""
-    return "fp16" if torch.device(device).type == "cuda" else "fp32"
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """How to run: device, activation dtype, context size, encoder backend and threads.
-
-    threads: CPU threads for torch and for the ONNX Runtime encoder session; None leaves torch's setting
-    as it is (its default: one per physical core) and gives ONNX Runtime one per CPU. The pipeline owns
-    the process's torch thread pool: torch has one intra-op thread count per process, shared by every
-    thread (a `torch.set_num_threads` in one thread changes what all others get), so a pipeline built
-    with threads=N calls `torch.set_num_threads(N)` once, at load, and it stays N — after the pipeline
-    is done and for any other torch work in the process; of several pipelines, the last built wins.
-    It is not set and restored around each call, because that cannot isolate anything: a stream session
-    works on two threads at once (feeding and answering), and one thread's restore would change the
-    other's pool mid-turn.
-    """
-
-    device: str = "cpu"
-    dtype: str | None = None  # fp32 | fp16 | bf16; None: default_dtype(device) (fp16 on CUDA, fp32 on CPU), filled in
-    max_context: int | None = None  # None: the config's max_position_embeddings, capped to fit memory
-    encoder_backend: str = "onnx"  # onnx | torch
-    encoder_precision: str | None = None  # fp32 | fp16 (which exported encoder); None: the export's default
-    threads: int | None = None
-    verify_hashes: bool = True
-    w4_kernel: str = "auto"  # auto | ref | cpu | triton (GPTQ decoders only)
-    w4_tune: bool = True  # Triton: time launch configs per layer shape on first use (kernels/w4_triton.py Tuner)
-    # q/k/v and gate/up as one matmul each, and on CUDA one Triton launch per norm / RoPE / SwiGLU
-    # (False keeps the checkpoint's modules and plain torch ops, e.g. for hooks or debugging)
-    fuse: bool = True
-    cuda_graphs: bool = True  # on CUDA: decode steps replayed as CUDA graphs (runtime/decode_graph.py)
-
-    def __post_init__(self) -> None:
-        if self.encoder_backend not in ("onnx", "torch"):
-            raise OptionsError(f"encoder backend must be onnx or torch, got {self.encoder_backend!r}")
-        if self.max_context is not None and self.max_context < 2:
-            raise OptionsError(f"max_context must be ≥ 2, got {self.max_context}")
-        if self.w4_kernel not in ("auto", "ref", "cpu", "triton"):
-            raise OptionsError(f"w4 kernel must be auto, ref, cpu or triton, got {self.w4_kernel!r}")
-        if self.threads is not None and self.threads < 1:
-            raise OptionsError(f"threads must be ≥ 1, got {self.threads}")
-        try:
-            dev = torch.device(self.device)
-        except (RuntimeError, ValueError) as e:
-            raise OptionsError(f"device {self.device!r} is not a device name: use cpu, cuda or cuda:N") from e
-        if dev.type not in ("cpu", "cuda"):
-            raise OptionsError(f"device {self.device!r} is not supported: use cpu, cuda or cuda:N")
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise OptionsError(f"device {self.device!r} requested but torch sees no CUDA GPU; use --device cpu")
-            if (dev.index or 0) >= torch.cuda.device_count():
-                raise OptionsError(f"device {self.device!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        if self.dtype is None:
-            object.__setattr__(self, "dtype", default_dtype(self.device))  # resolved once: options.dtype is always set
-        if self.dtype not in DTYPES:
-            raise OptionsError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 def _available_memory_bytes(device: torch.device) -> int:
@@ -162,9 +98,7 @@ class Pipeline:
             self.dtype,
             self.device,
             lm_head_int8=artifacts.path(head) if head else None,
-            w4_kernel=options.w4_kernel,
-            fuse=options.fuse,
-            w4_tune=options.w4_tune,
+            **decoder_load_kwargs(options),
         )
         self.max_context = self._resolve_max_context()
         self.cache: KVCache = self.decoder.setup_cache(self.max_context)
