@@ -1,4 +1,4 @@
-"""`qwen-audio-edge` command line: export, run, stream, compare, eval, demo (the application layer).
+"""`qwen-audio-edge` command line: export, run, stream, compare, eval, bench, demo (the application layer).
 
 Errors we raise on purpose print one line (`error: …`) and exit 2; anything unexpected prints one
 line too (with `--debug` for the traceback). Heavy imports happen inside the commands so that
@@ -267,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-new-tokens", type=int, default=256)
     v.add_argument("--json", action="store_true")
     _add_runtime_args(v)
+
+    b = sub.add_parser(
+        "bench",
+        help="stage latencies, tokens/s, memory and roofline, side by side with transformers (and llama.cpp)",
+        description="Benchmark our runtime stage by stage against transformers (and llama.cpp when built) on "
+        "the same weights and inputs; greedy outputs are checked to agree before anything is timed.",
+    )
+    from .benchmark.options import add_bench_arguments
+
+    add_bench_arguments(b)
 
     d = sub.add_parser("demo", help="build a tiny random checkpoint, export it, run a test signal (no weights needed)")
     d.add_argument(
@@ -630,6 +640,12 @@ def _build_demo(root: Path) -> None:
     (root / DEMO_MARKER).write_text(json.dumps({"complete": True}))
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .benchmark.main import run_bench
+
+    return run_bench(a)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     """Build (or reuse) the demo model in --dir, write signal.wav there and run it, so that README's next
     command (`qwen-audio-edge run qae-demo/artifacts --audio qae-demo/signal.wav`) finds what it needs."""
@@ -690,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         "compare": cmd_compare,
         "eval": cmd_eval,
         "stream": cmd_stream,
+        "bench": cmd_bench,
     }
     try:
         return handlers[a.command](a)
