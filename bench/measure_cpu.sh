@@ -29,11 +29,18 @@
 #   quantize_memory    ~3 min   bench/quantize_memory.py: export --bits 4 of tiny (~8 s) and mid (~133 s)
 #   encoder_precisions ~4 min   bench/fidelity_onnx.py (a guess, not checked): ONNX exports
 #                               of tiny.en in 4 precisions, errors and WER on 6 utterances, 7 timed encodes each
-# In all about 31 minutes.
+#   bench_mid          ~15 min  qwen-audio-edge bench --shape mid: ours vs transformers fp32/bf16 at 2/5/10/30 s
+#                               x 32/256 tokens, 3 repeats, cold starts, + llama.cpp (convert, llama-bench,
+#                               llama-mtmd-cli); the llama.cpp build (bench/build_llama_cpp.sh, ~11 min once)
+#                               is at $LLAMA_CPP (default ~/.cache/qwen-audio-edge/llama.cpp)
+#   bench_7b           ~1 s     qwen-audio-edge bench --shape 7b: the 7B memory plan
+# In all about 47 minutes.
 
 set -u
 cd "$(dirname "$0")/.."
 R=bench/results/cpu
+LLAMA_CPP="${LLAMA_CPP:-$HOME/.cache/qwen-audio-edge/llama.cpp}"
+WORK="${BENCH_WORK:-$HOME/.cache/qwen-audio-edge/bench-work}"
 
 declare -A CMD=(
   [kernels]="python bench/kernel_bench.py --device cpu --ms 1,8,64,256,320,800 --out $R/kernels.json"
@@ -43,8 +50,10 @@ declare -A CMD=(
   [stream_chunk1s]="python bench/stream.py --preset mid --chunk-seconds 1 --parts realtime,ptt,fidelity --realtime-modes chunked --out $R/stream_mid_chunk1s"
   [quantize_memory]="python bench/quantize_memory.py --out $R/quantize_memory.json"
   [encoder_precisions]="python bench/fidelity_onnx.py"
+  [bench_mid]="qwen-audio-edge bench --shape mid --threads 2 --repeats 3 --work $WORK --llama-cpp $LLAMA_CPP --json $R/bench_mid.json --plot $R/bench_mid.png"
+  [bench_7b]="qwen-audio-edge bench --shape 7b --json $R/bench_7b.json"
 )
-ORDER=(kernels decode stream stream_ptt stream_chunk1s quantize_memory encoder_precisions)
+ORDER=(kernels decode stream stream_ptt stream_chunk1s quantize_memory encoder_precisions bench_mid bench_7b)
 
 if [[ "${1:-}" == "--check" ]]; then  # the same scripts and options at their smallest sizes: correctness, not speed
   shift
@@ -57,6 +66,8 @@ if [[ "${1:-}" == "--check" ]]; then  # the same scripts and options at their sm
     [stream_chunk1s]="python bench/stream.py --preset tiny --lengths 2 --repeats 1 --realtime-repeats 1 --chunk-seconds 1 --parts realtime,ptt,fidelity --realtime-modes chunked --out $R/stream_chunk1s"
     [quantize_memory]="python bench/quantize_memory.py --models tiny --num-samples 4 --out $R/quantize_memory.json"
     [encoder_precisions]="python bench/fidelity_onnx.py --limit 1 --repeats 1 --no-wer --out $R/encoder_precisions.json"
+    [bench_mid]="qwen-audio-edge bench --shape tiny --seconds 2 --new-tokens 4 --repeats 1 --json $R/bench_mid.json --plot $R/bench_mid.png"
+    [bench_7b]="qwen-audio-edge bench --shape 7b --json $R/bench_7b.json"
   )
   echo "check mode: results go to $R"
 fi

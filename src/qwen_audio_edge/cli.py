@@ -59,6 +59,27 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         help="CUDA: use the default Triton launch configs instead of timing candidates per layer shape "
         "on first use (faster first start, slower decode)",
     )
+    g.add_argument(
+        "--embeddings",
+        default="auto",
+        choices=["auto", "dtype", "host", "int8", "fp32", "fp16", "bf16"],
+        help="where the token-embedding table lives: host memory (pinned), int8 or a float dtype on the device, "
+        "or dtype (the activation dtype on the device); auto: host on CUDA, dtype on CPU (docs/memory.md)",
+    )
+    g.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "dtype", "int8", "fp32", "fp16", "bf16"],
+        help="KV cache storage: int8 (per position and head, half of fp16) or a float dtype; auto = dtype, "
+        "the activation dtype (docs/memory.md)",
+    )
+    g.add_argument(
+        "--lm-head",
+        default="auto",
+        choices=["auto", "dtype", "int8"],
+        help="output head: int8 (the export's side file, else quantized at load) or dtype (dense); "
+        "auto: int8 when the export wrote the side file (docs/memory.md)",
+    )
     g.add_argument("--no-verify", action="store_true", help="check file sizes only, skip sha256 of the artifacts")
 
 
@@ -312,6 +333,9 @@ def _runtime_options(a: argparse.Namespace):
         w4_kernel=a.w4_kernel,
         w4_tune=not a.no_w4_tune,
         fuse=not a.no_fuse,
+        embeddings=a.embeddings,
+        kv_cache=a.kv_cache,
+        lm_head=a.lm_head,
     )
 
 

@@ -201,8 +201,8 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     mem = result.get("memory_plan")
     if mem and mem.get("rows"):
         rows = [[r["name"], f"{r['gib']:.2f}"] for r in mem["rows"]]
-        out.append((f"Memory plan: {mem.get('title', '')}", ["component", "GiB"], rows))
-    return out
+        out.append((f"Memory plan: {mem.get('title', '')}", ["configuration", "GiB"], rows))
+    return [t for t in out if t[2]]  # a table without rows (e.g. no timings in a memory-only run) is left out
 
 
 def print_tables(result: dict, file=None) -> None:

@@ -12,6 +12,10 @@ share of the weights' bytes at conversational lengths.
 
 The same static step runs eagerly where CUDA graphs are unavailable (CPU, or `graphs=False`): that is
 the reference twin that tests compare with the dynamic `Qwen2Decoder.forward`.
+
+With the embedding table in host memory (RuntimeOptions.embeddings = "host", runtime/embedding.py) the
+gather cannot be recorded: the graph then starts from a static embedding buffer, which each call fills
+with the token's row (gathered on the host, copied asynchronously on the same stream) before the replay.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .decoder import KVCache, Qwen2Decoder
+from .embedding import HostEmbedding
 
 
 class DecodeStep:
@@ -37,6 +42,10 @@ class DecodeStep:
             raise ValueError("CUDA graphs need the model and cache on a CUDA device")
         self.min_bucket = min_bucket
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        # host table: the step reads the embedding from this buffer (filled outside the graph); else None
+        self.embeds: torch.Tensor | None = None
+        if not model.graph_safe_embedding:
+            self.embeds = torch.zeros(1, 1, model.args.hidden_size, dtype=cache.dtype, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self._captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: torch.cuda._POOL_HANDLE | None = None  # the graphs' shared memory pool, after the first capture
@@ -49,6 +58,8 @@ class DecodeStep:
         return min(size, self.cache.max_context)
 
     def _eager(self, bucket: int) -> torch.Tensor:
+        if self.embeds is not None:
+            return self.model.step_embeds(self.embeds, self.pos, self.cache, bucket)
         return self.model.step(self.token, self.pos, self.cache, bucket)
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -80,7 +91,15 @@ class DecodeStep:
     def __call__(self, token: int, pos: int) -> torch.Tensor:
         if pos >= self.cache.max_context:
             raise ValueError(f"position {pos} is past the KV cache ({self.cache.max_context})")
-        self.token.fill_(token)
+        if self.embeds is not None:
+            ids = torch.tensor([[token]])  # on the host: the row is gathered there
+            embed = self.model.model.embed_tokens
+            if isinstance(embed, HostEmbedding):
+                embed(ids, out=self.embeds)  # straight from the pinned rows into the graph's input
+            else:
+                self.embeds.copy_(embed(ids))
+        else:
+            self.token.fill_(token)
         self.pos.fill_(pos)
         bucket = self.bucket(pos)
         if not self.graphs:

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ArtifactsError, LimitError
+from .embedding import TokenEmbedding
+from .errors import ArtifactsError, LimitError, OptionsError
+from .kv_cache import KVCache, kv_bytes_per_token  # KVCache lived here: re-exported
 from .selfcheck import TOLERANCE, SelfCheck, relative_error, warn_once
 
 if TYPE_CHECKING:
@@ -82,10 +84,10 @@ class ModelArgs:
             raise ArtifactsError("num_attention_heads must be a multiple of num_key_value_heads")
         return args
 
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        """KV cache bytes one position costs (all layers, K and V)."""
-        elt = torch.finfo(dtype).bits // 8
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elt
+    def kv_bytes_per_token(self, dtype: torch.dtype, storage: str = "dtype") -> int:
+        """KV cache bytes one position costs (all layers, K and V; int8: with its scales), activations in
+        `dtype`, K/V stored as `storage` (runtime/kv_cache.py)."""
+        return kv_bytes_per_token(self, dtype, storage)
 
 
 class FusedKernels(Protocol):
@@ -148,7 +150,7 @@ class Attention(nn.Module):
         start: int | StepPosition,  # a StepPosition: a static-shape decode step (CUDA-graph capturable)
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        if self.qkv_proj is not None and self.fused_kernels is not None and b == 1:
+        if self.qkv_proj is not None and self.fused_kernels is not None and b == 1 and cache.kernel_writable:
             # one launch: q rotated in place, rotated k and v written straight into the cache
             qkv = self.qkv_proj(x)
             self.fused_kernels.rope_kv_cache_(
@@ -190,17 +192,6 @@ class Attention(nn.Module):
                 mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
-
-
-def rope_tables(a: ModelArgs, max_context: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_context, head_dim] computed in fp32 (as the reference), cast to the activation dtype."""
-    inv_freq = 1.0 / (
-        a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64, device=device).float() / a.head_dim)
-    )
-    pos = torch.arange(max_context, device=device, dtype=torch.float32)
-    freqs = torch.outer(pos, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -285,44 +276,13 @@ class StepPosition:
     mask: torch.Tensor
 
 
-class KVCache:
-    """Static, preallocated K/V for every layer: [layers, 1, kv_heads, max_context, head_dim], and the RoPE
-    tables `cos`/`sin` [max_context, head_dim] of those positions.
-
-    The tables live here, not in the decoder, because they are sized by the cache: whoever holds a cache
-    (a conversation, a captured CUDA graph) holds the tables its positions need, and making another cache
-    cannot change them. They add 1/(layers·kv_heads) to the K/V's size (1/1024 for Qwen2-Audio-7B).
-    """
-
-    def __init__(self, args: ModelArgs, max_context: int, dtype: torch.dtype, device: torch.device | str):
-        shape = (args.num_hidden_layers, 1, args.num_key_value_heads, max_context, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.cos, self.sin = rope_tables(args, max_context, self.k.device, dtype)
-        self.max_context = max_context
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def update_at(
-        self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bucket: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write one position given as a device tensor; return the first `bucket` positions (static shapes)."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
-        return self.k[layer, :, :, :bucket], self.v[layer, :, :, :bucket]
-
-
 class DecoderBody(nn.Module):
     """The checkpoint's `model.*` part: token embeddings, the layers, the final norm (its own class so that
     each part has a type; the parameter names are the checkpoint's)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens: TokenEmbedding = nn.Embedding(args.vocab_size, args.hidden_size)  # see load_decoder
         self.layers = nn.ModuleList([DecoderLayer(args) for _ in range(args.num_hidden_layers)])
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -344,17 +304,33 @@ class Qwen2Decoder(nn.Module):
         self.fused_projections = 0  # layers' q/k/v and gate/up fused into one matmul each (fuse_projections)
         self.fused_kernels = False  # norms, RoPE and SwiGLU on the Triton kernels (enable_fused_kernels)
         self.w4_kernels: list[str] = []  # the W4 matmul paths its QuantLinears prepared
+        self.kv_storage = "dtype"  # the KV caches' storage (runtime/kv_cache.py): load_decoder's kv_cache
+        self.embeddings = "dtype"  # where the embedding table lives (runtime/embedding.py): load_decoder's
 
-    def setup_cache(self, max_context: int) -> KVCache:
-        """A new KV cache (with its RoPE tables) for `max_context` positions in the weights' dtype/device.
+    def setup_cache(self, max_context: int, storage: str | None = None) -> KVCache:
+        """A new KV cache (with its RoPE tables) for `max_context` positions on the weights' device, in their
+        dtype; K/V stored as `storage` (None: the decoder's `kv_storage`, as load_decoder set it).
 
         Changes nothing in the decoder: caches made earlier stay valid and compute what they did.
         """
         p = self.model.norm.weight
-        return KVCache(self.args, max_context, p.dtype, p.device)
+        cache = KVCache(self.args, max_context, p.dtype, p.device, storage=storage or self.kv_storage)
+        if self.fused_kernels and not cache.kernel_writable:
+            warn_once(
+                f"kv/{cache.storage}/no-fused-rope",
+                f"{cache.storage} KV cache: the fused Triton RoPE+KV-write kernel writes {p.dtype} K/V only; "
+                "RoPE and the cache write run as torch ops (the other fused kernels stay)",
+            )
+        return cache
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids → embeddings [.., hidden] on the decoder's device, in the activation dtype."""
         return self.model.embed_tokens(ids)
+
+    @property
+    def graph_safe_embedding(self) -> bool:
+        """Whether `embed` is a device op a CUDA graph can record (False: the table is in host memory)."""
+        return bool(getattr(self.model.embed_tokens, "graph_safe", True))
 
     def forward(self, embeds: torch.Tensor, start: int, cache: KVCache, *, all_logits: bool = False) -> torch.Tensor:
         """embeds [1, S, hidden] at positions start… → logits [1, S, vocab] (or [1, 1, vocab] for the last)."""
@@ -403,11 +379,16 @@ class Qwen2Decoder(nn.Module):
         Every shape is fixed for a given bucket and no value leaves the device, so the step can be
         captured once as a CUDA graph and replayed at any position below the bucket (runtime/decode_graph.py).
         """
+        return self.step_embeds(self.embed(token), pos, cache, bucket)
+
+    def step_embeds(self, x: torch.Tensor, pos: torch.Tensor, cache: KVCache, bucket: int) -> torch.Tensor:
+        """`step` from the token's embedding x [1, 1, hidden] (a static device buffer): the form a CUDA graph
+        records when the embedding gather runs on the host (runtime/embedding.py HostEmbedding)."""
         cos = cache.cos.index_select(0, pos)[None, None]
         sin = cache.sin.index_select(0, pos)[None, None]
         mask = (torch.arange(bucket, device=pos.device) <= pos)[None, None, None]
         where = StepPosition(pos=pos, bucket=bucket, mask=mask)
-        return self._layers_and_head(self.embed(token), cos, sin, cache, where, last_only=False)[0, -1]
+        return self._layers_and_head(x, cos, sin, cache, where, last_only=False)[0, -1]
 
 
 def fuse_projections(model: Qwen2Decoder) -> int:
@@ -514,6 +495,43 @@ def fused_kernels_problem(model: Qwen2Decoder, module: FusedKernels) -> str | No
     return next((p for p in problems if p is not None), None)
 
 
+LM_HEAD_MODES = ("auto", "dtype", "int8")
+
+
+def build_meta_decoder(cfg: dict) -> Qwen2Decoder:
+    """The module `load_decoder` fills, built on the meta device (no memory): W4 linears swapped in when the
+    config has a quantization_config. runtime/memory_plan.py sums its tensors, so the plan is this code."""
+    from .quant_linear import swap_in_quant_linears
+
+    args = ModelArgs.from_config(cfg)
+    with torch.device("meta"):
+        model = Qwen2Decoder(args)
+        if cfg.get("quantization_config"):
+            swap_in_quant_linears(model, cfg["quantization_config"])
+    return model
+
+
+def packed_tensor_names(model: nn.Module) -> set[str]:
+    """State-dict names of the W4 tensors, which keep their stored dtypes at load (every other float
+    tensor takes the activation dtype)."""
+    from .quant_linear import QuantLinear
+
+    return {
+        f"{name}.{b}"
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+        for b in ("qweight", "qzeros", "scales", "g_idx", "bias")
+    }
+
+
+def resolve_lm_head(mode: str, has_int8_file: bool) -> str:
+    """ "auto": int8 when the export has the side file, else the dense head in the activation dtype ("dtype");
+    "int8" with no side file quantizes the dense head at load (quantize_int8_rows: the rule export uses)."""
+    if mode not in LM_HEAD_MODES:
+        raise OptionsError(f"lm_head must be one of {', '.join(LM_HEAD_MODES)}, got {mode!r}")
+    return ("int8" if has_int8_file else "dtype") if mode == "auto" else mode
+
+
 def load_decoder(
     decoder_dir,
     dtype: torch.dtype,
@@ -523,13 +541,21 @@ def load_decoder(
     w4_kernel: str = "ref",
     fuse: bool = True,
     w4_tune: bool = True,
+    embeddings: str = "dtype",
+    kv_cache: str = "dtype",
+    lm_head: str = "auto",
 ) -> Qwen2Decoder:
     """Load a text-only Qwen2 checkpoint folder (config.json + safetensors, sharded or not), fp or GPTQ W4.
 
     The module is built on the meta device and each tensor is assigned as it is read, so peak memory is
     the weights once, never a random init plus a copy. GPTQ tensors (qweight/qzeros/g_idx int32, scales
     and W4 biases fp16) keep their stored dtypes; other float tensors take the activation `dtype`.
-    `lm_head_int8` (a side file with `weight` int8 and `scales`) replaces the fp16 head, which is then not read.
+    `lm_head_int8` (a side file with `weight` int8 and `scales`) replaces the fp16 head, which is then not
+    read, unless `lm_head` says otherwise (resolve_lm_head: "dtype" keeps the dense head; "int8" without a
+    side file quantizes the dense head on load).
+    `embeddings` places the token-embedding table (runtime/embedding.py: dtype | host | int8 | fp32 | fp16 |
+    bf16 | auto); the table is read on the host and only what that mode keeps reaches the device.
+    `kv_cache` is the storage of the caches `setup_cache` makes (runtime/kv_cache.py; "auto" = "dtype").
     `w4_kernel` picks the W4 matmul path (see QuantLinear.prepare); "ref" keeps the GPTQ tensors as stored.
     `fuse` merges q/k/v and gate/up into one matmul each (fuse_projections) and, on CUDA, routes norms,
     RoPE and SwiGLU through fused Triton kernels (enable_fused_kernels). `w4_tune` lets the Triton
@@ -540,27 +566,31 @@ def load_decoder(
 
     from safetensors import safe_open
 
-    from .quant_linear import Int8Linear, QuantLinear, swap_in_quant_linears
+    from .embedding import build_embedding, resolve_embeddings
+    from .kv_cache import KV_STORAGES
+    from .quant_linear import Int8Linear, QuantLinear, quantize_int8_rows
 
+    if kv_cache not in (*KV_STORAGES, "auto"):
+        raise OptionsError(f"kv_cache must be auto or one of {', '.join(KV_STORAGES)}, got {kv_cache!r}")
     d = Path(decoder_dir)
     cfg = json.loads((d / "config.json").read_text())
-    args = ModelArgs.from_config(cfg)
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise ArtifactsError(f"{d}: no *.safetensors weight files")
-    with torch.device("meta"):
-        model = Qwen2Decoder(args)
-        if cfg.get("quantization_config"):
-            swap_in_quant_linears(model, cfg["quantization_config"])
-    packed = {
-        f"{name}.{b}"
-        for name, m in model.named_modules()
-        if isinstance(m, QuantLinear)
-        for b in ("qweight", "qzeros", "scales", "g_idx", "bias")
-    }
+    model = build_meta_decoder(cfg)
+    args = model.args
+    head = resolve_lm_head(lm_head, lm_head_int8 is not None)
+    emb = resolve_embeddings(embeddings, device, tied_dense_head=args.tie_word_embeddings and head == "dtype")
+    embed_key, head_key = "model.embed_tokens.weight", "lm_head.weight"
+    packed = packed_tensor_names(model)
     expected = set(model.state_dict())
-    skip = {"lm_head.weight"} if lm_head_int8 is not None else set()
+    # read on the host, not moved to the device as they are: the table (placed by `emb`), a head to quantize
+    host_keys = ({embed_key} if emb != "dtype" else set()) | (
+        {head_key} if head == "int8" and not lm_head_int8 else set()
+    )
+    skip = {head_key} if head == "int8" and lm_head_int8 is not None else set()
     state: dict[str, torch.Tensor] = {}
+    host: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as sf:
             for key in sf.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
@@ -569,27 +599,47 @@ def load_decoder(
                 if key not in expected:
                     raise ArtifactsError(f"{f.name}: unexpected tensor {key!r} for this decoder config")
                 t = sf.get_tensor(key)
-                state[key] = t.to(device) if key in packed else t.to(device=device, dtype=dtype)
-    if args.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state and not skip:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    missing = sorted(expected - set(state) - skip)
+                if key in host_keys:
+                    host[key] = t
+                else:
+                    state[key] = t.to(device) if key in packed else t.to(device=device, dtype=dtype)
+    if args.tie_word_embeddings and head == "dtype" and head_key not in state:
+        if embed_key in state:
+            state[head_key] = state[embed_key]
+        elif embed_key in host:  # the table is placed elsewhere; the dense head needs it on the device
+            state[head_key] = host[embed_key].to(device=device, dtype=dtype)
+    not_needed = {head_key} if head == "int8" else set()
+    missing = sorted(expected - set(state) - set(host) - not_needed)
     if missing:
         raise ArtifactsError(f"{d}: decoder weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
     reference = model.state_dict()
-    for name, t in state.items():
+    for name, t in (state | host).items():
         if t.shape != reference[name].shape:
             raise ArtifactsError(
                 f"{d}: tensor {name} has shape {tuple(t.shape)}, config implies {tuple(reference[name].shape)}"
             )
     checks = SelfCheck()  # the fast paths' per-shape verdicts, shared by all layers (runtime/selfcheck.py)
     model.selfcheck = checks
-    if lm_head_int8 is not None:
-        from safetensors.torch import load_file
+    if head == "int8":
+        if lm_head_int8 is not None:
+            from safetensors.torch import load_file
 
-        side = load_file(str(lm_head_int8))
-        model.lm_head = Int8Linear(side["weight"].to(device), side["scales"].to(device), tune=w4_tune, checks=checks)
-    model.load_state_dict(state, assign=True, strict=lm_head_int8 is None)
+            side = load_file(str(lm_head_int8))
+            w8, scales = side["weight"], side["scales"]
+        else:  # tied weights: the head is the embedding table
+            source = host.get(head_key, host.get(embed_key, state.get(embed_key)))
+            if source is None:
+                raise ArtifactsError(f"{d}: no lm_head.weight (nor tied embedding table) to quantize to int8")
+            w8, scales = quantize_int8_rows(source)
+        model.lm_head = Int8Linear(w8.to(device), scales.to(device), tune=w4_tune, checks=checks)
+        host.pop(head_key, None)
+    model.load_state_dict(state, assign=True, strict=False)  # completeness and shapes were checked above
     del state
+    if emb != "dtype":
+        model.model.embed_tokens = build_embedding(host.pop(embed_key), emb, dtype, device)
+    del host
+    model.embeddings = emb
+    model.kv_storage = "dtype" if kv_cache == "auto" else kv_cache
     model.fused_projections = fuse_projections(model) if fuse and torch.device(device).type != "meta" else 0
     # on CUDA the small element-wise steps are fused too (each ~2 µs per launch, even inside a CUDA graph)
     model.fused_kernels = fuse and torch.device(device).type == "cuda" and enable_fused_kernels(model)

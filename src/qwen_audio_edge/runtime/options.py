@@ -1,4 +1,5 @@
-"""`RuntimeOptions`: how a pipeline runs (device, dtype, context, encoder backend, threads, kernels).
+"""`RuntimeOptions`: how a pipeline runs (device, dtype, context, encoder backend, threads, kernels, and
+where the big tensors live: embeddings, KV cache, lm_head — docs/memory.md).
 
 A frozen dataclass validated on construction, so that a typo fails before any weight is read; the CLI
 builds one from its flags and the API takes one (or its fields as keyword arguments).
@@ -10,7 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .decoder import LM_HEAD_MODES
+from .embedding import EMBEDDING_MODES
 from .errors import OptionsError
+from .kv_cache import KV_STORAGES
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,6 +54,17 @@ class RuntimeOptions:
     # (False keeps the checkpoint's modules and plain torch ops, e.g. for hooks or debugging)
     fuse: bool = True
     cuda_graphs: bool = True  # on CUDA: decode steps replayed as CUDA graphs (runtime/decode_graph.py)
+    # Where the memory goes (docs/memory.md; runtime/memory_plan.py adds it up before anything is loaded):
+    # the token-embedding table: auto | dtype | host | int8 | fp32 | fp16 | bf16 (runtime/embedding.py).
+    # auto: host on CUDA (the table is read one row per token: 1.28 GB of device memory at 7B for an 8 KB
+    # copy per decoded token), the device table ("dtype") on CPU, or when a dense tied head is the table.
+    embeddings: str = "auto"
+    # the KV cache's storage: auto (= dtype) | dtype | fp32 | fp16 | bf16 | int8 (runtime/kv_cache.py).
+    # auto stays the activation dtype: int8 halves the cache but changes outputs slightly, so it is asked for.
+    kv_cache: str = "auto"
+    # the output head: auto (int8 when the export wrote the side file, else dense) | dtype (dense, in the
+    # activation dtype) | int8 (the side file, or the dense head quantized at load by the same rule)
+    lm_head: str = "auto"
 
     def __post_init__(self) -> None:
         if self.encoder_backend not in ("onnx", "torch"):
@@ -58,6 +73,12 @@ class RuntimeOptions:
             raise OptionsError(f"max_context must be ≥ 2, got {self.max_context}")
         if self.w4_kernel not in ("auto", "ref", "cpu", "triton"):
             raise OptionsError(f"w4 kernel must be auto, ref, cpu or triton, got {self.w4_kernel!r}")
+        if self.embeddings not in EMBEDDING_MODES:
+            raise OptionsError(f"embeddings must be one of {', '.join(EMBEDDING_MODES)}, got {self.embeddings!r}")
+        if self.kv_cache not in ("auto", *KV_STORAGES):
+            raise OptionsError(f"kv cache must be auto or one of {', '.join(KV_STORAGES)}, got {self.kv_cache!r}")
+        if self.lm_head not in LM_HEAD_MODES:
+            raise OptionsError(f"lm head must be one of {', '.join(LM_HEAD_MODES)}, got {self.lm_head!r}")
         if self.threads is not None and self.threads < 1:
             raise OptionsError(f"threads must be ≥ 1, got {self.threads}")
         try:
@@ -79,4 +100,11 @@ class RuntimeOptions:
 
 def decoder_load_kwargs(options: RuntimeOptions) -> dict:
     """The keyword arguments of `decoder.load_decoder` that come from the options (one place to extend)."""
-    return {"w4_kernel": options.w4_kernel, "fuse": options.fuse, "w4_tune": options.w4_tune}
+    return {
+        "w4_kernel": options.w4_kernel,
+        "fuse": options.fuse,
+        "w4_tune": options.w4_tune,
+        "embeddings": options.embeddings,
+        "kv_cache": options.kv_cache,
+        "lm_head": options.lm_head,
+    }

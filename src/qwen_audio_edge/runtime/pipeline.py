@@ -168,7 +168,7 @@ class Pipeline:
 
     def _resolve_max_context(self) -> int:
         args = self.decoder.args
-        per_token = args.kv_bytes_per_token(self.dtype)
+        per_token = args.kv_bytes_per_token(self.dtype, self.decoder.kv_storage)  # int8: with its scales
         budget = _available_memory_bytes(self.device) // 2
         fits = max(2, budget // per_token)
         limit = args.max_position_embeddings
