@@ -198,6 +198,15 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 rows,
             )
         )
+    if agree := llama.get("text_only_agreement"):
+        rows = [["yes" if agree["identical"] else "no", str(agree["common_prefix_chars"]), str(len(agree["ours"]))]]
+        out.append(
+            (
+                "llama.cpp F16 vs ours, text-only greedy answer",
+                ["identical", "common prefix (chars)", "our length"],
+                rows,
+            )
+        )
     mem = result.get("memory_plan")
     if mem and mem.get("rows"):
         rows = [[r["name"], f"{r['gib']:.2f}"] for r in mem["rows"]]
