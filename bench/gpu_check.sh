@@ -9,13 +9,15 @@
 #        about a minute on 2 cores). CI runs it, so a slip in a bench script never costs a GPU run.
 #
 # Exit status: non-zero if any part failed. The GPU run keeps going after a failing part (and reports it);
-# the dry run runs every part too. PARTS (default "tests kernels decode stream"), any of:
+# the dry run runs every part too. PARTS (default "tests kernels decode stream bench"), any of:
 #   tests    tests/test_gpu.py, the Triton tests of tests/test_kernels.py (TEST_K below) and, if present,
 #            tests/test_kernel_selfcheck.py, in TEST_SHARDS parallel pytest processes (Triton compiles are
 #            CPU-bound: ~0.9 CPU-s per kernel variant, ~310 variants, 16 cores)
 #   kernels  bench/kernel_bench.py: W4 kernels on the 7B shapes, CUDA-graph timed, vs tinygemm and dense fp16
 #   decode   bench/decode.py: 7B-shape decode (CUDA graphs, eager, int8 head) vs transformers fp16
 #   stream   bench/stream_device.py: 7B-shape push-to-talk latency, 2-30 s utterances
+#   bench    qwen-audio-edge bench: --shape 7b (the 7B memory plan) and --shape tiny on the GPU beside
+#            transformers fp16 (every stage, roofline against the data-sheet peak); JSON + PNG
 #   pybench  (opt-in, outside the budget) the pytest-benchmark view, bench/test_bench_kernels.py
 #   quick    kernels + decode at reduced sizes; within 3 minutes with setup even with a cold Triton cache
 #   none     setup only (install + device report)
@@ -76,10 +78,11 @@ done
 # Each can be overridden from the environment (LIMIT_TESTS=200 ...), outside that check.
 LIMIT_INSTALL=${LIMIT_INSTALL:-20}
 LIMIT_DEVICE=${LIMIT_DEVICE:-15}
-LIMIT_TESTS=${LIMIT_TESTS:-150}
+LIMIT_TESTS=${LIMIT_TESTS:-120}
 LIMIT_KERNELS=${LIMIT_KERNELS:-55}
-LIMIT_DECODE=${LIMIT_DECODE:-90}
-LIMIT_STREAM=${LIMIT_STREAM:-90}
+LIMIT_DECODE=${LIMIT_DECODE:-75}
+LIMIT_STREAM=${LIMIT_STREAM:-75}
+LIMIT_BENCH=${LIMIT_BENCH:-60}
 # PARTS=quick: setup + these <= 180 s
 LIMIT_QUICK_KERNELS=${LIMIT_QUICK_KERNELS:-55}
 LIMIT_QUICK_DECODE=${LIMIT_QUICK_DECODE:-85}
@@ -101,13 +104,13 @@ if [ "$DRY" = 1 ]; then
   MODE="DRY RUN (CPU, Triton interpreter, tiny shapes: a check of the scripts, not a speed)"
 fi
 
-PARTS="${PARTS:-tests kernels decode stream}"
+PARTS="${PARTS:-tests kernels decode stream bench}"
 QUICK=0
 for p in $PARTS; do
   case "$p" in
-    tests|kernels|decode|stream|pybench|none) ;;
+    tests|kernels|decode|stream|bench|pybench|none) ;;
     quick) QUICK=1 ;;
-    *) echo "gpu_check.sh: unknown part '$p' in PARTS (tests kernels decode stream pybench quick none)" >&2; exit 2 ;;
+    *) echo "gpu_check.sh: unknown part '$p' in PARTS (tests kernels decode stream bench pybench quick none)" >&2; exit 2 ;;
   esac
 done
 [ "$QUICK" = 1 ] && PARTS="$PARTS kernels decode"
@@ -463,6 +466,16 @@ part_stream() {
   limited "$PY" bench/stream_device.py "${args[@]}" --out "$RAW/stream.json" >"$RAW/stream.txt" 2>&1
 }
 
+part_bench() {
+  limited "$PY" -m qwen_audio_edge.cli bench --shape 7b --json "$RAW/bench_7b.json" >"$RAW/bench_7b.txt" 2>&1 || return $?
+  local args
+  if [ "$DRY" = 1 ]; then args=(--device cpu --seconds 2 --new-tokens 4 --repeats 1 --baselines none)
+  else args=(--device cuda --seconds 5,30 --new-tokens 32 --repeats 3 --check-tokens 8)
+    "$PY" -c "import matplotlib" 2>/dev/null && args+=(--plot "$RAW/bench_tiny.png"); fi
+  limited "$PY" -m qwen_audio_edge.cli bench --shape tiny "${args[@]}" --json "$RAW/bench_tiny.json" \
+    >"$RAW/bench_tiny.txt" 2>&1
+}
+
 part_pybench() {
   if [ "$DRY" = 1 ]; then  # the 7B shapes on CPU would take minutes: collection only
     limited "$PY" -m pytest --collect-only -q -p no:cacheprovider bench/test_bench_kernels.py >"$RAW/pybench.txt" 2>&1
@@ -485,6 +498,7 @@ else
   has decode && run_part decode "$LIMIT_DECODE" part_decode
 fi
 has stream && run_part stream "$LIMIT_STREAM" part_stream
+has bench && run_part bench "$LIMIT_BENCH" part_bench
 has pybench && run_part pybench "$LIMIT_PYBENCH" part_pybench
 cat "$OUT/summary.txt"
 if [ -n "$FAILED" ]; then

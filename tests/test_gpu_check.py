@@ -18,7 +18,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-NOT_ON_GPU_MACHINE = ("soundfile", "av", "soxr", "silero_vad", "jiwer", "gptqmodel", "optimum")
+# (rich, jsonschema, matplotlib: not known to be there; bench must run without them)
+NOT_ON_GPU_MACHINE = (
+    "soundfile",
+    "av",
+    "soxr",
+    "silero_vad",
+    "jiwer",
+    "gptqmodel",
+    "optimum",
+    "rich",
+    "jsonschema",
+    "matplotlib",
+)
 BUDGET_S, QUICK_BUDGET_S = 420, 180  # default parts + setup: 7 minutes; PARTS=quick: 3
 
 
@@ -37,7 +49,7 @@ def test_part_limits_fit_the_time_budget():
     text = SCRIPT.read_text()
     limits = _limits()
     default_parts = re.search(r'^PARTS="\$\{PARTS:-([a-z ]+)\}"$', text, re.M)[1].split()
-    assert default_parts == ["tests", "kernels", "decode", "stream"]
+    assert default_parts == ["tests", "kernels", "decode", "stream", "bench"]
     for part in default_parts:  # each default part runs under its own limit
         assert re.search(rf'run_part {part} "\$LIMIT_{part.upper()}" part_{part}$', text, re.M), part
     setup = limits["INSTALL"] + limits["DEVICE"]
@@ -79,7 +91,7 @@ def test_dry_run_passes_and_returns_every_parts_json(tmp_path):
     with tarfile.open(out / "results.tgz") as t:
         files = {m.name: t.extractfile(m).read().decode() for m in t.getmembers()}
     parts = {line.split("\t")[0]: line.split("\t") for line in files["parts.tsv"].splitlines()}
-    assert list(parts) == ["install", "device", "tests", "kernels", "decode", "stream"]
+    assert list(parts) == ["install", "device", "tests", "kernels", "decode", "stream", "bench"]
     assert all(p[1] == "0" for p in parts.values()), parts
     for name, key in (
         ("gpu-tests.json", "rows"),
@@ -106,6 +118,13 @@ def test_dry_run_passes_and_returns_every_parts_json(tmp_path):
     assert any("breakdown" in r for r in decode["runs"].values())
     stream = json.loads(files["stream.json"])
     assert stream["w4_kernels"] == ["triton"] and [r["seconds"] for r in stream["rows"]] == [1.0]  # --lengths 1
+    bench7 = json.loads(files["bench_7b.json"])  # the 7B memory plan; then bench --shape tiny, ours only (dry run)
+    assert bench7["complete"] and min(r["gib"] for r in bench7["memory_plan"]["rows"]) <= 6.0
+    tiny = json.loads(files["bench_tiny.json"])
+    assert tiny["complete"] and {(s["engine"], s["stage"]) for s in tiny["stages"]} >= {
+        ("ours", "ttft"),
+        ("ours", "decode"),
+    }
     tests = json.loads(files["gpu-tests.json"])
     assert tests["failed"] == tests["error"] == 0
     # The dry run's fast subset: the selection less gpu_check.sh's DRY_SKIP patterns, every one run; test_gpu.py's
