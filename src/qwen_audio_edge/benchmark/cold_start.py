@@ -84,10 +84,15 @@ def _transformers(model_dir: Path, wav: Path, threads: int | None) -> None:
 
 
 def _emit(imported: float, ready: float, first_token: float) -> None:
-    """The marks, and this process's own peak RSS (the kernel's high-water mark, Linux: KiB)."""
-    import resource
-
-    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """The marks, and this process's own peak RSS: /proc's VmHWM, which starts afresh at exec (getrusage's
+    ru_maxrss does not: after fork + exec it still holds the parent's peak at the fork)."""
+    peak = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     print(
         json.dumps({"imported": imported, "ready": ready, "first_token": first_token, "peak_rss_mib": peak}), flush=True
     )

@@ -155,7 +155,8 @@ def tables(result: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ]
         out.append(
             (
-                "Cold start: process start → ready / first token (ms), peak RSS (MiB)",
+                "Cold start: process start → ready / first token (ms), peak RSS (MiB); our artifacts on disk: "
+                f"{result['model'].get('artifacts_bytes', 0) / 2**20:,.1f} MiB",
                 ["engine", "ready", "first token", "peak RSS", "note"],
                 rows,
             )
