@@ -7,6 +7,7 @@ run cut off by a time limit still leaves valid results for what finished.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -77,10 +78,10 @@ class Bench:
 
     def save(self) -> None:
         if self.cfg.json:
-            try:
-                validate(self.result)  # a writer that breaks the schema fails here, not in a reader
-            except ImportError:  # jsonschema (the [dev] extra) absent: e.g. a bare GPU machine
-                pass
+            # a writer that breaks the schema fails here, not in a reader; skipped without jsonschema (the
+            # [dev] extra), e.g. on a bare GPU machine
+            with contextlib.suppress(ImportError):
+                validate(self.result)
             tmp = self.cfg.json.with_name(self.cfg.json.name + ".tmp")
             tmp.write_text(json.dumps(self.result, indent=1) + "\n")
             os.replace(tmp, self.cfg.json)
