@@ -34,6 +34,8 @@
 #                               llama-mtmd-cli); the llama.cpp build (bench/build_llama_cpp.sh, ~11 min once)
 #                               is at $LLAMA_CPP (default ~/.cache/qwen-audio-edge/llama.cpp)
 #   bench_7b           ~1 s     qwen-audio-edge bench --shape 7b: the 7B memory plan
+#   ttft_profile       ~3 min   bench/ttft_profile.py: where our offline first token goes vs transformers, prefill
+#                               tokens/s, thread defaults on an idle and a loaded machine (mid W4 export cached)
 # In all about 47 minutes.
 
 set -u
@@ -52,8 +54,9 @@ declare -A CMD=(
   [encoder_precisions]="python bench/fidelity_onnx.py"
   [bench_mid]="qwen-audio-edge bench --shape mid --threads 2 --repeats 3 --work $WORK --llama-cpp $LLAMA_CPP --json $R/bench_mid.json --plot $R/bench_mid.png"
   [bench_7b]="qwen-audio-edge bench --shape 7b --json $R/bench_7b.json"
+  [ttft_profile]="python bench/ttft_profile.py --work $WORK/ttft --threads 2 --repeats 5 --out $R/ttft_profile_mid.json"
 )
-ORDER=(kernels decode stream stream_ptt stream_chunk1s quantize_memory encoder_precisions bench_mid bench_7b)
+ORDER=(kernels decode stream stream_ptt stream_chunk1s quantize_memory encoder_precisions bench_mid bench_7b ttft_profile)
 
 if [[ "${1:-}" == "--check" ]]; then  # the same scripts and options at their smallest sizes: correctness, not speed
   shift
@@ -68,6 +71,7 @@ if [[ "${1:-}" == "--check" ]]; then  # the same scripts and options at their sm
     [encoder_precisions]="python bench/fidelity_onnx.py --limit 1 --repeats 1 --no-wer --out $R/encoder_precisions.json"
     [bench_mid]="qwen-audio-edge bench --shape tiny --seconds 2 --new-tokens 4 --repeats 1 --json $R/bench_mid.json --plot $R/bench_mid.png"
     [bench_7b]="qwen-audio-edge bench --shape 7b --json $R/bench_7b.json"
+    [ttft_profile]="python bench/ttft_profile.py --preset tiny --work $R/ttft --lengths 2 --repeats 1 --out $R/ttft_profile.json"
   )
   echo "check mode: results go to $R"
 fi

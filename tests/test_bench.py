@@ -48,9 +48,12 @@ def test_bench_shape_tiny_end_to_end(tmp_path, capsys):
             assert (engine, "decode", secs, 6) in stages and (engine, "rtf", secs, 6) in stages
     for s in result["stages"]:
         assert len(s["samples"]) == 2 and min(s["samples"]) <= s["median"] <= s["p90"] <= max(s["samples"])
-    # every baseline agreed at both lengths: all 12 tokens, or up to a near-tie below the tolerance
+    # every baseline agreed at both lengths: all 12 tokens, or up to a near-tie below the tolerance; fp32 is
+    # held to our fp32 reference kernels, bf16 to the timed path
     assert len(result["agreement"]) == 4
     for a in result["agreement"]:
+        want = "ours, fp32 reference kernels" if a["baseline"] == "transformers-fp32" else "ours, timed path"
+        assert a["gated_path"] == want and 0 <= a["leading_tokens_equal"]["timed path"] <= 12
         tol = TIE_TOLERANCE[a["baseline"].split("-")[1]]
         if a["identical"]:
             assert a["tokens_compared"] == 12 and a["near_tie_at"] is None
@@ -97,7 +100,7 @@ def test_baseline_runs_our_exact_weights(w4):
     root, _ = w4
     art = root / "artifacts"
     p = Pipeline.from_artifacts(art, RuntimeOptions(w4_kernel="ref"))
-    p.decoder.lm_head._cpu_op = False  # the int8 head's fp32 reference twin (its CPU op computes in bf16)
+    p.decoder.lm_head.use_reference = True  # the int8 head's fp32 reference twin (its CPU op computes in bf16)
     eng = OurEngine(p, "What does the person say?")
     wave = speech_like_signal(3.0)
     ours = p.run(wave, eng.prompt, sampling=greedy(10)).token_ids

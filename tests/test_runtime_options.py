@@ -9,14 +9,17 @@ import torch
 from qwen_audio_edge.runtime.pipeline import Pipeline, RuntimeOptions
 
 
-def test_threads_set_the_process_torch_pool_and_none_leaves_it(mha):
+def test_threads_set_the_process_torch_pool_and_none_takes_the_free_cores(mha, monkeypatch):
     """threads=N is process-wide and stays after the pipeline's work, as RuntimeOptions documents;
-    threads=None does not touch it."""
+    threads=None takes the free cores (here: no other work, so every usable core)."""
+    from qwen_audio_edge.runtime import threads
+
+    monkeypatch.setattr(threads, "busy_cores", lambda *a, **k: 0.0)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        Pipeline.from_artifacts(mha.artifacts, RuntimeOptions())
-        assert torch.get_num_threads() == 1
+        p = Pipeline.from_artifacts(mha.artifacts, RuntimeOptions())
+        assert torch.get_num_threads() == p.threads.threads == threads.usable_cores()
         p = Pipeline.from_artifacts(mha.artifacts, RuntimeOptions(threads=2))
         assert torch.get_num_threads() == 2
         p.run(None, "Hi", sampling=p.default_sampling(max_new_tokens=2))

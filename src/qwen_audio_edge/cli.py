@@ -40,7 +40,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
         help="ONNX Runtime (default) or the torch module (GPUs without onnxruntime-gpu)",
     )
     g.add_argument("--encoder-precision", default=None, choices=["fp32", "fp16"], help="which exported encoder to run")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch and ONNX Runtime, one budget (default: the free cores, docs/threads.md)",
+    )
     g.add_argument(
         "--w4-kernel",
         default="auto",

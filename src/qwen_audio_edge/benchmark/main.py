@@ -113,7 +113,8 @@ class Bench:
         for secs in cfg.seconds:
             wavs[secs] = self.work / f"speech_{secs:g}s.wav"
             write_wav(wavs[secs], speech_like_signal(secs, seed=int(secs * 10)))
-        m = Measurement(ours, baselines, cfg.repeats, cfg.check_tokens, self.tick)
+        reference = self._reference(artifacts, options) if "transformers-fp32" in baselines else None
+        m = Measurement(ours, baselines, cfg.repeats, cfg.check_tokens, self.tick, reference)
         for secs in cfg.seconds:
             m.length(wavs[secs], secs, cfg.new_tokens)
             self._collect(m)
@@ -127,6 +128,21 @@ class Bench:
         return self.result
 
     # --- steps ----------------------------------------------------------------------------------
+    def _reference(self, artifacts: Path, options):
+        """Our pipeline on the kernels' fp32 reference twins (W4 dequantize-matmul, the int8 head's chunked
+        dequantize): what the fp32 baseline must match token for token (measure.Measurement._agree)."""
+        import dataclasses
+
+        from ..runtime.pipeline import Pipeline
+        from ..runtime.quant_linear import Int8Linear
+        from .ours import OurEngine
+
+        self.tick("loading our pipeline on its fp32 reference kernels (the agreement check's)")
+        p = Pipeline.from_artifacts(artifacts, dataclasses.replace(options, w4_kernel="ref", dtype="fp32"))
+        if isinstance(p.decoder.lm_head, Int8Linear):
+            p.decoder.lm_head.use_reference = True
+        return OurEngine(p, PROMPT, encoders=False)
+
     def _model(self) -> tuple[Path | None, Path]:
         cfg = self.cfg
         if cfg.model is not None:

@@ -41,10 +41,10 @@ class TurnTiming:
 class OurEngine:
     """A loaded pipeline plus the extra encoders to compare; all timings on one process's warm state."""
 
-    def __init__(self, pipeline: Pipeline, prompt: str):
+    def __init__(self, pipeline: Pipeline, prompt: str, encoders: bool = True):
         self.p = pipeline
         self.prompt = prompt
-        self.encoders = self._encoders()
+        self.encoders = self._encoders() if encoders else {}
 
     def _encoders(self) -> dict[str, object]:
         """Every encoder the artifacts can run here: each exported ONNX precision, and the torch module."""

@@ -17,12 +17,13 @@ fp32/fp16 activations are rounded to bf16 for the W4 matmul, and so are the per-
 Tests compare with the reference at a bf16 tolerance; use `--w4-kernel ref` where bit-exact agreement
 with the export matters.
 
-Large M (prefill of hundreds of audio tokens): the op dequantizes inside its inner loop, so it turns
-compute-bound and falls behind a dense bf16 matmul as M grows. From `DENSE_MIN_ROWS` rows on, `matmul`
-instead dequantizes the packed weight once per call into a transient bf16 [K, N] matrix (the same
-(q − 8)·scale + zero, in bf16) and runs one dense matmul. The figures are in bench/results/cpu/kernels.json
-(bench/kernel_bench.py, 7B layer shapes): at M ≥ DENSE_MIN_ROWS its `ours_ms` is this path and
-`tinygemm_ms` the op alone, and the rows at M = 256, 320 and 800 show both sides of the crossover.
+Large M (prefill of tens to hundreds of audio tokens): the op dequantizes inside its inner loop, so it
+turns compute-bound and falls behind a dense matmul as M grows. From the plan's `min_rows` on
+(kernels/w4_cpu_prefill.py: measured once per process, at most DENSE_MIN_ROWS), `matmul` instead decodes
+the packed weight once per call, in column chunks, into a transient dense matrix in the plan's dtype
+(bf16 where the CPU multiplies bf16 natively, else fp32: on AVX2-only CPUs torch's bf16 matmul has no fast
+kernel) and runs dense matmuls. Its exactness twin is kernels/w4_ref.py (tests/test_w4_prefill.py).
+Figures: bench/results/cpu/kernels.json (7B layer shapes) and bench/results/cpu/ttft_profile_mid.json.
 
 torch's packed layout depends on the CPU build path that runs (AVX-512: blocks of 64 output rows, byte
 [k, j] holding rows j and j + 32; AVX2 and plain builds: blocks of 32, rows j and j + 16; other builds
@@ -39,10 +40,14 @@ from dataclasses import dataclass
 
 import torch
 
+from .w4_cpu_prefill import prefill_plan
 from .w4_ref import check_shapes, group_sort, int4pack_scales_zeros, unpack_rows
 
 _GROUPS = (256, 128, 64, 32)
-DENSE_MIN_ROWS = 320  # from this many rows on, dequantize once + dense bf16 matmul beats the int4 op (kernels.json)
+# The rows from which a matmul dequantizes + runs dense is chosen per machine (kernels/w4_cpu_prefill.py);
+# it is never above DENSE_MIN_ROWS (where the dense bf16 path beat the op on the 7B shapes: kernels.json)
+DENSE_MIN_ROWS = 320
+DENSE_CHUNK_ELEMS = 1 << 22  # weight elements decoded per dense chunk (8 MiB in bf16)
 
 
 def available() -> bool:
@@ -84,18 +89,46 @@ class CpuW4Weight:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.T.contiguous().to(torch.int32), 1)
         return cls(packed=packed, scales_zeros=sz, group=sub, perm=perm, k=k, n=n)
 
-    def dequantize_t(self, layout: PackedLayout | None = None) -> torch.Tensor:
-        """The weight as bf16 [K, N] (K in the activation-permuted order), decoded from the packed layout."""
+    def dequantize_t(
+        self,
+        layout: PackedLayout | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        cols: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """The weight as [K, N] in `dtype` (K in the activation-permuted order), decoded from the packed layout.
+
+        `cols` (start, stop), multiples of the layout's block: only those output columns. The affine is
+        folded (w = q·s + (z − 8·s), in fp32, then rounded to `dtype`), so each half of a block is one
+        addcmul straight from the packed nibbles — 3–4× faster than unpack, subtract, multiply-add.
+        """
         layout = layout or packed_layout()
         if layout is None or self.n % layout.block:
             raise RuntimeError("torch's packed int4 layout is not readable here; use the int4 op")
-        w = layout.unpack(self.packed, self.n, self.k)  # [K, N] bf16, nibbles 0…15
-        g = self.group
-        wv = w.view(self.k // g, g, self.n)
-        torch.addcmul(
-            self.scales_zeros[..., 1].unsqueeze(1), wv.sub_(8), self.scales_zeros[..., 0].unsqueeze(1), out=wv
-        )
-        return w
+        b, half, g = layout.block, layout.block // 2, self.group
+        c0, c1 = cols or (0, self.n)
+        if c0 % b or c1 % b or not 0 <= c0 < c1 <= self.n:
+            raise ValueError(f"columns {c0}:{c1} are not whole {b}-row blocks of N = {self.n}")
+        nb = (c1 - c0) // b
+        p = self.packed.view(self.n // b, self.k, half)[c0 // b : c1 // b].permute(1, 0, 2)
+        p = p.reshape(self.k // g, g, nb, half)  # [groups, g, blocks, half] bytes
+        sz = self.scales_zeros[:, c0:c1].float()
+        s, z = sz[..., 0], sz[..., 1] - 8.0 * sz[..., 0]
+        s, z = s.to(dtype).view(-1, 1, nb, b), z.to(dtype).view(-1, 1, nb, b)
+        out = torch.empty(self.k // g, g, nb, b, dtype=dtype)
+        if layout.lo == tuple(range(half)) and layout.hi == tuple(range(half, b)):  # AVX-512 / AVX2: no gather
+            if dtype == torch.bfloat16:  # the nibbles cast inside the addcmul (one pass per half)
+                torch.addcmul(z[..., :half], p & 15, s[..., :half], out=out[..., :half])
+                torch.addcmul(z[..., half:], p >> 4, s[..., half:], out=out[..., half:])
+            else:  # fp32: a mixed-dtype addcmul is slower here than a cast, then one in-place pass
+                out[..., :half].copy_(p & 15)
+                out[..., half:].copy_(p >> 4)
+                torch.addcmul(z, out, s, out=out)
+        else:
+            order = torch.tensor(layout.lo + layout.hi)
+            out[..., order[:half]] = (p & 15).to(dtype)
+            out[..., order[half:]] = (p >> 4).to(dtype)
+            torch.addcmul(z, out, s, out=out)  # one rounding (a mul, then an add, would round twice in bf16)
+        return out.view(self.k, c1 - c0)
 
     def _dense_ok(self) -> bool:
         layout = packed_layout()
@@ -111,6 +144,30 @@ class CpuW4Weight:
             return False
         return True
 
+    def dense_matmul(self, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x2 [M, K] (activation-permuted) @ the weight dequantized to `dtype` → [M, N] in `dtype`.
+
+        The weight is decoded in column chunks of at most DENSE_CHUNK_ELEMS elements, each multiplied
+        as soon as it is made: the transient stays small (a 4096 × 22016 gate/up would be 180 MB in
+        bf16 at once) and hot in cache for its matmul.
+        """
+        layout = packed_layout()
+        assert layout is not None, "dense_matmul runs only where _dense_ok() holds"
+        xd = x2.to(dtype).contiguous()
+        step = max(layout.block, DENSE_CHUNK_ELEMS // self.k // layout.block * layout.block)
+        if step >= self.n:
+            return xd @ self.dequantize_t(layout, dtype)
+        y = torch.empty(x2.shape[0], self.n, dtype=dtype)
+        for c0 in range(0, self.n, step):
+            c1 = min(self.n, c0 + step)
+            torch.mm(xd, self.dequantize_t(layout, dtype, (c0, c1)), out=y[:, c0:c1])
+        return y
+
+    def int4_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, K] (activation-permuted) through torch's int4 op (bf16) → [M, N] bf16."""
+        xb = x2.to(torch.bfloat16).contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales_zeros)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape[-1] != self.k:
             raise ValueError(f"x has {x.shape[-1]} features, the W4 weight expects {self.k}")
@@ -118,11 +175,11 @@ class CpuW4Weight:
         x2 = x.reshape(-1, self.k)
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        xb = x2.to(torch.bfloat16).contiguous()
-        if x2.shape[0] >= DENSE_MIN_ROWS and self._dense_ok():
-            y = (xb @ self.dequantize_t()).to(x.dtype)
+        plan = prefill_plan()
+        if plan.min_rows is not None and x2.shape[0] >= plan.min_rows and self._dense_ok():
+            y = self.dense_matmul(x2, plan.dtype).to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, self.packed, self.group, self.scales_zeros).to(x.dtype)
+            y = self.int4_matmul(x2).to(x.dtype)
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.reshape(*lead, self.n)
@@ -244,4 +301,7 @@ def _check_against_op(layout: PackedLayout) -> bool:
         return False
     eye = torch.eye(k, dtype=torch.bfloat16)
     via_op = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, probe.packed, g, sz)  # = dequantized Wᵀ
-    return bool(torch.allclose(probe.dequantize_t(layout).float(), via_op.float(), rtol=1e-2, atol=1e-2))
+    # a wrong layout is off by O(1); the folded decode rounds z − 8·s to bf16 (≤ 2⁻⁹ of 8·max s + max z, here
+    # ≤ 0.5 % of max |W|) where the op rounds z alone
+    err = (probe.dequantize_t(layout).float() - via_op.float()).abs().max()
+    return bool(err <= 1e-2 * via_op.float().abs().max())

@@ -182,15 +182,23 @@ class Attention(nn.Module):
             else:
                 keys, values = cache.update(layer, start, k, v)
         mask: torch.Tensor | None
+        causal = False
         if isinstance(start, StepPosition):
             mask = start.mask
         else:
             end = start + s
             if s == 1:
                 mask = None  # one query attends to every cached position
+            elif start == 0:
+                # a prefill from position 0 (the offline turn, in one pass): plain causal attention, which the
+                # CPU flash kernel computes without the masked half (mid model, 805 positions: 18.7 → 13.3 ms
+                # a layer; bit-identical to the explicit mask)
+                mask, causal = None, True
             else:
                 mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
+        )
         return self.o_proj(o.transpose(1, 2).reshape(b, s, -1))
 
 

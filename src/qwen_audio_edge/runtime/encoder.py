@@ -14,7 +14,6 @@ module directly (for GPUs without onnxruntime-gpu). Both expose
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from .errors import ArtifactsError, AudioError
 from .selfcheck import warn_once
+from .threads import ort_session_options, thread_budget
 
 
 @dataclass(frozen=True)
@@ -240,9 +240,8 @@ class OnnxEncoder:
     def __init__(self, path: str | Path, *, threads: int | None = None, device: str = "cpu"):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or max(1, os.cpu_count() or 1)
-        opts.inter_op_num_threads = 1
+        # the pipeline's thread budget (runtime/threads.py: shared with torch, no spin-waiting)
+        opts = ort_session_options(threads or thread_budget(None).threads)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers: list[str | tuple[str, dict[str, int]]] = ["CPUExecutionProvider"]
         if device.startswith("cuda") and cuda_available() and "CUDAExecutionProvider" in ort.get_available_providers():

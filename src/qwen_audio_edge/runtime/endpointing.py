@@ -23,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import OptionsError
+from .threads import ort_session_options
 
 Event = tuple[str, int, int]  # (kind, boundary sample, sample at which it was decided)
 
@@ -70,9 +71,10 @@ class SileroVad:
         path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
         if not path.is_file():
             raise OptionsError(f"silero-vad is installed but its model file {path} is missing; reinstall silero-vad")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        # one thread, no spin-waiting: the VAD runs beside the decoder and must not take its cores
+        self.session = ort.InferenceSession(
+            str(path), sess_options=ort_session_options(1), providers=["CPUExecutionProvider"]
+        )
         self.reset()
 
     def reset(self) -> None:

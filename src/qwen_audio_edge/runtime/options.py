@@ -30,8 +30,9 @@ def default_dtype(device: str) -> str:
 class RuntimeOptions:
     """How to run: device, activation dtype, context size, encoder backend and threads.
 
-    threads: CPU threads for torch and for the ONNX Runtime encoder session; None leaves torch's setting
-    as it is (its default: one per physical core) and gives ONNX Runtime one per CPU. The pipeline owns
+    threads: intra-op CPU threads for torch and the ONNX Runtime encoder (one budget; ONNX Runtime does
+    not spin-wait). None: the free cores — usable cores (affinity, cgroup quota) minus those other work
+    keeps busy, sampled at load (runtime/threads.py, docs/threads.md). The pipeline owns
     the process's torch thread pool: torch has one intra-op thread count per process, shared by every
     thread (a `torch.set_num_threads` in one thread changes what all others get), so a pipeline built
     with threads=N calls `torch.set_num_threads(N)` once, at load, and it stays N — after the pipeline

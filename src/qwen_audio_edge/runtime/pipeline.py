@@ -29,6 +29,7 @@ from .generation_config import effective_generation_config, resolve_sampling, st
 from .options import DTYPES, RuntimeOptions, decoder_load_kwargs, default_dtype
 from .prompt import PromptFormat, user_message
 from .quant_linear import Int8Linear
+from .threads import apply_torch_threads, thread_budget
 
 if TYPE_CHECKING:
     from .decode_graph import DecodeStep
@@ -68,8 +69,10 @@ class Pipeline:
         self.options = options
         self.device = torch.device(options.device)
         self.dtype = DTYPES[options.dtype or default_dtype(options.device)]  # options.dtype is resolved already
-        if options.threads:
-            torch.set_num_threads(options.threads)  # process-wide, by design: see RuntimeOptions
+        # one budget for torch and the ONNX Runtime encoder, by default the free cores (runtime/threads.py);
+        # torch's pool is process-wide, by design: see RuntimeOptions
+        self.threads = thread_budget(options.threads)
+        apply_torch_threads(self.threads)
         m = artifacts.manifest
         from safetensors.torch import load_file
         from tokenizers import Tokenizer
@@ -134,7 +137,7 @@ class Pipeline:
                     "re-export with --encoder-dtype fp16 or use --encoder-precision fp32"
                 )
             onnx = OnnxEncoder(
-                self.artifacts.path(enc["onnx"][precision]), threads=self.options.threads, device=self.options.device
+                self.artifacts.path(enc["onnx"][precision]), threads=self.threads.threads, device=self.options.device
             )
             onnx.max_positions = int(self.artifacts.audio_config["max_source_positions"])
             return onnx
@@ -307,6 +310,7 @@ class Pipeline:
             lm_head = f"dense {self.options.dtype}"
         return {
             "device": str(self.device),
+            "threads": self.threads.to_json(),
             "encoder": f"onnxruntime {enc.providers[0]}" if isinstance(enc, OnnxEncoder) else f"torch {enc.device}",
             "decoder_w4": list(getattr(dec, "w4_kernels", [])) or None,  # None: dense (fp16/fp32) decoder weights
             "fused_projections": int(getattr(dec, "fused_projections", 0)),

@@ -73,6 +73,12 @@ class QuantLinear(nn.Module):
             from ..kernels.w4_cpu import CpuW4Weight
 
             built = CpuW4Weight.build(self.qweight, self.qzeros, self.scales, self.g_idx)
+            if built is not None and checks is not None:
+                # the large-M path is chosen once per process (probed here, at load, not in the first
+                # prefill); `run --json` reports it under paths.self_check
+                from ..kernels.w4_cpu_prefill import prefill_plan
+
+                checks.set("cpu W4 prefill path", prefill_plan().describe())
         elif want == "triton" and (on_cuda or os.environ.get("TRITON_INTERPRET") == "1"):  # the interpreter: tests
             try:
                 from ..kernels.w4_triton import TUNER, TritonW4Weight
@@ -187,6 +193,7 @@ class Int8Linear(nn.Module):
         self.tune = tune  # CUDA: time the Triton GEMV's launch configs on first use (else its default)
         self._cpu_op = weight.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm")
         self._scales_bf16 = scales.to(torch.bfloat16) if self._cpu_op else None
+        self.use_reference = False  # True: always the fp32 reference twin (benchmarks' agreement check)
         # one row on CUDA (decode; prefill's last position): the Triton GEMV, self-checked on first use
         self.chain = CheckedChain(
             f"int8 lm_head {weight.shape[0]}x{weight.shape[1]}",
@@ -196,6 +203,8 @@ class Int8Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_reference:
+            return self.reference(x)
         if self._cpu_op and x.device.type == "cpu":
             lead = x.shape[:-1]
             y = torch.ops.aten._weight_int8pack_mm(
