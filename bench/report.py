@@ -1014,7 +1014,7 @@ def bench_cpu(r: Results) -> str:
     """`qwen-audio-edge bench --shape mid` on the CPU: ours, transformers fp32/bf16 and llama.cpp in one run."""
     d = r.load("cpu/bench_mid.json")
     agree = d.get("agreement")
-    gated = [a for a in agree if a.get("gated_path", "").startswith("ours, fp32 reference")]
+    gated = [a for a in agree if (a.get("gated_path") or "").startswith("ours, fp32 reference")]
     ok = [a for a in gated if a["identical"]]
     lead = lambda name: span(
         [a["leading_tokens_equal"]["timed path"] for a in agree if a["baseline"] == name], "{:.0f}"

@@ -1,5 +1,6 @@
 """Greedy outputs checked before anything is timed: a speed comparison of engines that compute different
-things is meaningless, so a real disagreement aborts the benchmark.
+things is meaningless, so a real disagreement aborts the benchmark. measure.py applies it to transformers
+fp32 and our pipeline on its fp32 reference kernels (same weights, inputs and arithmetic).
 
 Two engines on the same weights in different arithmetic (our W4 kernels compute in bf16 on the CPU, the
 baseline in fp32) can legitimately part at a near-tie: a step where the baseline's two best logits are

@@ -113,8 +113,12 @@ class Bench:
         for secs in cfg.seconds:
             wavs[secs] = self.work / f"speech_{secs:g}s.wav"
             write_wav(wavs[secs], speech_like_signal(secs, seed=int(secs * 10)))
-        reference = self._reference(artifacts, options) if "transformers-fp32" in baselines else None
-        m = Measurement(ours, baselines, cfg.repeats, cfg.check_tokens, self.tick, reference)
+        gate = baselines.get("transformers-fp32")
+        if baselines and gate is None:  # e.g. CUDA's fp16 baseline: the fp32 gate runs on the CPU
+            self.tick("loading transformers fp32 on the CPU for the agreement check")
+            gate = HfBaseline.load(artifacts, "fp32", "cpu")
+        reference = self._reference(artifacts, options) if gate is not None else None
+        m = Measurement(ours, baselines, cfg.repeats, cfg.check_tokens, self.tick, reference, gate)
         for secs in cfg.seconds:
             m.length(wavs[secs], secs, cfg.new_tokens)
             self._collect(m)
@@ -138,7 +142,9 @@ class Bench:
         from .ours import OurEngine
 
         self.tick("loading our pipeline on its fp32 reference kernels (the agreement check's)")
-        p = Pipeline.from_artifacts(artifacts, dataclasses.replace(options, w4_kernel="ref", dtype="fp32"))
+        p = Pipeline.from_artifacts(
+            artifacts, dataclasses.replace(options, w4_kernel="ref", dtype="fp32", device="cpu", cuda_graphs=False)
+        )
         if isinstance(p.decoder.lm_head, Int8Linear):
             p.decoder.lm_head.use_reference = True
         return OurEngine(p, PROMPT, encoders=False)

