@@ -901,9 +901,9 @@ def _bench_rows(r: Results, m: str) -> list[list[str]]:
     anchor = f"{m}#side-by-side-qwen-audio-edge-bench-cpu"
     rows = [
         [
-            f"[First token]({anchor}), file → token, mid-size model, W4",
+            f"[First token]({anchor}), audio file → token, mid-size W4",
             ttft,
-            "transformers, same weights, same run",
+            "transformers, same weights",
             cpu,
         ],
         [

@@ -45,6 +45,7 @@ class Bench:
         from .system import device_info, git_commit, versions
 
         self.cfg, self.work = cfg, work
+        self.t0 = time.perf_counter()
         self.result: dict = {
             "schema": SCHEMA_ID,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -128,6 +129,7 @@ class Bench:
         if cfg.llama_cpp:
             self._llama_cpp(checkpoint, wavs, ours, baselines)
         self.result["complete"] = True
+        self.result["wall_s"] = round(time.perf_counter() - self.t0, 1)  # the whole run, model build included
         self.save()
         return self.result
 

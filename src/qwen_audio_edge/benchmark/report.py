@@ -58,6 +58,7 @@ SCHEMA = {
         "memory_plan": {"type": ["object", "null"]},
         "notes": {"type": "array", "items": {"type": "string"}},
         "complete": {"type": "boolean"},
+        "wall_s": {"type": "number"},
     },
 }
 
