@@ -29,6 +29,7 @@ measured side by side and interleaved, are what this script is for.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -42,18 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernel_bench import environment, write_json  # bench/kernel_bench.py
+from qwen_audio_edge.benchmark.shapes import SHAPES
 
-PRESETS = {
-    "tiny": {},
-    "mid": {
-        "hidden_size": 1024,
-        "intermediate_size": 2816,
-        "num_hidden_layers": 8,
-        "num_attention_heads": 8,
-        "num_key_value_heads": 8,
-        "vocab_size": 8192,
-    },
-}
+PRESETS = {name: SHAPES[name] for name in ("tiny", "mid")}  # the bench command's random shapes
 PARTS = ("ttft", "prefill", "profile", "threads")
 PROMPT = "What does the person say?"
 
@@ -61,11 +53,11 @@ PROMPT = "What does the person say?"
 def exports(work: Path, preset: str) -> tuple[Path, Path, Path]:
     """(checkpoint, W4 artifacts, fp32 artifacts), built once per `work` dir."""
     from qwen_audio_edge.export.package import ExportOptions, export_checkpoint
-    from qwen_audio_edge.random_checkpoint import TinyShape, build_tiny_checkpoint
+    from qwen_audio_edge.random_checkpoint import build_tiny_checkpoint
 
     ckpt, w4, fp32 = work / f"{preset}-ckpt", work / f"{preset}-w4", work / f"{preset}-fp32"
     if not (ckpt / "config.json").exists():
-        build_tiny_checkpoint(ckpt, TinyShape(name=preset, **PRESETS[preset]), max_shard_size="50MB")
+        build_tiny_checkpoint(ckpt, PRESETS[preset], max_shard_size="50MB")
     for out, bits in ((w4, 4), (fp32, 32)):
         if not (out / "manifest.json").exists():
             export_checkpoint(ckpt, out, ExportOptions(bits=bits, progress=False))
@@ -339,7 +331,7 @@ def main() -> None:
     ckpt, w4, fp32 = exports(work, a.preset)
     res: dict = {
         "preset": a.preset,
-        "shape": PRESETS[a.preset],
+        "shape": dataclasses.asdict(PRESETS[a.preset]),
         "threads": a.threads,
         "repeats": a.repeats,
         "prompt": PROMPT,
