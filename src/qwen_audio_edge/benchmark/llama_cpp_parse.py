@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 
 # Qwen2's pre-tokenizer split (tokenizer.json), which llama.cpp implements as pre-tokenizer "qwen2".
 QWEN2_PRE_REGEX = (
@@ -103,8 +104,8 @@ def chat_answer(after_prompt: str, prompt: str) -> str:
     return rest[:end] if end >= 0 else rest
 
 
-def common_prefix(a: str, b: str) -> int:
-    """How many leading characters two generated texts share (the greedy agreement we report)."""
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading items two answers share: characters of two texts, or tokens of two id lists."""
     n = 0
     for x, y in zip(a, b, strict=False):  # stops at the shorter text
         if x != y:

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.generate import GenerationStats, SamplingOptions, generate
+from ..runtime.generate import GenerationStats, generate
 from .llama_cpp import bench_decoder, convert_checkpoint, find_llama_cpp, run_end_to_end, run_text_only
 from .llama_cpp_parse import common_prefix
+from .ours import greedy
 
 QUANTS = ("F16", "Q4_0", "Q4_K_M")
 PP, TG = (128, 512), (32,)
@@ -36,9 +37,6 @@ def text_bench(pipeline, n_prompt: int, n_gen: int, repeats: int) -> dict:
     p = pipeline
     vocab = int(p.artifacts.text_config["vocab_size"])
     gen = torch.Generator().manual_seed(0)
-
-    def greedy(n: int) -> SamplingOptions:
-        return SamplingOptions(max_new_tokens=n, greedy=True, repetition_penalty=1.0, ignore_eos=True)
 
     pp, tg = [], []
     for _ in range(repeats + 1):  # the first is a warm-up
@@ -113,8 +111,7 @@ def run_llama_peer(cfg, checkpoint: Path, work: Path, wavs: dict, prompt: str, r
         for r in bench_decoder(tools, ggufs.text[q], threads=threads, n_prompt=PP, n_gen=TG, repetitions=cfg.repeats):
             out["rows"].append({"engine": f"llama.cpp {q}", **r})
     n = max(cfg.new_tokens)
-    greedy_n = SamplingOptions(max_new_tokens=16, greedy=True, repetition_penalty=1.0, ignore_eos=True)
-    mine = ours.p.run(None, prompt, sampling=greedy_n).text
+    mine = ours.p.run(None, prompt, sampling=greedy(16)).text
     theirs = run_text_only(tools, ggufs.text["F16"], ggufs.mmproj, prompt, n_predict=16, threads=threads)["text"]
     out["text_only_agreement"] = {
         "prompt": prompt,
@@ -127,7 +124,7 @@ def run_llama_peer(cfg, checkpoint: Path, work: Path, wavs: dict, prompt: str, r
         mine = ours.p.run(
             wav,
             prompt,
-            sampling=SamplingOptions(max_new_tokens=n, greedy=True, repetition_penalty=1.0, ignore_eos=True),
+            sampling=greedy(n),
         ).text
         ttft = next(
             (

@@ -16,6 +16,7 @@ import numpy as np
 
 from .agreement import TIE_TOLERANCE, Agreement, check_agreement
 from .hf_baseline import HfBaseline
+from .llama_cpp_parse import common_prefix
 from .ours import OurEngine
 from .system import MemoryPeak
 
@@ -109,7 +110,7 @@ class Measurement:
         ids, segments = self.ours.ids(wave_), self.ours.segments(wave_)
         self.results.prompt_tokens[audio_s] = len(ids)
         self._agree(wav, ids, segments, audio_s)
-        self._stages(wav, audio_s)
+        self._stages(wav, wave_, ids, segments, audio_s)
         for n in new_tokens:
             self._answers(wav, ids, segments, audio_s, n)
 
@@ -135,13 +136,13 @@ class Measurement:
                     "audio_s": audio_s,
                     **verdict.to_json(),
                     "gated_path": "ours, fp32 reference kernels",
-                    "leading_tokens_equal": {"timed path": _leading_equal(fast, got.tokens)},
+                    "leading_tokens_equal": {"timed path": common_prefix(fast, got.tokens)},
                 }
             )
         for name, got in answers.items():
             if name == "transformers-fp32" and self.gate is not None:
                 continue
-            lead = _leading_equal(fast, got.tokens)
+            lead = common_prefix(fast, got.tokens)
             self.results.agreements.append(
                 {
                     "audio_s": audio_s,
@@ -154,7 +155,7 @@ class Measurement:
                 }
             )
 
-    def _stages(self, wav: Path, audio_s: float) -> None:
+    def _stages(self, wav: Path, wave_: np.ndarray, ids: list[int], segments: list, audio_s: float) -> None:
         self.tick(f"{audio_s:g} s: stages to the first token")
         r = self.results
         with MemoryPeak(self.ours.p.device) as mem:
@@ -164,7 +165,6 @@ class Measurement:
         )
         for stage in ("audio_decode_ms", "mel_ms", "encoder_ms", "prefill_ms", "ttft_ms"):
             r.add("ours", stage[:-3], "ms", [getattr(t, stage) for t in runs], audio_s)
-        wave_ = self.ours.p.load_waveform(wav)
         for name in self.ours.encoders:
             r.add(
                 "ours",
@@ -173,7 +173,6 @@ class Measurement:
                 [self.ours.encoder_ms(name, wave_) for _ in range(self.repeats)],
                 audio_s,
             )
-        ids, segments = self.ours.ids(wave_), self.ours.segments(wave_)
         for name, hf in self.baselines.items():
             with MemoryPeak(hf.device) as mem:
                 got = [hf.generate(ids, segments, 1) for _ in range(self.repeats)]
@@ -197,12 +196,3 @@ class Measurement:
             r.add(name, "decode", "tok/s", tok_s, audio_s, n)
             r.add(name, "end_to_end", "ms", [g.total_ms for g in got], audio_s, n)
             r.add(name, "rtf", "x", [g.total_ms / 1000 / audio_s for g in got], audio_s, n)
-
-
-def _leading_equal(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -14,22 +14,11 @@ import torch
 from .system import device_info, gpu_peak_gbps, measured_bandwidth_gbps
 
 
-def _kv_bytes_per_token(cache) -> float:
-    """Bytes one position occupies in a KV cache object (its tensors' bytes over its positions)."""
-    tensors = [t for t in vars(cache).values() if isinstance(t, torch.Tensor)]
-    for v in vars(cache).values():
-        if isinstance(v, (list, tuple)):
-            tensors += [t for t in v if isinstance(t, torch.Tensor)]
-    positions = int(getattr(cache, "max_context", 0) or max(t.shape[-2] for t in tensors if t.ndim >= 2))
-    total = sum(t.numel() * t.element_size() for t in tensors if t.ndim >= 3)  # skip the RoPE tables (2-D)
-    return total / positions
-
-
 def roofline(ours, baselines: dict, results, cfg) -> dict:
     p = ours.p
     text = p.artifacts.text_config
     hidden, vocab = int(text["hidden_size"]), int(text["vocab_size"])
-    kv_ours = _kv_bytes_per_token(p.cache)
+    kv_ours = p.decoder.args.kv_bytes_per_token(p.dtype, p.decoder.kv_storage)  # int8 KV: with its scales
     heads_kv = int(text.get("num_key_value_heads") or text["num_attention_heads"])
     head_dim = hidden // int(text["num_attention_heads"])
     secs, n = cfg.seconds[0], max(cfg.new_tokens)
